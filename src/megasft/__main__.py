@@ -1,0 +1,5 @@
+import sys
+
+from megasft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The `megasft` command line: one subcommand per pipeline stage, each mapping to one function.
+
+The flags are the contract in ARCHITECTURE.md; components, CI and benchmarks call these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from megasft.errors import MegasftError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megasft",
+        description="Supervised fine-tuning of LLMs with megatron-core.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from megasft.data.cli import add_prepare_command
+
+    add_prepare_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except MegasftError as error:
+        print(f"megasft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megasft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The one in-memory shape every input format is turned into before templating."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    """One of ROLES."""
+    content: str
+    """The message text (list-of-parts content is already joined)."""
+    train: bool = True
+    """False when the data says not to train this message (`train: false` or `loss_weight: 0`).
+    Only meaningful for assistant messages; the loss policy decides the rest."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    source: str
+    """The input file the conversation came from."""
+    row: int
+    """1-based row number in that file (JSONL line, JSON array index, Parquet row)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowError(Exception):
+    """A bad input row. It is rejected (written to rejects.jsonl) and the run goes on,
+    unless `--on-error fail`. `reason` is a short stable code counted in the manifest;
+    `message` says what was wrong and what to do."""
+
+    source: str
+    row: int
+    field: str | None
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}, row {self.row}"
+        if self.field:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.message} [{self.reason}]"
+
+    def __reduce__(self):
+        # Exceptions pickle through `args`, which a dataclass never sets; worker processes
+        # send RowErrors back to the main process, so spell the fields out.
+        return (RowError, (self.source, self.row, self.field, self.reason, self.message))
+
+    def as_record(self) -> dict:
+        return {
+            "source": self.source,
+            "row": self.row,
+            "field": self.field,
+            "reason": self.reason,
+            "message": self.message,
+        }
