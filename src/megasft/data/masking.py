@@ -1,0 +1,395 @@
+"""Assistant-only loss masks from the conversation as the chat template renders it.
+
+The method, for each assistant turn `i` that is trained:
+
+1. Render the whole conversation once and tokenize it once, with character offsets.
+2. The turn's output is what a model has to generate after being prompted the way it will be
+   prompted at inference: the text between the end of `render(messages[:i],
+   add_generation_prompt=True)` and the end of `render(messages[:i + 1])`. Both renderings
+   must be prefixes of the full rendering; a template that re-renders earlier turns (say, one
+   that drops the reasoning of earlier answers) breaks that, and such a turn is rejected with
+   `template_not_prefix_stable` instead of being mis-masked.
+3. Trailing whitespace after the turn's last special token (`<|im_end|>` + "\\n") is not
+   trained; that special token is the end-of-turn token, trained unless `train_on_eos=False`.
+4. A token is a target iff its first character lies inside a trained character span. A token
+   that straddles the start of a span (its first characters belong to the prompt) is therefore
+   not trained, and one that starts inside a span and runs past its end is; both are counted as
+   `boundary_tokens` in the manifest. With real templates, role headers and end-of-turn tokens
+   are special tokens, so straddling happens only with unusual templates.
+
+No `{% generation %}` markers are needed, and prompt and response are never tokenized apart.
+
+Rendering prefixes costs two extra renders per trained turn. The fast path avoids them: the
+template is rendered once per sequence of roles with placeholder contents (a "skeleton"),
+which gives where every message's content and every turn boundary lands. When the skeleton
+with the real contents put back equals the real rendering, those positions are exact for
+this conversation; otherwise (a template that transforms contents) we fall back to the
+prefix renders above.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import numpy as np
+
+from megasft.data.conversation import Message
+from megasft.data.template import TemplateError
+from megasft.data.tokenizer import ChatTokenizer
+from megasft.errors import ConfigError
+
+LOSS_ON_CHOICES = ("all-assistant", "last-assistant")
+OVERLONG_CHOICES = ("drop", "truncate-oldest")
+
+
+@dataclass(frozen=True)
+class MaskPolicy:
+    loss_on: str = "all-assistant"
+    """Which assistant turns are trained: all of them, or only the last one."""
+    train_on_eos: bool = True
+    """Whether the end-of-turn token after each trained answer is a target."""
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in LOSS_ON_CHOICES:
+            raise ConfigError(f"--loss-on must be one of {', '.join(LOSS_ON_CHOICES)}")
+
+
+class MaskingError(Exception):
+    """This conversation cannot be masked; `reason` is a manifest reason code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class TemplateLayoutError(ConfigError):
+    """The template cannot be masked at all (a problem with the template, not with a row)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedExample:
+    input_ids: np.ndarray
+    """[n] int32 token ids of the rendered conversation."""
+    loss_mask: np.ndarray
+    """[n] int8; loss_mask[i] == 1 iff token i is a training target (unshifted)."""
+    boundary_tokens: int
+    """Tokens that straddle the edge of a trained span (see the module docstring)."""
+    dropped_turns: int = 0
+    """Messages removed from the start by `truncate-oldest`."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Skeleton:
+    """The rendering of one sequence of roles with placeholder contents."""
+
+    pieces: tuple[str, ...]
+    """Template text between contents: pieces[0] + content[order[0]] + pieces[1] + ..."""
+    order: tuple[int, ...]
+    """Message index of each content slot, in text order."""
+    turn_bounds: dict[int, tuple[int, int]]
+    """Assistant index -> (generation prompt end, turn end), as (slot, offset in piece) pairs
+    flattened to skeleton positions; see `_real_position`."""
+    slot_starts: tuple[int, ...]
+    """Skeleton position where each content slot (in text order) starts."""
+
+
+def _placeholder(index: int) -> str:
+    # Private-use code points: never in real text, untouched by `trim` and friends.
+    return f"\ue000{index}\ue001"
+
+
+class ConversationMasker:
+    """Renders, tokenizes and masks conversations for one tokenizer and policy.
+
+    Holds a per-process cache of skeletons keyed by the sequence of roles.
+    """
+
+    def __init__(self, chat_tokenizer: ChatTokenizer, policy: MaskPolicy):
+        self.chat_tokenizer = chat_tokenizer
+        self.template = chat_tokenizer.template
+        self.tokenizer = chat_tokenizer.tokenizer
+        self.policy = policy
+        # Longest first, so that "</s>" is not matched inside a longer special token's text.
+        self._special_texts = tuple(
+            sorted(chat_tokenizer.special_token_texts, key=len, reverse=True)
+        )
+        self._prefix_ids = list(chat_tokenizer.prefix_ids)
+        self._prefix_text = self.tokenizer.decode(self._prefix_ids, skip_special_tokens=False)
+        self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
+
+    # -- public -------------------------------------------------------------------------------
+
+    def mask(
+        self,
+        messages: list[Message] | tuple[Message, ...],
+        max_length: int | None = None,
+        overlong: str = "drop",
+    ) -> MaskedExample:
+        """Tokenizes and masks one conversation; raises MaskingError for a row to reject."""
+        messages = list(messages)
+        dropped = 0
+        while True:
+            example = self._mask_once(messages)
+            if max_length is None or len(example.input_ids) <= max_length:
+                break
+            shorter = _drop_oldest_turn(messages) if overlong == "truncate-oldest" else None
+            if shorter is None:
+                raise MaskingError(
+                    "too_long",
+                    f"{len(example.input_ids)} tokens, above --seq-length {max_length}"
+                    + (
+                        " even with only the final exchange kept"
+                        if overlong == "truncate-oldest"
+                        else " (use --overlong truncate-oldest to drop the oldest turns)"
+                    ),
+                )
+            dropped += len(messages) - len(shorter)
+            messages = shorter
+        if dropped:
+            example = MaskedExample(
+                example.input_ids, example.loss_mask, example.boundary_tokens, dropped
+            )
+        return example
+
+    def trained_turns(self, messages: list[Message]) -> list[int]:
+        assistants = [i for i, m in enumerate(messages) if m.role == "assistant"]
+        if self.policy.loss_on == "last-assistant":
+            assistants = assistants[-1:]
+        return [i for i in assistants if messages[i].train]
+
+    def char_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
+        """The trained character spans of `text`, the full rendering of `messages`."""
+        turns = self.trained_turns(messages)
+        if not turns:
+            return []
+        bounds = self._bounds_from_skeleton(messages, text, turns)
+        if bounds is None:
+            bounds = self._bounds_from_prefixes(messages, text, turns)
+        return [self._trained_span(text, gen_end, turn_end) for gen_end, turn_end in bounds]
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def mask_batch(
+        self,
+        conversations: list[list[Message]],
+        max_length: int | None = None,
+        overlong: str = "drop",
+    ) -> list[MaskedExample | MaskingError]:
+        """`mask` for many conversations, tokenized in one `encode_batch` call (the fast path)."""
+        results: list[MaskedExample | MaskingError | None] = [None] * len(conversations)
+        texts, spans, positions = [], [], []
+        for position, messages in enumerate(conversations):
+            try:
+                text, text_spans = self._render_and_locate(list(messages))
+            except MaskingError as error:
+                results[position] = error
+                continue
+            texts.append(text)
+            spans.append(text_spans)
+            positions.append(position)
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        for position, text, text_spans, encoding in zip(
+            positions, texts, spans, encodings, strict=True
+        ):
+            try:
+                example = self._masked(text, text_spans, encoding)
+                if max_length is not None and len(example.input_ids) > max_length:
+                    # Rare: redo this one row by row, which knows how to truncate or reject.
+                    example = self.mask(conversations[position], max_length, overlong)
+                results[position] = example
+            except MaskingError as error:
+                results[position] = error
+        return results
+
+    def _mask_once(self, messages: list[Message]) -> MaskedExample:
+        text, spans = self._render_and_locate(messages)
+        return self._masked(text, spans, self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _render_and_locate(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+        text = self._render(messages, add_generation_prompt=False)
+        spans = self.char_spans(messages, text)
+        if not spans:
+            raise MaskingError(
+                "no_trained_tokens",
+                "no assistant turn is trained (all are flagged train: false, or the last one "
+                "is under --loss-on last-assistant); the row would add nothing to the loss",
+            )
+        return text, spans
+
+    def _masked(self, text: str, spans: list[tuple[int, int]], encoding) -> MaskedExample:
+        ids = encoding.ids
+        offsets = encoding.offsets  # [(first char, end char)] per token, ascending
+        mask = np.zeros(len(ids), dtype=np.int8)
+        boundary = 0
+        for span_start, span_end in spans:
+            first = bisect_left(offsets, span_start, key=_first_char)
+            stop = bisect_left(offsets, span_end, key=_first_char)
+            mask[first:stop] = 1
+            if first > 0 and offsets[first - 1][1] > span_start:
+                boundary += 1  # starts in the prompt, ends in the answer: left untrained
+            if stop > 0 and offsets[stop - 1][1] > span_end:
+                boundary += 1  # starts in the answer, runs past the span: trained
+        if not mask.any():
+            raise MaskingError(
+                "no_trained_tokens", "the trained turns produced no tokens after tokenization"
+            )
+        if self._prefix_ids and not text.startswith(self._prefix_text):
+            ids = self._prefix_ids + ids
+            mask = np.concatenate([np.zeros(len(self._prefix_ids), dtype=np.int8), mask])
+        return MaskedExample(np.asarray(ids, dtype=np.int32), mask, boundary)
+
+    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        try:
+            return self.template.render(messages, add_generation_prompt)
+        except TemplateError as error:
+            raise MaskingError("template_error", f"the chat template refused it: {error}") from None
+
+    def _trained_span(self, text: str, gen_end: int, turn_end: int) -> tuple[int, int]:
+        """[start, end) of the answer plus, by policy, its end-of-turn token."""
+        output = text[gen_end:turn_end]
+        stripped = output.rstrip()
+        end = gen_end + len(stripped)
+        for special in self._special_texts:
+            if stripped.endswith(special):
+                return (gen_end, end if self.policy.train_on_eos else end - len(special))
+        return (gen_end, end)
+
+    # -- turn boundaries -----------------------------------------------------------------------
+
+    def _bounds_from_prefixes(
+        self, messages: list[Message], text: str, turns: list[int]
+    ) -> list[tuple[int, int]]:
+        bounds = []
+        for i in turns:
+            prompt = self._render(messages[:i], add_generation_prompt=True)
+            through = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (text.startswith(prompt) and text.startswith(through)) or len(through) < len(
+                prompt
+            ):
+                raise MaskingError(
+                    "template_not_prefix_stable",
+                    f"the chat template renders the conversation up to message {i} differently "
+                    "from how the full conversation shows it (templates that drop reasoning "
+                    f"from earlier turns do this), so turn {i} cannot be masked exactly; train "
+                    "only the final answer with --loss-on last-assistant, or split the "
+                    "conversation into one row per answer",
+                )
+            self._check_no_header(messages[i], text[len(prompt) : len(through)])
+            bounds.append((len(prompt), len(through)))
+        return bounds
+
+    def _check_no_header(self, message: Message, output: str) -> None:
+        at = output.find(message.content) if message.content else -1
+        if at > 0 and any(special in output[:at] for special in self._special_texts):
+            raise TemplateLayoutError(
+                f"the chat template of {self.chat_tokenizer.path} emits the assistant header "
+                f"inside the turn ({output[:at]!r}) instead of in its generation prompt, so the "
+                "header cannot be told apart from the answer; use a template that supports "
+                "add_generation_prompt"
+            )
+
+    def _bounds_from_skeleton(
+        self, messages: list[Message], text: str, turns: list[int]
+    ) -> list[tuple[int, int]] | None:
+        roles = tuple(m.role for m in messages)
+        if roles not in self._skeletons:
+            self._skeletons[roles] = self._build_skeleton(messages)
+        skeleton = self._skeletons[roles]
+        if skeleton is None:
+            return None
+        # Put the real contents back and check that this is exactly what the template made.
+        parts = [skeleton.pieces[0]]
+        for slot, index in enumerate(skeleton.order):
+            parts.append(messages[index].content)
+            parts.append(skeleton.pieces[slot + 1])
+        if "".join(parts) != text:
+            return None
+        growth = [
+            len(messages[index].content) - len(_placeholder(index)) for index in skeleton.order
+        ]
+        bounds = []
+        for i in turns:
+            if i not in skeleton.turn_bounds:
+                return None
+            gen_end, turn_end = skeleton.turn_bounds[i]
+            bounds.append(
+                (
+                    _real_position(gen_end, skeleton.slot_starts, growth),
+                    _real_position(turn_end, skeleton.slot_starts, growth),
+                )
+            )
+        return bounds
+
+    def _build_skeleton(self, messages: list[Message]) -> _Skeleton | None:
+        placeholders = [
+            Message(m.role, _placeholder(index), m.train) for index, m in enumerate(messages)
+        ]
+        try:
+            full = self.template.render(placeholders, add_generation_prompt=False)
+        except TemplateError:
+            return None
+        located = []
+        for index in range(len(messages)):
+            marker = _placeholder(index)
+            at = full.find(marker)
+            if at < 0 or full.find(marker, at + 1) >= 0:
+                return None  # the template drops or repeats contents: no fast path
+            located.append((at, index))
+        located.sort()
+        pieces, order, slot_starts, cursor = [], [], [], 0
+        for at, index in located:
+            pieces.append(full[cursor:at])
+            order.append(index)
+            slot_starts.append(at)
+            cursor = at + len(_placeholder(index))
+        pieces.append(full[cursor:])
+
+        turn_bounds = {}
+        for i, message in enumerate(placeholders):
+            if message.role != "assistant":
+                continue
+            try:
+                prompt = self.template.render(placeholders[:i], add_generation_prompt=True)
+                through = self.template.render(placeholders[: i + 1], add_generation_prompt=False)
+            except TemplateError:
+                continue
+            if full.startswith(prompt) and full.startswith(through) and len(through) >= len(prompt):
+                self._check_no_header(message, through[len(prompt) :])
+                turn_bounds[i] = (len(prompt), len(through))
+        return _Skeleton(tuple(pieces), tuple(order), turn_bounds, tuple(slot_starts))
+
+
+def _first_char(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _real_position(position: int, slot_starts: tuple[int, ...], growth: list[int]) -> int:
+    """Maps a skeleton position to the real text: add the growth of every slot before it."""
+    shift = 0
+    for start, delta in zip(slot_starts, growth, strict=True):
+        if start >= position:
+            break
+        shift += delta
+    return position + shift
+
+
+def _drop_oldest_turn(messages: list[Message]) -> list[Message] | None:
+    """Removes the oldest exchange after any leading system messages, keeping the final answer.
+
+    An exchange runs from the first non-system message up to the next user message. Returns
+    None when nothing more can go (only one exchange left).
+    """
+    first = 0
+    while first < len(messages) and messages[first].role == "system":
+        first += 1
+    following_user = next(
+        (j for j in range(first + 1, len(messages)) if messages[j].role == "user"), None
+    )
+    if following_user is None:
+        return None
+    shorter = messages[:first] + messages[following_user:]
+    if not any(m.role == "assistant" for m in shorter):
+        return None
+    return shorter

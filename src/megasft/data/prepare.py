@@ -1,0 +1,504 @@
+"""The tokenize-and-mask stage: chat data in, a packed Arrow dataset with loss masks out.
+
+    prepare(PrepareConfig(inputs=("data.jsonl",), tokenizer="tok/", output="out/"))
+
+Four phases:
+1. Stream the input rows in chunks to worker processes, which parse, convert, render,
+   tokenize and mask them (`_process_chunk`). At most a few chunks are in flight, so memory
+   does not grow with the input.
+2. In the main process, in input order: enforce one format per file, reject bad rows, assign
+   each example to train or val by a hash of its content, and spool it to a temporary Arrow
+   file per split, keeping only its length in memory.
+3. Pack each split with best-fit-decreasing over all its examples and write the final files.
+4. Write the manifest, the rejects and the preview, then move the directory into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from megasft import __version__
+from megasft.data.conversation import Message, RowError
+from megasft.data.formats import FORMATS, detect_format, to_messages, unknown_format_error
+from megasft.data.formats import mixed_formats_error as _mixed_formats_error
+from megasft.data.masking import (
+    OVERLONG_CHOICES,
+    ConversationMasker,
+    MaskedExample,
+    MaskingError,
+    MaskPolicy,
+)
+from megasft.data.packing import pack_best_fit_decreasing, packing_efficiency
+from megasft.data.preview import write_preview
+from megasft.data.readers import RawRow, check_inputs, iter_raw_rows, parse_payload
+from megasft.data.store import (
+    EXAMPLE_SCHEMA,
+    MANIFEST_FILE,
+    REJECTS_FILE,
+    SPLITS,
+    SplitWriter,
+    example_batch,
+    open_table,
+    split_file,
+)
+from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
+from megasft.errors import ConfigError, InputError, MegasftError
+
+CHUNK_ROWS = 256
+WRITE_BATCH_ROWS = 1024
+PREVIEW_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    inputs: tuple[str, ...]
+    """Input files: JSONL, JSON arrays or Parquet, optionally gzip'd."""
+    tokenizer: str
+    """A Hugging Face tokenizer directory with tokenizer.json (and its chat template)."""
+    output: str
+    """The output directory; must not exist unless `overwrite`."""
+    format: str = "auto"
+    """alpaca, prompt-response, messages, sharegpt, or auto (detected per file)."""
+    column_map: tuple[tuple[str, str], ...] = ()
+    """(canonical field, input column) pairs, e.g. (("prompt", "question"),)."""
+    seq_length: int = 4096
+    """Longest sequence in tokens; longer examples are dropped or truncated (`overlong`)."""
+    pack: bool = True
+    """Pack examples into rows of `seq_length` tokens (best-fit-decreasing)."""
+    loss_on: str = "all-assistant"
+    """all-assistant or last-assistant."""
+    train_on_eos: bool = True
+    """Train the end-of-turn token after each trained answer."""
+    system_prompt: str | None = None
+    """Added as the system message of conversations that have none."""
+    val_fraction: float = 0.01
+    """Share of examples in the val split, chosen by a hash of each example's content."""
+    seed: int = 0
+    """Seeds the split hash and the packing order."""
+    on_error: str = "skip"
+    """skip: reject bad rows to rejects.jsonl and go on; fail: stop at the first."""
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Worker processes for tokenization; 1 works in-process."""
+    overlong: str = "drop"
+    """drop: reject examples above seq_length; truncate-oldest: drop the oldest turns."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("give at least one --input file")
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(f"--format must be auto or one of {', '.join(FORMATS)}")
+        if self.seq_length < 2:
+            raise ConfigError(f"--seq-length must be at least 2, got {self.seq_length}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.on_error not in ("skip", "fail"):
+            raise ConfigError("--on-error must be skip or fail")
+        if self.overlong not in OVERLONG_CHOICES:
+            raise ConfigError(f"--overlong must be one of {', '.join(OVERLONG_CHOICES)}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        MaskPolicy(self.loss_on, self.train_on_eos)  # validates loss_on
+
+
+# --- phase 1: workers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    source: str
+    row: int
+    format: str
+    split: str
+    example: MaskedExample
+
+
+class _RowProcessor:
+    """Everything a worker needs to turn raw rows into masked examples."""
+
+    def __init__(self, config: PrepareConfig, chat_tokenizer: ChatTokenizer):
+        self.format = config.format
+        self.column_map = dict(config.column_map) or None
+        self.system_prompt = config.system_prompt
+        self.seq_length = config.seq_length
+        self.overlong = config.overlong
+        self.val_fraction = config.val_fraction
+        self.seed_bytes = f"megasft-split-{config.seed}\0".encode()
+        self.masker = ConversationMasker(
+            chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos)
+        )
+
+    def process(self, chunk: list[RawRow]) -> list[_Accepted | RowError]:
+        outcomes: list[_Accepted | RowError | None] = [None] * len(chunk)
+        converted: list[tuple[int, str, list[Message]]] = []
+        for position, raw in enumerate(chunk):
+            try:
+                record = parse_payload(raw)
+                fmt = self.format
+                if fmt == "auto":
+                    fmt = detect_format(record, self.column_map)
+                    if fmt is None:
+                        raise unknown_format_error(record, raw.source, raw.row)
+                messages = to_messages(
+                    record, fmt, raw.source, raw.row, self.column_map, self.system_prompt
+                )
+                converted.append((position, fmt, messages))
+            except RowError as error:
+                outcomes[position] = error
+        masked = self.masker.mask_batch(
+            [messages for _, _, messages in converted], self.seq_length, self.overlong
+        )
+        for (position, fmt, messages), result in zip(converted, masked, strict=True):
+            raw = chunk[position]
+            if isinstance(result, MaskingError):
+                outcomes[position] = RowError(
+                    raw.source, raw.row, None, result.reason, result.message
+                )
+            else:
+                outcomes[position] = _Accepted(
+                    raw.source, raw.row, fmt, self._split_of(messages), result
+                )
+        return outcomes
+
+    def _split_of(self, messages: list[Message]) -> str:
+        """train or val from a hash of the content, so adding data never moves an example."""
+        if self.val_fraction <= 0.0:
+            return "train"
+        digest = hashlib.blake2b(self.seed_bytes, digest_size=8)
+        for message in messages:
+            digest.update(message.role.encode())
+            digest.update(b"\0")
+            digest.update(message.content.encode("utf-8", "surrogatepass"))
+            digest.update(b"\1" if message.train else b"\2")
+        unit = int.from_bytes(digest.digest(), "big") / 2**64
+        return "val" if unit < self.val_fraction else "train"
+
+
+_worker: _RowProcessor | None = None
+
+
+def _init_worker(config: PrepareConfig, chat_tokenizer: ChatTokenizer) -> None:
+    # One process per core already: keep the tokenizer's own thread pool to one thread.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _worker
+    _worker = _RowProcessor(config, chat_tokenizer)
+
+
+def _process_chunk(chunk: list[RawRow]) -> list[_Accepted | RowError]:
+    assert _worker is not None
+    return _worker.process(chunk)
+
+
+def _raw_row_chunks(inputs: Iterable[str]) -> Iterator[list[RawRow] | RowError]:
+    """Chunks of raw rows; file-level problems pass through as they come."""
+    chunk: list[RawRow] = []
+    for path in inputs:
+        for item in iter_raw_rows(path):
+            if isinstance(item, RowError):
+                if chunk:
+                    yield chunk
+                    chunk = []
+                yield item
+                continue
+            chunk.append(item)
+            if len(chunk) >= CHUNK_ROWS:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _outcomes(
+    config: PrepareConfig, chat_tokenizer: ChatTokenizer
+) -> Iterator[_Accepted | RowError]:
+    """All rows' outcomes in input order, computed by `config.workers` processes."""
+    chunks = _raw_row_chunks(config.inputs)
+    if config.workers == 1:
+        processor = _RowProcessor(config, chat_tokenizer)
+        for chunk in chunks:
+            yield from [chunk] if isinstance(chunk, RowError) else processor.process(chunk)
+        return
+
+    import multiprocessing
+
+    # spawn, not fork: the parent may already have started the tokenizer's threads.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(
+        config.workers, initializer=_init_worker, initargs=(config, chat_tokenizer)
+    ) as pool:
+        # A bounded window of chunks in flight: Pool.imap would read the whole input ahead.
+        in_flight: deque = deque()
+        for chunk in chunks:
+            if isinstance(chunk, RowError):
+                in_flight.append(chunk)
+            else:
+                in_flight.append(pool.apply_async(_process_chunk, (chunk,)))
+            while len(in_flight) > 4 * config.workers:
+                yield from _resolve(in_flight.popleft())
+        while in_flight:
+            yield from _resolve(in_flight.popleft())
+
+
+def _resolve(item) -> list:
+    return [item] if isinstance(item, RowError) else item.get()
+
+
+# --- phase 2: collect ------------------------------------------------------------------------
+
+
+class _SplitSpool:
+    """Unpacked examples of one split, appended to an Arrow file, lengths kept in memory."""
+
+    def __init__(self, path: Path):
+        self.writer = SplitWriter(path)
+        self.ids: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.lengths: list[int] = []
+        self.loss_tokens = 0
+
+    def add(self, example: MaskedExample) -> None:
+        self.ids.append(example.input_ids)
+        self.masks.append(example.loss_mask)
+        self.lengths.append(len(example.input_ids))
+        self.loss_tokens += int(example.loss_mask.sum())
+        if len(self.ids) >= WRITE_BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ids:
+            self.writer.write(example_batch(self.ids, self.masks))
+            self.ids, self.masks = [], []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+@dataclass
+class _Tally:
+    rows_read: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    boundary_tokens: int = 0
+    truncated_examples: int = 0
+    per_source: dict = field(default_factory=dict)
+
+
+# --- phase 3: pack ---------------------------------------------------------------------------
+
+
+def _write_packed(spool_path: Path, lengths: np.ndarray, config: PrepareConfig, out: Path) -> int:
+    """Packs the spooled examples into `out`; returns the number of packed rows."""
+    table = open_table(spool_path)
+    rows = pack_best_fit_decreasing(lengths, config.seq_length, seed=config.seed)
+    writer = SplitWriter(out)
+    ids_column = table.column("input_ids")
+    mask_column = table.column("loss_mask")
+    for start in range(0, len(rows), WRITE_BATCH_ROWS):
+        group = rows[start : start + WRITE_BATCH_ROWS]
+        order = pa.array([index for row in group for index in row], type=pa.int64())
+        # Taking the members of each row in order makes the flattened values exactly the
+        # concatenation of each packed row; only the row offsets remain to be set.
+        ids = ids_column.take(order).combine_chunks().flatten()
+        masks = mask_column.take(order).combine_chunks().flatten()
+        seq_lengths = [[int(lengths[index]) for index in row] for row in group]
+        totals = np.array([sum(row) for row in seq_lengths], dtype=np.int32)
+        offsets = np.zeros(len(group) + 1, dtype=np.int32)
+        np.cumsum(totals, out=offsets[1:])
+        offsets_array = pa.array(offsets)
+        batch = pa.RecordBatch.from_arrays(
+            [
+                pa.ListArray.from_arrays(offsets_array, ids),
+                pa.ListArray.from_arrays(offsets_array, masks),
+                pa.array(seq_lengths, type=pa.list_(pa.int32())),
+            ],
+            schema=EXAMPLE_SCHEMA,
+        )
+        writer.write(batch)
+    writer.close()
+    return len(rows)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Runs tokenize-and-mask; returns the manifest (also written to the output directory)."""
+    started = time.monotonic()
+    check_inputs(config.inputs)
+    chat_tokenizer = load_chat_tokenizer(config.tokenizer)
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise InputError(
+            f"output directory {output} already exists; pass --overwrite to replace it"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place at the end: a killed run leaves only a
+    # directory that is visibly temporary, never a half-written dataset under the real name.
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _prepare_into(config, chat_tokenizer, staging, started)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _prepare_into(
+    config: PrepareConfig, chat_tokenizer: ChatTokenizer, staging: Path, started: float
+) -> dict:
+    spools = {split: _SplitSpool(staging / f".spool-{split}.arrow") for split in SPLITS}
+    tally = _Tally()
+    file_formats: dict[str, str] = {}
+    preview: list[MaskedExample] = []
+    progress = tqdm(
+        unit=" rows", desc="prepare", file=sys.stderr, disable=not config.progress, mininterval=1.0
+    )
+    with open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejects:
+        for outcome in _outcomes(config, chat_tokenizer):
+            if isinstance(outcome, _Accepted):
+                locked = file_formats.setdefault(outcome.source, outcome.format)
+                if locked != outcome.format:
+                    outcome = _mixed_formats_error(
+                        outcome.source, outcome.row, locked, outcome.format
+                    )
+            source_stats = tally.per_source.setdefault(
+                outcome.source, {"rows": 0, "examples": 0, "rejected": 0}
+            )
+            if outcome.row > 0:
+                tally.rows_read += 1
+                source_stats["rows"] += 1
+                progress.update(1)
+            if isinstance(outcome, RowError):
+                if config.on_error == "fail":
+                    raise MegasftError(f"{outcome} (--on-error fail stops at the first bad row)")
+                rejects.write(json.dumps(outcome.as_record(), ensure_ascii=False) + "\n")
+                tally.rejected[outcome.reason] += 1
+                source_stats["rejected"] += 1
+                continue
+            example = outcome.example
+            spools[outcome.split].add(example)
+            source_stats["examples"] += 1
+            tally.boundary_tokens += example.boundary_tokens
+            tally.truncated_examples += example.dropped_turns > 0
+            if outcome.split == "train" and len(preview) < PREVIEW_EXAMPLES:
+                preview.append(example)
+    progress.close()
+    for spool in spools.values():
+        spool.close()
+
+    accepted = sum(len(spool.lengths) for spool in spools.values())
+    if accepted == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in tally.rejected.most_common()) or "no rows"
+        raise InputError(
+            f"no valid example in {', '.join(config.inputs)} ({reasons}); "
+            f"see the reasons above or run with --on-error fail to stop at the first bad row"
+        )
+
+    split_stats = {}
+    for split, spool in spools.items():
+        lengths = np.asarray(spool.lengths, dtype=np.int64)
+        final = split_file(staging, split)
+        if config.pack:
+            rows = _write_packed(spool.writer.path, lengths, config, final)
+            spool.writer.path.unlink()
+        else:
+            spool.writer.path.rename(final)
+            rows = len(lengths)
+        tokens = int(lengths.sum())
+        split_stats[split] = {
+            "examples": len(lengths),
+            "rows": rows,
+            "tokens": tokens,
+            "loss_tokens": spool.loss_tokens,
+            "packing_efficiency": round(tokens / (rows * config.seq_length), 6) if rows else None,
+            "max_example_tokens": int(lengths.max()) if len(lengths) else 0,
+        }
+
+    manifest = _manifest(config, chat_tokenizer, tally, split_stats, file_formats, started)
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_preview(staging, preview, chat_tokenizer, manifest)
+    return manifest
+
+
+def _manifest(
+    config: PrepareConfig,
+    chat_tokenizer: ChatTokenizer,
+    tally: _Tally,
+    split_stats: dict,
+    file_formats: dict[str, str],
+    started: float,
+) -> dict:
+    sources = []
+    for path in config.inputs:
+        stats = tally.per_source.get(path, {"rows": 0, "examples": 0, "rejected": 0})
+        sources.append(
+            {"path": path, "sha256": _file_sha256(path), "format": file_formats.get(path), **stats}
+        )
+    settings = asdict(config)
+    for key in ("inputs", "output", "workers", "overwrite", "progress"):
+        settings.pop(key)
+    settings["column_map"] = dict(config.column_map)
+    return {
+        "format_version": 1,
+        "created_by": f"megasft {__version__}",
+        "settings": settings,
+        "sources": sources,
+        "tokenizer": {
+            "path": chat_tokenizer.path,
+            "sha256": chat_tokenizer.sha256,
+            "vocab_size": chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True),
+            "bos_token": chat_tokenizer.bos_token,
+            "eos_token": chat_tokenizer.eos_token,
+        },
+        "chat_template": {
+            "origin": chat_tokenizer.template.origin,
+            "sha256": chat_tokenizer.template.sha256,
+        },
+        "rows_read": tally.rows_read,
+        "examples": sum(stats["examples"] for stats in split_stats.values()),
+        "rejected": {"total": sum(tally.rejected.values()), "by_reason": dict(tally.rejected)},
+        "splits": split_stats,
+        "tokens": sum(stats["tokens"] for stats in split_stats.values()),
+        "loss_tokens": sum(stats["loss_tokens"] for stats in split_stats.values()),
+        "packing_efficiency": split_stats["train"]["packing_efficiency"],
+        "boundary_tokens": tally.boundary_tokens,
+        "truncated_examples": tally.truncated_examples,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)

@@ -1,0 +1,121 @@
+"""The dataset on disk: Arrow IPC files, one per split, memory-mapped when read.
+
+Layout of a `megasft prepare` output directory:
+
+    manifest.json     counts, token totals, packing efficiency, rejects by reason, hashes
+    train.arrow       EXAMPLE_SCHEMA rows (packed or not)
+    val.arrow         same schema; absent rows mean an empty split, the file always exists
+    rejects.jsonl     one line per rejected row: source, row, field, reason, message
+    preview.html      a few examples with the trained tokens highlighted
+
+Each row is one training sequence. `loss_mask[i] == 1` iff token `i` is a training target
+(predicted from the tokens before it); the trainer shifts. `seq_lengths` lists the lengths of
+the examples packed into the row, in order (a single entry for an unpacked row), so that the
+trainer can isolate documents in attention and restart position ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from megasft.errors import InputError
+
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
+        pa.field("seq_lengths", pa.list_(pa.int32()), nullable=False),
+    ],
+    metadata={"megasft.loss_mask": "unshifted: loss_mask[i] == 1 iff token i is a target"},
+)
+SPLITS = ("train", "val")
+MANIFEST_FILE = "manifest.json"
+REJECTS_FILE = "rejects.jsonl"
+PREVIEW_FILE = "preview.html"
+
+
+def split_file(directory: str | Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    return Path(directory) / f"{split}.arrow"
+
+
+def _list_array(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def example_batch(
+    ids: list[np.ndarray], masks: list[np.ndarray], seq_lengths: list[list[int]] | None = None
+) -> pa.RecordBatch:
+    """A record batch of rows; `seq_lengths=None` means one example per row."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    flat_masks = np.concatenate(masks) if masks else np.zeros(0, np.int8)
+    if seq_lengths is None:
+        seq_lengths_array = _list_array(np.ones(len(ids), np.int64), lengths, pa.int32())
+    else:
+        seq_lengths_array = pa.array(seq_lengths, type=pa.list_(pa.int32()))
+    return pa.RecordBatch.from_arrays(
+        [
+            _list_array(lengths, flat_ids, pa.int32()),
+            _list_array(lengths, flat_masks, pa.int8()),
+            seq_lengths_array,
+        ],
+        schema=EXAMPLE_SCHEMA,
+    )
+
+
+class SplitWriter:
+    """Appends record batches to one Arrow IPC file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, EXAMPLE_SCHEMA)
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows:
+            self._writer.write_batch(batch)
+            self.rows += batch.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+def open_table(path: str | Path) -> pa.Table:
+    """The whole file as a zero-copy, memory-mapped table."""
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def open_split(directory: str | Path, split: str = "train") -> pa.Table:
+    """A split of a prepared dataset as a memory-mapped Arrow table."""
+    path = split_file(directory, split)
+    if not path.is_file():
+        raise InputError(
+            f"{path} does not exist: {directory} is not a `megasft prepare` output directory"
+        )
+    return open_table(path)
+
+
+def read_examples(directory: str | Path, split: str = "train") -> Iterator[dict]:
+    """Yields each row of a split as a dict of `input_ids`, `loss_mask`, `seq_lengths` lists."""
+    table = open_split(directory, split)
+    for batch in table.to_batches(max_chunksize=1024):
+        yield from batch.to_pylist()
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: {directory} is not a `megasft prepare` output")
+    return json.loads(path.read_text(encoding="utf-8"))
