@@ -207,11 +207,10 @@ def _file_kind(path: Path, stream: io.BufferedIOBase) -> str:
     if kind is None and head.startswith(_PARQUET_MAGIC):
         return "parquet"
     first = head.removeprefix(_UTF8_BOM).lstrip()[:1]
-    if first == b"[":
-        return "json"
-    if kind == "json" and first == b"{" and not _first_line_is_json(stream):
-        return "json"  # a single object over several lines: reported as not_a_json_array
-    return "jsonl"
+    if kind == "json":
+        # JSON Lines under a .json name, or else a JSON file (reported if it is no array).
+        return "jsonl" if first == b"{" and _first_line_is_json(stream) else "json"
+    return "json" if first == b"[" else "jsonl"
 
 
 def _first_line_is_json(stream: io.BufferedIOBase) -> bool:
