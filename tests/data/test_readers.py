@@ -334,6 +334,14 @@ def test_a_broken_json_array_keeps_the_elements_before_the_break(tmp_path, conte
     assert read_all(path) == ([(1, {"a": 1}), (2, {"a": 2})], [expected_error])
 
 
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_a_utf16_file_is_one_error_not_one_per_line(tmp_path, name):
+    path = write(tmp_path, name, (json.dumps(GOOD) + "\n").encode("utf-16") * 3)
+    (error,) = list(iter_raw_rows(path))
+    assert (error.row, error.field, error.reason) == (0, None, "invalid_utf8")
+    assert "UTF-16" in error.message
+
+
 def test_invalid_utf8_in_a_json_array_names_the_byte_offset(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "_JSON_READ_BYTES", 4)
     path = write(tmp_path, "data.json", b'\xef\xbb\xbf[{"a": "\xc3\xa9\xff"}]')

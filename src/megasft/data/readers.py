@@ -32,6 +32,7 @@ from megasft.errors import InputError
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 _BUFFER_BYTES = 1 << 20
 """Read buffer for input files; large reads keep the per-line cost low."""
@@ -108,8 +109,9 @@ def iter_raw_rows(path: str | Path) -> Iterator[RawRow | RowError]:
     mark at the start of a file is dropped, and CRLF line ends are fine.
 
     After the valid rows, a `RowError` with `row=0` reports a whole-file problem: "empty_file"
-    (no rows at all), "not_a_json_array" (a JSON file whose top level is not an array), or
-    "unreadable_file" (corrupt or truncated gzip, unreadable Parquet).
+    (no rows at all), "not_a_json_array" (a JSON file whose top level is not an array),
+    "unreadable_file" (corrupt or truncated gzip, unreadable Parquet), "invalid_utf8" (a UTF-16
+    file), or "malformed_json" (a JSON array cut short before its "]", or text after it).
     """
     source = str(path)
     last_row = 0
@@ -184,6 +186,17 @@ def _iter_file(path: Path, source: str) -> Iterator[RawRow | RowError]:
         gzipped = raw_stream.read(2) == _GZIP_MAGIC
         raw_stream.seek(0)
         stream = gzip.GzipFile(fileobj=raw_stream) if gzipped else raw_stream
+        if stream.read(2) in _UTF16_BOMS:
+            yield RowError(
+                source,
+                0,
+                None,
+                "invalid_utf8",
+                "the file is UTF-16 (as Windows tools often write), not UTF-8; re-encode it, "
+                "e.g. iconv -f UTF-16 -t UTF-8",
+            )
+            return
+        stream.seek(0)
         kind = _file_kind(path, stream)
         if kind == "parquet":
             # pyarrow reads a plain file itself, faster than through a Python file object.
@@ -195,7 +208,7 @@ def _iter_file(path: Path, source: str) -> Iterator[RawRow | RowError]:
 
 
 def _file_kind(path: Path, stream: io.BufferedIOBase) -> str:
-    """ "jsonl", "json" or "parquet"; `stream` is left at its start."""
+    """Which reader the file needs: "jsonl", "json" or "parquet". Leaves `stream` at its start."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
