@@ -209,6 +209,16 @@ class ConversationMasker:
 
     def _render_and_locate(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
         text = self._render(messages, add_generation_prompt=False)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                # JSON escapes can smuggle in lone surrogates, which no tokenizer accepts.
+                raise MaskingError(
+                    "invalid_utf8",
+                    f"the text holds a lone surrogate ({error.object[error.start]!r} at "
+                    f"character {error.start}), which is not valid Unicode",
+                ) from None
         spans = self.char_spans(messages, text)
         if not spans:
             raise MaskingError(

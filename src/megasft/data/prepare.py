@@ -41,7 +41,7 @@ from megasft.data.masking import (
     MaskingError,
     MaskPolicy,
 )
-from megasft.data.packing import pack_best_fit_decreasing, packing_efficiency
+from megasft.data.packing import pack_best_fit_decreasing
 from megasft.data.preview import write_preview
 from megasft.data.readers import RawRow, check_inputs, iter_raw_rows, parse_payload
 from megasft.data.store import (

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from megasft.data.masking import ConversationMasker, MaskPolicy
+from megasft.data.tokenizer import load_chat_tokenizer
+from megasft.demo.tokenizer import build_tokenizer
+from tests.data.styles import STYLES
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """One tiny trained tokenizer directory per template style."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        name: build_tokenizer(
+            root / name,
+            chat_template=style.template,
+            special_tokens=style.special_tokens,
+            config=style.config,
+            post_processor_bos=style.post_processor_bos,
+        )
+        for name, style in STYLES.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizers(tokenizer_dirs):
+    return {name: load_chat_tokenizer(path) for name, path in tokenizer_dirs.items()}
+
+
+def make_masker(chat_tokenizer, **policy) -> ConversationMasker:
+    return ConversationMasker(chat_tokenizer, MaskPolicy(**policy))
+
+
+def trained_segments(example, tokenizer) -> list[str]:
+    """The decoded text of each run of consecutive trained tokens."""
+    segments, run = [], []
+    for token, trained in zip(example.input_ids.tolist(), example.loss_mask.tolist(), strict=True):
+        if trained:
+            run.append(token)
+        elif run:
+            segments.append(tokenizer.decode(run, skip_special_tokens=False))
+            run = []
+    if run:
+        segments.append(tokenizer.decode(run, skip_special_tokens=False))
+    return segments

@@ -1,0 +1,358 @@
+"""The prepare stage end to end: files in, Arrow + manifest + rejects + preview out."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megasft.cli import main
+from megasft.data import read_examples, read_manifest
+from megasft.data.conversation import Message
+from megasft.data.prepare import PrepareConfig, prepare
+from megasft.data.store import EXAMPLE_SCHEMA, open_split
+from megasft.errors import ConfigError, InputError, MegasftError
+from tests.data.conftest import make_masker, trained_segments
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def qa_rows(count: int, start: int = 0) -> list[dict]:
+    return [
+        {"question": f"What is {i} plus {i}?", "answer": f"{i} plus {i} is {2 * i}.\n#### {2 * i}"}
+        for i in range(start, start + count)
+    ]
+
+
+def run(tmp_path, inputs, tokenizer, name="out", **settings) -> tuple[dict, Path]:
+    settings.setdefault("workers", 1)
+    settings.setdefault("progress", False)
+    output = tmp_path / name
+    config = PrepareConfig(
+        inputs=tuple(str(p) for p in inputs),
+        tokenizer=str(tokenizer),
+        output=str(output),
+        **settings,
+    )
+    return prepare(config), output
+
+
+@pytest.fixture
+def chatml(tokenizer_dirs):
+    return tokenizer_dirs["chatml"]
+
+
+def test_read_examples_contract_unpacked(tmp_path, chatml, chat_tokenizers):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
+    manifest, output = run(
+        tmp_path,
+        [data],
+        chatml,
+        pack=False,
+        val_fraction=0.0,
+        column_map=(("prompt", "question"), ("response", "answer")),
+    )
+    rows = list(read_examples(output, "train"))
+    assert len(rows) == 5 and manifest["examples"] == 5
+    chat = chat_tokenizers["chatml"]
+    for i, row in enumerate(rows):
+        assert set(row) == {"input_ids", "loss_mask", "seq_lengths"}
+        assert len(row["input_ids"]) == len(row["loss_mask"]) == row["seq_lengths"][0]
+        # Identical to masking the conversation directly: the stage adds nothing of its own.
+        expected = make_masker(chat).mask(
+            [
+                Message("user", f"What is {i} plus {i}?"),
+                Message("assistant", f"{i} plus {i} is {2 * i}.\n#### {2 * i}"),
+            ]
+        )
+        assert row["input_ids"] == expected.input_ids.tolist()
+        assert row["loss_mask"] == expected.loss_mask.tolist()
+    assert trained_segments(expected, chat.tokenizer) == ["4 plus 4 is 8.\n#### 8<|im_end|>"]
+    assert open_split(output, "train").schema.equals(EXAMPLE_SCHEMA)
+    assert list(read_examples(output, "val")) == []
+
+
+def test_packed_rows_are_their_examples_concatenated(tmp_path, chatml):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(60))
+    mapping = (("prompt", "question"), ("response", "answer"))
+    _, unpacked = run(
+        tmp_path, [data], chatml, "unpacked", pack=False, val_fraction=0.0, column_map=mapping
+    )
+    manifest, packed = run(
+        tmp_path,
+        [data],
+        chatml,
+        "packed",
+        pack=True,
+        seq_length=256,
+        val_fraction=0.0,
+        column_map=mapping,
+    )
+    examples = {tuple(r["input_ids"]): r["loss_mask"] for r in read_examples(unpacked)}
+    seen = []
+    for row in read_examples(packed):
+        assert len(row["input_ids"]) == sum(row["seq_lengths"]) <= 256
+        start = 0
+        for length in row["seq_lengths"]:
+            ids = tuple(row["input_ids"][start : start + length])
+            assert row["loss_mask"][start : start + length] == examples[ids]
+            seen.append(ids)
+            start += length
+    assert sorted(seen) == sorted(examples), "no example lost or duplicated"
+    stats = manifest["splits"]["train"]
+    assert stats["examples"] == 60 and stats["rows"] < 60
+    assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (stats["rows"] * 256))
+
+
+def test_outputs_are_deterministic_and_independent_of_workers(tmp_path, chatml):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(300))
+    mapping = (("prompt", "question"), ("response", "answer"))
+    _, one = run(
+        tmp_path, [data], chatml, "one", seq_length=512, val_fraction=0.2, column_map=mapping
+    )
+    _, two = run(
+        tmp_path,
+        [data],
+        chatml,
+        "two",
+        seq_length=512,
+        val_fraction=0.2,
+        column_map=mapping,
+        workers=2,
+    )
+    for split in ("train", "val"):
+        assert list(read_examples(one, split)) == list(read_examples(two, split))
+    manifest = read_manifest(one)
+    assert 0 < manifest["splits"]["val"]["examples"] < 300 * 0.35
+
+
+def test_split_is_by_content_so_adding_data_never_moves_examples(tmp_path, chatml):
+    mapping = (("prompt", "question"), ("response", "answer"))
+    small = write_jsonl(tmp_path / "small.jsonl", qa_rows(200))
+    large = write_jsonl(tmp_path / "large.jsonl", qa_rows(150, start=500) + qa_rows(200))
+
+    def val_examples(path, name):
+        _, output = run(
+            tmp_path, [path], chatml, name, pack=False, val_fraction=0.3, column_map=mapping
+        )
+        return {tuple(r["input_ids"]) for r in read_examples(output, "val")}, {
+            tuple(r["input_ids"]) for r in read_examples(output, "train")
+        }
+
+    small_val, small_train = val_examples(small, "small")
+    large_val, large_train = val_examples(large, "large")
+    assert small_val <= large_val and small_train <= large_train
+    assert small_val and small_train
+
+
+def test_every_input_format_and_container(tmp_path, chatml, chat_tokenizers):
+    chat = chat_tokenizers["chatml"]
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi"}]
+    )
+    pr = tmp_path / "pr.jsonl.gz"
+    pr.write_bytes(
+        gzip.compress((json.dumps({"prompt": "Say hello", "completion": "hello"}) + "\n").encode())
+    )
+    messages = tmp_path / "messages.json"
+    messages.write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "Say "},
+                                {"type": "text", "text": "yes"},
+                            ],
+                        },
+                        {"role": "assistant", "content": "yes"},
+                    ]
+                }
+            ]
+        )
+    )
+    sharegpt = tmp_path / "sharegpt.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "conversations": [
+                        {"from": "human", "value": "Say no"},
+                        {"from": "gpt", "value": "no"},
+                    ]
+                }
+            ]
+        ),
+        sharegpt,
+    )
+    manifest, output = run(
+        tmp_path, [alpaca, pr, messages, sharegpt], chatml, pack=False, val_fraction=0.0
+    )
+    assert manifest["rejected"]["total"] == 0
+    assert [s["format"] for s in manifest["sources"]] == [
+        "alpaca",
+        "prompt-response",
+        "messages",
+        "sharegpt",
+    ]
+    texts = []
+    for row in read_examples(output):
+        ids = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m]
+        texts.append(chat.tokenizer.decode(ids, skip_special_tokens=False))
+    assert texts == ["hi<|im_end|>", "hello<|im_end|>", "yes<|im_end|>", "no<|im_end|>"]
+
+
+BAD_ROWS = [
+    b'{"messages": [{"role": "user", "content": "ok 1"}, {"role": "assistant", "content": "fine 1"}]}',
+    b'{"messages": [{"role": "user", "content": "broken"',  # malformed JSON
+    b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+    b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}]}',
+    b'{"messages": [{"role": "user", "content": "caf\xff"}, {"role": "assistant", "content": "x"}]}',
+    b'{"instruction": "in another format", "output": "x"}',
+    b'{"messages": [{"role": "user", "content": "ok 2"}, {"role": "assistant", "content": "fine 2"}]}',
+    b'{"messages": [{"role": "user", "content": "long '
+    + b"word " * 400
+    + b'"}, {"role": "assistant", "content": "x"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "train": false}]}',
+    b'{"messages": [{"role": "user", "content": "ok 3"}, {"role": "assistant", "content": "fine 3"}]}',
+]
+EXPECTED_REJECTS = [
+    (2, "malformed_json"),
+    (3, "wrong_type"),
+    (4, "unknown_role"),
+    (5, "empty_assistant"),
+    (6, "no_assistant_turn"),
+    (7, "invalid_utf8"),
+    (8, "mixed_formats"),
+    (10, "too_long"),
+    (11, "no_trained_tokens"),
+]
+
+
+def test_bad_rows_are_rejected_with_row_and_reason_and_valid_rows_kept(
+    tmp_path, chatml, chat_tokenizers
+):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\n".join(BAD_ROWS) + b"\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    manifest, output = run(
+        tmp_path, [data, empty], chatml, pack=False, val_fraction=0.0, seq_length=256
+    )
+    rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
+    got = [(r["row"], r["reason"]) for r in rejects if r["source"] == str(data)]
+    assert got == EXPECTED_REJECTS
+    assert [(r["row"], r["reason"]) for r in rejects if r["source"] == str(empty)] == [
+        (0, "empty_file")
+    ]
+    assert all(r["message"] for r in rejects)
+    field_of = {r["row"]: r["field"] for r in rejects if r["source"] == str(data)}
+    assert field_of[3] == "messages[0].content" and field_of[4] == "messages[0].role"
+    chat = chat_tokenizers["chatml"]
+    answers = [
+        chat.tokenizer.decode([t for t, m in zip(r["input_ids"], r["loss_mask"], strict=True) if m])
+        for r in read_examples(output)
+    ]
+    assert answers == ["fine 1", "fine 2", "fine 3"]
+    assert manifest["rejected"]["total"] == len(EXPECTED_REJECTS) + 1
+    assert manifest["rows_read"] == len(BAD_ROWS)
+
+
+def test_on_error_fail_stops_with_the_row_and_leaves_nothing(tmp_path, chatml, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\n".join(BAD_ROWS) + b"\n")
+    output = tmp_path / "out"
+    code = main(
+        [
+            "prepare",
+            "--input",
+            str(data),
+            "--tokenizer",
+            str(chatml),
+            "--output",
+            str(output),
+            "--on-error",
+            "fail",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"{data}, row 2" in error and "malformed_json" in error
+    assert "Traceback" not in error
+    assert not output.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging left"
+
+
+def test_file_level_errors_are_clear(tmp_path, chatml):
+    with pytest.raises(InputError, match="missing.jsonl"):
+        run(tmp_path, [tmp_path / "missing.jsonl"], chatml)
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "response": "b"}])
+    empty_tokenizer = tmp_path / "no-tokenizer"
+    empty_tokenizer.mkdir()
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        run(tmp_path, [data], empty_tokenizer)
+    with pytest.raises(ConfigError, match="--val-fraction"):
+        run(tmp_path, [data], chatml, val_fraction=1.5)
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}])
+    with pytest.raises(InputError, match="no valid example"):
+        run(tmp_path, [only_bad], chatml, name="x")
+
+
+def test_existing_output_needs_overwrite(tmp_path, chatml):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "response": "b"}])
+    run(tmp_path, [data], chatml, val_fraction=0.0)
+    with pytest.raises(MegasftError, match="already exists"):
+        run(tmp_path, [data], chatml, val_fraction=0.0)
+    manifest, _ = run(tmp_path, [data], chatml, val_fraction=0.0, overwrite=True)
+    assert manifest["examples"] == 1
+
+
+def test_manifest_preview_and_cli_summary(tmp_path, chatml, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(20))
+    output = tmp_path / "out"
+    code = main(
+        [
+            "prepare",
+            "--input",
+            str(data),
+            "--tokenizer",
+            str(chatml),
+            "--output",
+            str(output),
+            "--map",
+            "prompt=question,response=answer",
+            "--seq-length",
+            "128",
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    manifest = read_manifest(output)
+    assert manifest["sources"][0]["sha256"] and manifest["tokenizer"]["sha256"]
+    assert (
+        manifest["chat_template"]["sha256"]
+        and manifest["chat_template"]["origin"] == "tokenizer_config.json"
+    )
+    assert manifest["splits"]["train"]["examples"] + manifest["splits"]["val"]["examples"] == 20
+    assert manifest["loss_tokens"] < manifest["tokens"]
+    preview = (output / "preview.html").read_text()
+    assert 'class="t trained' in preview and "&lt;|im_end|&gt;" in preview
+    assert "mask preview" in capsys.readouterr().err
