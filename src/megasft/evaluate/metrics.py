@@ -1,0 +1,184 @@
+"""Metrics of one model, tuned-minus-base deltas, and the registration gate.
+
+Gate grammar: comma-separated conditions `METRIC OP NUMBER`, OP one of >=, >, <=, <, ==, e.g.
+`accuracy>=0.5,delta_accuracy>0`. METRIC is one of GATE_METRICS (the tuned model's value) or
+`delta_<metric>` (tuned minus base, needs a baseline). The gate passes when every condition
+holds; its verdict lists each condition with the value it was checked against.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from megasft.errors import ConfigError
+from megasft.evaluate.extract import METHODS
+
+GENERATION_METRICS = ("accuracy", "format_accuracy", "mean_response_tokens")
+"""Metrics that need generation (a data file of prompts)."""
+LOSS_METRICS = ("val_loss", "perplexity")
+"""Metrics that need a prepared dataset (`--val-data`, or a prepare output as `--data`)."""
+GATE_METRICS = GENERATION_METRICS + LOSS_METRICS
+DELTA_PREFIX = "delta_"
+OPERATORS = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+_CONDITION = re.compile(
+    r"\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>>=|<=|==|>|<|=|!=|=>|=<)\s*"
+    r"(?P<number>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+)
+
+
+@dataclass(frozen=True)
+class GateCondition:
+    metric: str
+    """A GATE_METRICS name, or `delta_` + one."""
+    op: str
+    """One of OPERATORS."""
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+    @property
+    def base_metric(self) -> str:
+        return self.metric.removeprefix(DELTA_PREFIX)
+
+    @property
+    def is_delta(self) -> bool:
+        return self.metric.startswith(DELTA_PREFIX)
+
+
+def known_gate_metrics() -> list[str]:
+    return [*GATE_METRICS, *(DELTA_PREFIX + metric for metric in GATE_METRICS)]
+
+
+def parse_gate(text: str) -> tuple[GateCondition, ...]:
+    """Parses `--gate` text; raises ConfigError naming the bad condition and what is allowed."""
+    conditions = []
+    for part in text.split(","):
+        if not part.strip():
+            raise ConfigError(
+                f"--gate {text!r} has an empty condition; separate conditions with single commas"
+            )
+        match = _CONDITION.fullmatch(part)
+        if match is None:
+            raise ConfigError(
+                f"--gate: {part.strip()!r} is not METRIC OP NUMBER (OP one of "
+                f"{', '.join(OPERATORS)}), e.g. accuracy>=0.5,delta_accuracy>0"
+            )
+        metric, op = match["metric"], match["op"]
+        if op not in OPERATORS:
+            hint = {"=": "==", "=>": ">=", "=<": "<="}.get(op)
+            raise ConfigError(
+                f"--gate: {part.strip()!r} uses {op!r}; the operators are {', '.join(OPERATORS)}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+            )
+        if metric not in known_gate_metrics():
+            raise ConfigError(
+                f"--gate: unknown metric {metric!r}; the known metrics are "
+                f"{', '.join(known_gate_metrics())}"
+            )
+        conditions.append(GateCondition(metric, op, float(match["number"])))
+    return tuple(conditions)
+
+
+def check_gate_is_computable(
+    conditions: Sequence[GateCondition], has_baseline: bool, has_generation: bool, has_val: bool
+) -> None:
+    """Refuses, before any model is loaded, a gate on a metric this run will not compute."""
+    for condition in conditions:
+        if condition.is_delta and not has_baseline:
+            raise ConfigError(
+                f"--gate {condition}: {condition.metric} compares with the base model; pass "
+                "--baseline DIR"
+            )
+        if condition.base_metric in GENERATION_METRICS and not has_generation:
+            raise ConfigError(
+                f"--gate {condition}: {condition.base_metric} comes from generation, but --data "
+                "is a prepared dataset; pass a data file of prompts as --data (and the dataset "
+                "as --val-data)"
+            )
+        if condition.base_metric in LOSS_METRICS and not has_val:
+            raise ConfigError(
+                f"--gate {condition}: {condition.base_metric} needs a prepared dataset; pass "
+                "--val-data DIR (a `megasft prepare` output)"
+            )
+
+
+def generation_metrics(
+    correct: Sequence[bool],
+    format_ok: Sequence[bool],
+    response_tokens: Sequence[int],
+    stopped: Sequence[bool],
+    methods: Sequence[str],
+) -> dict:
+    """accuracy, format_accuracy, mean_response_tokens and the counts that explain them."""
+    count = len(correct)
+    if count == 0:
+        raise ValueError("no samples to compute metrics on")
+    by_method = Counter(methods)
+    return {
+        "accuracy": sum(correct) / count,
+        "format_accuracy": sum(format_ok) / count,
+        "mean_response_tokens": sum(response_tokens) / count,
+        "samples": count,
+        "correct": sum(correct),
+        "truncated": count - sum(stopped),
+        "answer_extraction": {method: by_method[method] for method in METHODS if by_method[method]},
+    }
+
+
+def deltas(tuned: Mapping, base: Mapping) -> dict:
+    """`delta_<metric>` = tuned minus base, for each gate metric both have."""
+    return {
+        DELTA_PREFIX + metric: tuned[metric] - base[metric]
+        for metric in GATE_METRICS
+        if tuned.get(metric) is not None and base.get(metric) is not None
+    }
+
+
+def evaluate_gate(conditions: Sequence[GateCondition], values: Mapping[str, float]) -> dict:
+    """The verdict: `passed`, a one-line `reason`, and each condition with its value."""
+    results = []
+    for condition in conditions:
+        value = values.get(condition.metric)
+        holds = (
+            value is not None
+            and not math.isnan(value)
+            and OPERATORS[condition.op](value, condition.threshold)
+        )
+        results.append(
+            {
+                "condition": str(condition),
+                "metric": condition.metric,
+                "op": condition.op,
+                "threshold": condition.threshold,
+                "value": value,
+                "passed": holds,
+            }
+        )
+    failed = [result for result in results if not result["passed"]]
+    held = [result for result in results if result["passed"]]
+    if failed:
+        reason = "failed: " + "; ".join(_describe(result) for result in failed)
+        if held:
+            reason += " (held: " + "; ".join(_describe(result) for result in held) + ")"
+    else:
+        reason = "passed: " + "; ".join(_describe(result) for result in held)
+    return {"passed": not failed, "reason": reason, "conditions": results}
+
+
+def _describe(result: dict) -> str:
+    value = result["value"]
+    shown = "not computed" if value is None else f"{value:.6g}"
+    verb = "" if result["passed"] else "not "
+    return f"{result['metric']} = {shown}, {verb}{result['op']} {result['threshold']:g}"

@@ -1,0 +1,271 @@
+"""Loading a model to evaluate: a Hugging Face directory, or a megatron checkpoint converted to
+one in-process, together with its tokenizer, chat template and end-of-turn tokens.
+
+A directory is read as:
+
+- a Hugging Face model when it holds `config.json`;
+- a megatron-core checkpoint when it holds what `megasft convert --to megatron` and
+  `megasft train` write (see `is_megatron_checkpoint`). It is converted to a Hugging Face
+  directory under a scratch directory through the `megasft convert --from megatron --to hf`
+  contract (ARCHITECTURE.md), run in this process, and loaded from there.
+
+The tokenizer comes from `--tokenizer` or else from the model directory. A tokenizer without a
+chat template is refused unless the ChatML fallback is asked for explicitly: `megasft prepare`
+falls back to ChatML silently, but evaluating a base model with a template it never saw would
+produce numbers nobody should trust without knowing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+
+from megasft.data.conversation import Message
+from megasft.data.template import TemplateError
+from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
+from megasft.errors import ConfigError, InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ANSWER_SENTINEL = "megasft-answer-sentinel"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    """A transformers causal LM in eval mode, on its device."""
+    chat_tokenizer: ChatTokenizer
+    stop_token_ids: tuple[int, ...]
+    """The chat template's end-of-turn token(s) and the tokenizer's EOS: generation stops at
+    the first of them."""
+    pad_token_id: int
+    description: dict
+    """Where it came from, for metrics.json: path, kind (hf or megatron), tokenizer, dtype."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is the first CUDA (or ROCm) device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA/ROCm device is available here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on an accelerator that supports it, else float32 (CPU matmuls in
+    bf16 are slow and make batched and one-by-one generation disagree)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def is_hf_model(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    """A megatron-core checkpoint directory, as the convert and train stages write them.
+
+    Recognised by what megatron-core's `dist_checkpointing` and its checkpoint layout leave on
+    disk: `metadata.json` naming a `sharded_backend`, `.distcp` shards,
+    `latest_checkpointed_iteration.txt` (training output), or `iter_NNNNNNN/` directories.
+    """
+    if not path.is_dir() or is_hf_model(path):
+        return False
+    metadata = path / "metadata.json"
+    if metadata.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            if "sharded_backend" in json.loads(metadata.read_text(encoding="utf-8")):
+                return True
+    if (path / "latest_checkpointed_iteration.txt").is_file():
+        return True
+    return any(path.glob("*.distcp")) or any(
+        child.is_dir() and child.name.startswith("iter_") for child in path.iterdir()
+    )
+
+
+def convert_megatron_to_hf(source: Path, destination: Path, base: Path | None) -> Path:
+    """Converts a megatron checkpoint to a Hugging Face directory with `megasft convert`.
+
+    Runs the convert stage's CLI contract in this process, so whatever `megasft.checkpoint`
+    implements behind it (families, TP/PP layouts) is what evaluation gets.
+    """
+    from megasft.cli import build_parser
+
+    argv = ["convert", "--from", "megatron", "--to", "hf", "--src", str(source)]
+    argv += ["--dst", str(destination)]
+    if base is not None:
+        argv += ["--base", str(base)]
+    parser = build_parser()
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit as error:
+        if "invalid choice: 'convert'" in stderr.getvalue():
+            raise InputError(
+                f"{source} is a megatron checkpoint, but this megasft has no `convert` stage "
+                "to turn it into a Hugging Face model yet. Convert it with a megasft that has "
+                "one (megasft convert --from megatron --to hf --src ... --dst ...) and pass "
+                "the result as --model"
+            ) from error
+        raise InputError(
+            f"cannot convert {source}: megasft convert refused {' '.join(argv)}: "
+            f"{stderr.getvalue().strip()}"
+        ) from error
+    args.handler(args)
+    if not is_hf_model(destination):
+        raise InputError(
+            f"converting {source} to Hugging Face wrote no config.json into {destination}"
+        )
+    return destination
+
+
+def load_model(
+    path: str | Path,
+    tokenizer: str | Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    chatml_fallback: bool,
+    scratch: Path,
+    convert_base: str | Path | None = None,
+    fallback_tokenizer: str | Path | None = None,
+) -> LoadedModel:
+    """Loads the model at `path` (HF or megatron) with its tokenizer; raises InputError or
+    ConfigError with what to do when either cannot be used.
+
+    The tokenizer is `tokenizer` when given, else the model's own, else `fallback_tokenizer`
+    (a baseline without tokenizer files borrows the tuned model's). A megatron checkpoint is
+    converted under `scratch`, with `convert_base` as the Hugging Face model it came from.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model {path} does not exist")
+    if not path.is_dir():
+        raise InputError(f"model {path} is not a directory: pass a Hugging Face model directory")
+    kind = "hf"
+    hf_path = path
+    if not is_hf_model(path):
+        if not is_megatron_checkpoint(path):
+            raise InputError(
+                f"{path} is neither a Hugging Face model (no config.json) nor a megatron "
+                "checkpoint (no metadata.json, .distcp shards or iter_* directories)"
+            )
+        kind = "megatron"
+        scratch.mkdir(parents=True, exist_ok=True)
+        base = Path(convert_base) if convert_base else None
+        hf_path = convert_megatron_to_hf(path, scratch / f"hf-{path.name}", base)
+
+    if tokenizer:
+        tokenizer_dir = Path(tokenizer)
+    elif not (hf_path / "tokenizer.json").is_file() and fallback_tokenizer:
+        tokenizer_dir = Path(fallback_tokenizer)
+    else:
+        tokenizer_dir = hf_path
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise InputError(
+            f"model {path} comes without a tokenizer: {tokenizer_dir} has no tokenizer.json. "
+            "Pass the tokenizer the model was trained with as --tokenizer DIR"
+        )
+    chat_tokenizer = load_chat_tokenizer(tokenizer_dir)
+    if chat_tokenizer.template.origin == "chatml-fallback" and not chatml_fallback:
+        raise ConfigError(
+            f"the tokenizer in {tokenizer_dir} has no chat template, so there is no way to know "
+            "how this model expects prompts. Pass --tokenizer with the tokenizer used for "
+            "training, or --chatml-fallback to use ChatML (what `megasft prepare` falls back to)"
+        )
+
+    model = _load_hf(hf_path, dtype).to(device).eval()
+    vocab = chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab > rows:
+        raise InputError(
+            f"the tokenizer in {tokenizer_dir} has {vocab} tokens but model {path} embeds only "
+            f"{rows}: they do not belong together; pass the right --tokenizer"
+        )
+    stop_ids = stop_token_ids(chat_tokenizer)
+    pad = chat_tokenizer.special_tokens.get("pad_token")
+    pad_id = chat_tokenizer.tokenizer.token_to_id(pad) if pad else None
+    return LoadedModel(
+        model=model,
+        chat_tokenizer=chat_tokenizer,
+        stop_token_ids=stop_ids,
+        # Which id pads does not matter (the attention mask hides it); any valid one will do.
+        pad_token_id=pad_id if pad_id is not None else stop_ids[0],
+        description={
+            "path": str(path),
+            "kind": kind,
+            "tokenizer": str(tokenizer_dir),
+            "chat_template": chat_tokenizer.template.origin,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        },
+    )
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; both are supported here.
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **{dtype_key: dtype})
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"cannot load the Hugging Face model in {path}: {error}") from error
+
+
+def stop_token_ids(chat_tokenizer: ChatTokenizer) -> tuple[int, ...]:
+    """The ids that end an answer: the template's end-of-turn token, then the tokenizer's EOS.
+
+    The end-of-turn token is found by rendering a one-turn conversation and taking the first
+    special token after the answer (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3,
+    `</s>` for Llama 2 and Mistral), so no template needs to be known by name.
+    """
+    tokenizer = chat_tokenizer.tokenizer
+    stop: list[int] = []
+    messages = [Message("user", "Hi"), Message("assistant", _ANSWER_SENTINEL)]
+    try:
+        rendered = chat_tokenizer.template.render(messages)
+    except TemplateError as error:
+        raise ConfigError(
+            f"the chat template of {chat_tokenizer.path} cannot render a user/assistant "
+            f"exchange: {error}"
+        ) from error
+    if _ANSWER_SENTINEL in rendered:
+        after = rendered[rendered.index(_ANSWER_SENTINEL) + len(_ANSWER_SENTINEL) :]
+        for token_id in tokenizer.encode(after, add_special_tokens=False).ids:
+            if token_id in chat_tokenizer.special_token_ids:
+                stop.append(token_id)
+                break
+    eos = chat_tokenizer.eos_token
+    eos_id = tokenizer.token_to_id(eos) if eos else None
+    if eos_id is not None and eos_id not in stop:
+        stop.append(eos_id)
+    if not stop:
+        raise ConfigError(
+            f"cannot tell where an answer ends with the tokenizer in {chat_tokenizer.path}: its "
+            "chat template puts no special token after an answer and it has no eos_token. "
+            "Set eos_token in tokenizer_config.json"
+        )
+    return tuple(stop)
+
+
+def free(loaded: LoadedModel) -> None:
+    """Drops the model's weights before the next model is loaded."""
+    loaded.model = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

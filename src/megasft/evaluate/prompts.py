@@ -1,0 +1,203 @@
+"""Evaluation examples from a data file: the prompt to answer and the reference to score.
+
+Rows are read like `megasft prepare` reads them (JSONL, JSON arrays, Parquet, gzip'd or not;
+Alpaca, prompt/response, OpenAI messages, ShareGPT; `--map`, `--system-prompt`). The prompt
+is the conversation minus its final assistant turn; the reference is that turn's content, or
+the `--reference-field` column of the row when one is named.
+
+A row may leave out its answer (a prompt-only row) when the reference comes from
+`--reference-field` or the task needs none (`format`). Any other bad row stops the run: a
+skipped row would silently change what the accuracy is measured on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from megasft.data.conversation import Message, RowError
+from megasft.data.formats import detect_format, to_messages
+from megasft.data.readers import check_inputs, iter_raw_rows, parse_payload
+from megasft.data.template import TemplateError
+from megasft.data.tokenizer import ChatTokenizer
+from megasft.errors import InputError
+
+# Conversion failures that mean only "this row has no answer".
+_NO_ANSWER_REASONS = ("missing_field", "no_assistant_turn")
+_PLACEHOLDER = "megasft-placeholder-answer"
+_SHOWN_ERRORS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class EvalExample:
+    source: str
+    row: int
+    """1-based row in the source file (as in `megasft prepare`'s rejects)."""
+    prompt: tuple[Message, ...]
+    """The conversation up to the answer; rendered with the generation prompt."""
+    reference: str | None
+    """The reference answer text, or None (a `format` task row without an answer)."""
+
+
+def read_eval_examples(
+    path: str | Path,
+    fmt: str = "auto",
+    column_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    reference_field: str | None = None,
+    reference_required: bool = True,
+    limit: int | None = None,
+) -> list[EvalExample]:
+    """The first `limit` (all when None) examples of a data file; raises InputError naming
+    the bad rows (file, row, field) if any row cannot be used."""
+    check_inputs([path])
+    examples: list[EvalExample] = []
+    errors: list[str] = []
+    for item in iter_raw_rows(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            if isinstance(item, RowError):
+                raise item
+            record = parse_payload(item)
+            examples.append(
+                _example(
+                    record,
+                    item.source,
+                    item.row,
+                    fmt,
+                    column_map,
+                    system_prompt,
+                    reference_field,
+                    reference_required,
+                )
+            )
+        except RowError as error:
+            errors.append(str(error))
+    if errors:
+        shown = "\n  ".join(errors[:_SHOWN_ERRORS])
+        more = (
+            f"\n  ... and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
+        )
+        raise InputError(
+            f"{len(errors)} row(s) of {path} cannot be evaluated (evaluation never skips rows, "
+            f"which would change what accuracy is measured on):\n  {shown}{more}"
+        )
+    if not examples:
+        raise InputError(f"{path} holds no examples to evaluate")
+    return examples
+
+
+def _example(
+    record: dict,
+    source: str,
+    row: int,
+    fmt: str,
+    column_map: Mapping[str, str] | None,
+    system_prompt: str | None,
+    reference_field: str | None,
+    reference_required: bool,
+) -> EvalExample:
+    answer_optional = reference_field is not None or not reference_required
+    try:
+        messages = to_messages(record, fmt, source, row, column_map, system_prompt)
+        has_answer = True
+    except RowError as error:
+        if not answer_optional or error.reason not in _NO_ANSWER_REASONS:
+            raise
+        # A prompt-only row: convert it with a stand-in answer, which is then dropped. If that
+        # still fails, something other than the answer is wrong, and the first error says what.
+        stand_in = _with_placeholder_answer(record, fmt, column_map)
+        if stand_in is None:
+            raise
+        try:
+            messages = to_messages(stand_in, fmt, source, row, column_map, system_prompt)
+        except RowError:
+            raise error from None
+        has_answer = False
+
+    if messages[-1].role != "assistant":
+        raise RowError(
+            source,
+            row,
+            None,
+            "not_ending_with_assistant",
+            f"the conversation ends with a {messages[-1].role} message; to evaluate, it must "
+            "end with the assistant answer (the reference), which is left out of the prompt",
+        )
+    prompt = tuple(messages[:-1])
+    reference = messages[-1].content if has_answer else None
+    if reference_field is not None:
+        reference = _reference_from_field(record, reference_field, source, row)
+    if reference is None and reference_required:
+        raise RowError(source, row, None, "missing_reference", "the row has no reference answer")
+    return EvalExample(source, row, prompt, reference)
+
+
+def _reference_from_field(record: dict, field: str, source: str, row: int) -> str:
+    value = record.get(field)
+    if value is None:
+        raise RowError(
+            source,
+            row,
+            field,
+            "missing_field",
+            f"--reference-field {field} names a column this row does not have (or is null); "
+            f"its columns are {', '.join(repr(key) for key in list(record)[:20])}",
+        )
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise RowError(
+            source, row, field, "wrong_type", f"a reference must be text or a number, not {value!r}"
+        )
+    return str(value)
+
+
+def _with_placeholder_answer(
+    record: dict, fmt: str, column_map: Mapping[str, str] | None
+) -> dict | None:
+    """A copy of `record` with a stand-in final assistant answer, or None if the format is
+    unknown."""
+    detected = detect_format(record, column_map) if fmt == "auto" else fmt
+    column_map = column_map or {}
+    stand_in = dict(record)
+    if detected == "alpaca":
+        stand_in[column_map.get("output", "output")] = _PLACEHOLDER
+    elif detected == "prompt-response":
+        stand_in[column_map.get("response", "response")] = _PLACEHOLDER
+    elif detected in ("messages", "sharegpt"):
+        canonical = "messages" if detected == "messages" else "conversations"
+        field = column_map.get(canonical, canonical)
+        turns = stand_in.get(field)
+        if type(turns) is not list:
+            return None
+        turn = (
+            {"role": "assistant", "content": _PLACEHOLDER}
+            if detected == "messages"
+            else {"from": "gpt", "value": _PLACEHOLDER}
+        )
+        stand_in[field] = [*turns, turn]
+    else:
+        return None
+    return stand_in
+
+
+def render_prompt(chat_tokenizer: ChatTokenizer, example: EvalExample) -> tuple[str, list[int]]:
+    """The prompt text as the chat template renders it with the generation prompt, and its ids
+    (with the tokenizer's BOS in front when the template did not write one, as in `prepare`)."""
+    try:
+        text = chat_tokenizer.template.render(list(example.prompt), add_generation_prompt=True)
+    except TemplateError as error:
+        raise InputError(
+            f"{example.source}, row {example.row}: the chat template of {chat_tokenizer.path} "
+            f"refused the prompt: {error}"
+        ) from error
+    ids = chat_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    prefix = list(chat_tokenizer.prefix_ids)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids = prefix + ids
+    if not ids:
+        raise InputError(
+            f"{example.source}, row {example.row}: the prompt renders to no tokens at all"
+        )
+    return text, ids

@@ -1,0 +1,476 @@
+"""The evaluation stage: does the tuned model beat the base?
+
+    evaluate(EvaluateConfig(model="tuned-hf/", data="gsm8k_test.jsonl", output="eval/",
+                            task="gsm8k", baseline="base-hf/", gate="delta_accuracy>0"))
+
+Phases:
+1. Check everything that can be checked without a model: the settings, the prompts (every
+   row must be usable and have a reference answer), the prepared validation data, the
+   training log. A mistake there costs seconds, not a generation run.
+2. For the tuned model, then the base model: load it (converting a megatron checkpoint),
+   compute the validation loss, generate greedy answers to every prompt, score them. One
+   model is in memory at a time.
+3. Metrics, deltas and the gate verdict; write metrics.json, samples.jsonl and report.html
+   into a staging directory that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from megasft import __version__
+from megasft.data import read_manifest
+from megasft.data.formats import FORMATS
+from megasft.errors import ConfigError, InputError
+from megasft.evaluate.generate import GenerationSettings, generate_greedy
+from megasft.evaluate.metrics import (
+    check_gate_is_computable,
+    deltas,
+    evaluate_gate,
+    generation_metrics,
+    parse_gate,
+)
+from megasft.evaluate.model import (
+    DTYPES,
+    LoadedModel,
+    free,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from megasft.evaluate.prompts import EvalExample, read_eval_examples, render_prompt
+from megasft.evaluate.report import read_training_log, write_report
+from megasft.evaluate.tasks import DEFAULT_FORMATS, TASKS, needs_reference, reference_answer, score
+from megasft.evaluate.val_loss import validation_loss
+
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.jsonl"
+REPORT_FILE = "report.html"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str
+    """The model to evaluate: a Hugging Face directory or a megatron checkpoint."""
+    data: str
+    """Prompts to answer: a data file in any `prepare` input format. Or a `prepare` output
+    directory: then only the validation loss is computed (no generation)."""
+    output: str
+    """The output directory (metrics.json, samples.jsonl, report.html)."""
+    task: str = "exact-match"
+    """How answers are scored: gsm8k, exact-match or format (see `megasft.evaluate.tasks`)."""
+    baseline: str | None = None
+    """The base model to compare with (HF directory or megatron checkpoint)."""
+    max_new_tokens: int = 512
+    """Most tokens generated per answer, the end-of-turn token included."""
+    val_data: str | None = None
+    """A `prepare` output directory to compute the validation loss on, beside generation."""
+    val_split: str = "val"
+    """Which split of the prepared data the validation loss is computed on."""
+    tokenizer: str | None = None
+    """Tokenizer directory for the model, instead of the model directory's own."""
+    convert_base: str | None = None
+    """For megatron checkpoints: the HF model they came from (`convert --base`); defaults to
+    the baseline when that is a Hugging Face directory."""
+    format: str = "auto"
+    """The data file's format: auto, alpaca, prompt-response, messages or sharegpt."""
+    column_map: tuple[tuple[str, str], ...] = ()
+    """(canonical field, column) pairs, like `prepare --map`."""
+    system_prompt: str | None = None
+    """System message for prompts that have none (use the one training used)."""
+    reference_field: str | None = None
+    """Read the reference from this column instead of the final assistant turn."""
+    format_pattern: str | None = None
+    """Regex (re.search) a well-formed answer matches; each task has a default; `format`
+    needs one."""
+    gate: str | None = None
+    """Pass/fail conditions, e.g. "accuracy>=0.5,delta_accuracy>0" (`metrics.parse_gate`)."""
+    limit: int | None = None
+    """Evaluate only the first N prompts."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    val_batch_tokens: int = 4096
+    """Token budget of one validation forward pass (documents x longest length)."""
+    seed: int = 0
+    """Seeds torch before each model's generation (greedy decoding draws nothing, but a
+    model's custom code might)."""
+    device: str = "auto"
+    """auto (an accelerator if present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 on an accelerator, float32 on CPU), float32, bfloat16 or float16."""
+    chatml_fallback: bool = False
+    """Evaluate a tokenizer that has no chat template with ChatML (prepare's fallback)."""
+    training_log: str | None = None
+    """JSON Lines of per-step training metrics (`step`, `loss`) for the report's loss curve."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+    progress: bool = True
+    """Progress bars on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(f"--format must be auto or one of {', '.join(FORMATS)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.val_batch_tokens < 1:
+            raise ConfigError(f"--val-batch-tokens must be at least 1, got {self.val_batch_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.val_split not in ("train", "val"):
+            raise ConfigError(f"--val-split must be train or val, not {self.val_split!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.task == "format" and not self.format_pattern:
+            raise ConfigError("--task format scores answers by --format-pattern; give one")
+        try:
+            re.compile(self.resolved_format_pattern)
+        except re.error as error:
+            raise ConfigError(
+                f"--format-pattern {self.format_pattern!r} is not a valid regex: {error}"
+            ) from None
+        if self.data_is_prepared and self.val_data:
+            raise ConfigError(
+                f"--data {self.data} is a prepared dataset, which is used for the validation "
+                "loss; give either that or --val-data, not both"
+            )
+        if self.gate:
+            check_gate_is_computable(
+                parse_gate(self.gate),
+                has_baseline=self.baseline is not None,
+                has_generation=not self.data_is_prepared,
+                has_val=self.val_directory is not None,
+            )
+
+    @property
+    def data_is_prepared(self) -> bool:
+        """True when --data is a `prepare` output directory (val loss only)."""
+        return Path(self.data).is_dir()
+
+    @property
+    def val_directory(self) -> str | None:
+        return self.data if self.data_is_prepared else self.val_data
+
+    @property
+    def resolved_format_pattern(self) -> str:
+        return self.format_pattern or DEFAULT_FORMATS.get(self.task, "")
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    examples: list[EvalExample]
+    expected: list[str | None]
+    """The normalised reference answer of each example."""
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Runs the evaluation; returns the metrics (also written to `output/metrics.json`)."""
+    started = time.monotonic()
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise InputError(
+            f"output directory {output} already exists; pass --overwrite to replace it"
+        )
+    prompts = None if config.data_is_prepared else _read_prompts(config)
+    val_manifest = read_manifest(config.val_directory) if config.val_directory else None
+    training_log = read_training_log(config.training_log) if config.training_log else None
+    gate = parse_gate(config.gate) if config.gate else None
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place at the end, as `prepare` does: a killed
+    # run never leaves a half-written evaluation under the real name.
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    scratch = output.parent / f".{output.name}.convert-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        warnings: list[str] = []
+        roles = [("tuned", config.model, config.tokenizer, None)]
+        if config.baseline:
+            roles.append(("base", config.baseline, None, config.tokenizer))
+        results, descriptions, samples, templates = {}, {}, [], {}
+        for role, path, tokenizer, fallback in roles:
+            loaded = load_model(
+                path,
+                tokenizer,
+                device,
+                dtype,
+                config.chatml_fallback,
+                scratch,
+                convert_base=_convert_base(config),
+                fallback_tokenizer=fallback,
+            )
+            descriptions[role] = loaded.description
+            templates[role] = loaded.chat_tokenizer.template.sha256
+            results[role], role_samples = _evaluate_model(
+                loaded, role, config, prompts, val_manifest, warnings
+            )
+            samples += role_samples
+            free(loaded)
+        if config.baseline and prompts and templates["tuned"] != templates["base"]:
+            warnings.append(
+                "the base model's chat template differs from the tuned model's, so each was "
+                "prompted in its own format"
+            )
+        metrics = _metrics(config, results, descriptions, prompts, gate, warnings, started)
+        _write_samples(staging / SAMPLES_FILE, samples)
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_report(staging / REPORT_FILE, metrics, samples, training_log)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return metrics
+
+
+def _convert_base(config: EvaluateConfig) -> str | None:
+    if config.convert_base:
+        return config.convert_base
+    if config.baseline and (Path(config.baseline) / "config.json").is_file():
+        return config.baseline
+    return None
+
+
+def _read_prompts(config: EvaluateConfig) -> _Prompts:
+    examples = read_eval_examples(
+        config.data,
+        fmt=config.format,
+        column_map=dict(config.column_map),
+        system_prompt=config.system_prompt,
+        reference_field=config.reference_field,
+        reference_required=needs_reference(config.task),
+        limit=config.limit,
+    )
+    expected = [
+        reference_answer(config.task, example.reference) if example.reference is not None else None
+        for example in examples
+    ]
+    unreadable = [
+        example
+        for example, answer in zip(examples, expected, strict=True)
+        if needs_reference(config.task) and answer is None
+    ]
+    if unreadable:
+        shown = "\n  ".join(
+            f"{example.source}, row {example.row}: {example.reference[-80:]!r}"
+            for example in unreadable[:5]
+        )
+        hint = (
+            "a gsm8k reference needs its answer after '####' (or in <answer>...</answer>)"
+            if config.task == "gsm8k"
+            else "an exact-match reference must not be empty"
+        )
+        raise InputError(
+            f"{len(unreadable)} reference(s) in {config.data} have no answer to compare with; "
+            f"{hint}:\n  {shown}"
+        )
+    return _Prompts(examples, expected)
+
+
+def _evaluate_model(
+    loaded: LoadedModel,
+    role: str,
+    config: EvaluateConfig,
+    prompts: _Prompts | None,
+    val_manifest: dict | None,
+    warnings: list[str],
+) -> tuple[dict, list[dict]]:
+    result: dict = {}
+    samples: list[dict] = []
+    if val_manifest is not None:
+        _check_tokenizer_matches(loaded, role, val_manifest, config, warnings)
+        loss = validation_loss(
+            loaded.model,
+            config.val_directory,
+            split=config.val_split,
+            batch_tokens=config.val_batch_tokens,
+            progress=config.progress,
+            description=f"val loss ({role})",
+        )
+        result.update(
+            val_loss=loss.loss,
+            perplexity=loss.perplexity,
+            val_target_tokens=loss.target_tokens,
+            val_documents=loss.documents,
+        )
+    if prompts is None:
+        return result, samples
+
+    rendered = [render_prompt(loaded.chat_tokenizer, example) for example in prompts.examples]
+    settings = GenerationSettings(
+        max_new_tokens=config.max_new_tokens,
+        stop_token_ids=loaded.stop_token_ids,
+        pad_token_id=loaded.pad_token_id,
+        batch_size=config.batch_size,
+        progress=config.progress,
+        description=f"generate ({role})",
+    )
+    torch.manual_seed(config.seed)
+    run = generate_greedy(loaded.model, [ids for _, ids in rendered], settings)
+    format_pattern = re.compile(config.resolved_format_pattern)
+    decode = loaded.chat_tokenizer.tokenizer.decode
+    for index, (example, expected, (prompt_text, _), generation) in enumerate(
+        zip(prompts.examples, prompts.expected, rendered, run.generations, strict=True)
+    ):
+        prediction = decode(list(generation.token_ids), skip_special_tokens=False)
+        scored = score(config.task, prediction, expected, format_pattern)
+        samples.append(
+            {
+                "index": index,
+                "model": role,
+                "source": example.source,
+                "row": example.row,
+                "prompt": prompt_text,
+                "reference": example.reference,
+                "reference_answer": expected,
+                "prediction": prediction,
+                "extracted_answer": scored.answer,
+                "extraction_method": scored.method,
+                "correct": scored.correct,
+                "format_ok": scored.format_ok,
+                "response_tokens": len(generation.token_ids),
+                "stopped": generation.stopped,
+            }
+        )
+    result.update(
+        generation_metrics(
+            correct=[sample["correct"] for sample in samples],
+            format_ok=[sample["format_ok"] for sample in samples],
+            response_tokens=[sample["response_tokens"] for sample in samples],
+            stopped=[sample["stopped"] for sample in samples],
+            methods=[sample["extraction_method"] for sample in samples],
+        )
+    )
+    result.update(
+        generation_seconds=round(run.seconds, 3),
+        generated_tokens=run.generated_tokens,
+        generated_tokens_per_second=round(run.tokens_per_second, 2),
+    )
+    return result, samples
+
+
+def _check_tokenizer_matches(
+    loaded: LoadedModel, role: str, manifest: dict, config: EvaluateConfig, warnings: list[str]
+) -> None:
+    """The validation data must have been tokenized for this model's vocabulary."""
+    tokenizer = manifest.get("tokenizer", {})
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    if tokenizer.get("vocab_size", 0) > rows:
+        raise InputError(
+            f"{config.val_directory} was tokenized with a {tokenizer['vocab_size']}-token "
+            f"vocabulary, more than the {role} model's {rows} embeddings: prepare it with this "
+            "model's tokenizer"
+        )
+    if tokenizer.get("sha256") != loaded.chat_tokenizer.sha256:
+        warnings.append(
+            f"{config.val_directory} was prepared with the tokenizer in {tokenizer.get('path')}, "
+            f"whose files differ from the {role} model's ({loaded.chat_tokenizer.path}); its "
+            "validation loss is only meaningful if the vocabularies agree"
+        )
+
+
+def _metrics(
+    config: EvaluateConfig,
+    results: dict,
+    descriptions: dict,
+    prompts: _Prompts | None,
+    gate,
+    warnings: list[str],
+    started: float,
+) -> dict:
+    tuned, base = results["tuned"], results.get("base")
+    differences = deltas(tuned, base) if base is not None else None
+    # The flat view: what the gate reads and what a tracker logs as scalars.
+    summary = {key: value for key, value in tuned.items() if isinstance(value, int | float)}
+    if base is not None:
+        summary.update(
+            {f"base_{key}": value for key, value in base.items() if isinstance(value, int | float)}
+        )
+        summary.update(differences)
+    verdict = evaluate_gate(gate, summary) if gate else None
+    return {
+        "format_version": 1,
+        "created_by": f"megasft {__version__}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": config.task,
+        "model": descriptions["tuned"],
+        "baseline": descriptions.get("base"),
+        "data": {
+            "prompts": None if config.data_is_prepared else config.data,
+            "examples": len(prompts.examples) if prompts else None,
+            "val_data": config.val_directory,
+            "val_split": config.val_split if config.val_directory else None,
+        },
+        "settings": {
+            "max_new_tokens": config.max_new_tokens,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "format": config.format,
+            "column_map": dict(config.column_map),
+            "system_prompt": config.system_prompt,
+            "reference_field": config.reference_field,
+            "format_pattern": config.resolved_format_pattern,
+            "limit": config.limit,
+            "gate": config.gate,
+        },
+        "tuned": tuned,
+        "base": base,
+        "deltas": differences,
+        "summary": summary,
+        "gate": verdict,
+        "warnings": warnings,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _write_samples(path: Path, samples: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        for sample in samples:
+            file.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def summarize(metrics: dict, output: Path) -> str:
+    """A few lines for the terminal: the metrics side by side and the gate verdict."""
+    tuned, base, difference = metrics["tuned"], metrics["base"], metrics["deltas"] or {}
+    lines = [f"evaluated {metrics['model']['path']} ({metrics['task']}) -> {output}"]
+    for metric in ("accuracy", "format_accuracy", "mean_response_tokens", "val_loss", "perplexity"):
+        if tuned.get(metric) is None:
+            continue
+        line = f"  {metric:21s} {tuned[metric]:10.4f}"
+        if base is not None and base.get(metric) is not None:
+            line += f"   base {base[metric]:10.4f}   delta {difference[f'delta_{metric}']:+.4f}"
+        lines.append(line)
+    for warning in metrics["warnings"]:
+        lines.append(f"  warning: {warning}")
+    if metrics["gate"] is not None:
+        lines.append(f"  gate {metrics['gate']['reason']}")
+    lines.append(f"  report: {output / REPORT_FILE}")
+    return "\n".join(lines)
