@@ -336,3 +336,15 @@ def test_lone_surrogate_is_a_row_rejection_not_a_crash(chat_tokenizers):
     )
     assert isinstance(results[0], MaskingError) and results[0].reason == "invalid_utf8"
     assert results[1].loss_mask.sum() > 0
+
+
+def test_answer_ending_in_a_multi_byte_character_keeps_all_its_tokens(chat_tokenizers):
+    # The tiny tokenizer has no token for the emoji: it is several byte tokens sharing one
+    # character offset, and the answer ends on it when the end-of-turn token is not trained.
+    chat = chat_tokenizers["chatml"]
+    example = make_masker(chat, train_on_eos=False).mask(
+        [Message("user", "smile"), Message("assistant", "ok 🙂")]
+    )
+    assert trained_segments(example, chat.tokenizer) == ["ok 🙂"]
+    qwen_like_start = make_masker(chat).mask([Message("user", "x"), Message("assistant", "🙂 ok")])
+    assert trained_segments(qwen_like_start, chat.tokenizer) == ["🙂 ok<|im_end|>"]

@@ -29,7 +29,6 @@ prefix renders above.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,18 +229,18 @@ class ConversationMasker:
 
     def _masked(self, text: str, spans: list[tuple[int, int]], encoding) -> MaskedExample:
         ids = encoding.ids
-        offsets = encoding.offsets  # [(first char, end char)] per token, ascending
         mask = np.zeros(len(ids), dtype=np.int8)
         boundary = 0
+        trained = 0
         for span_start, span_end in spans:
-            first = bisect_left(offsets, span_start, key=_first_char)
-            stop = bisect_left(offsets, span_end, key=_first_char)
-            mask[first:stop] = 1
-            if first > 0 and offsets[first - 1][1] > span_start:
-                boundary += 1  # starts in the prompt, ends in the answer: left untrained
-            if stop > 0 and offsets[stop - 1][1] > span_end:
-                boundary += 1  # starts in the answer, runs past the span: trained
-        if not mask.any():
+            first, straddles_start = _first_token_at_or_after(encoding, span_start, span_end)
+            last, straddles_end = _last_token_before(encoding, span_start, span_end)
+            if first is None or last is None or last < first:
+                continue
+            mask[first : last + 1] = 1
+            trained += last + 1 - first
+            boundary += straddles_start + straddles_end
+        if not trained:
             raise MaskingError(
                 "no_trained_tokens", "the trained turns produced no tokens after tokenization"
             )
@@ -371,8 +370,43 @@ class ConversationMasker:
         return _Skeleton(tuple(pieces), tuple(order), turn_bounds, tuple(slot_starts))
 
 
-def _first_char(offset: tuple[int, int]) -> int:
-    return offset[0]
+# Character -> token lookups go through the encoding (Rust, ~0.2 us each) instead of building
+# the Python list of all offsets (~30 us for 200 tokens), which dominated masking time.
+
+
+def _first_token_at_or_after(encoding, span_start: int, span_end: int) -> tuple[int | None, bool]:
+    """The first token whose first character is in [span_start, span_end), and whether the
+    token covering `span_start` started before it (a straddling token, left untrained)."""
+    for char in range(span_start, span_end):
+        token = encoding.char_to_token(char)
+        if token is None:
+            continue  # a character no token covers (stripped whitespace, say)
+        token_start = encoding.token_to_chars(token)[0]
+        if token_start >= span_start:
+            return token, False
+        # The token covering the span's first characters began in the prompt.
+        following = token + 1
+        if following < len(encoding.ids) and encoding.token_to_chars(following)[0] < span_end:
+            return following, True
+        return None, True
+    return None, False
+
+
+def _last_token_before(encoding, span_start: int, span_end: int) -> tuple[int | None, bool]:
+    """The last token whose first character is in [span_start, span_end), and whether it runs
+    past `span_end` (a straddling token, trained)."""
+    for char in range(span_end - 1, span_start - 1, -1):
+        token = encoding.char_to_token(char)
+        if token is None:
+            continue
+        # Byte-level tokens of one multi-byte character share its offsets; take the last.
+        while token + 1 < len(encoding.ids) and encoding.token_to_chars(token + 1)[0] <= char:
+            token += 1
+        token_start, token_end = encoding.token_to_chars(token)
+        if token_start < span_start:
+            return None, False  # the only token here straddles the start: nothing trained
+        return token, token_end > span_end
+    return None, False
 
 
 def _real_position(position: int, slot_starts: tuple[int, ...], growth: list[int]) -> int:

@@ -5,59 +5,48 @@ examples available to fill the gaps the long ones leave. Only the lengths are he
 (the "packing index"), so memory grows with the number of examples, not with their tokens.
 
 Best fit: each example, longest first, goes into the open row whose free space is the
-smallest that still fits it. Rows are found by free space through a segment tree over
-free-space values 0..capacity, so each placement is O(log capacity).
+smallest that still fits it. Rows are found by free space through a sorted list of
+free-space values, so each placement costs a bisect.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left, insort
 
 import numpy as np
 
 
 class _FreeSpaceIndex:
-    """Counts of open rows per free-space value, answering "smallest free space >= n"."""
+    """Open rows grouped by free space, answering "the smallest free space >= n".
 
-    def __init__(self, capacity: int):
-        self.size = 1
-        while self.size < capacity + 1:
-            self.size *= 2
-        self.counts = [0] * (2 * self.size)  # plain list: faster than numpy for scalar updates
-        self.rows: list[list[int]] = [[] for _ in range(capacity + 1)]
+    The distinct free-space values are kept in a sorted list: there are at most capacity + 1 of
+    them, so a bisect plus a C-level insert or delete is cheaper than any tree in Python.
+    """
+
+    def __init__(self) -> None:
+        self.free_values: list[int] = []
+        self.rows: dict[int, list[int]] = {}
 
     def add(self, free: int, row: int) -> None:
-        self.rows[free].append(row)
-        node = free + self.size
-        while node:
-            self.counts[node] += 1
-            node //= 2
+        rows = self.rows.get(free)
+        if rows:
+            rows.append(row)
+        else:
+            insort(self.free_values, free)
+            self.rows[free] = [row]
 
     def pop_smallest_at_least(self, need: int) -> tuple[int, int] | None:
         """Removes and returns (free space, row) of the tightest row with room for `need`."""
-        free = self._first_nonempty_at_or_after(need)
-        if free is None:
+        at = bisect_left(self.free_values, need)
+        if at == len(self.free_values):
             return None
-        row = self.rows[free].pop()
-        node = free + self.size
-        while node:
-            self.counts[node] -= 1
-            node //= 2
+        free = self.free_values[at]
+        rows = self.rows[free]
+        row = rows.pop()
+        if not rows:
+            del self.free_values[at]
+            del self.rows[free]
         return free, row
-
-    def _first_nonempty_at_or_after(self, low: int) -> int | None:
-        # Walk up from the leaf `low` to find a right sibling subtree with rows, then down.
-        node = low + self.size
-        if self.counts[node]:
-            return low
-        while node > 1:
-            if node % 2 == 0 and self.counts[node + 1]:
-                node += 1
-                break
-            node //= 2
-        else:
-            return None
-        while node < self.size:
-            node = 2 * node if self.counts[2 * node] else 2 * node + 1
-        return node - self.size
 
 
 def pack_best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int = 0) -> list[list[int]]:
@@ -75,7 +64,7 @@ def pack_best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int = 0) 
     order = np.lexsort((tie_break, -lengths))  # longest first, ties by the seeded permutation
 
     rows: list[list[int]] = []
-    index = _FreeSpaceIndex(capacity)
+    index = _FreeSpaceIndex()
     for example in order.tolist():
         length = int(lengths[example])
         found = index.pop_smallest_at_least(length)

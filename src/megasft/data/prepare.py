@@ -51,6 +51,8 @@ from megasft.data.store import (
     SPLITS,
     SplitWriter,
     example_batch,
+    list_array,
+    numpy_array,
     open_table,
     split_file,
 )
@@ -311,21 +313,20 @@ def _write_packed(spool_path: Path, lengths: np.ndarray, config: PrepareConfig, 
     mask_column = table.column("loss_mask")
     for start in range(0, len(rows), WRITE_BATCH_ROWS):
         group = rows[start : start + WRITE_BATCH_ROWS]
-        order = pa.array([index for row in group for index in row], type=pa.int64())
+        order = np.fromiter((index for row in group for index in row), dtype=np.int64)
         # Taking the members of each row in order makes the flattened values exactly the
         # concatenation of each packed row; only the row offsets remain to be set.
-        ids = ids_column.take(order).combine_chunks().flatten()
-        masks = mask_column.take(order).combine_chunks().flatten()
-        seq_lengths = [[int(lengths[index]) for index in row] for row in group]
-        totals = np.array([sum(row) for row in seq_lengths], dtype=np.int32)
-        offsets = np.zeros(len(group) + 1, dtype=np.int32)
-        np.cumsum(totals, out=offsets[1:])
-        offsets_array = pa.array(offsets)
+        ids = ids_column.take(numpy_array(order, pa.int64())).combine_chunks().flatten()
+        masks = mask_column.take(numpy_array(order, pa.int64())).combine_chunks().flatten()
+        members = np.fromiter((len(row) for row in group), dtype=np.int64, count=len(group))
+        member_lengths = lengths[order]
+        totals = np.add.reduceat(member_lengths, np.cumsum(members) - members)
+        offsets = numpy_array(np.concatenate([[0], np.cumsum(totals)]), pa.int32())
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.ListArray.from_arrays(offsets_array, ids),
-                pa.ListArray.from_arrays(offsets_array, masks),
-                pa.array(seq_lengths, type=pa.list_(pa.int32())),
+                pa.ListArray.from_arrays(offsets, ids),
+                pa.ListArray.from_arrays(offsets, masks),
+                list_array(members, member_lengths, pa.int32()),
             ],
             schema=EXAMPLE_SCHEMA,
         )
