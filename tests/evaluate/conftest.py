@@ -128,3 +128,24 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, qa_file, tokenizer_dir) -> Path:
+    """QA_ROWS through `megasft prepare`, packed: all in the train split, several per row."""
+    from megasft.data.prepare import PrepareConfig, prepare
+
+    output = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(
+        PrepareConfig(
+            inputs=(str(qa_file),),
+            tokenizer=str(tokenizer_dir),
+            output=str(output),
+            column_map=(("prompt", "question"), ("response", "answer")),
+            seq_length=96,
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
+    )
+    return output

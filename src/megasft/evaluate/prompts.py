@@ -57,6 +57,9 @@ def read_eval_examples(
     for item in iter_raw_rows(path):
         if limit is not None and len(examples) >= limit:
             break
+        if isinstance(item, RowError) and item.row == 0:
+            # A whole-file problem (empty, truncated, not an array): nothing else to say.
+            raise InputError(str(item))
         try:
             if isinstance(item, RowError):
                 raise item
