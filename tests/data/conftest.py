@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from megasft.data.masking import ConversationMasker, MaskPolicy
+from megasft.data.masking import ConversationMasker, MaskedExample, MaskPolicy
 from megasft.data.tokenizer import load_chat_tokenizer
 from megasft.demo.tokenizer import build_tokenizer
 from tests.data.styles import STYLES
@@ -31,6 +32,11 @@ def chat_tokenizers(tokenizer_dirs):
 
 def make_masker(chat_tokenizer, **policy) -> ConversationMasker:
     return ConversationMasker(chat_tokenizer, MaskPolicy(**policy))
+
+
+def as_example(row: dict) -> MaskedExample:
+    """A row read back from a prepare output, in the shape the masker returns."""
+    return MaskedExample(np.array(row["input_ids"]), np.array(row["loss_mask"]), 0)
 
 
 def trained_segments(example, tokenizer) -> list[str]:

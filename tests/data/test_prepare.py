@@ -16,7 +16,7 @@ from megasft.data.conversation import Message
 from megasft.data.prepare import PrepareConfig, prepare
 from megasft.data.store import EXAMPLE_SCHEMA, open_split
 from megasft.errors import ConfigError, InputError, MegasftError
-from tests.data.conftest import make_masker, trained_segments
+from tests.data.conftest import as_example, make_masker, trained_segments
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -356,3 +356,49 @@ def test_manifest_preview_and_cli_summary(tmp_path, chatml, capsys):
     preview = (output / "preview.html").read_text()
     assert 'class="t trained' in preview and "&lt;|im_end|&gt;" in preview
     assert "mask preview" in capsys.readouterr().err
+
+
+FORMAT_ROWS = {
+    "alpaca": ({"instruction": "Add 2 and 2.", "input": "", "output": "It is 4."}, ["It is 4."]),
+    "prompt-response": ({"prompt": "Add 2 and 2.", "response": "It is 4."}, ["It is 4."]),
+    "messages": (
+        {
+            "messages": [
+                {"role": "user", "content": "Add 2 and 2."},
+                {"role": "assistant", "content": "It is 4."},
+                {"role": "user", "content": "And 3 and 3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        },
+        ["It is 4.", "6"],
+    ),
+    "sharegpt": (
+        {
+            "conversations": [
+                {"from": "human", "value": "Add 2 and 2."},
+                {"from": "gpt", "value": "It is 4."},
+                {"from": "human", "value": "And 3 and 3?"},
+                {"from": "gpt", "value": "6"},
+            ]
+        },
+        ["It is 4.", "6"],
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_ROWS))
+@pytest.mark.parametrize("style", ["chatml", "llama3", "mistral", "reasoning"])
+def test_exact_trained_tokens_for_every_format_and_template_style(
+    tmp_path, tokenizer_dirs, chat_tokenizers, fmt, style
+):
+    from tests.data.styles import STYLES
+
+    row, answers = FORMAT_ROWS[fmt]
+    data = write_jsonl(tmp_path / "data.jsonl", [row])
+    manifest, output = run(tmp_path, [data], tokenizer_dirs[style], pack=False, val_fraction=0.0)
+    assert manifest["sources"][0]["format"] == fmt
+    (example,) = list(read_examples(output))
+    chat = chat_tokenizers[style]
+    leading = " " if style == "mistral" else ""  # [INST] ... [/INST] puts a space before answers
+    expected = [leading + answer + STYLES[style].end_of_turn for answer in answers]
+    assert trained_segments(as_example(example), chat.tokenizer) == expected
