@@ -37,8 +37,10 @@ format: setup
 demo: setup
 	$(BIN)/python -m megasft.demo
 
+# Every benchmark under bench/, or a chosen few: make bench BENCHES=bench/prepare.py
+BENCHES ?= $(wildcard bench/*.py)
 bench: setup
-	$(BIN)/python bench/prepare.py
+	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
