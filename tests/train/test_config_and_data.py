@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from megasft.data.prepare import PrepareConfig, prepare
+from megasft.data.store import open_split
+from megasft.demo.tokenizer import build_tokenizer
+from megasft.errors import ConfigError
+from megasft.train.config import TrainConfig, build_config, check_against_model
+from megasft.train.data import StepSampler, collate, steps_for_epochs
+
+REQUIRED = {"data": "d", "load": "l", "save": "s"}
+
+
+def test_recipe_then_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 2.0e-5\nglobal_batch_size: 16\ntrain_iters: 10\nmicro_batch_size: 2\n")
+    config = build_config(recipe, **REQUIRED, lr=1e-5, micro_batch_size=None)
+    assert config.lr == 1e-5 and config.global_batch_size == 16 and config.micro_batch_size == 2
+    assert config.micro_batches == 8
+
+
+def test_recipe_errors_name_the_setting(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        build_config(recipe, **REQUIRED, train_iters=1)
+    with pytest.raises(ConfigError, match="--data"):
+        build_config(None, load="l", save="s", train_iters=1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"global_batch_size": 6, "micro_batch_size": 4}, "--global-batch-size 6"),
+        ({"nproc": 4, "tensor_parallel": 3}, "TP x PP x CP"),
+        ({"epochs": 1.0}, "exactly one of"),
+        ({"lr": 1e-5, "min_lr": 1e-4}, "--min-lr"),
+        ({"precision": "fp8"}, "--precision"),
+        ({"virtual_pipeline_stages": 2}, "--pp > 1"),
+        ({"micro_batch_size": 0}, "--micro-batch-size"),
+    ],
+)
+def test_bad_settings_fail_with_the_flag_named(settings, message):
+    values = {**REQUIRED, "train_iters": 5, **settings}
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        TrainConfig(**values)
+
+
+def test_model_dependent_checks():
+    config = TrainConfig(**REQUIRED, train_iters=1, nproc=2, tensor_parallel=2)
+    hf = {
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 128,
+    }
+    with pytest.raises(ConfigError, match="3 query groups"):
+        check_against_model(config, hf, 64)
+    with pytest.raises(ConfigError, match="max_position_embeddings 128"):
+        check_against_model(TrainConfig(**REQUIRED, train_iters=1), hf, 256)
+    with pytest.raises(ConfigError, match="4 layers"):
+        check_against_model(
+            TrainConfig(**REQUIRED, train_iters=1, nproc=3, pipeline_parallel=3), hf, 64
+        )
+
+
+def test_sampler_is_deterministic_sharded_and_reshuffles_per_epoch():
+    def sampler(rank):
+        return StepSampler(
+            rows=10,
+            global_batch_size=4,
+            micro_batch_size=1,
+            data_parallel_size=2,
+            data_parallel_rank=rank,
+            seed=7,
+        )
+
+    first, second = sampler(0), sampler(1)
+    # The two ranks' shares of a step are disjoint and together make the global batch.
+    for step in range(6):
+        mine = np.concatenate(first.micro_batches(step) + second.micro_batches(step))
+        assert mine.tolist() == first.global_batch(step).tolist()
+    stream = np.concatenate([first.global_batch(s) for s in range(5)])  # 20 items = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10))
+    assert sorted(stream[10:].tolist()) == list(range(10))
+    assert stream[:10].tolist() != stream[10:].tolist()
+    assert sampler(0).global_batch(3).tolist() == first.global_batch(3).tolist()  # resumable
+    assert steps_for_epochs(2.0, 10, 4) == 5
+
+
+def test_collate_pads_and_isolates_documents(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(6))
+    )
+    prepare(
+        PrepareConfig(
+            inputs=(str(data),),
+            tokenizer=str(build_tokenizer(tmp_path / "tok")),
+            output=str(tmp_path / "out"),
+            seq_length=64,
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
+    )
+    table = open_split(tmp_path / "out")
+    row = table.slice(0, 1).to_pylist()[0]
+    batch = collate(table, np.array([0]), seq_length=64, pad_id=0)
+    length = len(row["input_ids"])
+    assert batch.tokens[0, :length].tolist() == row["input_ids"]
+    assert batch.loss_mask[0, length:].sum() == 0
+    assert batch.target_tokens == sum(row["loss_mask"][1:])
+    first = row["seq_lengths"][0]
+    assert batch.position_ids[0, first].item() == 0  # restarts at the second document
+    assert bool(batch.attention_mask[0, 0, first, first - 1])  # no attention across documents
