@@ -1,0 +1,360 @@
+"""The evaluation stage end to end on tiny models: outputs, tuned vs base, gate, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from megasft.errors import ConfigError, InputError
+from megasft.evaluate import EvaluateConfig, evaluate
+from megasft.evaluate.model import is_megatron_checkpoint
+from tests.evaluate.conftest import QA_ROWS, write_jsonl
+
+GSM8K_MAP = (("prompt", "question"), ("response", "answer"))
+
+
+def _config(tmp_path, **overrides) -> EvaluateConfig:
+    values = {
+        "output": str(tmp_path / "eval"),
+        "task": "gsm8k",
+        "max_new_tokens": 24,
+        "column_map": GSM8K_MAP,
+        "progress": False,
+        # float32 wherever the tests run: "auto" means bfloat16 on an accelerator.
+        "dtype": "float32",
+    }
+    values.update(overrides)
+    return EvaluateConfig(**values)
+
+
+def test_tuned_beats_base(tuned_model_dir, base_model_dir, qa_file, prepared_dir, tmp_path):
+    log = write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [{"step": step, "loss": 6.0 / step, "lr": 1e-3} for step in range(1, 40)]
+        + [{"step": 40, "loss": 0.1, "val_loss": 0.2}],
+    )
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(tuned_model_dir),
+            data=str(qa_file),
+            baseline=str(base_model_dir),
+            val_data=str(prepared_dir),
+            val_split="train",
+            gate="accuracy>=0.75,delta_accuracy>0,val_loss<0.5,delta_val_loss<0",
+            training_log=str(log),
+            batch_size=3,
+        )
+    )
+    output = tmp_path / "eval"
+    assert sorted(path.name for path in output.iterdir()) == [
+        "metrics.json",
+        "report.html",
+        "samples.jsonl",
+    ]
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    tuned, base = metrics["tuned"], metrics["base"]
+    assert tuned["accuracy"] == 1.0 and tuned["correct"] == 4 and tuned["truncated"] == 0
+    assert tuned["answer_extraction"] == {"hash": 3, "answer_tag": 1}
+    assert tuned["format_accuracy"] == 1.0
+    assert base["accuracy"] < 1.0 and base["truncated"] > 0
+    assert metrics["deltas"]["delta_accuracy"] == tuned["accuracy"] - base["accuracy"]
+    assert tuned["val_loss"] < base["val_loss"]
+    assert metrics["summary"]["base_accuracy"] == base["accuracy"]
+    assert metrics["gate"]["passed"], metrics["gate"]["reason"]
+    assert metrics["model"]["kind"] == "hf" and metrics["baseline"]["path"] == str(base_model_dir)
+    assert metrics["warnings"] == []
+
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    assert [(s["model"], s["index"]) for s in samples] == [
+        *(("tuned", i) for i in range(4)),
+        *(("base", i) for i in range(4)),
+    ]
+    first = samples[0]
+    assert first["prediction"] == QA_ROWS[0]["answer"]
+    assert first["reference"] == QA_ROWS[0]["answer"] and first["reference_answer"] == "8"
+    assert first["extracted_answer"] == "8" and first["correct"] and first["stopped"]
+    assert first["prompt"].endswith("<|im_start|>assistant\n")
+    assert first["prompt"].count("How many apples does Tom have?") == 1
+
+    report = (output / "report.html").read_text()
+    assert "Gate PASSED" in report and "<polyline" in report and "val_loss" in report
+    assert "<script" not in report and "http://" not in report.replace(
+        "http://www.w3.org/2000/svg", ""
+    )
+
+
+def test_failing_gate_says_why(tuned_model_dir, base_model_dir, qa_file, tmp_path):
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(base_model_dir),
+            data=str(qa_file),
+            baseline=str(tuned_model_dir),
+            gate="delta_accuracy>0",
+        )
+    )
+    gate = metrics["gate"]
+    assert not gate["passed"]
+    assert gate["reason"].startswith("failed: delta_accuracy = -")
+    assert "Gate FAILED" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_generation_is_deterministic(tuned_model_dir, base_model_dir, qa_file, tmp_path):
+    def predictions(name, batch_size):
+        evaluate(
+            _config(
+                tmp_path,
+                model=str(base_model_dir),
+                data=str(qa_file),
+                output=str(tmp_path / name),
+                batch_size=batch_size,
+                seed=7,
+            )
+        )
+        lines = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        return [json.loads(line)["prediction"] for line in lines]
+
+    assert predictions("one", 4) == predictions("two", 4) == predictions("three", 1)
+
+
+def test_prepared_dataset_as_data_gives_val_loss_only(tuned_model_dir, prepared_dir, tmp_path):
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(tuned_model_dir),
+            data=str(prepared_dir),
+            val_split="train",
+            gate="perplexity<1.5",
+        )
+    )
+    assert set(metrics["tuned"]) == {"val_loss", "perplexity", "val_target_tokens", "val_documents"}
+    assert metrics["gate"]["passed"]
+    assert metrics["data"]["prompts"] is None and metrics["data"]["val_data"] == str(prepared_dir)
+    assert (tmp_path / "eval" / "samples.jsonl").read_text() == ""
+
+
+def test_format_and_exact_match_tasks(tuned_model_dir, tmp_path):
+    # Prompt-only rows: the format task needs no reference.
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": row["question"]} for row in QA_ROWS])
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(tuned_model_dir),
+            data=str(prompts),
+            task="format",
+            format_pattern=r"^####",
+            column_map=(),
+        )
+    )
+    assert metrics["tuned"]["accuracy"] == metrics["tuned"]["format_accuracy"] == 0.25
+
+    labels = write_jsonl(
+        tmp_path / "l.jsonl",
+        [
+            {"prompt": "hello world", "gold": "#### 12"},
+            {"prompt": "What is 3 plus 5?", "gold": 8},
+        ],
+    )
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(tuned_model_dir),
+            data=str(labels),
+            output=str(tmp_path / "em"),
+            task="exact-match",
+            reference_field="gold",
+            column_map=(),
+        )
+    )
+    # "<answer>8</answer>" matches 8 (the answer tag), "#### 12" matches itself.
+    assert metrics["tuned"]["accuracy"] == 1.0
+
+
+def test_output_is_not_overwritten_by_accident(tuned_model_dir, prepared_dir, tmp_path):
+    config = _config(
+        tmp_path, model=str(tuned_model_dir), data=str(prepared_dir), val_split="train"
+    )
+    evaluate(config)
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        evaluate(config)
+    (tmp_path / "eval" / "stale.txt").write_text("old")
+    evaluate(
+        _config(
+            tmp_path,
+            model=str(tuned_model_dir),
+            data=str(prepared_dir),
+            val_split="train",
+            overwrite=True,
+        )
+    )
+    assert not (tmp_path / "eval" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_settings_errors_before_any_model_loads(qa_file, prepared_dir, tmp_path):
+    base = {"model": "absent", "data": str(qa_file)}
+    with pytest.raises(ConfigError, match="unknown metric 'acc'.*accuracy, format_accuracy"):
+        _config(tmp_path, **base, gate="acc>0.5")
+    with pytest.raises(ConfigError, match="delta_accuracy compares with the base model"):
+        _config(tmp_path, **base, gate="delta_accuracy>0")
+    with pytest.raises(ConfigError, match="val_loss needs a prepared dataset"):
+        _config(tmp_path, **base, gate="val_loss<1")
+    with pytest.raises(ConfigError, match="--task format scores answers by --format-pattern"):
+        _config(tmp_path, **base, task="format")
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        _config(tmp_path, **base, format_pattern="(")
+    with pytest.raises(ConfigError, match="--task must be one of"):
+        _config(tmp_path, **base, task="mmlu")
+    with pytest.raises(ConfigError, match="either that or --val-data"):
+        _config(tmp_path, model="m", data=str(prepared_dir), val_data=str(prepared_dir))
+    with pytest.raises(ConfigError, match="accuracy comes from generation"):
+        _config(tmp_path, model="m", data=str(prepared_dir), gate="accuracy>0")
+    with pytest.raises(ConfigError, match="--max-new-tokens"):
+        _config(tmp_path, **base, max_new_tokens=0)
+
+
+def test_data_errors_come_before_the_model_loads(tmp_path):
+    rows = [{"question": "Q1", "answer": "#### 1"}, {"question": "Q2"}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InputError, match="row 2, field 'answer'"):
+        evaluate(_config(tmp_path, model=str(tmp_path / "no-model"), data=str(bad)))
+
+    unmarked = write_jsonl(tmp_path / "u.jsonl", [{"question": "Q", "answer": "so it is 4"}])
+    with pytest.raises(
+        InputError, match=r"row 1: 'so it is 4'[\s\S]*|needs its answer after '####'"
+    ):
+        evaluate(_config(tmp_path, model=str(tmp_path / "no-model"), data=str(unmarked)))
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        evaluate(_config(tmp_path, model=str(tmp_path / "no-model"), data=str(empty)))
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2}\n')
+    good = write_jsonl(tmp_path / "good.jsonl", rows[:1])
+    with pytest.raises(InputError, match="line 2: 'loss' must be a number"):
+        evaluate(_config(tmp_path, model="m", data=str(good), training_log=str(log)))
+
+
+def test_model_errors(base_model_dir, tokenizer_dir, qa_file, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate(_config(tmp_path, model=str(tmp_path / "absent"), data=str(qa_file)))
+    with pytest.raises(InputError, match="neither a Hugging Face model"):
+        evaluate(_config(tmp_path, model=str(tmp_path), data=str(qa_file)))
+
+    bare = tmp_path / "bare"
+    shutil.copytree(base_model_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match="comes without a tokenizer.*--tokenizer DIR"):
+        evaluate(_config(tmp_path, model=str(bare), data=str(qa_file)))
+    # --tokenizer supplies it, and the baseline borrows it.
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(bare),
+            data=str(qa_file),
+            tokenizer=str(tokenizer_dir),
+            baseline=str(bare),
+            max_new_tokens=2,
+        )
+    )
+    assert metrics["baseline"]["tokenizer"] == str(tokenizer_dir)
+
+    no_template = tmp_path / "no-template"
+    shutil.copytree(base_model_dir, no_template)
+    config_file = no_template / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    del tokenizer_config["chat_template"]
+    config_file.write_text(json.dumps(tokenizer_config))
+    with pytest.raises(ConfigError, match="has no chat template.*--chatml-fallback"):
+        evaluate(
+            _config(
+                tmp_path, model=str(no_template), data=str(qa_file), output=str(tmp_path / "o2")
+            )
+        )
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(no_template),
+            data=str(qa_file),
+            output=str(tmp_path / "o3"),
+            chatml_fallback=True,
+            max_new_tokens=2,
+        )
+    )
+    assert metrics["model"]["chat_template"] == "chatml-fallback"
+
+
+def test_megatron_checkpoint_is_converted_through_the_convert_stage(
+    base_model_dir, qa_file, tmp_path, monkeypatch
+):
+    checkpoint = tmp_path / "mcore"
+    (checkpoint / "iter_0000010").mkdir(parents=True)
+    (checkpoint / "latest_checkpointed_iteration.txt").write_text("10")
+    assert is_megatron_checkpoint(checkpoint)
+    assert not is_megatron_checkpoint(base_model_dir)
+
+    calls = []
+
+    def fake_convert(args):
+        # Stands in for `megasft convert --from megatron --to hf`: writes an HF directory.
+        calls.append((args.src, args.dst, args.base))
+        shutil.copytree(base_model_dir, args.dst)
+        return 0
+
+    import megasft.cli
+
+    real_build_parser = megasft.cli.build_parser
+
+    def build_parser():
+        parser = real_build_parser()
+        subparsers = next(a for a in parser._actions if a.dest == "command")
+        if "convert" not in subparsers.choices:
+            convert = subparsers.add_parser("convert")
+            for flag in ("--from", "--to", "--src", "--dst", "--base"):
+                convert.add_argument(flag)
+        subparsers.choices["convert"].set_defaults(handler=fake_convert)
+        return parser
+
+    monkeypatch.setattr(megasft.cli, "build_parser", build_parser)
+    metrics = evaluate(
+        _config(
+            tmp_path,
+            model=str(checkpoint),
+            data=str(qa_file),
+            baseline=str(base_model_dir),
+            max_new_tokens=2,
+        )
+    )
+    assert calls and calls[0][0] == str(checkpoint) and calls[0][2] == str(base_model_dir)
+    assert metrics["model"]["kind"] == "megatron"
+    assert metrics["model"]["path"] == str(checkpoint)
+    # The converted copy was scratch space: nothing is left beside the output.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_megatron_checkpoint_without_a_convert_stage_is_a_clear_error(
+    qa_file, tmp_path, monkeypatch
+):
+    import argparse
+
+    import megasft.cli
+
+    def build_parser():
+        parser = argparse.ArgumentParser(prog="megasft")
+        parser.add_subparsers(dest="command", required=True).add_parser("prepare")
+        return parser
+
+    monkeypatch.setattr(megasft.cli, "build_parser", build_parser)
+    checkpoint = tmp_path / "mcore"
+    checkpoint.mkdir()
+    (checkpoint / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    with pytest.raises(InputError, match="is a megatron checkpoint, but this megasft has no"):
+        evaluate(_config(tmp_path, model=str(checkpoint), data=str(qa_file)))
