@@ -118,3 +118,11 @@ def test_collate_pads_and_isolates_documents(tmp_path):
     first = row["seq_lengths"][0]
     assert batch.position_ids[0, first].item() == 0  # restarts at the second document
     assert bool(batch.attention_mask[0, 0, first, first - 1])  # no attention across documents
+
+
+@pytest.mark.parametrize("name", ["llama2-7b-sft-mi300x.yaml", "tiny-cpu.yaml"])
+def test_shipped_recipes_are_valid(name):
+    from tests.conftest import REPO
+
+    config = build_config(REPO / "recipes" / name, **REQUIRED)
+    assert config.global_batch_size % (config.micro_batch_size * config.data_parallel) == 0
