@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasft.data.cli import add_prepare_command
 
     add_prepare_command(subparsers)
+    from megasft.checkpoint.cli import add_convert_command
+
+    add_convert_command(subparsers)
     from megasft.evaluate.cli import add_evaluate_command
 
     add_evaluate_command(subparsers)

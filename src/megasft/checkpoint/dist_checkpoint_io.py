@@ -1,0 +1,222 @@
+"""megatron-core `dist_checkpointing` checkpoints, written and read one tensor chunk at a time.
+
+A megatron-core checkpoint in the `torch_dist` format is a PyTorch Distributed Checkpoint
+(DCP) directory (`.metadata` plus `*.distcp` data files) with two megatron-core files beside
+it: `metadata.json` (which backend wrote the checkpoint) and `common.pt` (state that is not
+sharded; empty for model weights). Every sharded tensor is stored under its *sharded key*
+with its global shape, as chunks; the transformer layers of a `GPTModel` are stacked into one
+tensor per parameter with the layer as the leading axis (`decoder.layers.mlp.linear_fc2.weight`
+has shape [num_layers, hidden, ffn]), one chunk per layer. Because the global shapes do not
+depend on the parallel layout, megatron-core loads such a checkpoint at any TP/PP.
+
+`dist_checkpointing.save` needs the whole state dict in memory. The writer here instead hands
+DCP a plan of chunks and produces each chunk only when DCP writes it, so converting a model
+holds one tensor at a time. Each chunk goes to its own `.distcp` file: DCP keeps every tensor
+of a file alive until the file is closed. The reader reads any region of a stored tensor
+(resharding across however the checkpoint was chunked), so checkpoints written by the
+trainer at TP>1 read back the same way. Tests load these checkpoints with megatron-core's own
+`dist_checkpointing.load` at TP=1 and TP=2, which is the compatibility that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megasft.checkpoint.errors import CheckpointError
+
+MEGATRON_METADATA_FILE = "metadata.json"
+MEGATRON_COMMON_FILE = "common.pt"
+DCP_METADATA_FILE = ".metadata"
+
+# What megatron-core's `dist_checkpointing.save` records for the `torch_dist` backend
+# (megatron.core.dist_checkpointing.core.CheckpointingConfig); `dist_checkpointing.load`
+# picks its load strategy from this file.
+MEGATRON_CHECKPOINT_CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+@dataclass(frozen=True)
+class ChunkToWrite:
+    """One chunk of a sharded tensor, produced on demand.
+
+    `offsets` and `shape` place the chunk inside the tensor of `global_shape`; for a layer of
+    a stacked parameter that is offsets (layer, 0, ...) and shape (1, *parameter_shape).
+    """
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+
+def write_dist_checkpoint(directory: Path, chunks: Sequence[ChunkToWrite]) -> None:
+    """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
+    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks), no_dist=True)
+    (directory / MEGATRON_METADATA_FILE).write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
+    torch.save({}, directory / MEGATRON_COMMON_FILE)
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans the given chunks and produces each one only when DCP writes it."""
+
+    def __init__(self, chunks: Sequence[ChunkToWrite]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(chunk.key, chunk.offsets): chunk for chunk in chunks}
+        if len(self._chunks) != len(chunks):
+            raise ValueError("two chunks share a key and offsets")
+
+    def create_local_plan(self) -> SavePlan:
+        items = [
+            WriteItem(
+                index=MetadataIndex(chunk.key, torch.Size(chunk.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.shape)),
+                    properties=TensorProperties(dtype=chunk.dtype),
+                    size=torch.Size(chunk.global_shape),
+                ),
+            )
+            for chunk in self._chunks.values()
+        ]
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = chunk.produce()
+        if tuple(tensor.shape) != chunk.shape or tensor.dtype != chunk.dtype:
+            raise CheckpointError(
+                f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                f"planned {chunk.shape} {chunk.dtype}"
+            )
+        return tensor.contiguous()
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as recorded in a checkpoint's metadata."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class DistCheckpointReader:
+    """Reads regions of the tensors of a megatron-core `torch_dist` checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._check_is_megatron_checkpoint()
+        self._storage_reader = dcp.FileSystemReader(self.directory)
+        try:
+            self._metadata: Metadata = self._storage_reader.read_metadata()
+        except Exception as error:  # a torn pickle raises many types; all mean "unreadable"
+            raise CheckpointError(
+                f"{self.directory / DCP_METADATA_FILE}: unreadable checkpoint metadata ({error})"
+            ) from error
+        self.tensors: dict[str, StoredTensor] = {
+            key: StoredTensor(key, tuple(entry.size), entry.properties.dtype)
+            for key, entry in self._metadata.state_dict_metadata.items()
+            if isinstance(entry, TensorStorageMetadata)
+        }
+
+    def _check_is_megatron_checkpoint(self) -> None:
+        config_file = self.directory / MEGATRON_METADATA_FILE
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{self.directory}: not a megatron-core dist_checkpointing checkpoint "
+                f"({MEGATRON_METADATA_FILE} missing or unreadable)"
+            ) from error
+        if config.get("sharded_backend") != "torch_dist":
+            raise CheckpointError(
+                f"{config_file}: sharded_backend is {config.get('sharded_backend')!r}; only "
+                "'torch_dist' checkpoints can be converted (re-save with ckpt-format torch_dist)"
+            )
+
+    def read(
+        self, regions: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    ) -> list[torch.Tensor]:
+        """Read each (key, offsets, shape) region; one region per key in a call."""
+        regions = list(regions)
+        if len({key for key, _, _ in regions}) != len(regions):
+            raise ValueError("read() takes at most one region per key")
+        targets: dict[str, torch.Tensor] = {}
+        for key, offsets, shape in regions:
+            stored = self.tensors.get(key)
+            if stored is None:
+                raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {key!r}")
+            if len(offsets) != len(stored.shape) or any(
+                offset + size > bound
+                for offset, size, bound in zip(offsets, shape, stored.shape, strict=True)
+            ):
+                raise CheckpointError(
+                    f"{self.directory}: region {offsets}+{shape} lies outside {key!r} of shape "
+                    f"{stored.shape}"
+                )
+            targets[key] = torch.empty(shape, dtype=stored.dtype)
+        planner = _RegionLoadPlanner({key: (offsets, shape) for key, offsets, shape in regions})
+        dcp.load(targets, storage_reader=self._storage_reader, planner=planner, no_dist=True)
+        for key, offsets, shape in regions:
+            if planner.covered_elements[key] != math.prod(shape):
+                raise CheckpointError(
+                    f"{self.directory}: the stored chunks of {key!r} do not cover region "
+                    f"{offsets}+{shape}; the checkpoint is incomplete"
+                )
+        return [targets[key] for key, _, _ in regions]
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Loads one region of each requested tensor, from however the tensor was chunked."""
+
+    def __init__(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._regions = regions
+        self.covered_elements: dict[str, int] = dict.fromkeys(regions, 0)
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        items = []
+        for key, (offsets, shape) in self._regions.items():
+            region = ChunkStorageMetadata(torch.Size(offsets), torch.Size(shape))
+            stored = self.metadata.state_dict_metadata[key]
+            for item in create_read_items_for_chunk_list(key, stored, [region]):
+                self.covered_elements[key] += math.prod(item.lengths)
+                items.append(item)
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        # The target holds exactly the region, so read items are placed relative to it.
+        return self.state_dict[index.fqn]

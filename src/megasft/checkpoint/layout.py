@@ -1,0 +1,52 @@
+"""The files of a megasft megatron checkpoint directory, and the HF files carried along.
+
+```
+MCORE_DIR/
+  metadata.json, common.pt, .metadata, __0_*.distcp   megatron-core dist_checkpointing (torch_dist)
+  architecture.json                                   megasft.megatron.ModelArchitecture
+  hf/                                                 config.json, generation_config.json and the
+                                                      tokenizer files of the source HF model
+```
+
+The directory is itself the `dist_checkpointing` checkpoint, so megatron-core's
+`dist_checkpointing.load(model.sharded_state_dict(), MCORE_DIR)` reads it directly. A training
+run that saves checkpoints in this layout (architecture.json and hf/ copied along) can be
+exported with `megasft convert --from megatron`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+ARCHITECTURE_FILE = "architecture.json"
+HF_FILES_DIR = "hf"
+HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Tokenizer files copied between the HF and megatron sides, when present."""
+
+HF_METADATA_FILES = (HF_CONFIG_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES)
+
+
+def copy_hf_metadata_files(source: Path, destination: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files that exist in `source`; returns
+    the names copied."""
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in HF_METADATA_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+            copied.append(name)
+    return copied

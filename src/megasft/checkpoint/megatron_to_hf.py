@@ -1,0 +1,231 @@
+"""megatron-core `dist_checkpointing` checkpoint -> Hugging Face model directory.
+
+The inverse of `hf_to_megatron`: every HF tensor is planned (name, shape, dtype) from the
+checkpoint metadata and the family's mapping table, checked, then produced one at a time while
+the safetensors shards are written. A fused megatron tensor is read once and split; its
+parts are written one after another, so at most one fused tensor is held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megasft.checkpoint import mappings
+from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
+from megasft.checkpoint.errors import CheckpointError
+from megasft.checkpoint.layout import (
+    ARCHITECTURE_FILE,
+    GENERATION_CONFIG_FILE,
+    HF_CONFIG_FILE,
+    HF_FILES_DIR,
+    TOKENIZER_FILES,
+    copy_hf_metadata_files,
+)
+from megasft.checkpoint.mappings import FusedGateUp, FusedQKV, TensorMapping
+from megasft.checkpoint.safetensors_io import TensorToWrite, write_hf_weights
+from megasft.errors import ConfigError
+from megasft.megatron.architecture import (
+    ModelArchitecture,
+    architecture_from_hf_config,
+    hf_config_from_architecture,
+    read_hf_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def convert_megatron_to_hf(
+    source: Path, destination: Path, *, base: Path | None = None, max_shard_bytes: int
+) -> ModelArchitecture:
+    """Write the HF model of the megatron checkpoint in `source` into `destination`.
+
+    config.json, generation_config.json and the tokenizer come from `base` when given (its
+    architecture must match the checkpoint's), else from the copies stored at import."""
+    architecture = _read_architecture(source)
+    reader = DistCheckpointReader(source)
+    table = mappings.mappings_for(architecture)
+    tensors = plan_hf_tensors(reader, architecture, table)
+
+    metadata_source = Path(base) if base is not None else source / HF_FILES_DIR
+    if base is not None:
+        _check_base_matches(base, architecture)
+    write_hf_weights(destination, tensors, max_shard_bytes=max_shard_bytes)
+    _write_hf_metadata(metadata_source, destination, architecture, tensors[0].dtype)
+    return architecture
+
+
+def _read_architecture(source: Path) -> ModelArchitecture:
+    path = source / ARCHITECTURE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{source}: no {ARCHITECTURE_FILE}; not a megasft megatron checkpoint (create one "
+            "with `megasft convert --from hf --to megatron`)"
+        )
+    try:
+        return ModelArchitecture.load(path)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from error
+
+
+def plan_hf_tensors(
+    reader: DistCheckpointReader, architecture: ModelArchitecture, table: tuple[TensorMapping, ...]
+) -> list[TensorToWrite]:
+    """Every HF tensor in HF order (embedding, layers, norm, output), each produced on demand.
+
+    Checks first that the checkpoint holds every tensor of the table with the shape the
+    architecture implies, so a checkpoint of another family or size is refused before writing.
+    """
+    layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
+    global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
+    for mapping in table:
+        _check_stored_shape(reader, architecture, mapping)
+    dtype = reader.tensors[mappings.EMBEDDING].dtype
+
+    cache = _FusedTensorCache(reader)
+    tensors = [*_global_tensors(global_table.pop(mappings.EMBEDDING), architecture, cache, dtype)]
+    for layer in range(architecture.num_layers):
+        for mapping in layer_table:
+            tensors += _layer_tensors(mapping, architecture, cache, layer)
+    for mapping in global_table.values():
+        tensors += _global_tensors(mapping, architecture, cache, dtype)
+    return tensors
+
+
+def _check_stored_shape(
+    reader: DistCheckpointReader, architecture: ModelArchitecture, mapping: TensorMapping
+) -> None:
+    shape = mappings.megatron_shape(mapping, architecture)
+    if mappings.is_layer_mapping(mapping):
+        key, shape = mappings.stacked_key(mapping.megatron), (architecture.num_layers, *shape)
+    else:
+        key = mapping.megatron
+    stored = reader.tensors.get(key)
+    if stored is None:
+        raise CheckpointError(
+            f"{reader.directory}: no tensor {key!r}, which a {architecture.family} model needs; "
+            f"the checkpoint does not match its {ARCHITECTURE_FILE}"
+        )
+    if stored.shape != shape:
+        raise CheckpointError(
+            f"{reader.directory}: {key!r} has shape {list(stored.shape)}, but "
+            f"{ARCHITECTURE_FILE} implies {list(shape)}"
+        )
+
+
+class _FusedTensorCache:
+    """Holds the last megatron tensor read, so the parts of a fused tensor read it once."""
+
+    def __init__(self, reader: DistCheckpointReader) -> None:
+        self.reader = reader
+        self._key: tuple[str, int | None] | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def get(self, key: str, layer: int | None) -> torch.Tensor:
+        if self._key != (key, layer):
+            self._tensor = None  # drop the previous tensor before reading the next
+            stored = self.reader.tensors[key]
+            if layer is None:
+                offsets, shape = (0,) * len(stored.shape), stored.shape
+            else:
+                # [1, *parameter_shape] at (layer, 0, ...) of the stacked tensor
+                offsets = (layer,) + (0,) * (len(stored.shape) - 1)
+                shape = (1, *stored.shape[1:])
+            (tensor,) = self.reader.read([(key, offsets, shape)])
+            self._tensor = tensor[0] if layer is not None else tensor
+            self._key = (key, layer)
+        assert self._tensor is not None
+        return self._tensor
+
+
+def _layer_tensors(
+    mapping: TensorMapping, architecture: ModelArchitecture, cache: _FusedTensorCache, layer: int
+) -> list[TensorToWrite]:
+    key = mappings.stacked_key(mapping.megatron)
+    dtype = cache.reader.tensors[key].dtype
+    names = [name.format(layer=layer) for name in mapping.hf_names]
+    shapes = mappings.hf_shapes(mapping, architecture)
+
+    def part(index: int):
+        def produce() -> torch.Tensor:
+            tensor = cache.get(key, layer)
+            if isinstance(mapping, FusedQKV):
+                return mappings.split_qkv(tensor, architecture)[index]
+            if isinstance(mapping, FusedGateUp):
+                return mappings.split_gate_up(tensor)[index]
+            return tensor
+
+        return produce
+
+    return [
+        TensorToWrite(name, shape, dtype, part(index))
+        for index, (name, shape) in enumerate(zip(names, shapes, strict=True))
+    ]
+
+
+def _global_tensors(
+    mapping: TensorMapping,
+    architecture: ModelArchitecture,
+    cache: _FusedTensorCache,
+    dtype: torch.dtype,
+) -> list[TensorToWrite]:
+    (shape,) = mappings.hf_shapes(mapping, architecture)
+    dtype = cache.reader.tensors[mapping.megatron].dtype
+
+    def produce() -> torch.Tensor:
+        tensor = cache.get(mapping.megatron, None)
+        if mapping.megatron in mappings.VOCAB_PADDED:
+            return mappings.unpad_vocab(tensor, architecture)
+        return tensor
+
+    return [TensorToWrite(mapping.hf, shape, dtype, produce)]
+
+
+def _check_base_matches(base: Path, architecture: ModelArchitecture) -> None:
+    base_architecture = architecture_from_hf_config(
+        read_hf_config(base), str(base / HF_CONFIG_FILE)
+    )
+    if base_architecture != architecture:
+        differences = [
+            f"{field}: checkpoint {getattr(architecture, field)!r}, base {getattr(base_architecture, field)!r}"
+            for field in architecture.__dataclass_fields__
+            if getattr(architecture, field) != getattr(base_architecture, field)
+        ]
+        raise CheckpointError(
+            f"{base}: --base describes another model than the checkpoint ({'; '.join(differences)}); "
+            "pass the HF model the checkpoint was converted from"
+        )
+
+
+def _write_hf_metadata(
+    source: Path, destination: Path, architecture: ModelArchitecture, dtype: torch.dtype
+) -> None:
+    copied = copy_hf_metadata_files(source, destination) if source.is_dir() else []
+    if HF_CONFIG_FILE not in copied:
+        logger.warning("%s: no config.json; writing one from %s", source, ARCHITECTURE_FILE)
+        config = hf_config_from_architecture(architecture)
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (destination / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if GENERATION_CONFIG_FILE not in copied:
+        (destination / GENERATION_CONFIG_FILE).write_text(
+            json.dumps(_generation_config(read_hf_config(destination)), indent=2) + "\n"
+        )
+    if not any(name in copied for name in TOKENIZER_FILES):
+        logger.warning(
+            "%s: no tokenizer files; the HF model is written without a tokenizer "
+            "(pass --base with the original HF model to include it)",
+            source,
+        )
+
+
+def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The generation config transformers derives from a model config: its special token ids."""
+    generation_config: dict[str, Any] = {}
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(field) is not None:
+            generation_config[field] = config[field]
+    return generation_config

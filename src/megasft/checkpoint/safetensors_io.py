@@ -1,0 +1,314 @@
+"""Hugging Face weight files: lazy reading and streaming, sharded writing.
+
+Reading opens each safetensors file with `safe_open` and reads one tensor at a time, so
+converting a model never holds more than a few tensors. Writing produces each tensor only
+when its bytes are due: the safetensors header (names, dtypes, shapes, offsets) is known from
+the plan, so a shard is written front to back without keeping the shard in memory.
+
+The safetensors layout written here (https://github.com/huggingface/safetensors): an
+unsigned little-endian 64-bit header length, the JSON header padded with spaces to a multiple
+of 8 bytes, then the raw little-endian tensor bytes in header order, without gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from megasft.checkpoint.errors import CheckpointError
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+PYTORCH_BIN_FILE = "pytorch_model.bin"
+PYTORCH_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a Hugging Face checkpoint lives, and what it is."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class HFWeightsReader:
+    """Reads the weights of a Hugging Face model directory, one tensor at a time.
+
+    Accepts `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and,
+    only when `allow_pytorch_bin` is set, `pytorch_model.bin` (sharded or not) loaded with
+    `torch.load(weights_only=True)`. Shapes and dtypes are read from the file headers, so the
+    whole checkpoint can be validated before any tensor data is read.
+    """
+
+    def __init__(self, directory: Path, *, allow_pytorch_bin: bool = False) -> None:
+        self.directory = Path(directory)
+        self._handles: dict[Path, object] = {}
+        self._bin_state: tuple[Path, dict[str, torch.Tensor]] | None = None
+        files = _weight_files(self.directory, allow_pytorch_bin=allow_pytorch_bin)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file, expected_names in files.items():
+            for info in _read_header(file):
+                if expected_names is not None and info.name not in expected_names:
+                    continue
+                self.tensors[info.name] = info
+        _check_index_complete(self.directory, files, self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor called `name`, read from disk now."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.directory}: no tensor named {name!r} in the weights")
+        if info.file.suffix == ".bin":
+            return self._read_bin(info)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        try:
+            tensor = handle.get_tensor(name)
+        except SafetensorError as error:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {error}") from error
+        return tensor
+
+    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+        # A .bin shard is one pickle; keep the last one open (memory-mapped) while its
+        # tensors are read, in file order.
+        if self._bin_state is None or self._bin_state[0] != info.file:
+            self._bin_state = (info.file, _load_bin(info.file))
+        return self._bin_state[1][info.name]
+
+
+def _weight_files(directory: Path, *, allow_pytorch_bin: bool) -> dict[Path, set[str] | None]:
+    """Weight files to read, each with the tensor names the index assigns to it (or None)."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    index_file = directory / SAFETENSORS_INDEX_FILE
+    if index_file.is_file():
+        return _files_from_index(index_file)
+    single_file = directory / SAFETENSORS_FILE
+    if single_file.is_file():
+        return {single_file: None}
+    other_safetensors = sorted(directory.glob("*.safetensors"))
+    if other_safetensors:
+        return {path: None for path in other_safetensors}
+    bin_index = directory / PYTORCH_BIN_INDEX_FILE
+    bin_file = directory / PYTORCH_BIN_FILE
+    if bin_index.is_file() or bin_file.is_file():
+        if not allow_pytorch_bin:
+            raise CheckpointError(
+                f"{directory}: has only PyTorch pickle weights ({PYTORCH_BIN_FILE}); these are "
+                "read only on request because a pickle can run code. Convert them to "
+                "safetensors, or pass --allow-pytorch-bin to load them with "
+                "torch.load(weights_only=True)"
+            )
+        return _files_from_index(bin_index) if bin_index.is_file() else {bin_file: None}
+    raise CheckpointError(
+        f"{directory}: no weights found (expected {SAFETENSORS_FILE}, or shards listed in "
+        f"{SAFETENSORS_INDEX_FILE})"
+    )
+
+
+def _files_from_index(index_file: Path) -> dict[Path, set[str] | None]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{index_file}: not a valid index (expected a JSON object with a 'weight_map')"
+        ) from error
+    files: dict[Path, set[str] | None] = {}
+    for name, file_name in weight_map.items():
+        path = index_file.parent / file_name
+        if not path.is_file():
+            raise CheckpointError(
+                f"{index_file}: shard {file_name!r} (holding {name!r}) is missing; "
+                "download the complete checkpoint"
+            )
+        names = files.setdefault(path, set())
+        assert names is not None
+        names.add(name)
+    return files
+
+
+def _check_index_complete(
+    directory: Path, files: dict[Path, set[str] | None], tensors: dict[str, TensorInfo]
+) -> None:
+    for file, expected_names in files.items():
+        missing = sorted((expected_names or set()) - tensors.keys())
+        if missing:
+            raise CheckpointError(
+                f"{file}: the index lists {len(missing)} tensor(s) that this shard does not "
+                f"hold, e.g. {missing[0]!r}; the shard is from another checkpoint or corrupt"
+            )
+
+
+def _read_header(file: Path) -> list[TensorInfo]:
+    if file.suffix == ".bin":
+        return [
+            TensorInfo(name, file, tuple(tensor.shape), tensor.dtype)
+            for name, tensor in _load_bin(file).items()
+        ]
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            infos = []
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor_slice = handle.get_slice(name)
+                dtype_name = tensor_slice.get_dtype()
+                if dtype_name not in _DTYPES_BY_NAME:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has unsupported dtype {dtype_name}"
+                    )
+                infos.append(
+                    TensorInfo(
+                        name, file, tuple(tensor_slice.get_shape()), _DTYPES_BY_NAME[dtype_name]
+                    )
+                )
+            return infos
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({error}); it is truncated or corrupt, "
+            "download it again"
+        ) from error
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types here; all mean "unusable file"
+        raise CheckpointError(
+            f"{file}: cannot be loaded with torch.load(weights_only=True): {error}"
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors")
+    return state
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorToWrite:
+    """One tensor of the output, produced on demand by `produce()`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def byte_count(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * element_size
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as `5GB`, `500MB`, `2GiB` or `1000000`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    multipliers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    multipliers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(number * multipliers[unit])
+
+
+def plan_shards(
+    tensors: Sequence[TensorToWrite], max_shard_bytes: int
+) -> list[list[TensorToWrite]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets
+    a shard of its own)."""
+    shards: list[list[TensorToWrite]] = [[]]
+    shard_bytes = 0
+    for tensor in tensors:
+        if shards[-1] and shard_bytes + tensor.byte_count > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(tensor)
+        shard_bytes += tensor.byte_count
+    return shards
+
+
+def write_hf_weights(
+    directory: Path, tensors: Sequence[TensorToWrite], *, max_shard_bytes: int
+) -> list[Path]:
+    """Write `tensors` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards
+    with `model.safetensors.index.json` when they exceed `max_shard_bytes`. Returns the files."""
+    shards = plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        path = directory / SAFETENSORS_FILE
+        write_safetensors_file(path, shards[0])
+        return [path]
+    paths = []
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        path = directory / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors_file(path, shard)
+        paths.append(path)
+        weight_map.update({tensor.name: path.name for tensor in shard})
+    index = {
+        "metadata": {"total_size": sum(tensor.byte_count for tensor in tensors)},
+        "weight_map": weight_map,
+    }
+    index_path = directory / SAFETENSORS_INDEX_FILE
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    return [*paths, index_path]
+
+
+def write_safetensors_file(path: Path, tensors: Iterable[TensorToWrite]) -> None:
+    """Write one safetensors file, producing and writing one tensor at a time."""
+    if sys.byteorder != "little":
+        raise RuntimeError("writing safetensors needs a little-endian machine")
+    tensors = list(tensors)
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"{tensor.name}: dtype {tensor.dtype} cannot be written")
+        header[tensor.name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.byte_count],
+        }
+        offset += tensor.byte_count
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as stream:
+        stream.write(len(header_bytes).to_bytes(8, "little"))
+        stream.write(header_bytes)
+        for tensor in tensors:
+            data = tensor.produce()
+            if tuple(data.shape) != tensor.shape or data.dtype != tensor.dtype:
+                raise CheckpointError(
+                    f"{tensor.name}: produced {tuple(data.shape)} {data.dtype}, "
+                    f"planned {tensor.shape} {tensor.dtype}"
+                )
+            # [numel] raw bytes, viewed without a copy when the tensor is contiguous
+            stream.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del data
+        stream.flush()
+        os.fsync(stream.fileno())
