@@ -358,3 +358,35 @@ def test_megatron_checkpoint_without_a_convert_stage_is_a_clear_error(
     (checkpoint / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     with pytest.raises(InputError, match="is a megatron checkpoint, but this megasft has no"):
         evaluate(_config(tmp_path, model=str(checkpoint), data=str(qa_file)))
+
+
+def test_a_bad_baseline_fails_before_any_model_loads(
+    tuned_model_dir, qa_file, tmp_path, monkeypatch
+):
+    import megasft.evaluate.stage
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the baseline was checked")
+
+    monkeypatch.setattr(megasft.evaluate.stage, "load_model", no_loading)
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate(
+            _config(
+                tmp_path,
+                model=str(tuned_model_dir),
+                data=str(qa_file),
+                baseline=str(tmp_path / "nope"),
+            )
+        )
+
+
+def test_prompts_longer_than_the_context_are_flagged(tuned_model_dir, qa_file, tmp_path):
+    # The tiny models have 256 positions; the tuned one stops after a few tokens anyway.
+    metrics = evaluate(
+        _config(tmp_path, model=str(tuned_model_dir), data=str(qa_file), max_new_tokens=250)
+    )
+    assert metrics["tuned"]["accuracy"] == 1.0
+    assert metrics["warnings"] == [
+        "4 prompt(s) plus --max-new-tokens 250 run past the tuned model's "
+        "max_position_embeddings (256); their answers may be garbage"
+    ]

@@ -133,41 +133,47 @@ def convert_megatron_to_hf(source: Path, destination: Path, base: Path | None) -
     return destination
 
 
-def load_model(
-    path: str | Path,
-    tokenizer: str | Path | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    chatml_fallback: bool,
-    scratch: Path,
-    convert_base: str | Path | None = None,
-    fallback_tokenizer: str | Path | None = None,
-) -> LoadedModel:
-    """Loads the model at `path` (HF or megatron) with its tokenizer; raises InputError or
-    ConfigError with what to do when either cannot be used.
-
-    The tokenizer is `tokenizer` when given, else the model's own, else `fallback_tokenizer`
-    (a baseline without tokenizer files borrows the tuned model's). A megatron checkpoint is
-    converted under `scratch`, with `convert_base` as the Hugging Face model it came from.
-    """
+def model_kind(path: str | Path) -> str:
+    """ "hf" or "megatron"; raises InputError for anything else."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"model {path} does not exist")
     if not path.is_dir():
         raise InputError(f"model {path} is not a directory: pass a Hugging Face model directory")
-    kind = "hf"
-    hf_path = path
-    if not is_hf_model(path):
-        if not is_megatron_checkpoint(path):
-            raise InputError(
-                f"{path} is neither a Hugging Face model (no config.json) nor a megatron "
-                "checkpoint (no metadata.json, .distcp shards or iter_* directories)"
-            )
-        kind = "megatron"
-        scratch.mkdir(parents=True, exist_ok=True)
-        base = Path(convert_base) if convert_base else None
-        hf_path = convert_megatron_to_hf(path, scratch / f"hf-{path.name}", base)
+    if is_hf_model(path):
+        return "hf"
+    if is_megatron_checkpoint(path):
+        return "megatron"
+    raise InputError(
+        f"{path} is neither a Hugging Face model (no config.json) nor a megatron "
+        "checkpoint (no metadata.json, .distcp shards or iter_* directories)"
+    )
 
+
+def check_model(
+    path: str | Path,
+    tokenizer: str | Path | None,
+    chatml_fallback: bool,
+    fallback_tokenizer: str | Path | None = None,
+) -> None:
+    """What `load_model` would refuse, found without loading weights: run for every model
+    before the first one is loaded, so a bad baseline does not fail after the tuned model's
+    generation. (A megatron checkpoint's own tokenizer is only known after conversion.)"""
+    path = Path(path)
+    if model_kind(path) == "hf" or tokenizer:
+        load_tokenizer(path, path, tokenizer, fallback_tokenizer, chatml_fallback)
+
+
+def load_tokenizer(
+    path: Path,
+    hf_path: Path,
+    tokenizer: str | Path | None,
+    fallback_tokenizer: str | Path | None,
+    chatml_fallback: bool,
+) -> ChatTokenizer:
+    """The model's tokenizer: `tokenizer` when given, else the one in `hf_path`, else
+    `fallback_tokenizer`. Refuses a missing tokenizer and, unless `chatml_fallback`, one
+    without a chat template."""
     if tokenizer:
         tokenizer_dir = Path(tokenizer)
     elif not (hf_path / "tokenizer.json").is_file() and fallback_tokenizer:
@@ -186,6 +192,35 @@ def load_model(
             "how this model expects prompts. Pass --tokenizer with the tokenizer used for "
             "training, or --chatml-fallback to use ChatML (what `megasft prepare` falls back to)"
         )
+    return chat_tokenizer
+
+
+def load_model(
+    path: str | Path,
+    tokenizer: str | Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    chatml_fallback: bool,
+    scratch: Path,
+    convert_base: str | Path | None = None,
+    fallback_tokenizer: str | Path | None = None,
+) -> LoadedModel:
+    """Loads the model at `path` (HF or megatron) with its tokenizer; raises InputError or
+    ConfigError with what to do when either cannot be used.
+
+    The tokenizer is `tokenizer` when given, else the model's own, else `fallback_tokenizer`
+    (a baseline without tokenizer files borrows the tuned model's). A megatron checkpoint is
+    converted under `scratch`, with `convert_base` as the Hugging Face model it came from.
+    """
+    path = Path(path)
+    kind = model_kind(path)
+    hf_path = path
+    if kind == "megatron":
+        scratch.mkdir(parents=True, exist_ok=True)
+        base = Path(convert_base) if convert_base else None
+        hf_path = convert_megatron_to_hf(path, scratch / f"hf-{path.name}", base)
+    chat_tokenizer = load_tokenizer(path, hf_path, tokenizer, fallback_tokenizer, chatml_fallback)
+    tokenizer_dir = Path(chat_tokenizer.path)
 
     model = _load_hf(hf_path, dtype).to(device).eval()
     vocab = chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -212,6 +247,7 @@ def load_model(
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
         },
     )
 

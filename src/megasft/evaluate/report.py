@@ -115,7 +115,7 @@ def _verdict(gate: dict | None) -> str:
     )
     return (
         f"<p class='verdict {css}'>Gate {'PASSED' if gate['passed'] else 'FAILED'}: "
-        f"{_e(gate['reason'])}</p>"
+        f"{_e(gate['reason'].split(': ', 1)[-1])}</p>"
         f"<table><tr><th>condition</th><th>value</th><th></th></tr>{rows}</table>"
     )
 

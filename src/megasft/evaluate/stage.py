@@ -42,6 +42,7 @@ from megasft.evaluate.metrics import (
 from megasft.evaluate.model import (
     DTYPES,
     LoadedModel,
+    check_model,
     free,
     load_model,
     resolve_device,
@@ -191,6 +192,15 @@ def evaluate(config: EvaluateConfig) -> dict:
     gate = parse_gate(config.gate) if config.gate else None
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    roles = [("tuned", config.model, config.tokenizer, None)]
+    if config.baseline:
+        roles.append(("base", config.baseline, None, config.tokenizer))
+    for _, path, tokenizer, fallback in roles:
+        check_model(path, tokenizer, config.chatml_fallback, fallback)
+    if not config.progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place at the end, as `prepare` does: a killed
@@ -201,9 +211,6 @@ def evaluate(config: EvaluateConfig) -> dict:
     staging.mkdir()
     try:
         warnings: list[str] = []
-        roles = [("tuned", config.model, config.tokenizer, None)]
-        if config.baseline:
-            roles.append(("base", config.baseline, None, config.tokenizer))
         results, descriptions, samples, templates = {}, {}, [], {}
         for role, path, tokenizer, fallback in roles:
             loaded = load_model(
@@ -315,6 +322,15 @@ def _evaluate_model(
         return result, samples
 
     rendered = [render_prompt(loaded.chat_tokenizer, example) for example in prompts.examples]
+    context = loaded.description.get("max_position_embeddings")
+    too_long = (
+        sum(len(ids) + config.max_new_tokens > context for _, ids in rendered) if context else 0
+    )
+    if too_long:
+        warnings.append(
+            f"{too_long} prompt(s) plus --max-new-tokens {config.max_new_tokens} run past the "
+            f"{role} model's max_position_embeddings ({context}); their answers may be garbage"
+        )
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens,
         stop_token_ids=loaded.stop_token_ids,

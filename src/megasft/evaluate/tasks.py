@@ -27,7 +27,7 @@ TASKS = ("gsm8k", "exact-match", "format")
 
 DEFAULT_FORMATS = {
     # An explicit final answer in one of the two formats the extractor prefers.
-    "gsm8k": r"####\s*-?\$?[\d,]*\.?\d|<answer>\s*-?\$?[\d,]*\.?\d[\d,.]*\s*</answer>",
+    "gsm8k": r"####\s*-?\$?\d|<answer>\s*-?\$?[\d.,]+\s*</answer>",
     # Anything but an empty (or whitespace-only) response.
     "exact-match": r"\S",
 }
