@@ -35,7 +35,9 @@ The redirects (each is a function below with its reason):
    `manual_seed_all` and megatron-core's own `_get_cuda_rng_state` / `_set_cuda_rng_state`)
    is the CPU default generator, because on CPU that is the generator dropout actually draws
    from. The tensor-parallel RNG tracker therefore forks and restores real, distinct streams
-   exactly as it does on a GPU.
+   exactly as it does on a GPU. Because the two states are one, the tracker's check that the
+   CPU state did not change inside a fork would warn on every forked initialisation; a
+   logging filter drops exactly that message (`_QuietRngForkWarning`).
 
 Collectives: gloo on torch 2.13 implements every collective megatron-core uses here,
 including `all_gather_into_tensor`, `reduce_scatter_tensor` and list `reduce_scatter` (the
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,6 +129,7 @@ def enable_cpu_emulation() -> None:
 
         _redirect_cuda_functions()
         _redirect_cuda_rng_state()
+        logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietRngForkWarning())
         _CudaDeviceAsCpu().__enter__()
         _enabled = True
 
@@ -293,3 +297,11 @@ def _redirect_cuda_rng_state() -> None:
         module.manual_seed_all = seed_all
     megatron_random._get_cuda_rng_state = _get_cpu_rng_state
     megatron_random._set_cuda_rng_state = _set_cpu_rng_state
+
+
+class _QuietRngForkWarning(logging.Filter):
+    """Drops the tracker's "CPU RNG state changed within GPU RNG context" warning, which under
+    emulation only says that the CPU generator (standing in for the CUDA one) was used."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context"

@@ -1,0 +1,201 @@
+"""Build the megatron-core `TransformerConfig` and `GPTModel` of a `ModelArchitecture`.
+
+The model reproduces the Hugging Face one exactly (the tests check logits): RMSNorm with the
+HF epsilon, SwiGLU MLP, grouped-query attention with per-head RoPE (theta and Llama-3
+scaling), QKV biases (Qwen2), per-head query/key RMSNorm (Qwen3), Mistral's sliding window,
+tied or untied embeddings. Transformer Engine layers are used when TE is importable and an
+accelerator is present; megatron-core's local layers otherwise (CPU, tests). Both specs save
+the same checkpoint keys, so either loads a checkpoint written by the other.
+
+Megatron-core must be initialised (`megasft.megatron.parallel.initialize_parallel`) before a
+model is built: the layers read their TP/PP ranks from `parallel_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megasft.errors import ConfigError
+from megasft.megatron.architecture import Llama3RopeScaling, ModelArchitecture
+from megasft.megatron.cpu import accelerator_present
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and there is an accelerator to run it on."""
+    if not accelerator_present():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(
+    architecture: ModelArchitecture,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> TransformerConfig:
+    """The megatron-core config of `architecture` at the given parallel sizes.
+
+    `params_dtype` bf16 sets megatron-core's bf16 mode too. `overrides` are further
+    `TransformerConfig` fields for the trainer (recomputation, sequence parallelism, ...).
+    """
+    a = architecture
+    _check_divisible(a, tensor_parallel_size, pipeline_parallel_size)
+    fields: dict[str, Any] = dict(
+        num_layers=a.num_layers,
+        hidden_size=a.hidden_size,
+        ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups,
+        kv_channels=a.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=a.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        add_bias_linear=False,
+        add_qkv_bias=a.qkv_bias,
+        qk_layernorm=a.qk_layernorm,
+        # HF window W covers W tokens, the query included: keys at distance 0 .. W-1.
+        window_size=(a.sliding_window - 1, 0) if a.sliding_window is not None else None,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        perform_initialization=perform_initialization,
+        use_cpu_initialization=not accelerator_present(),
+        gradient_accumulation_fusion=False,
+    )
+    fields.update(overrides or {})
+    return TransformerConfig(**fields)
+
+
+def layer_spec(
+    architecture: ModelArchitecture, *, transformer_engine: bool | None = None
+) -> ModuleSpec:
+    """The transformer layer spec: Transformer Engine when available (or asked), else local."""
+    if transformer_engine is None:
+        transformer_engine = transformer_engine_available()
+    if transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=architecture.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=architecture.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(
+    architecture: ModelArchitecture,
+    config: TransformerConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = True,
+    vp_stage: int | None = None,
+    transformer_engine: bool | None = None,
+) -> GPTModel:
+    """The `GPTModel` of this pipeline stage.
+
+    `pre_process` / `post_process` (embedding / output layer present) default to whether this
+    rank is the first / last pipeline stage. `parallel_output=False` gathers the logits over
+    tensor-parallel ranks ([b, s, padded_vocab] on every rank) instead of leaving each rank
+    its vocabulary shard (what vocab-parallel cross entropy wants).
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(architecture, transformer_engine=transformer_engine),
+        vocab_size=architecture.padded_vocab_size,
+        max_sequence_length=architecture.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=architecture.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=architecture.rope_theta,
+        # megatron-core's own Llama-3 scaling hard-codes low/high frequency factors 1 and 4
+        # and an original context of 8192; the exact frequencies are set below instead.
+        rope_scaling=False,
+        vp_stage=vp_stage,
+    )
+    if architecture.rope_scaling is not None:
+        model.rotary_pos_emb.inv_freq = llama3_inverse_frequencies(
+            architecture.head_dim, architecture.rope_theta, architecture.rope_scaling
+        ).to(model.rotary_pos_emb.inv_freq.device)
+    return model
+
+
+def llama3_inverse_frequencies(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling
+) -> torch.Tensor:
+    """[head_dim / 2] RoPE inverse frequencies with Llama 3.1 scaling, as Hugging Face computes
+    them: long wavelengths are divided by `factor`, short ones kept, and those in between
+    interpolated smoothly."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inverse_frequencies = 1.0 / (theta**exponents)
+    context = scaling.original_max_position_embeddings
+    wavelengths = 2 * math.pi / inverse_frequencies
+    long_wavelength = context / scaling.low_freq_factor
+    short_wavelength = context / scaling.high_freq_factor
+
+    slowed = torch.where(
+        wavelengths > long_wavelength, inverse_frequencies / scaling.factor, inverse_frequencies
+    )
+    # 0 at the long-wavelength bound, 1 at the short one
+    smoothness = (context / wavelengths - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smoothness) * slowed / scaling.factor + smoothness * slowed
+    in_between = (wavelengths >= short_wavelength) & (wavelengths <= long_wavelength)
+    return torch.where(in_between, interpolated, slowed)
+
+
+def _check_divisible(
+    architecture: ModelArchitecture, tensor_parallel_size: int, pipeline_parallel_size: int
+) -> None:
+    a = architecture
+    requirements = {
+        "num_attention_heads": a.num_attention_heads,
+        "num_key_value_heads": a.num_query_groups,
+        "padded vocabulary": a.padded_vocab_size,
+        "intermediate_size": a.ffn_hidden_size,
+    }
+    for name, value in requirements.items():
+        if value % tensor_parallel_size:
+            raise ConfigError(
+                f"tensor parallel size {tensor_parallel_size} does not divide {name} ({value}); "
+                "choose a TP size that does"
+            )
+    if a.num_layers % pipeline_parallel_size:
+        raise ConfigError(
+            f"pipeline parallel size {pipeline_parallel_size} does not divide the "
+            f"{a.num_layers} layers; choose a PP size that does"
+        )
