@@ -292,72 +292,49 @@ def test_model_errors(base_model_dir, tokenizer_dir, qa_file, tmp_path):
     assert metrics["model"]["chat_template"] == "chatml-fallback"
 
 
-def test_megatron_checkpoint_is_converted_through_the_convert_stage(
-    base_model_dir, qa_file, tmp_path, monkeypatch
-):
+# The convert stage saves and loads with torch.distributed.checkpoint in a single process.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_megatron_checkpoint_is_converted_in_process(tuned_model_dir, qa_file, tmp_path):
+    """A real round trip: the tuned HF model converted to megatron-core by the convert stage,
+    evaluated as a megatron checkpoint, answers exactly as the HF model does."""
+    from megasft.checkpoint.convert import convert
+
     checkpoint = tmp_path / "mcore"
-    (checkpoint / "iter_0000010").mkdir(parents=True)
-    (checkpoint / "latest_checkpointed_iteration.txt").write_text("10")
+    convert("hf", "megatron", tuned_model_dir, checkpoint)
     assert is_megatron_checkpoint(checkpoint)
-    assert not is_megatron_checkpoint(base_model_dir)
+    assert not is_megatron_checkpoint(tuned_model_dir)
 
-    calls = []
-
-    def fake_convert(args):
-        # Stands in for `megasft convert --from megatron --to hf`: writes an HF directory.
-        calls.append((args.src, args.dst, args.base))
-        shutil.copytree(base_model_dir, args.dst)
-        return 0
-
-    import megasft.cli
-
-    real_build_parser = megasft.cli.build_parser
-
-    def build_parser():
-        parser = real_build_parser()
-        subparsers = next(a for a in parser._actions if a.dest == "command")
-        if "convert" not in subparsers.choices:
-            convert = subparsers.add_parser("convert")
-            for flag in ("--from", "--to", "--src", "--dst", "--base"):
-                convert.add_argument(flag)
-        subparsers.choices["convert"].set_defaults(handler=fake_convert)
-        return parser
-
-    monkeypatch.setattr(megasft.cli, "build_parser", build_parser)
-    metrics = evaluate(
-        _config(
-            tmp_path,
-            model=str(checkpoint),
-            data=str(qa_file),
-            baseline=str(base_model_dir),
-            max_new_tokens=2,
-        )
+    from_megatron = evaluate(
+        _config(tmp_path, model=str(checkpoint), data=str(qa_file), output=str(tmp_path / "m"))
     )
-    assert calls and calls[0][0] == str(checkpoint) and calls[0][2] == str(base_model_dir)
-    assert metrics["model"]["kind"] == "megatron"
-    assert metrics["model"]["path"] == str(checkpoint)
-    # The converted copy was scratch space: nothing is left beside the output.
+    from_hf = evaluate(
+        _config(tmp_path, model=str(tuned_model_dir), data=str(qa_file), output=str(tmp_path / "h"))
+    )
+    assert from_megatron["model"]["kind"] == "megatron"
+    assert from_megatron["model"]["path"] == str(checkpoint)
+    assert from_megatron["tuned"]["accuracy"] == from_hf["tuned"]["accuracy"] == 1.0
+
+    def predictions(name):
+        lines = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        return [json.loads(line)["prediction"] for line in lines]
+
+    assert predictions("m") == predictions("h")
+    # The converted copy was scratch space: nothing is left beside the outputs.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_megatron_checkpoint_without_a_convert_stage_is_a_clear_error(
-    qa_file, tmp_path, monkeypatch
-):
-    import argparse
+def test_megatron_checkpoint_errors(qa_file, tmp_path):
+    training_output = tmp_path / "run"
+    (training_output / "iter_0000010").mkdir(parents=True)
+    with pytest.raises(InputError, match="holds a training run's checkpoints.*pass one"):
+        evaluate(_config(tmp_path, model=str(training_output), data=str(qa_file)))
 
-    import megasft.cli
-
-    def build_parser():
-        parser = argparse.ArgumentParser(prog="megasft")
-        parser.add_subparsers(dest="command", required=True).add_parser("prepare")
-        return parser
-
-    monkeypatch.setattr(megasft.cli, "build_parser", build_parser)
-    checkpoint = tmp_path / "mcore"
-    checkpoint.mkdir()
-    (checkpoint / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    with pytest.raises(InputError, match="is a megatron checkpoint, but this megasft has no"):
-        evaluate(_config(tmp_path, model=str(checkpoint), data=str(qa_file)))
+    # A checkpoint without the tokenizer copies conversion would bring along.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "architecture.json").write_text("{}")
+    with pytest.raises(InputError, match="comes without a tokenizer"):
+        evaluate(_config(tmp_path, model=str(broken), data=str(qa_file)))
 
 
 def test_a_bad_baseline_fails_before_any_model_loads(

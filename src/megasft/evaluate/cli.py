@@ -80,7 +80,8 @@ def add_evaluate_command(subparsers) -> None:
     parser.add_argument(
         "--convert-base",
         metavar="DIR",
-        help="for a megatron checkpoint: the HF model it came from (default: --baseline)",
+        help="for a megatron --model: the HF model it came from, for config and tokenizer "
+        "(default: the copies stored in the checkpoint)",
     )
     parser.add_argument(
         "--format", default="auto", choices=("auto", *FORMATS), help="format of the --data file"

@@ -4,12 +4,13 @@ one in-process, together with its tokenizer, chat template and end-of-turn token
 A directory is read as:
 
 - a Hugging Face model when it holds `config.json`;
-- a megatron-core checkpoint when it holds what `megasft convert --to megatron` and
-  `megasft train` write (see `is_megatron_checkpoint`). It is converted to a Hugging Face
-  directory under a scratch directory through the `megasft convert --from megatron --to hf`
-  contract (ARCHITECTURE.md), run in this process, and loaded from there.
+- a megasft megatron-core checkpoint when it holds `architecture.json` (or dist_checkpointing's
+  `metadata.json`), as `megasft convert --to megatron` writes it (`megasft.checkpoint.layout`).
+  It is converted to a Hugging Face directory in a scratch directory by the convert stage
+  (`megasft.checkpoint.convert.convert`), in this process, and loaded from there.
 
-The tokenizer comes from `--tokenizer` or else from the model directory. A tokenizer without a
+The tokenizer comes from `--tokenizer`, else from the model (for a megatron checkpoint: the
+tokenizer files it carries in `hf/`, or those of `--convert-base`). A tokenizer without a
 chat template is refused unless the ChatML fallback is asked for explicitly: `megasft prepare`
 falls back to ChatML silently, but evaluating a base model with a template it never saw would
 produce numbers nobody should trust without knowing it.
@@ -18,7 +19,6 @@ produce numbers nobody should trust without knowing it.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from packaging.version import Version
 
+from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
 from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
@@ -76,60 +77,33 @@ def is_hf_model(path: Path) -> bool:
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
-    """A megatron-core checkpoint directory, as the convert and train stages write them.
-
-    Recognised by what megatron-core's `dist_checkpointing` and its checkpoint layout leave on
-    disk: `metadata.json` naming a `sharded_backend`, `.distcp` shards,
-    `latest_checkpointed_iteration.txt` (training output), or `iter_NNNNNNN/` directories.
-    """
+    """A megasft megatron-core checkpoint (`megasft.checkpoint.layout`): the directory is a
+    `dist_checkpointing` checkpoint with the model's `architecture.json` beside it."""
     if not path.is_dir() or is_hf_model(path):
         return False
+    if (path / ARCHITECTURE_FILE).is_file():
+        return True
     metadata = path / "metadata.json"
     if metadata.is_file():
         with contextlib.suppress(OSError, ValueError):
-            if "sharded_backend" in json.loads(metadata.read_text(encoding="utf-8")):
-                return True
-    if (path / "latest_checkpointed_iteration.txt").is_file():
-        return True
-    return any(path.glob("*.distcp")) or any(
+            return "sharded_backend" in json.loads(metadata.read_text(encoding="utf-8"))
+    return False
+
+
+def _is_training_output(path: Path) -> bool:
+    """Megatron's training output layout: one checkpoint per `iter_NNNNNNN/` directory."""
+    return (path / "latest_checkpointed_iteration.txt").is_file() or any(
         child.is_dir() and child.name.startswith("iter_") for child in path.iterdir()
     )
 
 
 def convert_megatron_to_hf(source: Path, destination: Path, base: Path | None) -> Path:
-    """Converts a megatron checkpoint to a Hugging Face directory with `megasft convert`.
+    """Converts a megatron checkpoint to a Hugging Face directory with the convert stage
+    (`megasft.checkpoint.convert`), in this process. Without `base`, the config and tokenizer
+    files stored in the checkpoint (its `hf/` directory) go with the weights."""
+    from megasft.checkpoint.convert import convert
 
-    Runs the convert stage's CLI contract in this process, so whatever `megasft.checkpoint`
-    implements behind it (families, TP/PP layouts) is what evaluation gets.
-    """
-    from megasft.cli import build_parser
-
-    argv = ["convert", "--from", "megatron", "--to", "hf", "--src", str(source)]
-    argv += ["--dst", str(destination)]
-    if base is not None:
-        argv += ["--base", str(base)]
-    parser = build_parser()
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(argv)
-    except SystemExit as error:
-        if "invalid choice: 'convert'" in stderr.getvalue():
-            raise InputError(
-                f"{source} is a megatron checkpoint, but this megasft has no `convert` stage "
-                "to turn it into a Hugging Face model yet. Convert it with a megasft that has "
-                "one (megasft convert --from megatron --to hf --src ... --dst ...) and pass "
-                "the result as --model"
-            ) from error
-        raise InputError(
-            f"cannot convert {source}: megasft convert refused {' '.join(argv)}: "
-            f"{stderr.getvalue().strip()}"
-        ) from error
-    args.handler(args)
-    if not is_hf_model(destination):
-        raise InputError(
-            f"converting {source} to Hugging Face wrote no config.json into {destination}"
-        )
+    convert("megatron", "hf", source, destination, base=base)
     return destination
 
 
@@ -144,9 +118,14 @@ def model_kind(path: str | Path) -> str:
         return "hf"
     if is_megatron_checkpoint(path):
         return "megatron"
+    if _is_training_output(path):
+        raise InputError(
+            f"{path} holds a training run's checkpoints (iter_* directories); pass one of "
+            "them as --model"
+        )
     raise InputError(
         f"{path} is neither a Hugging Face model (no config.json) nor a megatron "
-        "checkpoint (no metadata.json, .distcp shards or iter_* directories)"
+        f"checkpoint (no {ARCHITECTURE_FILE} or dist_checkpointing metadata.json)"
     )
 
 
@@ -155,13 +134,20 @@ def check_model(
     tokenizer: str | Path | None,
     chatml_fallback: bool,
     fallback_tokenizer: str | Path | None = None,
+    convert_base: str | Path | None = None,
 ) -> None:
     """What `load_model` would refuse, found without loading weights: run for every model
     before the first one is loaded, so a bad baseline does not fail after the tuned model's
-    generation. (A megatron checkpoint's own tokenizer is only known after conversion.)"""
+    generation."""
     path = Path(path)
-    if model_kind(path) == "hf" or tokenizer:
-        load_tokenizer(path, path, tokenizer, fallback_tokenizer, chatml_fallback)
+    kind = model_kind(path)
+    if kind == "megatron" and convert_base:
+        home = Path(convert_base)
+    elif kind == "megatron":
+        home = path / HF_FILES_DIR  # what conversion copies next to the weights
+    else:
+        home = path
+    load_tokenizer(path, home, tokenizer, fallback_tokenizer, chatml_fallback)
 
 
 def load_tokenizer(

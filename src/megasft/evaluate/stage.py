@@ -80,8 +80,8 @@ class EvaluateConfig:
     tokenizer: str | None = None
     """Tokenizer directory for the model, instead of the model directory's own."""
     convert_base: str | None = None
-    """For megatron checkpoints: the HF model they came from (`convert --base`); defaults to
-    the baseline when that is a Hugging Face directory."""
+    """For a megatron `model`: the HF model it came from, whose config and tokenizer go with
+    the converted weights (`convert --base`); by default the copies the checkpoint carries."""
     format: str = "auto"
     """The data file's format: auto, alpaca, prompt-response, messages or sharegpt."""
     column_map: tuple[tuple[str, str], ...] = ()
@@ -192,11 +192,12 @@ def evaluate(config: EvaluateConfig) -> dict:
     gate = parse_gate(config.gate) if config.gate else None
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    roles = [("tuned", config.model, config.tokenizer, None)]
+    # (role, path, tokenizer, tokenizer when the model has none, HF base of a megatron model)
+    roles = [("tuned", config.model, config.tokenizer, None, config.convert_base)]
     if config.baseline:
-        roles.append(("base", config.baseline, None, config.tokenizer))
-    for _, path, tokenizer, fallback in roles:
-        check_model(path, tokenizer, config.chatml_fallback, fallback)
+        roles.append(("base", config.baseline, None, config.tokenizer, None))
+    for _, path, tokenizer, fallback, convert_base in roles:
+        check_model(path, tokenizer, config.chatml_fallback, fallback, convert_base)
     if not config.progress:
         from transformers.utils import logging as transformers_logging
 
@@ -212,15 +213,15 @@ def evaluate(config: EvaluateConfig) -> dict:
     try:
         warnings: list[str] = []
         results, descriptions, samples, templates = {}, {}, [], {}
-        for role, path, tokenizer, fallback in roles:
+        for role, path, tokenizer, fallback, convert_base in roles:
             loaded = load_model(
                 path,
                 tokenizer,
                 device,
                 dtype,
                 config.chatml_fallback,
-                scratch,
-                convert_base=_convert_base(config),
+                scratch / role,
+                convert_base=convert_base,
                 fallback_tokenizer=fallback,
             )
             descriptions[role] = loaded.description
@@ -246,14 +247,6 @@ def evaluate(config: EvaluateConfig) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return metrics
-
-
-def _convert_base(config: EvaluateConfig) -> str | None:
-    if config.convert_base:
-        return config.convert_base
-    if config.baseline and (Path(config.baseline) / "config.json").is_file():
-        return config.baseline
-    return None
 
 
 def _read_prompts(config: EvaluateConfig) -> _Prompts:
