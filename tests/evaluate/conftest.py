@@ -9,6 +9,7 @@ is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -111,7 +112,8 @@ def base_model_dir(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
 @pytest.fixture(scope="session")
 def tuned_model_dir(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
     model = tiny_llama(vocab_size)
-    _train_on_qa(model, tokenizer_dir)
+    with one_torch_thread():  # session fixtures are set up before the autouse one applies
+        _train_on_qa(model, tokenizer_dir)
     return _save(model, tokenizer_dir, tmp_path_factory.mktemp("tuned"))
 
 
@@ -120,14 +122,22 @@ def qa_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", QA_ROWS)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
+@contextlib.contextmanager
+def one_torch_thread():
     """Tiny models run faster on one thread than on two contended ones (the test machines
-    have two cores, shared); restored afterwards for the rest of the session."""
+    have two cores, shared); the setting is restored afterwards for other tests."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

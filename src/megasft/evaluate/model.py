@@ -19,6 +19,7 @@ produce numbers nobody should trust without knowing it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,5 +290,6 @@ def stop_token_ids(chat_tokenizer: ChatTokenizer) -> tuple[int, ...]:
 def free(loaded: LoadedModel) -> None:
     """Drops the model's weights before the next model is loaded."""
     loaded.model = None
+    gc.collect()  # transformers models hold reference cycles; free the weights now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

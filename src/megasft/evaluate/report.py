@@ -130,7 +130,7 @@ def _run_table(metrics: dict) -> str:
     rows += [
         ("prompts", metrics["data"].get("prompts") or "&ndash;"),
         ("validation data", metrics["data"].get("val_data") or "&ndash;"),
-        ("examples", metrics["data"].get("examples", "&ndash;")),
+        ("examples", metrics["data"].get("examples") or "&ndash;"),
         ("max new tokens", metrics["settings"]["max_new_tokens"]),
         ("format pattern", metrics["settings"]["format_pattern"]),
         ("created", metrics["created"]),

@@ -17,6 +17,7 @@ Phases:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -305,9 +306,14 @@ def _evaluate_model(
             progress=config.progress,
             description=f"val loss ({role})",
         )
+        if not math.isfinite(loss.loss):
+            warnings.append(
+                f"the {role} model's validation loss is {loss.loss} (its logits overflow in "
+                f"{loaded.description['dtype']}?); try --dtype float32"
+            )
         result.update(
-            val_loss=loss.loss,
-            perplexity=loss.perplexity,
+            val_loss=loss.loss if math.isfinite(loss.loss) else None,
+            perplexity=loss.perplexity if math.isfinite(loss.perplexity) else None,
             val_target_tokens=loss.target_tokens,
             val_documents=loss.documents,
         )
