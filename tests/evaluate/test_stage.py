@@ -219,7 +219,7 @@ def test_settings_errors_before_any_model_loads(qa_file, prepared_dir, tmp_path)
         _config(tmp_path, **base, max_new_tokens=0)
 
 
-def test_data_errors_come_before_the_model_loads(tmp_path):
+def test_data_errors_come_before_the_model_loads(prepared_dir, tmp_path):
     rows = [{"question": "Q1", "answer": "#### 1"}, {"question": "Q2"}]
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(InputError, match="row 2, field 'answer'"):
@@ -235,6 +235,11 @@ def test_data_errors_come_before_the_model_loads(tmp_path):
     empty.write_text("")
     with pytest.raises(InputError, match="empty"):
         evaluate(_config(tmp_path, model=str(tmp_path / "no-model"), data=str(empty)))
+
+    with pytest.raises(InputError, match="the val split of .* is empty"):
+        evaluate(_config(tmp_path, model="m", data=str(prepared_dir)))
+    with pytest.raises(InputError, match="not a `megasft prepare` output"):
+        evaluate(_config(tmp_path, model="m", data=str(tmp_path)))
 
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2}\n')

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from megasft import __version__
-from megasft.data import read_manifest
+from megasft.data import open_split, read_manifest
 from megasft.data.formats import FORMATS
 from megasft.errors import ConfigError, InputError
 from megasft.evaluate.generate import GenerationSettings, generate_greedy
@@ -188,7 +188,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             f"output directory {output} already exists; pass --overwrite to replace it"
         )
     prompts = None if config.data_is_prepared else _read_prompts(config)
-    val_manifest = read_manifest(config.val_directory) if config.val_directory else None
+    val_manifest = _check_val_data(config) if config.val_directory else None
     training_log = read_training_log(config.training_log) if config.training_log else None
     gate = parse_gate(config.gate) if config.gate else None
     device = resolve_device(config.device)
@@ -248,6 +248,17 @@ def evaluate(config: EvaluateConfig) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return metrics
+
+
+def _check_val_data(config: EvaluateConfig) -> dict:
+    """The prepared dataset's manifest, after checking that its split has rows."""
+    manifest = read_manifest(config.val_directory)
+    if open_split(config.val_directory, config.val_split).num_rows == 0:
+        raise InputError(
+            f"the {config.val_split} split of {config.val_directory} is empty; prepare the "
+            "data with --val-fraction above 0, or evaluate on --val-split train"
+        )
+    return manifest
 
 
 def _read_prompts(config: EvaluateConfig) -> _Prompts:
