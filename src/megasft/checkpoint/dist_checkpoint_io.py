@@ -20,9 +20,11 @@ trainer at TP>1 read back the same way. Tests load these checkpoints with megatr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megasft.checkpoint.errors import CheckpointError
@@ -82,7 +85,8 @@ def write_dist_checkpoint(directory: Path, chunks: Sequence[ChunkToWrite]) -> No
     """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks), no_dist=True)
+    with _single_process_is_intended():
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks), no_dist=True)
     (directory / MEGATRON_METADATA_FILE).write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
     torch.save({}, directory / MEGATRON_COMMON_FILE)
 
@@ -188,7 +192,8 @@ class DistCheckpointReader:
                 )
             targets[key] = torch.empty(shape, dtype=stored.dtype)
         planner = _RegionLoadPlanner({key: (offsets, shape) for key, offsets, shape in regions})
-        dcp.load(targets, storage_reader=self._storage_reader, planner=planner, no_dist=True)
+        with _single_process_is_intended():
+            dcp.load(targets, storage_reader=self._storage_reader, planner=planner, no_dist=True)
         for key, offsets, shape in regions:
             if planner.covered_elements[key] != math.prod(shape):
                 raise CheckpointError(
@@ -220,3 +225,20 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         # The target holds exactly the region, so read items are placed relative to it.
         return self.state_dict[index.fqn]
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Run a one-process DCP save or load: silence DCP's warning that torch.distributed is
+    not initialised (conversion runs in one process on purpose), and re-raise the original
+    error of a failed chunk rather than DCP's per-rank wrapper around it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            yield
+        except CheckpointException as error:
+            for failure in error.failures.values():
+                original = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(original, BaseException):
+                    raise original from None
+            raise
