@@ -13,8 +13,7 @@ from megasft.checkpoint import mappings
 from megasft.checkpoint.convert import convert
 from megasft.checkpoint.errors import CheckpointError
 from megasft.errors import ConfigError, MegasftError
-from tests.checkpoint.tiny_models import save_tiny_model
-from tests.checkpoint.test_roundtrip import assert_bit_exact, read_hf_weights
+from tests.checkpoint.tiny_models import assert_bit_exact, read_hf_weights, save_tiny_model
 
 
 @pytest.fixture

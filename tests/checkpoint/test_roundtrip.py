@@ -6,34 +6,17 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megasft.checkpoint.convert import convert
 from megasft.megatron.architecture import ModelArchitecture
-from tests.checkpoint.tiny_models import TINY_MODELS, VOCAB_SIZE, save_tiny_model
-
-
-def read_hf_weights(directory) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    files = (
-        sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
-        if index.exists()
-        else [directory / "model.safetensors"]
-    )
-    tensors = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
-def assert_bit_exact(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype, name
-        assert torch.equal(actual[name], tensor), name
+from tests.checkpoint.tiny_models import (
+    TINY_MODELS,
+    VOCAB_SIZE,
+    assert_bit_exact,
+    read_hf_weights,
+    save_tiny_model,
+)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -134,3 +135,25 @@ def sample_tokens(seed: int = 0, batch_size: int = 2) -> torch.Tensor:
     """[b, s] token ids shared by the HF and megatron sides of the parity tests."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB_SIZE, (batch_size, SEQUENCE_LENGTH), generator=generator)
+
+
+def read_hf_weights(directory) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+        if index.exists()
+        else [directory / "model.safetensors"]
+    )
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def assert_bit_exact(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
