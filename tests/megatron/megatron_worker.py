@@ -1,0 +1,239 @@
+"""Runs megatron-core on CPU (through megasft's emulation layer) for the tests in this folder.
+
+The tests never switch the emulation on in the pytest process, since it is process-wide;
+they run this script instead and compare what it writes:
+
+    python megatron_worker.py reference WORK_DIR                          # one process
+    torchrun --nproc_per_node 2 megatron_worker.py parallel WORK_DIR      # two processes, gloo
+
+WORK_DIR/spec.json names the converted checkpoints, the checkpoint used for the training
+checks and the optimizer's learning rate and clip_grad; WORK_DIR/tokens.pt holds the tokens
+([b, s]). `reference` writes TP=1 logits per checkpoint, one
+training step at TP=PP=DP=1, and a few direct checks of the emulation layer; `parallel` writes
+TP=2 logits, a PP=2 step, a DP=2 step, and a DP=2 step with the distributed optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megasft.megatron.builder import build_model, transformer_config
+from megasft.megatron.parallel import destroy_parallel, initialize_parallel
+from megasft.megatron.weights import load_weights, read_architecture
+
+
+def main() -> None:
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    spec = json.loads((work / "spec.json").read_text())
+    tokens = torch.load(work / "tokens.pt")
+    if mode == "reference":
+        reference(spec, tokens, work)
+    elif mode == "parallel":
+        parallel(spec, tokens, work)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+# --- the two runs ---------------------------------------------------------------------------------
+
+
+def reference(spec: dict, tokens: torch.Tensor, work: Path) -> None:
+    initialize_parallel(1, 1, device="cpu")
+    emulation_checks(work)
+    for name, checkpoint in spec["checkpoints"].items():
+        torch.save(logits(checkpoint, tokens), work / f"logits_tp1_{name}.pt")
+    result = training_step(
+        spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
+    )
+    torch.save(result, work / "step_reference.pt")
+    destroy_parallel()
+
+
+def parallel(spec: dict, tokens: torch.Tensor, work: Path) -> None:
+    state = initialize_parallel(2, 1, device="cpu")
+    for name, checkpoint in spec["checkpoints"].items():
+        result = logits(checkpoint, tokens)
+        if state.rank == 0:
+            torch.save(result, work / f"logits_tp2_{name}.pt")
+    reset_parallel(tensor_parallel_size=1, pipeline_parallel_size=2)
+    result = training_step(
+        spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
+    )
+    torch.save(result, work / f"step_pp2_rank{state.rank}.pt")
+
+    reset_parallel(tensor_parallel_size=1, pipeline_parallel_size=1)
+    # Data parallel: each rank gets half of the same global batch, one micro-batch each.
+    half = tokens[2 * state.rank : 2 * state.rank + 2]
+    for distributed_optimizer in (False, True):
+        result = training_step(
+            spec, tokens, micro_batches=[half], distributed_optimizer=distributed_optimizer
+        )
+        suffix = "_distopt" if distributed_optimizer else ""
+        torch.save(result, work / f"step_dp2{suffix}_rank{state.rank}.pt")
+    destroy_parallel()
+
+
+def reset_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    initialize_parallel(tensor_parallel_size, pipeline_parallel_size, device="cpu")
+
+
+# --- what is measured ------------------------------------------------------------------------------
+
+
+def load_model(checkpoint: str, *, parallel_output: bool = True):
+    architecture = read_architecture(checkpoint)
+    from megatron.core import parallel_state
+
+    config = transformer_config(
+        architecture,
+        tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        perform_initialization=False,
+    )
+    model = build_model(architecture, config, parallel_output=parallel_output)
+    load_weights(model, checkpoint)
+    return architecture, config, model
+
+
+def logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s, vocab] logits, gathered over TP, without the padded vocabulary rows."""
+    architecture, _, model = load_model(checkpoint, parallel_output=False)
+    model.eval()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        output = model(tokens, positions, attention_mask=None)
+    return output[..., : architecture.vocab_size].contiguous()
+
+
+def training_step(
+    spec: dict,
+    tokens: torch.Tensor,
+    *,
+    micro_batches: list[torch.Tensor],
+    distributed_optimizer: bool,
+) -> dict:
+    """One Adam step (with gradient clipping) through megatron-core's DDP, schedule and optimizer.
+
+    The loss is the mean next-token cross entropy of each micro-batch, averaged over
+    micro-batches and data-parallel ranks: with equal micro-batches, the mean over the global
+    batch, whatever the layout.
+    """
+    from functools import partial
+
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    _, config, model = load_model(spec["training_checkpoint"])
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp_model = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=spec["learning_rate"],
+            weight_decay=0.0,
+            clip_grad=spec["clip_grad"],
+            bf16=False,
+            fp16=False,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        [ddp_model],
+    )
+
+    def loss_function(output: torch.Tensor):
+        loss = output.float().mean()  # output: [b, s] per-token cross entropy
+        return loss, {"loss": loss.detach()}
+
+    def forward_step(batches, model):
+        batch = next(batches)
+        inputs, labels = batch[:, :-1], batch[:, 1:]  # label i is token i + 1
+        positions = torch.arange(inputs.shape[1]).expand_as(inputs)
+        output = model(inputs, positions, attention_mask=None, labels=labels)
+        return output, partial(loss_function)
+
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[ddp_model],
+        num_microbatches=len(micro_batches),
+        seq_length=tokens.shape[1] - 1,
+        micro_batch_size=micro_batches[0].shape[0],
+        forward_only=False,
+    )
+    gradients = {name: param.main_grad.clone() for name, param in global_parameters(model)}
+    succeeded, grad_norm, _ = optimizer.step()
+    return {
+        "succeeded": succeeded,
+        "losses": [float(loss["loss"]) for loss in losses],
+        "gradients": gradients,
+        # Clipping scales the gradients in place (the full ones only without the
+        # distributed optimizer, which clips its own shard).
+        "clipped_gradients": {
+            name: param.main_grad.clone() for name, param in global_parameters(model)
+        },
+        "grad_norm": float(grad_norm),
+        "parameters": {name: param.detach().clone() for name, param in global_parameters(model)},
+    }
+
+
+def global_parameters(model):
+    """(name, parameter) with layer numbers counted over the whole model, not this stage."""
+    for name, parameter in model.named_parameters():
+        match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
+        if match:
+            layer = model.decoder.layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{layer}.{match.group(2)}"
+        yield name, parameter
+
+
+def emulation_checks(work: Path) -> None:
+    """Direct observations of the redirects, for test_cpu_emulation.py."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megasft.megatron.cpu import enable_cpu_emulation
+
+    enable_cpu_emulation()  # a second call is a no-op
+    outside_before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        forked = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        forked_again = torch.rand(4)
+    checks = {
+        "cuda_literal_device": str(torch.empty(2, device="cuda").device),
+        "current_device_tensor": str(torch.zeros(1, device=torch.cuda.current_device()).device),
+        "dot_cuda_device": str(torch.ones(1).cuda().device),
+        "to_cuda_device": str(torch.ones(1).to("cuda:0").device),
+        "float_type_name": torch.ones(1).type(),
+        "bf16_type_name": torch.ones(1, dtype=torch.bfloat16).type(),
+        "fork_restores_outside_state": bool(torch.equal(outside_before, torch.get_rng_state())),
+        "fork_stream_advances": not torch.equal(forked, forked_again),
+        "world_size": dist.get_world_size(),
+    }
+    (work / "emulation_checks.json").write_text(json.dumps(checks))
+
+
+if __name__ == "__main__":
+    main()
