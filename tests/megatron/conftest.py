@@ -19,6 +19,8 @@ WORKER = Path(__file__).with_name("megatron_worker.py")
 TRAINING_MODEL = "llama_tied"
 """The model of the training checks: tied embeddings make PP=2 all-reduce the embedding
 gradient between the first and the last stage, as finalize_model_grads must."""
+RESAVED_MODEL = "qwen2"
+"""Re-saved by megatron-core at TP=2 and exported again (its QKV biases are TP-sharded too)."""
 LEARNING_RATE = 1e-3
 CLIP_GRAD = 0.05
 """Small enough that every step is clipped, so clipping is exercised."""
@@ -46,6 +48,7 @@ def worker_runs(tmp_path_factory) -> Path:
     spec = {
         "checkpoints": checkpoints,
         "training_checkpoint": checkpoints[TRAINING_MODEL],
+        "resave_checkpoint": checkpoints[RESAVED_MODEL],
         "learning_rate": LEARNING_RATE,
         "clip_grad": CLIP_GRAD,
     }

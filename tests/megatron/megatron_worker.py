@@ -10,13 +10,15 @@ WORK_DIR/spec.json names the converted checkpoints, the checkpoint used for the 
 checks and the optimizer's learning rate and clip_grad; WORK_DIR/tokens.pt holds the tokens
 ([b, s]). `reference` writes TP=1 logits per checkpoint, one
 training step at TP=PP=DP=1, and a few direct checks of the emulation layer; `parallel` writes
-TP=2 logits, a PP=2 step, a DP=2 step, and a DP=2 step with the distributed optimizer.
+TP=2 logits, a checkpoint re-saved at TP=2 by megatron-core itself, a PP=2 step, a DP=2 step,
+and a DP=2 step with the distributed optimizer.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def parallel(spec: dict, tokens: torch.Tensor, work: Path) -> None:
         result = logits(checkpoint, tokens)
         if state.rank == 0:
             torch.save(result, work / f"logits_tp2_{name}.pt")
+    resave_at_tp2(spec["resave_checkpoint"], work / "resaved_tp2", rank=state.rank)
     reset_parallel(tensor_parallel_size=1, pipeline_parallel_size=2)
     result = training_step(
         spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
@@ -77,6 +80,22 @@ def parallel(spec: dict, tokens: torch.Tensor, work: Path) -> None:
         suffix = "_distopt" if distributed_optimizer else ""
         torch.save(result, work / f"step_dp2{suffix}_rank{state.rank}.pt")
     destroy_parallel()
+
+
+def resave_at_tp2(checkpoint: str, destination: Path, *, rank: int) -> None:
+    """Load at TP=2 and save with megatron-core's own `dist_checkpointing.save`, as a trainer
+    does: each tensor then is stored in per-rank chunks, with `_extra_state` objects beside."""
+    from megatron.core import dist_checkpointing
+
+    from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
+
+    _, _, model = load_model(checkpoint)
+    if rank == 0:
+        destination.mkdir()
+        shutil.copy(Path(checkpoint) / ARCHITECTURE_FILE, destination / ARCHITECTURE_FILE)
+        shutil.copytree(Path(checkpoint) / HF_FILES_DIR, destination / HF_FILES_DIR)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(destination))
 
 
 def reset_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:

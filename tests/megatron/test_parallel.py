@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.checkpoint.tiny_models import TINY_MODELS
-from tests.megatron.conftest import CLIP_GRAD
+from megasft.checkpoint.convert import convert
+from tests.checkpoint.tiny_models import TINY_MODELS, assert_bit_exact, read_hf_weights
+from tests.megatron.conftest import CLIP_GRAD, RESAVED_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +68,14 @@ def test_tp2_logits_match_tp1(worker_runs, name):
     tp1 = torch.load(worker_runs / f"logits_tp1_{name}.pt")
     tp2 = torch.load(worker_runs / f"logits_tp2_{name}.pt")
     torch.testing.assert_close(tp2, tp1, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_saved_by_megatron_at_tp2_exports_bit_exact(worker_runs, tmp_path):
+    # What a trainer writes: megatron-core's own dist_checkpointing.save from a TP=2 model.
+    convert("megatron", "hf", worker_runs / "resaved_tp2", tmp_path / "hf")
+    assert_bit_exact(
+        read_hf_weights(worker_runs / "hf" / RESAVED_MODEL), read_hf_weights(tmp_path / "hf")
+    )
 
 
 def test_pp2_forward_backward_matches_pp1(worker_runs):
