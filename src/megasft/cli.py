@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasft.evaluate.cli import add_evaluate_command
 
     add_evaluate_command(subparsers)
+    from megasft.train.cli import add_train_command
+
+    add_train_command(subparsers)
     return parser
 
 

@@ -8,7 +8,7 @@ before any heavy work starts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,21 @@ class TrainConfig:
     nan_policy: str = "skip"
     """What a NaN/Inf loss or gradient does: skip the step (counted) or stop the run."""
     max_bad_steps: int = 10
-    """Stop when this many steps in a row were skipped."""
+    """Stop when this many steps in a row were skipped (0: never stop for that)."""
     spike_factor: float = 3.0
     """Log a loss spike when a step's loss exceeds this many times the running mean."""
     log_interval: int = 1
     """Steps between progress-bar and metrics-log updates."""
     tracking_uri: str | None = None
     """MLflow tracking URI; per-step metrics are logged there when set."""
+    experiment: str = "megasft-train"
+    """MLflow experiment name (with `tracking_uri`)."""
+    distributed_optimizer: bool | None = None
+    """Shard the fp32 main weights and Adam states across data-parallel ranks (ZeRO-1).
+    Default: on with an accelerator, off on CPU."""
+    eval_batches: int = 0
+    """Validation micro-batches per data-parallel rank at each evaluation (0: the whole val
+    split)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -97,7 +105,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "eval_interval", "save_interval", "max_bad_steps"):
+        for name in (
+            "warmup_iters",
+            "eval_interval",
+            "save_interval",
+            "max_bad_steps",
+            "eval_batches",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
         if (self.train_iters is None) == (self.epochs is None):
@@ -106,6 +120,14 @@ class TrainConfig:
             raise ConfigError(f"--train-iters must be at least 1, got {self.train_iters}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.train_iters is not None and self.warmup_iters >= self.train_iters:
+            raise ConfigError(
+                f"--warmup-iters {self.warmup_iters} must be below --train-iters {self.train_iters}"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.spike_factor <= 1:
+            raise ConfigError(f"--spike-factor must be above 1, got {self.spike_factor}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= --min-lr <= --lr, got min-lr {self.min_lr}, lr {self.lr}")
         if self.precision not in PRECISIONS:
@@ -128,6 +150,12 @@ class TrainConfig:
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
                 f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
                 f"{self.data_parallel} = {step_rows}"
+            )
+        if self.virtual_pipeline_stages and self.micro_batches % self.pipeline_parallel:
+            raise ConfigError(
+                f"the interleaved schedule (--virtual-pipeline-stages) needs the micro-batches "
+                f"per step ({self.micro_batches}) to be a multiple of --pp "
+                f"{self.pipeline_parallel}; raise --global-batch-size"
             )
 
     @property
@@ -177,7 +205,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe, then explicit overrides (None means "not given")."""
     values = load_recipe(recipe) if recipe else {}
-    values.update({key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    # --train-iters on the command line replaces a recipe's epochs, and the other way round.
+    for flag, other in (("train_iters", "epochs"), ("epochs", "train_iters")):
+        if flag in given and other not in given:
+            values.pop(other, None)
+    values.update(given)
     missing = [name for name in ("data", "load", "save") if name not in values]
     if missing:
         raise ConfigError(f"missing required setting(s): {', '.join('--' + m for m in missing)}")
@@ -214,3 +247,47 @@ def check_against_model(config: TrainConfig, hf_config: dict, seq_length: int) -
             f"the dataset's sequence length {seq_length} is above the model's "
             f"max_position_embeddings {context}; prepare the data with a smaller --seq-length"
         )
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string under it in the source), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    except (OSError, TypeError):  # no source (a frozen build): help without descriptions
+        return {}
+    docs = {}
+    body = tree.body[0].body
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a TrainConfig field: --tp for tensor_parallel, else dashes."""
+    return _flag(name)
+
+
+def config_arguments(config: TrainConfig) -> list[str]:
+    """Command-line flags that rebuild `config` (every setting that is not its default)."""
+    arguments = []
+    for field in fields(TrainConfig):
+        value = getattr(config, field.name)
+        if value is None or (field.default is not MISSING and value == field.default):
+            continue
+        flag = _flag(field.name)
+        if isinstance(value, bool):
+            arguments.append(flag if value else "--no-" + flag[2:])
+        else:
+            arguments += [flag, str(value)]
+    return arguments

@@ -83,9 +83,9 @@ class MicroBatch:
     """[b, s] float32, unshifted: loss_mask[b, i] == 1 iff tokens[b, i] is a target."""
     position_ids: torch.Tensor
     """[b, s] int64, restarting at 0 at every packed document."""
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     """[b, 1, s, s] bool, True = masked out (megatron-core's convention): causal within each
-    document, nothing across documents."""
+    document, nothing across documents. None when not asked for."""
     seq_lengths: list[list[int]]
     """Per row, the document lengths (without the padding tail)."""
 
@@ -94,28 +94,39 @@ class MicroBatch:
         return int(self.loss_mask[:, 1:].sum())
 
 
-def collate(table: pa.Table, indices: np.ndarray, seq_length: int, pad_id: int) -> MicroBatch:
+def collate(
+    table: pa.Table,
+    indices: np.ndarray,
+    seq_length: int,
+    pad_id: int,
+    rows: int | None = None,
+    attention_mask: bool = True,
+) -> MicroBatch:
     """Builds a micro-batch from rows of a prepared split, padded to `seq_length`.
 
     Padding is never a target (its mask is 0), and forms its own attention block so that no
-    real token attends to it.
+    real token attends to it. With `rows` above `len(indices)`, the batch is filled up with
+    rows of padding only (no targets): the last validation batches, whose shape the pipeline
+    schedule fixes. `attention_mask=False` leaves the [b, 1, s, s] mask out (the packed
+    Transformer Engine path isolates documents by their lengths instead).
     """
-    rows = table.take(pa.array(indices, type=pa.int64())).to_pylist()
-    batch = len(rows)
+    examples = table.take(pa.array(indices, type=pa.int64())).to_pylist()
+    batch = max(len(examples), rows or 0)
     tokens = torch.full((batch, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((batch, seq_length), dtype=torch.float32)
     seq_lengths = []
-    for row, example in enumerate(rows):
+    for row, example in enumerate(examples):
         length = len(example["input_ids"])
         if length > seq_length:
             raise ValueError(f"row of {length} tokens is longer than seq_length {seq_length}")
         tokens[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
         loss_mask[row, :length] = torch.tensor(example["loss_mask"], dtype=torch.float32)
         seq_lengths.append([int(n) for n in example["seq_lengths"]])
+    seq_lengths += [[] for _ in range(batch - len(examples))]
     return MicroBatch(
         tokens=tokens,
         loss_mask=loss_mask,
         position_ids=packed_position_ids(seq_lengths, seq_length),
-        attention_mask=block_causal_mask(seq_lengths, seq_length),
+        attention_mask=block_causal_mask(seq_lengths, seq_length) if attention_mask else None,
         seq_lengths=seq_lengths,
     )

@@ -1,0 +1,220 @@
+"""Training checkpoints: written atomically, kept K at a time, resumed exactly.
+
+Layout of `--save`:
+
+```
+SAVE/
+  iter_0000200/                      one checkpoint, a megasft megatron checkpoint (below)
+    metadata.json, common.pt,        megatron-core dist_checkpointing (torch_dist): the
+    .metadata, *.distcp              model's sharded_state_dict under the same keys as a
+                                     converted checkpoint, plus the optimizer's
+                                     (optimizer.state.*: Adam moments, fp32 main weights)
+    architecture.json, hf/           copied from --load, so `megasft convert --from megatron`
+                                     and `megasft evaluate` take this directory as it is
+    train_state.json                 step, samples consumed, counters: where to resume
+    rng/rank_00000.pt ...            each rank's random generator states
+  latest_checkpointed_iteration.txt  the step of the newest complete checkpoint
+```
+
+A checkpoint is written into `.iter_NNNNNNN.partial/` and renamed into place only when every
+rank has finished writing, then the pointer file is replaced (write-then-rename), then
+checkpoints beyond the newest K are removed. A crash at any point leaves either the previous
+checkpoint or the new one complete; a leftover `.partial` directory is ignored and cleared by
+the next save. Resuming takes the newest complete `iter_*` directory.
+
+The model weights are in the dtype the model trains in (bf16 under `--precision bf16`), which
+is what an exported Hugging Face model gets; the fp32 main weights live in the optimizer part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
+from megasft.errors import ConfigError
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+TRAIN_STATE_FILE = "train_state.json"
+RNG_DIR = "rng"
+_ITERATION = re.compile(r"iter_(\d{7,})")
+
+
+def iteration_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def complete_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in `save_dir`, oldest first."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in save_dir.iterdir()
+        if path.is_dir()
+        and (match := _ITERATION.fullmatch(path.name))
+        and (path / TRAIN_STATE_FILE).is_file()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `save_dir`, or None."""
+    checkpoints = complete_checkpoints(save_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron-core's DDP wrapper, whose keys carry a `module.` prefix
+    that a converted checkpoint does not have."""
+    return getattr(chunk, "module", chunk)
+
+
+def _model_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    if len(model_chunks) == 1:
+        return {"model": _unwrapped(model_chunks[0]).sharded_state_dict()}
+    return {
+        f"model{index}": _unwrapped(chunk).sharded_state_dict()
+        for index, chunk in enumerate(model_chunks)
+    }
+
+
+def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
+    state = _model_state_dict(model_chunks)
+    # The optimizer state is keyed by the model's sharded tensors, so it reshards with them.
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megasft.megatron.cpu import accelerator_present
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if accelerator_present():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    save_dir: Path,
+    step: int,
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    train_state: dict[str, Any],
+    *,
+    source_checkpoint: Path,
+    keep: int,
+) -> Path:
+    """Write the checkpoint of `step` (collective: every rank calls it). Returns its path."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = save_dir / iteration_name(step)
+    staging = save_dir / f".{final.name}.partial"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+
+    dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), staging)
+    (staging / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(rng_state(), staging / RNG_DIR / f"rank_{rank:05d}.pt")
+    dist.barrier()  # every rank's files are written
+
+    if rank == 0:
+        shutil.copyfile(source_checkpoint / ARCHITECTURE_FILE, staging / ARCHITECTURE_FILE)
+        if (source_checkpoint / HF_FILES_DIR).is_dir():
+            shutil.copytree(source_checkpoint / HF_FILES_DIR, staging / HF_FILES_DIR)
+        _write_atomically(
+            staging / TRAIN_STATE_FILE, json.dumps(train_state, indent=2, sort_keys=True) + "\n"
+        )
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+            shutil.rmtree(final)
+        staging.rename(final)
+        _write_atomically(save_dir / LATEST_FILE, f"{step}\n")
+        for old in complete_checkpoints(save_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    checkpoint: Path, model_chunks: list[torch.nn.Module], optimizer, *, world_size: int
+) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from `checkpoint`; returns its train
+    state (step, counters). Collective."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(
+        _sharded_state_dict(model_chunks, optimizer, is_loading=True), str(checkpoint)
+    )
+    if len(model_chunks) == 1:
+        _unwrapped(model_chunks[0]).load_state_dict(state["model"])
+    else:
+        for index, chunk in enumerate(model_chunks):
+            _unwrapped(chunk).load_state_dict(state[f"model{index}"])
+    optimizer.load_state_dict(state["optimizer"])
+
+    train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
+    rng_file = checkpoint / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
+    if train_state.get("world_size") == world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif dist.get_rank() == 0:
+        print(
+            f"megasft train: {checkpoint} was written by {train_state.get('world_size')} "
+            f"processes, this run has {world_size}: random generators start afresh from --seed",
+            flush=True,
+        )
+    return train_state
+
+
+def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose data order would differ from this run's.
+
+    `identity` holds what fixes the order: global_batch_size, seed and the dataset's
+    fingerprint (the sha256 of its manifest)."""
+    saved = json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("identity", {})
+    for name, value in identity.items():
+        if name in saved and saved[name] != value:
+            raise ConfigError(
+                f"{checkpoint} was trained with {name} {saved[name]!r}, this run has "
+                f"{value!r}; resuming would not continue the same run. Use the same "
+                f"setting, or a new --save directory (with --load {checkpoint} for its weights)"
+            )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,159 @@
+"""Everything about a training run that can be checked before any heavy work starts.
+
+`plan_run` reads the dataset's manifest and the checkpoint's architecture.json (small files),
+checks every setting against them, and resolves what follows from them (the number of steps
+for `--epochs`, the sequence length, whether to resume). It imports neither torch.distributed
+nor megatron-core, so a bad setting fails within a second, naming the setting, and before
+`--nproc` starts any process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megasft.checkpoint.layout import ARCHITECTURE_FILE
+from megasft.data.store import MANIFEST_FILE, open_split, read_manifest
+from megasft.errors import ConfigError, InputError
+from megasft.megatron.architecture import ModelArchitecture
+from megasft.train.checkpointing import latest_checkpoint
+from megasft.train.config import TrainConfig, check_against_model
+from megasft.train.data import steps_for_epochs
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked configuration and what was read to check it."""
+
+    config: TrainConfig
+    """The settings, with `train_iters` resolved from `epochs` when that was given."""
+    architecture: ModelArchitecture
+    seq_length: int
+    """Tokens per row of the dataset (from its manifest)."""
+    train_rows: int
+    val_rows: int
+    data_fingerprint: str
+    """sha256 of the dataset's manifest: a resumed run must train on the same data."""
+    resume_from: Path | None
+    """The newest checkpoint in `--save`, when there is one."""
+
+
+def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
+    """Check `config` against the data and the model; raises ConfigError / InputError."""
+    data = Path(config.data)
+    if not data.is_dir():
+        raise InputError(f"--data {data}: no such directory (a `megasft prepare` output)")
+    manifest = read_manifest(data)
+    seq_length = int(manifest["settings"]["seq_length"])
+    train_rows = open_split(data, "train").num_rows
+    if train_rows == 0:
+        raise InputError(f"--data {data}: the train split is empty")
+    val_rows = open_split(data, "val").num_rows
+    if config.eval_interval and not val_rows:
+        raise ConfigError(
+            f"--eval-interval {config.eval_interval} needs validation data, but the val split "
+            f"of {data} is empty; prepare it with --val-fraction above 0, or set "
+            "--eval-interval 0"
+        )
+
+    load = Path(config.load)
+    if not (load / ARCHITECTURE_FILE).is_file():
+        raise InputError(
+            f"--load {load}: no {ARCHITECTURE_FILE}; pass a megatron checkpoint made by "
+            "`megasft convert --from hf --to megatron` (or an iter_* directory of a run)"
+        )
+    architecture = ModelArchitecture.load(load / ARCHITECTURE_FILE)
+    check_against_model(
+        config,
+        {
+            "num_attention_heads": architecture.num_attention_heads,
+            "num_key_value_heads": architecture.num_query_groups,
+            "num_hidden_layers": architecture.num_layers,
+            "max_position_embeddings": architecture.max_position_embeddings,
+        },
+        seq_length,
+    )
+    tp = config.tensor_parallel
+    for name, value in (
+        ("intermediate_size", architecture.ffn_hidden_size),
+        ("padded vocabulary", architecture.padded_vocab_size),
+    ):
+        if value % tp:
+            raise ConfigError(f"--tp {tp} does not divide the model's {name} ({value})")
+    tokenizer_vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    if tokenizer_vocab and tokenizer_vocab > architecture.vocab_size:
+        raise ConfigError(
+            f"the dataset's tokenizer has {tokenizer_vocab} tokens, more than the model's "
+            f"vocab_size {architecture.vocab_size}: it was prepared with another model's "
+            f"tokenizer ({manifest['tokenizer'].get('path')})"
+        )
+    _check_device_features(config, architecture, manifest, on_accelerator)
+
+    train_iters = config.train_iters
+    if train_iters is None:
+        train_iters = steps_for_epochs(config.epochs, train_rows, config.global_batch_size)
+        if config.warmup_iters >= train_iters:
+            raise ConfigError(
+                f"--warmup-iters {config.warmup_iters} must be below the {train_iters} steps "
+                f"of --epochs {config.epochs}"
+            )
+    save = Path(config.save)
+    if save.exists() and not save.is_dir():
+        raise InputError(f"--save {save}: exists and is not a directory")
+    fingerprint = hashlib.sha256((data / MANIFEST_FILE).read_bytes()).hexdigest()
+    return RunPlan(
+        config=dataclasses.replace(config, train_iters=train_iters, epochs=None),
+        architecture=architecture,
+        seq_length=seq_length,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        data_fingerprint=fingerprint,
+        resume_from=latest_checkpoint(save),
+    )
+
+
+def _check_device_features(
+    config: TrainConfig, architecture: ModelArchitecture, manifest: dict, on_accelerator: bool
+) -> None:
+    """Features that need Transformer Engine on an accelerator, refused early elsewhere."""
+    if config.context_parallel > 1:
+        if not on_accelerator:
+            raise ConfigError(
+                "--cp above 1 needs GPUs with Transformer Engine (megatron-core's local "
+                "attention, the CPU path, has no context parallelism); use --cp 1 on CPU"
+            )
+        if config.pipeline_parallel > 1:
+            raise ConfigError(
+                "--cp above 1 with --pp above 1 is not supported: packed documents are padded "
+                "per context-parallel chunk, so the pipeline's tensor shapes would vary"
+            )
+    if (
+        architecture.sliding_window is not None
+        and not on_accelerator
+        and manifest.get("settings", {}).get("pack", False)
+    ):
+        raise ConfigError(
+            f"the model attends within a sliding window ({architecture.sliding_window} "
+            "tokens) and the data is packed: on CPU, megatron-core's local attention replaces "
+            "the per-document mask with the window mask, which would let packed documents "
+            "see each other. Prepare the data with --no-pack for a CPU run"
+        )
+
+
+def manifest_summary(plan: RunPlan) -> str:
+    """One line about the run for the log."""
+    config = plan.config
+    return json.dumps(
+        {
+            "train_rows": plan.train_rows,
+            "val_rows": plan.val_rows,
+            "seq_length": plan.seq_length,
+            "train_iters": config.train_iters,
+            "micro_batches_per_step": config.micro_batches,
+            "data_parallel": config.data_parallel,
+            "resume_from": str(plan.resume_from) if plan.resume_from else None,
+        }
+    )

@@ -1,0 +1,207 @@
+"""What a training run reports: FLOPs and MFU, loss stability, the metrics log, progress.
+
+Rank 0 writes `metrics.jsonl` in the output directory, one JSON object per line:
+
+- `{"kind": "train", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "target_tokens",
+  "step_seconds", "tokens_per_second", "tflops_per_device", "mfu", "skipped",
+  "skipped_steps", "spike"}` after every logged step (`loss` is null for a skipped step whose
+  loss was not finite; `mfu` is null where the device's peak is unknown, e.g. on CPU);
+- `{"kind": "val", "step", "val_loss", "val_target_tokens"}` after every evaluation;
+- `{"kind": "resume", "step", "checkpoint"}` when a run resumes; records of steps after that
+  checkpoint, written by the interrupted run, are dropped at that moment, so the file reads
+  as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megasft.megatron.architecture import ModelArchitecture
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), by a substring of the device name that
+# torch reports. Checked in order; the first match wins.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("MI355X", 2516.6),
+    ("MI325X", 1307.4),
+    ("MI300X", 1307.4),
+    ("MI300A", 980.6),
+    ("MI250X", 383.0),
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM / HBM3
+    ("H800", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """The device's dense peak for `precision`, or None when unknown (CPU, fp32, others)."""
+    if device_name is None or precision != "bf16":
+        return None
+    for marker, peak in PEAK_BF16_TFLOPS:
+        if marker in device_name:
+            return peak
+    return None
+
+
+def model_flops(architecture: ModelArchitecture, document_lengths: Iterable[int]) -> float:
+    """FLOPs of one forward and backward pass (3 x forward) over documents of these lengths.
+
+    Counts the matrix multiplications of every layer and of the output layer, 2 FLOPs per
+    multiply-add, and attention scores and values within each document, halved for the causal
+    mask. Padding is not counted: this is the useful work, so MFU is not flattered by it.
+    """
+    a = architecture
+    query = a.num_attention_heads * a.head_dim
+    key_value = 2 * a.num_query_groups * a.head_dim
+    per_layer = (
+        a.hidden_size * (query + key_value)  # QKV projection
+        + query * a.hidden_size  # attention output projection
+        + 3 * a.hidden_size * a.ffn_hidden_size  # gated MLP: gate, up, down
+    )
+    matmul_parameters = a.num_layers * per_layer + a.hidden_size * a.padded_vocab_size
+    tokens = 0
+    attention = 0.0
+    for length in document_lengths:
+        tokens += length
+        # QK^T and softmax(QK^T)V: 2 x (2 n^2 query) FLOPs per layer, half under the mask
+        attention += 2.0 * length * length * query * a.num_layers
+    return 3.0 * (2.0 * matmul_parameters * tokens + attention)
+
+
+@dataclass
+class StabilityMonitor:
+    """Tells skipped (non-finite) steps and loss spikes; its state is part of a checkpoint."""
+
+    spike_factor: float
+    window: int = 20
+    """Good steps in the running mean a spike is measured against."""
+    min_history: int = 5
+    """No spike is reported before this many good steps."""
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    spikes: int = 0
+    recent_losses: deque = field(default_factory=deque)
+
+    def observe(self, loss: float, grad_norm: float | None) -> tuple[bool, bool]:
+        """(skip, spike) for a step with this loss and gradient norm."""
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite:
+            self.skipped_steps += 1
+            self.consecutive_skipped += 1
+            return True, False
+        self.consecutive_skipped = 0
+        spike = len(self.recent_losses) >= self.min_history and loss > self.spike_factor * (
+            sum(self.recent_losses) / len(self.recent_losses)
+        )
+        self.spikes += spike
+        self.recent_losses.append(loss)
+        while len(self.recent_losses) > self.window:
+            self.recent_losses.popleft()
+        return False, spike
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skipped": self.consecutive_skipped,
+            "spikes": self.spikes,
+            "recent_losses": list(self.recent_losses),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skipped = state["consecutive_skipped"]
+        self.spikes = state["spikes"]
+        self.recent_losses = deque(state["recent_losses"])
+
+
+class MetricsLog:
+    """Appends records to `metrics.jsonl` (rank 0 only creates one)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int, checkpoint: str) -> None:
+        """Drop records past `step` (written by an interrupted run) and note the resume."""
+        if self.path.is_file():
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _record_step(line) <= step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.write({"kind": "resume", "step": step, "checkpoint": checkpoint})
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(_finite_or_none(record)) + "\n")
+
+
+def read_metrics(path: str | Path, kind: str = "train") -> list[dict[str, Any]]:
+    """The records of one kind from a metrics.jsonl file."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: non-finite floats become null."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
+
+
+class Progress:
+    """A tqdm bar on rank 0 with loss, learning rate and tokens/s; nothing elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def update(self, loss: float | None, lr: float, tokens_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss="nan" if loss is None or not math.isfinite(loss) else f"{loss:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tokens_per_second:,.0f}",
+                refresh=False,
+            )
+            self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
