@@ -152,10 +152,10 @@ def test_not_a_megatron_checkpoint(hf_model_dirs, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(llama_dir, tmp_path, monkeypatch):
-    def broken(gate, up):
+    def broken(q, k, v, architecture):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mappings, "fuse_gate_up", broken)
+    monkeypatch.setattr(mappings, "fuse_qkv", broken)
     assert_refused(OSError, "disk full", "hf", "megatron", llama_dir, tmp_path / "out")
 
 

@@ -58,22 +58,11 @@ def test_qkv_bias_fuses_like_the_weight():
     assert torch.equal(fused_bias, fused_weight[:, 0])
 
 
-def test_gate_comes_first_in_fc1():
-    gate, up = torch.zeros(3, 2), torch.ones(3, 2)
-    fc1 = mappings.fuse_gate_up(gate, up)
-    assert fc1[:3].eq(0).all() and fc1[3:].eq(1).all()
-    assert [
-        torch.equal(a, b) for a, b in zip(mappings.split_gate_up(fc1), (gate, up), strict=True)
-    ] == [True, True]
-
-
-def test_vocab_padding_adds_zero_rows_and_is_removed_on_export():
+def test_gate_rows_come_first_in_fc1():
     arch = architecture("llama")
-    embedding = torch.randn(arch.vocab_size, arch.hidden_size)
-    padded = mappings.pad_vocab(embedding, arch)
-    assert padded.shape == (128, arch.hidden_size)
-    assert padded[arch.vocab_size :].eq(0).all()
-    assert torch.equal(mappings.unpad_vocab(padded, arch), embedding)
+    assert mappings.gate_up_rows(arch) == (slice(0, 128), slice(128, 256))
+    (fc1,) = [mapping for mapping in mappings.LLAMA if isinstance(mapping, mappings.FusedGateUp)]
+    assert mappings.megatron_shape(fc1, arch) == (256, 64)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

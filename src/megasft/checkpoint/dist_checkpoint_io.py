@@ -11,11 +11,13 @@ depend on the parallel layout, megatron-core loads such a checkpoint at any TP/P
 
 `dist_checkpointing.save` needs the whole state dict in memory. The writer here instead hands
 DCP a plan of chunks and produces each chunk only when DCP writes it, so converting a model
-holds one tensor at a time. Each chunk goes to its own `.distcp` file: DCP keeps every tensor
-of a file alive until the file is closed. The reader reads any region of a stored tensor
-(resharding across however the checkpoint was chunked), so checkpoints written by the
-trainer at TP>1 read back the same way. Tests load these checkpoints with megatron-core's own
-`dist_checkpointing.load` at TP=1 and TP=2, which is the compatibility that matters.
+holds one chunk at a time. Each chunk goes to its own `.distcp` file: DCP keeps every tensor
+of a file alive until the file is closed, and a chunk alone in its file can be read back
+memory-mapped, without a copy. The reader reads any region of a stored tensor: a region that
+is exactly such a chunk is mapped, anything else is assembled by DCP from whichever chunks
+overlap it, so checkpoints that megatron-core wrote itself at TP>1 (the trainer's) read too.
+Tests load these checkpoints with megatron-core's own `dist_checkpointing.load` at TP=1 and
+TP=2, and export checkpoints that megatron-core saved at TP=2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,11 @@ class ChunkToWrite:
 def write_dist_checkpoint(directory: Path, chunks: Sequence[ChunkToWrite]) -> None:
     """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
+    # No fsync per file, like `save_pretrained`: the caller renames the directory into place
+    # once everything is written, which is what protects against a half-written target.
+    writer = dcp.FileSystemWriter(
+        directory, single_file_per_rank=False, thread_count=1, sync_files=False
+    )
     with _single_process_is_intended():
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks), no_dist=True)
     (directory / MEGATRON_METADATA_FILE).write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
@@ -170,37 +176,73 @@ class DistCheckpointReader:
                 "'torch_dist' checkpoints can be converted (re-save with ckpt-format torch_dist)"
             )
 
-    def read(
-        self, regions: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]]
-    ) -> list[torch.Tensor]:
-        """Read each (key, offsets, shape) region; one region per key in a call."""
-        regions = list(regions)
-        if len({key for key, _, _ in regions}) != len(regions):
-            raise ValueError("read() takes at most one region per key")
-        targets: dict[str, torch.Tensor] = {}
-        for key, offsets, shape in regions:
-            stored = self.tensors.get(key)
-            if stored is None:
-                raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {key!r}")
-            if len(offsets) != len(stored.shape) or any(
-                offset + size > bound
-                for offset, size, bound in zip(offsets, shape, stored.shape, strict=True)
-            ):
-                raise CheckpointError(
-                    f"{self.directory}: region {offsets}+{shape} lies outside {key!r} of shape "
-                    f"{stored.shape}"
-                )
-            targets[key] = torch.empty(shape, dtype=stored.dtype)
-        planner = _RegionLoadPlanner({key: (offsets, shape) for key, offsets, shape in regions})
+    def read(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The region of tensor `key` starting at `offsets`, of `shape`."""
+        stored = self.tensors.get(key)
+        if stored is None:
+            raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {key!r}")
+        if len(offsets) != len(stored.shape) or any(
+            offset + size > bound
+            for offset, size, bound in zip(offsets, shape, stored.shape, strict=True)
+        ):
+            raise CheckpointError(
+                f"{self.directory}: region {offsets}+{shape} lies outside {key!r} of shape "
+                f"{stored.shape}"
+            )
+        tensor = self._read_stored_chunk(key, offsets, shape)
+        if tensor is None:
+            tensor = self._read_resharded(key, offsets, shape)
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != stored.dtype:
+            raise CheckpointError(
+                f"{self.directory}: {key!r} at {offsets} holds {tuple(tensor.shape)} "
+                f"{tensor.dtype}, the metadata says {tuple(shape)} {stored.dtype}"
+            )
+        return tensor
+
+    def _read_stored_chunk(
+        self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
+    ) -> torch.Tensor | None:
+        """The region, memory-mapped without a copy, when it is exactly one stored chunk
+        alone in its file (as this module writes them); else None."""
+        entry = self._metadata.state_dict_metadata[key]
+        if not any(
+            tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(shape)
+            for chunk in entry.chunks
+        ):
+            return None
+        info = (self._metadata.storage_data or {}).get(MetadataIndex(key, torch.Size(offsets)))
+        path = self.directory / str(getattr(info, "relative_path", ""))
+        whole_file = (
+            getattr(info, "offset", None) == 0
+            and not getattr(info, "transform_descriptors", None)
+            and path.is_file()
+            and getattr(info, "length", None) == path.stat().st_size
+        )
+        if not whole_file:
+            return None
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:  # a torn file raises many types; all mean "unreadable"
+            raise CheckpointError(
+                f"{path}: unreadable ({error}); the checkpoint is damaged"
+            ) from error
+
+    def _read_resharded(
+        self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The region assembled by DCP from whichever stored chunks overlap it."""
+        target = torch.empty(shape, dtype=self.tensors[key].dtype)
+        planner = _RegionLoadPlanner({key: (offsets, shape)})
         with _single_process_is_intended():
-            dcp.load(targets, storage_reader=self._storage_reader, planner=planner, no_dist=True)
-        for key, offsets, shape in regions:
-            if planner.covered_elements[key] != math.prod(shape):
-                raise CheckpointError(
-                    f"{self.directory}: the stored chunks of {key!r} do not cover region "
-                    f"{offsets}+{shape}; the checkpoint is incomplete"
-                )
-        return [targets[key] for key, _, _ in regions]
+            dcp.load(
+                {key: target}, storage_reader=self._storage_reader, planner=planner, no_dist=True
+            )
+        if planner.covered_elements[key] != math.prod(shape):
+            raise CheckpointError(
+                f"{self.directory}: the stored chunks of {key!r} do not cover region "
+                f"{offsets}+{shape}; the checkpoint is incomplete"
+            )
+        return target
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):

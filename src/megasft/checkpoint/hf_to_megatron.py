@@ -2,13 +2,14 @@
 
 Everything is validated from file headers before any tensor is read: the architecture from
 config.json, then the name, shape and dtype of every weight against the family's mapping
-table. Writing then streams: each megatron tensor (one layer of it) is read, fused and
-written before the next is read.
+table. Writing then streams: each chunk of a megatron tensor (a block of rows of one layer)
+is read, fused if need be, and written before the next is read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,60 +100,74 @@ def check_hf_weights(
 def plan_megatron_chunks(
     weights: HFWeightsReader, architecture: ModelArchitecture, table: tuple[TensorMapping, ...]
 ) -> list[ChunkToWrite]:
-    """One chunk per megatron tensor and layer, each produced from the HF tensors on demand."""
+    """The chunks of every megatron tensor (per layer for layer tensors), each produced from
+    the HF tensors on demand.
+
+    A megatron tensor is written as blocks of rows, so that most chunks are an HF tensor
+    as it is, memory-mapped and never copied: fc1 as its gate rows then its up rows (the
+    two chunks megatron-core itself saves), a vocabulary-padded tensor as the HF rows then
+    the zero padding. Only the fused QKV is built in memory.
+    """
     chunks = []
     for mapping in table:
         shape = mappings.megatron_shape(mapping, architecture)
         dtype = weights.tensors[mapping.hf_names[0].format(layer=0)].dtype
-        if mappings.is_layer_mapping(mapping):
-            key = mappings.stacked_key(mapping.megatron)
-            for layer in range(architecture.num_layers):
-                chunks.append(
-                    ChunkToWrite(
-                        key=key,
-                        global_shape=(architecture.num_layers, *shape),
-                        offsets=(layer,) + (0,) * len(shape),
-                        shape=(1, *shape),
-                        dtype=dtype,
-                        produce=_producer(weights, architecture, mapping, layer, stacked=True),
+        stacked = mappings.is_layer_mapping(mapping)
+        key = mappings.stacked_key(mapping.megatron) if stacked else mapping.megatron
+        for layer in range(architecture.num_layers) if stacked else (None,):
+            for first_row, rows, produce in _row_blocks(weights, architecture, mapping, layer):
+                block_offsets = (first_row,) + (0,) * (len(shape) - 1)
+                block_shape = (rows, *shape[1:])
+                if stacked:
+                    # [1, rows, ...] at (layer, first_row, 0, ...) of [num_layers, *shape]
+                    chunks.append(
+                        ChunkToWrite(
+                            key=key,
+                            global_shape=(architecture.num_layers, *shape),
+                            offsets=(layer, *block_offsets),
+                            shape=(1, *block_shape),
+                            dtype=dtype,
+                            produce=_with_layer_axis(produce),
+                        )
                     )
-                )
-        else:
-            chunks.append(
-                ChunkToWrite(
-                    key=mapping.megatron,
-                    global_shape=shape,
-                    offsets=(0,) * len(shape),
-                    shape=shape,
-                    dtype=dtype,
-                    produce=_producer(weights, architecture, mapping, None, stacked=False),
-                )
-            )
+                else:
+                    chunks.append(
+                        ChunkToWrite(key, shape, block_offsets, block_shape, dtype, produce)
+                    )
     return chunks
 
 
-def _producer(
+RowBlock = tuple[int, int, Callable[[], torch.Tensor]]
+"""(first row, row count, producer) of one block of a megatron tensor's rows."""
+
+
+def _row_blocks(
     weights: HFWeightsReader,
     architecture: ModelArchitecture,
     mapping: TensorMapping,
     layer: int | None,
-    *,
-    stacked: bool,
-):
-    def produce() -> torch.Tensor:
-        sources = [weights.read(name.format(layer=layer)) for name in mapping.hf_names]
-        if isinstance(mapping, FusedQKV):
-            tensor = mappings.fuse_qkv(*sources, architecture)
-        elif isinstance(mapping, FusedGateUp):
-            tensor = mappings.fuse_gate_up(*sources)
-        elif mapping.megatron in mappings.VOCAB_PADDED:
-            tensor = mappings.pad_vocab(sources[0], architecture)
-        else:
-            tensor = sources[0]
-        # A stacked layer chunk is [1, *shape]: the layer axis comes first.
-        return tensor.unsqueeze(0) if stacked else tensor
+) -> list[RowBlock]:
+    names = [name.format(layer=layer) for name in mapping.hf_names]
+    if isinstance(mapping, FusedQKV):
+        rows = mappings.megatron_shape(mapping, architecture)[0]
+        return [(0, rows, lambda: mappings.fuse_qkv(*map(weights.read, names), architecture))]
+    if isinstance(mapping, FusedGateUp):
+        gate, up = names
+        ffn = architecture.ffn_hidden_size
+        # megatron-core's gated MLP applies the activation to the first half of fc1's rows.
+        return [(0, ffn, lambda: weights.read(gate)), (ffn, ffn, lambda: weights.read(up))]
+    (name,) = names
+    rows = weights.tensors[name].shape[0]
+    blocks: list[RowBlock] = [(0, rows, lambda: weights.read(name))]
+    if mapping.megatron in mappings.VOCAB_PADDED and architecture.padded_vocab_size > rows:
+        padding_shape = (architecture.padded_vocab_size - rows, *weights.tensors[name].shape[1:])
+        dtype = weights.tensors[name].dtype
+        blocks.append((rows, padding_shape[0], lambda: torch.zeros(padding_shape, dtype=dtype)))
+    return blocks
 
-    return produce
+
+def _with_layer_axis(produce: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    return lambda: produce().unsqueeze(0)
 
 
 def _layers(mapping: TensorMapping, architecture: ModelArchitecture) -> range:

@@ -8,7 +8,7 @@ stands for the layer number. Three kinds of entry cover every supported family:
 - `FusedQKV`: megatron-core's `linear_qkv`, the query, key and value projections fused and
   interleaved per query group (see `fuse_qkv`);
 - `FusedGateUp`: megatron-core's `linear_fc1`, the gate and up projections stacked
-  ([gate; up], the order megatron-core's gated MLP splits them in).
+  ([gate; up], the order megatron-core's gated MLP splits them in; see `gate_up_rows`).
 
 Checkpoint keys are the ones megatron-core writes for both its local and its Transformer
 Engine layer specs: the local spec's `input_layernorm` and `pre_mlp_layernorm` are saved as
@@ -69,7 +69,8 @@ TensorMapping = Rename | FusedQKV | FusedGateUp
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 VOCAB_PADDED = frozenset({EMBEDDING, OUTPUT_LAYER})
-"""megatron tensors with one row per (padded) vocabulary entry."""
+"""megatron tensors with one row per padded vocabulary entry: the HF rows, then zero rows up
+to `padded_vocab_size` (added on import, dropped on export)."""
 
 _HF_LAYER = "model.layers.{layer}"
 _MEGATRON_LAYER = "decoder.layers.{layer}"
@@ -203,31 +204,14 @@ def split_qkv(
     )
 
 
-def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """HF gate [ffn, hidden] and up [ffn, hidden] -> megatron linear_fc1 [2*ffn, hidden].
+def gate_up_rows(architecture: ModelArchitecture) -> tuple[slice, slice]:
+    """The rows of megatron linear_fc1 [2*ffn, hidden] holding HF gate and up [ffn, hidden].
 
     Megatron-core's gated MLP applies the activation to the first half of fc1's output, and
-    its checkpoint stores the gate half and the up half as separate TP-agnostic chunks."""
-    return torch.cat((gate, up), dim=0)
-
-
-def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `fuse_gate_up`."""
-    gate, up = fc1.chunk(2, dim=0)
-    return gate.contiguous(), up.contiguous()
-
-
-def pad_vocab(tensor: torch.Tensor, architecture: ModelArchitecture) -> torch.Tensor:
-    """[vocab, hidden] -> [padded_vocab, hidden], the added rows zero."""
-    padding = architecture.padded_vocab_size - tensor.shape[0]
-    if padding == 0:
-        return tensor
-    return torch.cat((tensor, tensor.new_zeros(padding, *tensor.shape[1:])), dim=0)
-
-
-def unpad_vocab(tensor: torch.Tensor, architecture: ModelArchitecture) -> torch.Tensor:
-    """[padded_vocab, hidden] -> [vocab, hidden]."""
-    return tensor[: architecture.vocab_size].contiguous()
+    its checkpoint stores the two halves as separate chunks (each sharded over TP on its
+    own), which is also how the converter writes and reads them."""
+    ffn = architecture.ffn_hidden_size
+    return slice(0, ffn), slice(ffn, 2 * ffn)
 
 
 def megatron_shape(mapping: TensorMapping, architecture: ModelArchitecture) -> tuple[int, ...]:

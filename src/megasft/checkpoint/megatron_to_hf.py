@@ -2,14 +2,16 @@
 
 The inverse of `hf_to_megatron`: every HF tensor is planned (name, shape, dtype) from the
 checkpoint metadata and the family's mapping table, checked, then produced one at a time while
-the safetensors shards are written. A fused megatron tensor is read once and split; its
-parts are written one after another, so at most one fused tensor is held.
+the safetensors shards are written. Each HF tensor reads only its own rows of the megatron
+tensor (gate and up are two row ranges of fc1; the vocabulary padding is never read), except
+q, k and v, which are split from one read of the fused QKV.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +82,96 @@ def plan_hf_tensors(
     Checks first that the checkpoint holds every tensor of the table with the shape the
     architecture implies, so a checkpoint of another family or size is refused before writing.
     """
-    layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
-    global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
     for mapping in table:
         _check_stored_shape(reader, architecture, mapping)
-    dtype = reader.tensors[mappings.EMBEDDING].dtype
+    layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
+    global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
+    qkv_cache = _SplitQKVCache(reader, architecture)
 
-    cache = _FusedTensorCache(reader)
-    tensors = [*_global_tensors(global_table.pop(mappings.EMBEDDING), architecture, cache, dtype)]
+    tensors = _hf_tensors(
+        global_table.pop(mappings.EMBEDDING), architecture, reader, None, qkv_cache
+    )
     for layer in range(architecture.num_layers):
         for mapping in layer_table:
-            tensors += _layer_tensors(mapping, architecture, cache, layer)
+            tensors += _hf_tensors(mapping, architecture, reader, layer, qkv_cache)
     for mapping in global_table.values():
-        tensors += _global_tensors(mapping, architecture, cache, dtype)
+        tensors += _hf_tensors(mapping, architecture, reader, None, qkv_cache)
     return tensors
+
+
+def _hf_tensors(
+    mapping: TensorMapping,
+    architecture: ModelArchitecture,
+    reader: DistCheckpointReader,
+    layer: int | None,
+    qkv_cache: _SplitQKVCache,
+) -> list[TensorToWrite]:
+    """The HF tensors of one mapping (of one layer), each reading only its own rows."""
+    key = _checkpoint_key(mapping)
+    dtype = reader.tensors[key].dtype
+    names = [name.format(layer=layer) for name in mapping.hf_names]
+    shapes = mappings.hf_shapes(mapping, architecture)
+    if isinstance(mapping, FusedQKV):
+        producers = [_qkv_part(qkv_cache, key, layer, index) for index in range(3)]
+    elif isinstance(mapping, FusedGateUp):
+        producers = [
+            _rows(reader, key, layer, rows) for rows in mappings.gate_up_rows(architecture)
+        ]
+    else:
+        # Vocabulary-padded tensors: only the HF rows, the padding is left behind.
+        producers = [_rows(reader, key, layer, slice(0, shapes[0][0]))]
+    return [
+        TensorToWrite(name, shape, dtype, produce)
+        for name, shape, produce in zip(names, shapes, producers, strict=True)
+    ]
+
+
+def _checkpoint_key(mapping: TensorMapping) -> str:
+    if mappings.is_layer_mapping(mapping):
+        return mappings.stacked_key(mapping.megatron)
+    return mapping.megatron
+
+
+def _rows(
+    reader: DistCheckpointReader, key: str, layer: int | None, rows: slice
+) -> Callable[[], torch.Tensor]:
+    """Reads rows `rows` of tensor `key` (of one layer, for a stacked tensor)."""
+
+    def produce() -> torch.Tensor:
+        stored_shape = reader.tensors[key].shape
+        if layer is None:
+            offsets = (rows.start,) + (0,) * (len(stored_shape) - 1)
+            return reader.read(key, offsets, (rows.stop - rows.start, *stored_shape[1:]))
+        # [1, rows, ...] at (layer, first row, 0, ...) of [num_layers, *shape]
+        offsets = (layer, rows.start) + (0,) * (len(stored_shape) - 2)
+        return reader.read(key, offsets, (1, rows.stop - rows.start, *stored_shape[2:]))[0]
+
+    return produce
+
+
+class _SplitQKVCache:
+    """Splits each fused QKV once for its three HF tensors, and hands each part out once, so
+    that nothing of it stays in memory after v is written."""
+
+    def __init__(self, reader: DistCheckpointReader, architecture: ModelArchitecture) -> None:
+        self.reader = reader
+        self.architecture = architecture
+        self._parts: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
+    def get(self, key: str, layer: int | None, index: int) -> torch.Tensor:
+        if (key, layer, index) not in self._parts:
+            self._parts.clear()
+            rows = self.reader.tensors[key].shape[1 if layer is not None else 0]
+            fused = _rows(self.reader, key, layer, slice(0, rows))()
+            parts = mappings.split_qkv(fused, self.architecture)
+            self._parts = {(key, layer, part): tensor for part, tensor in enumerate(parts)}
+        return self._parts.pop((key, layer, index))
+
+
+def _qkv_part(
+    cache: _SplitQKVCache, key: str, layer: int | None, index: int
+) -> Callable[[], torch.Tensor]:
+    return lambda: cache.get(key, layer, index)
 
 
 def _check_stored_shape(
@@ -115,74 +193,6 @@ def _check_stored_shape(
             f"{reader.directory}: {key!r} has shape {list(stored.shape)}, but "
             f"{ARCHITECTURE_FILE} implies {list(shape)}"
         )
-
-
-class _FusedTensorCache:
-    """Holds the last megatron tensor read, so the parts of a fused tensor read it once."""
-
-    def __init__(self, reader: DistCheckpointReader) -> None:
-        self.reader = reader
-        self._key: tuple[str, int | None] | None = None
-        self._tensor: torch.Tensor | None = None
-
-    def get(self, key: str, layer: int | None) -> torch.Tensor:
-        if self._key != (key, layer):
-            self._tensor = None  # drop the previous tensor before reading the next
-            stored = self.reader.tensors[key]
-            if layer is None:
-                offsets, shape = (0,) * len(stored.shape), stored.shape
-            else:
-                # [1, *parameter_shape] at (layer, 0, ...) of the stacked tensor
-                offsets = (layer,) + (0,) * (len(stored.shape) - 1)
-                shape = (1, *stored.shape[1:])
-            (tensor,) = self.reader.read([(key, offsets, shape)])
-            self._tensor = tensor[0] if layer is not None else tensor
-            self._key = (key, layer)
-        assert self._tensor is not None
-        return self._tensor
-
-
-def _layer_tensors(
-    mapping: TensorMapping, architecture: ModelArchitecture, cache: _FusedTensorCache, layer: int
-) -> list[TensorToWrite]:
-    key = mappings.stacked_key(mapping.megatron)
-    dtype = cache.reader.tensors[key].dtype
-    names = [name.format(layer=layer) for name in mapping.hf_names]
-    shapes = mappings.hf_shapes(mapping, architecture)
-
-    def part(index: int):
-        def produce() -> torch.Tensor:
-            tensor = cache.get(key, layer)
-            if isinstance(mapping, FusedQKV):
-                return mappings.split_qkv(tensor, architecture)[index]
-            if isinstance(mapping, FusedGateUp):
-                return mappings.split_gate_up(tensor)[index]
-            return tensor
-
-        return produce
-
-    return [
-        TensorToWrite(name, shape, dtype, part(index))
-        for index, (name, shape) in enumerate(zip(names, shapes, strict=True))
-    ]
-
-
-def _global_tensors(
-    mapping: TensorMapping,
-    architecture: ModelArchitecture,
-    cache: _FusedTensorCache,
-    dtype: torch.dtype,
-) -> list[TensorToWrite]:
-    (shape,) = mappings.hf_shapes(mapping, architecture)
-    dtype = cache.reader.tensors[mapping.megatron].dtype
-
-    def produce() -> torch.Tensor:
-        tensor = cache.get(mapping.megatron, None)
-        if mapping.megatron in mappings.VOCAB_PADDED:
-            return mappings.unpad_vocab(tensor, architecture)
-        return tensor
-
-    return [TensorToWrite(mapping.hf, shape, dtype, produce)]
 
 
 def _check_base_matches(base: Path, architecture: ModelArchitecture) -> None:

@@ -1,7 +1,9 @@
 """Hugging Face weight files: lazy reading and streaming, sharded writing.
 
-Reading opens each safetensors file with `safe_open` and reads one tensor at a time, so
-converting a model never holds more than a few tensors. Writing produces each tensor only
+Reading opens a safetensors file with `safe_open` for each tensor and closes it again: the
+tensor comes back memory-mapped (no copy), and its pages leave the process's resident memory
+as soon as the tensor is dropped. A handle kept open would keep every page it ever served
+resident, which for a sharded checkpoint grows to the whole model. Writing produces each tensor only
 when its bytes are due: the safetensors header (names, dtypes, shapes, offsets) is known from
 the plan, so a shard is written front to back without keeping the shard in memory.
 
@@ -13,7 +15,6 @@ of 8 bytes, then the raw little-endian tensor bytes in header order, without gap
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -66,7 +67,6 @@ class HFWeightsReader:
 
     def __init__(self, directory: Path, *, allow_pytorch_bin: bool = False) -> None:
         self.directory = Path(directory)
-        self._handles: dict[Path, object] = {}
         self._bin_state: tuple[Path, dict[str, torch.Tensor]] | None = None
         files = _weight_files(self.directory, allow_pytorch_bin=allow_pytorch_bin)
         self.tensors: dict[str, TensorInfo] = {}
@@ -78,20 +78,17 @@ class HFWeightsReader:
         _check_index_complete(self.directory, files, self.tensors)
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor called `name`, read from disk now."""
+        """The tensor called `name`, memory-mapped from its file."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r} in the weights")
         if info.file.suffix == ".bin":
             return self._read_bin(info)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         try:
-            tensor = handle.get_tensor(name)
+            with safe_open(str(info.file), framework="pt") as handle:
+                return handle.get_tensor(name)
         except SafetensorError as error:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {error}") from error
-        return tensor
 
     def _read_bin(self, info: TensorInfo) -> torch.Tensor:
         # A .bin shard is one pickle; keep the last one open (memory-mapped) while its
@@ -310,5 +307,3 @@ def write_safetensors_file(path: Path, tensors: Iterable[TensorToWrite]) -> None
             # [numel] raw bytes, viewed without a copy when the tensor is contiguous
             stream.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del data
-        stream.flush()
-        os.fsync(stream.fileno())
