@@ -44,7 +44,7 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 state_dict = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 os.makedirs(sys.argv[2])
 save_file(state_dict, os.path.join(sys.argv[2], "model.safetensors"))
-print(f"converted in {time.perf_counter() - started:.2f}s", file=sys.stderr)
+print(f"converted in {time.perf_counter() - started:.2f}s")
 """
 """The naive path; like `megasft convert`, it reports its time after the imports."""
 
@@ -84,14 +84,15 @@ def measure(path: str, command: list[str], output: Path) -> Measurement:
     if output.exists():
         shutil.rmtree(output)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    output_text = process.stdout.read().decode()  # to the end, so the child never blocks on it
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    errors = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
-        raise SystemExit(f"{path} failed ({process.returncode}):\n{errors[-3000:]}")
-    reported = re.search(r"converted .*in (\d+\.\d+)s", errors)
+        raise SystemExit(f"{path} failed ({process.returncode}):\n{output_text[-3000:]}")
+    reported = re.search(r"converted .*in (\d+\.\d+)s", output_text)
     working_seconds = float(reported.group(1)) if reported else seconds
     return Measurement(path, seconds, working_seconds, usage.ru_maxrss * 1024)  # KiB on Linux
 

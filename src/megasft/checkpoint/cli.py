@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import time
 
 from megasft.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, FORMATS, convert
 from megasft.checkpoint.safetensors_io import parse_size
@@ -46,7 +46,7 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.monotonic()
     architecture = convert(
         args.source_format,
         args.target_format,
@@ -57,7 +57,8 @@ def run_convert(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_size,
     )
     print(
-        f"wrote {args.dst}: {architecture.family}, {architecture.num_layers} layers, "
-        f"hidden {architecture.hidden_size}, vocab {architecture.vocab_size}"
+        f"converted {args.src} ({architecture.family}, {architecture.num_layers} layers, hidden "
+        f"{architecture.hidden_size}, vocab {architecture.vocab_size}) {args.source_format} -> "
+        f"{args.target_format} in {time.monotonic() - started:.1f}s: {args.dst}"
     )
     return 0
