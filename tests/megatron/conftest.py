@@ -14,16 +14,9 @@ import torch
 
 from megasft.checkpoint.convert import convert
 from tests.checkpoint.tiny_models import TINY_MODELS, sample_tokens, save_tiny_model
+from tests.megatron.settings import CLIP_GRAD, LEARNING_RATE, RESAVED_MODEL, TRAINING_MODEL
 
 WORKER = Path(__file__).with_name("megatron_worker.py")
-TRAINING_MODEL = "llama_tied"
-"""The model of the training checks: tied embeddings make PP=2 all-reduce the embedding
-gradient between the first and the last stage, as finalize_model_grads must."""
-RESAVED_MODEL = "qwen2"
-"""Re-saved by megatron-core at TP=2 and exported again (its QKV biases are TP-sharded too)."""
-LEARNING_RATE = 1e-3
-CLIP_GRAD = 0.05
-"""Small enough that every step is clipped, so clipping is exercised."""
 
 
 def _run(command: list[str], description: str) -> None:

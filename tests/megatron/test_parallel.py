@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from megasft.checkpoint.convert import convert
 from tests.checkpoint.tiny_models import TINY_MODELS, assert_bit_exact, read_hf_weights
-from tests.megatron.conftest import CLIP_GRAD, RESAVED_MODEL
+from tests.megatron.settings import CLIP_GRAD, RESAVED_MODEL
 
 pytestmark = pytest.mark.slow
 
