@@ -153,9 +153,11 @@ def _row_blocks(
         return [(0, rows, lambda: mappings.fuse_qkv(*map(weights.read, names), architecture))]
     if isinstance(mapping, FusedGateUp):
         gate, up = names
-        ffn = architecture.ffn_hidden_size
-        # megatron-core's gated MLP applies the activation to the first half of fc1's rows.
-        return [(0, ffn, lambda: weights.read(gate)), (ffn, ffn, lambda: weights.read(up))]
+        gate_rows, up_rows = mappings.gate_up_rows(architecture)
+        return [
+            (gate_rows.start, gate_rows.stop - gate_rows.start, lambda: weights.read(gate)),
+            (up_rows.start, up_rows.stop - up_rows.start, lambda: weights.read(up)),
+        ]
     (name,) = names
     rows = weights.tensors[name].shape[0]
     blocks: list[RowBlock] = [(0, rows, lambda: weights.read(name))]
