@@ -50,6 +50,10 @@ def reference(spec: dict, tokens: torch.Tensor, work: Path) -> None:
     emulation_checks(work)
     for name, checkpoint in spec["checkpoints"].items():
         torch.save(logits(checkpoint, tokens), work / f"logits_tp1_{name}.pt")
+    torch.save(
+        logits_with_megatron_loader(spec["checkpoints"]["llama"], tokens),
+        work / "logits_raw_load_llama.pt",
+    )
     result = training_step(
         spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
     )
@@ -131,6 +135,23 @@ def logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         output = model(tokens, positions, attention_mask=None)
     return output[..., : architecture.vocab_size].contiguous()
+
+
+def logits_with_megatron_loader(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
+    """As `logits`, but loaded by megatron-core's own `dist_checkpointing.load` with the whole
+    sharded state dict, `_extra_state` included, as docs/convert.md says it can be."""
+    from megatron.core import dist_checkpointing
+
+    architecture = read_architecture(checkpoint)
+    model = build_model(
+        architecture, transformer_config(architecture, perform_initialization=False)
+    )
+    state_dict = dist_checkpointing.load(model.sharded_state_dict(), checkpoint, strict="log_all")
+    model.load_state_dict(state_dict)
+    model.eval()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, attention_mask=None)[..., : architecture.vocab_size]
 
 
 def training_step(

@@ -50,6 +50,11 @@ def test_megatron_logits_match_transformers(worker_runs, name):
     assert (megatron - reference).abs().max().item() <= 1e-4
 
 
+def test_megatron_core_own_loader_reads_the_checkpoint(worker_runs):
+    raw = torch.load(worker_runs / "logits_raw_load_llama.pt")
+    assert torch.equal(raw, torch.load(worker_runs / "logits_tp1_llama.pt"))
+
+
 def test_mistral_window_is_shorter_than_the_test_sequence(worker_runs):
     # Otherwise the Mistral parity above would not exercise the sliding window.
     model = AutoModelForCausalLM.from_pretrained(
