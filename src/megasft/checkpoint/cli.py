@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
-from megasft.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, FORMATS, convert
-from megasft.checkpoint.safetensors_io import parse_size
+# Only light imports here: the root parser is built for every `megasft` command, and the
+# converter (torch, torch.distributed.checkpoint) costs seconds to import.
+from megasft.checkpoint.layout import DEFAULT_MAX_SHARD_BYTES, FORMATS
 
 
 def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +48,8 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from megasft.checkpoint.convert import convert
+
     started = time.monotonic()
     architecture = convert(
         args.source_format,
@@ -62,3 +66,14 @@ def run_convert(args: argparse.Namespace) -> int:
         f"{args.target_format} in {time.monotonic() - started:.1f}s: {args.dst}"
     )
     return 0
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as `5GB`, `500MB`, `2GiB` or `1000000`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    multipliers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    multipliers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(number * multipliers[unit])

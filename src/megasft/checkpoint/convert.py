@@ -17,13 +17,11 @@ from pathlib import Path
 
 from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.hf_to_megatron import convert_hf_to_megatron
+from megasft.checkpoint.layout import DEFAULT_MAX_SHARD_BYTES, FORMATS
 from megasft.checkpoint.megatron_to_hf import convert_megatron_to_hf
 from megasft.megatron.architecture import ModelArchitecture
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("hf", "megatron")
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def convert(

@@ -19,6 +19,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+FORMATS = ("hf", "megatron")
+"""The two sides of a conversion."""
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""The size above which exported safetensors are sharded."""
+
 ARCHITECTURE_FILE = "architecture.json"
 HF_FILES_DIR = "hf"
 HF_CONFIG_FILE = "config.json"

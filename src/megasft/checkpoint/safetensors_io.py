@@ -15,7 +15,6 @@ of 8 bytes, then the raw little-endian tensor bytes in header order, without gap
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -221,17 +220,6 @@ class TensorToWrite:
         for size in self.shape:
             count *= size
         return count * element_size
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as `5GB`, `500MB`, `2GiB` or `1000000`."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    multipliers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    multipliers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(number * multipliers[unit])
 
 
 def plan_shards(
