@@ -1,0 +1,294 @@
+"""Container image references: the one place the components, the manifests and `make images` read them.
+
+Each image family is built from one Dockerfile under docker/ and named
+REGISTRY/REPOSITORY:TAG (or REGISTRY/REPOSITORY@sha256:DIGEST). The defaults live here; a
+deployment overrides them with environment variables:
+
+    MEGASFT_IMAGE_REGISTRY     registry and path of every image (default registry.example.com/megasft)
+    MEGASFT_IMAGE_TAG          tag of every image (default: the package version)
+    MEGASFT_IMAGE_TRAIN_ROCM   a full reference for one family, e.g. ghcr.io/acme/train@sha256:...
+                               (likewise MEGASFT_IMAGE_TRAIN_CUDA, MEGASFT_IMAGE_CPU, MEGASFT_IMAGE_MLFLOW)
+
+The default registry is under example.com, a domain reserved for examples: a cluster that was not
+told where its images are fails to pull them, loudly, instead of pulling somebody else's.
+
+    python -m megasft.images --list            FAMILY<TAB>DOCKERFILE<TAB>REFERENCE, one line per family
+    python -m megasft.images build [FAMILY ...] [--push]
+                                               builds them with docker or podman (`make images`)
+
+`build` exits 2 when neither docker nor podman can build here (a client without a running
+engine counts as none), saying what it found, so that a CI step that is meant to build images
+never passes without building them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from megasft import __version__
+from megasft.errors import MegasftError
+
+DEFAULT_REGISTRY = "registry.example.com/megasft"
+REGISTRY_VARIABLE = "MEGASFT_IMAGE_REGISTRY"
+TAG_VARIABLE = "MEGASFT_IMAGE_TAG"
+NO_ENGINE_EXIT_CODE = 2
+
+# The grammar of the distribution spec (github.com/distribution/reference), reduced to what we use.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_REGISTRY_HOST = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]+)?")
+
+
+class ImageError(MegasftError):
+    """An image reference or an override of one is malformed, or a family is unknown."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image: REGISTRY/REPOSITORY, pinned by a tag, a digest, or both."""
+
+    registry: str
+    """Registry host and path, e.g. `ghcr.io/acme/megasft` (everything before the last `/`)."""
+    repository: str
+    """The last path component, e.g. `train-rocm`."""
+    tag: str | None = None
+    """e.g. `0.1.0`; None when pinned by digest alone."""
+    digest: str | None = None
+    """`sha256:` and 64 hex digits; wins over the tag when both are given."""
+
+    def __post_init__(self) -> None:
+        host, _, path = self.registry.partition("/")
+        components = [*path.split("/"), self.repository] if path else [self.repository]
+        if not _REGISTRY_HOST.fullmatch(host) or not all(
+            _PATH_COMPONENT.fullmatch(part) for part in components
+        ):
+            raise ImageError(
+                f"{self.registry}/{self.repository} is not a valid image name: a registry host, "
+                "then lower-case path components separated by '/'"
+            )
+        if self.tag is None and self.digest is None:
+            raise ImageError(f"{self.registry}/{self.repository} needs a tag or a digest")
+        if self.tag is not None and not _TAG.fullmatch(self.tag):
+            raise ImageError(f"{self.tag!r} is not a valid image tag")
+        if self.digest is not None and not _DIGEST.fullmatch(self.digest):
+            raise ImageError(f"{self.digest!r} is not a digest; expected sha256: and 64 hex digits")
+
+    @property
+    def reference(self) -> str:
+        """What `docker pull` and a pod's `image:` take."""
+        name = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            name += f":{self.tag}"
+        if self.digest is not None:
+            name += f"@{self.digest}"
+        return name
+
+    @classmethod
+    def parse(cls, reference: str) -> ImageRef:
+        """The inverse of `reference`: REGISTRY/REPOSITORY[:TAG][@DIGEST]."""
+        name, _, digest = reference.partition("@")
+        tag = None
+        last_slash = name.rfind("/")
+        colon = name.rfind(":")
+        if colon > last_slash:  # a colon before the last '/' is a registry port, not a tag
+            name, tag = name[:colon], name[colon + 1 :]
+        registry, _, repository = name.rpartition("/")
+        if not registry:
+            raise ImageError(
+                f"{reference!r} has no registry; write it in full, e.g. ghcr.io/acme/{name}:TAG"
+            )
+        return cls(registry, repository, tag, digest or None)
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """One image that `make images` builds: where its Dockerfile is and what it is for."""
+
+    name: str
+    dockerfile: str
+    """Relative to the repository root, which is also the build context."""
+    platform: str | None
+    """`--platform` for the build; None builds for the machine's own."""
+    description: str
+
+    @property
+    def override_variable(self) -> str:
+        return "MEGASFT_IMAGE_" + self.name.upper().replace("-", "_")
+
+
+FAMILIES: dict[str, ImageFamily] = {
+    family.name: family
+    for family in (
+        ImageFamily(
+            "train-rocm",
+            "docker/Dockerfile.train-rocm",
+            "linux/amd64",
+            "training on AMD MI300X (gfx942): ROCm PyTorch, Transformer Engine, megatron-core",
+        ),
+        ImageFamily(
+            "train-cuda",
+            "docker/Dockerfile.train-cuda",
+            "linux/amd64",
+            "training on NVIDIA GPUs: NGC PyTorch, megatron-core",
+        ),
+        ImageFamily(
+            "cpu",
+            # megatron-core publishes x86_64 wheels only, so the CPU image is amd64 as well.
+            "docker/Dockerfile.cpu",
+            "linux/amd64",
+            "tokenize-and-mask, conversion, evaluation and the pipeline CLI, on CPU",
+        ),
+        ImageFamily(
+            "mlflow",
+            "docker/Dockerfile.mlflow",
+            None,
+            "the MLflow tracking server, with the Postgres and S3 clients it needs",
+        ),
+    )
+}
+
+
+def image_for(family: str, environ: Mapping[str, str] | None = None) -> ImageRef:
+    """The image of `family`, after the MEGASFT_IMAGE_* overrides in `environ` (os.environ)."""
+    environ = os.environ if environ is None else environ
+    if family not in FAMILIES:
+        raise ImageError(f"unknown image family {family!r}; known: {', '.join(FAMILIES)}")
+    variable = FAMILIES[family].override_variable
+    override = environ.get(variable, "").strip()
+    if override:
+        try:
+            return ImageRef.parse(override)
+        except ImageError as error:
+            raise ImageError(f"{variable}={override!r}: {error}") from None
+    registry = environ.get(REGISTRY_VARIABLE, "").strip().rstrip("/") or DEFAULT_REGISTRY
+    tag = environ.get(TAG_VARIABLE, "").strip() or __version__
+    try:
+        return ImageRef(registry, family, tag=tag)
+    except ImageError as error:
+        raise ImageError(f"{REGISTRY_VARIABLE}/{TAG_VARIABLE}: {error}") from None
+
+
+def find_container_engine(
+    candidates: Sequence[str] = ("docker", "podman"),
+) -> tuple[str | None, str]:
+    """The first of `candidates` that can build here, or None and what was found instead.
+
+    A client alone is not enough: `docker` without a reachable daemon cannot build, so each
+    candidate must answer `info`.
+    """
+    findings = []
+    for name in candidates:
+        path = shutil.which(name)
+        if path is None:
+            findings.append(f"{name}: not installed")
+            continue
+        try:
+            probe = subprocess.run(
+                [path, "info"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except subprocess.TimeoutExpired:
+            findings.append(f"{name}: `{name} info` did not answer within 30 s")
+            continue
+        if probe.returncode == 0:
+            return path, f"{name}: ready"
+        reason = (probe.stderr or probe.stdout).strip().splitlines()
+        last_line = reason[-1] if reason else f"exit code {probe.returncode}"
+        findings.append(f"{name}: client found, but `{name} info` failed: {last_line}")
+    return None, "; ".join(findings)
+
+
+def build_command(engine: str, family: ImageFamily, image: ImageRef, revision: str) -> list[str]:
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    command = [engine, "build", "--file", family.dockerfile, "--tag", image.reference]
+    if family.platform:
+        command += ["--platform", family.platform]
+    for name, value in (("VERSION", __version__), ("REVISION", revision), ("CREATED", created)):
+        command += ["--build-arg", f"{name}={value}"]  # the OCI labels of every image
+    return [*command, "."]
+
+
+def _git_revision() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def build(families: Sequence[str], push: bool = False) -> int:
+    """Builds (and pushes) `families` from the repository root; returns the exit code."""
+    unknown = [name for name in families if name not in FAMILIES]
+    if unknown:
+        raise ImageError(f"unknown image family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    missing = [
+        FAMILIES[n].dockerfile for n in families if not os.path.isfile(FAMILIES[n].dockerfile)
+    ]
+    if missing:
+        raise ImageError(f"{missing[0]} not found; run this from the repository root")
+    engine, findings = find_container_engine()
+    if engine is None:
+        print(
+            "make images: no container engine can build here, so no image was built.\n"
+            f"  found: {findings}\n"
+            "  Start Docker or install Podman and run `make images` again; "
+            "`python -m megasft.images --list` shows what would be built.",
+            file=sys.stderr,
+        )
+        return NO_ENGINE_EXIT_CODE
+    revision = _git_revision()
+    for name in families:
+        image = image_for(name)
+        for command in (
+            build_command(engine, FAMILIES[name], image, revision),
+            [engine, "push", image.reference] if push else None,
+        ):
+            if command is None:
+                continue
+            print("+ " + " ".join(command), flush=True)
+            if subprocess.run(command, check=False).returncode != 0:
+                print(f"make images: `{' '.join(command[:2])}` failed for {name}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megasft.images", description="The container images of megasft."
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="print FAMILY<TAB>DOCKERFILE<TAB>REFERENCE per family"
+    )
+    subcommands = parser.add_subparsers(dest="command")
+    build_parser = subcommands.add_parser("build", help="build the images with docker or podman")
+    build_parser.add_argument(
+        "families", nargs="*", metavar="FAMILY", help=f"default: all ({', '.join(FAMILIES)})"
+    )
+    build_parser.add_argument("--push", action="store_true", help="push each image after its build")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            return build(args.families or list(FAMILIES), push=args.push)
+        if args.list:
+            for family in FAMILIES.values():
+                print(f"{family.name}\t{family.dockerfile}\t{image_for(family.name).reference}")
+            return 0
+    except ImageError as error:
+        print(f"megasft images: error: {error}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
