@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pinned so that pip never pulls the CUDA wheels on a machine without a GPU.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench clean images
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ demo: setup
 BENCHES ?= $(wildcard bench/*.py)
 bench: setup
 	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# The container images under docker/, named by src/megasft/images.py (MEGASFT_IMAGE_REGISTRY,
+# MEGASFT_IMAGE_TAG). IMAGES picks families (make images IMAGES="cpu mlflow"); PUSH=1 pushes them.
+# Exits 2, saying what it found, where neither docker nor podman can build (docs/deploy.md).
+IMAGES ?=
+images: setup
+	$(BIN)/python -m megasft.images build $(IMAGES) $(if $(PUSH),--push)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
