@@ -1,0 +1,88 @@
+"""Rendering the manifests with kustomize, and finding things in what it renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import yaml
+
+from tests.conftest import REPO
+
+MANIFESTS = REPO / "manifests"
+# What a cluster applies: the shipped overlays and the example of a cluster's own overlay.
+OVERLAYS = ("overlays/mi300x", "overlays/cuda", "examples/my-cluster")
+# `replacements`, components and JSON patches with targets need kustomize v5 (kubectl >= 1.27).
+KUSTOMIZE_MAJOR = 5
+NAMESPACE = "megasft"
+# The uid and gid of the `megasft` user in every image (docker/Dockerfile.*), which the pods run as.
+IMAGE_UID = 10001
+
+
+def _major(version: str) -> int:
+    digits = version.lstrip("v").split(".")[0]
+    return int(digits) if digits.isdigit() else 0
+
+
+def find_kustomize() -> tuple[list[str] | None, str]:
+    """`kubectl kustomize` or `kustomize build`, whichever is v5 or newer; else None and why."""
+    findings = []
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        result = subprocess.run(
+            [kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True
+        )
+        version = json.loads(result.stdout or "{}").get("kustomizeVersion", "")
+        if _major(version) >= KUSTOMIZE_MAJOR:
+            return [kubectl, "kustomize"], f"kubectl with kustomize {version}"
+        findings.append(f"kubectl embeds kustomize {version or 'of unknown version'}")
+    else:
+        findings.append("no kubectl")
+    standalone = shutil.which("kustomize")
+    if standalone:
+        result = subprocess.run([standalone, "version"], capture_output=True, text=True)
+        version = result.stdout.strip().split()[-1] if result.stdout.strip() else ""
+        if _major(version) >= KUSTOMIZE_MAJOR:
+            return [standalone, "build"], f"kustomize {version}"
+        findings.append(f"kustomize {version or 'of unknown version'}")
+    else:
+        findings.append("no kustomize")
+    return None, (
+        f"rendering the manifests needs kustomize v{KUSTOMIZE_MAJOR}+ ({'; '.join(findings)}): "
+        "install kubectl >= 1.27 from Kubernetes' own packages (pkgs.k8s.io) or a kustomize "
+        "release binary; Debian 12's kubernetes-client (1.20) is too old"
+    )
+
+
+def render(command: list[str], directory: str) -> list[dict]:
+    result = subprocess.run(
+        [*command, str(MANIFESTS / directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kustomize failed on manifests/{directory}:\n{result.stderr}"
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def objects_of(documents: list[dict], kind: str) -> list[dict]:
+    return [document for document in documents if document["kind"] == kind]
+
+
+def only(documents: list[dict], kind: str) -> dict:
+    found = objects_of(documents, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(document: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod template in a workload object."""
+    kind, spec = document["kind"], document.get("spec", {})
+    if kind == "Deployment":
+        return [("template", spec["template"]["spec"])]
+    if kind == "CronJob":
+        return [("jobTemplate", spec["jobTemplate"]["spec"]["template"]["spec"])]
+    if kind == "PyTorchJob":
+        return [
+            (replica, replica_spec["template"]["spec"])
+            for replica, replica_spec in spec["pytorchReplicaSpecs"].items()
+        ]
+    return []
