@@ -228,12 +228,9 @@ def _git_revision() -> str:
 
 def build(families: Sequence[str], push: bool = False) -> int:
     """Builds (and pushes) `families` from the repository root; returns the exit code."""
-    unknown = [name for name in families if name not in FAMILIES]
-    if unknown:
-        raise ImageError(f"unknown image family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
-    missing = [
-        FAMILIES[n].dockerfile for n in families if not os.path.isfile(FAMILIES[n].dockerfile)
-    ]
+    images = {name: image_for(name) for name in families}  # bad names and overrides fail first
+    dockerfiles = [FAMILIES[name].dockerfile for name in families]
+    missing = [path for path in dockerfiles if not os.path.isfile(path)]
     if missing:
         raise ImageError(f"{missing[0]} not found; run this from the repository root")
     engine, findings = find_container_engine()
@@ -247,14 +244,11 @@ def build(families: Sequence[str], push: bool = False) -> int:
         )
         return NO_ENGINE_EXIT_CODE
     revision = _git_revision()
-    for name in families:
-        image = image_for(name)
-        for command in (
-            build_command(engine, FAMILIES[name], image, revision),
-            [engine, "push", image.reference] if push else None,
-        ):
-            if command is None:
-                continue
+    for name, image in images.items():
+        commands = [build_command(engine, FAMILIES[name], image, revision)]
+        if push:
+            commands.append([engine, "push", image.reference])
+        for command in commands:
             print("+ " + " ".join(command), flush=True)
             if subprocess.run(command, check=False).returncode != 0:
                 print(f"make images: `{' '.join(command[:2])}` failed for {name}", file=sys.stderr)
