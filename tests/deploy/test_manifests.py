@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from megasft.images import image_for
+from megasft.images import FAMILIES, image_for
 from tests.conftest import REPO, shared_path
 from tests.deploy.dockerfiles import parse
 from tests.deploy.rendering import (
@@ -40,7 +40,6 @@ CORE_KINDS = {
 SHIPPED = ("overlays/mi300x", "overlays/cuda")
 ACCELERATORS = {"overlays/mi300x": "amd.com/gpu", "overlays/cuda": "nvidia.com/gpu"}
 TRAINING_IMAGES = {"overlays/mi300x": "train-rocm", "overlays/cuda": "train-cuda"}
-DOCKERFILES = {"overlays/mi300x": "docker/Dockerfile.train-rocm", "overlays/cuda": "docker/Dockerfile.train-cuda"}  # fmt: skip
 CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|CREDENTIAL|(^|_)TOKEN$|STORE_URI$")
 CREDENTIAL_IN_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 
@@ -311,7 +310,7 @@ def test_collective_settings_match_the_image_and_are_documented(rendered, overla
         variable["name"]: variable.get("value")
         for variable in training_container(only(rendered[overlay], "PyTorchJob"))["env"]
     }
-    image_defaults = parse(REPO / DOCKERFILES[overlay]).parser.envs
+    image_defaults = parse(REPO / FAMILIES[TRAINING_IMAGES[overlay]].dockerfile).parser.envs
     for name in environment.keys() & image_defaults.keys():
         assert environment[name] == image_defaults[name], name
     deploy_guide = (REPO / "docs/deploy.md").read_text()
