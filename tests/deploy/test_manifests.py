@@ -17,6 +17,7 @@ import yaml
 
 from megasft.images import FAMILIES, image_for
 from tests.conftest import REPO, shared_path
+from tests.deploy.commands import megasft_subcommands
 from tests.deploy.dockerfiles import parse
 from tests.deploy.rendering import (
     IMAGE_UID,
@@ -328,6 +329,25 @@ def test_the_retraining_cronjob_ships_suspended_with_a_kfp_token(rendered):
     (token,) = [volume for volume in spec["volumes"] if "projected" in volume]
     (source,) = token["projected"]["sources"]
     assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+
+
+def test_the_retraining_command_is_one_the_cli_accepts(rendered):
+    ((_, spec),) = pod_specs(only(rendered["overlays/mi300x"], "CronJob"))
+    (container,) = spec["containers"]
+    environment = {variable["name"]: variable["value"] for variable in container["env"]}
+    arguments = [  # as the kubelet expands $(NAME)
+        re.sub(r"\$\((\w+)\)", lambda match: environment[match.group(1)], argument)
+        for argument in container["command"][1:] + container["args"]
+    ]
+    subcommands = megasft_subcommands()
+    if arguments[0] not in subcommands:
+        pytest.skip(
+            f"`megasft {arguments[0]}` arrives with the pipeline issue; checked once it exists"
+        )
+    try:
+        subcommands[arguments[0]].parse_args(arguments[1:])
+    except SystemExit:
+        pytest.fail(f"megasft does not accept the CronJob's command: {' '.join(arguments)}")
 
 
 def test_the_manifests_directory_holds_no_stray_yaml():
