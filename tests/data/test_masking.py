@@ -155,9 +155,13 @@ def test_fast_and_prefix_paths_agree(chat_tokenizers):
     for name in ("chatml", "llama3", "mistral"):
         masker = make_masker(chat_tokenizers[name])
         text = masker.template.render(TWO_TURNS)
-        fast = masker._bounds_from_skeleton(TWO_TURNS, text, masker.trained_turns(TWO_TURNS))
-        slow = masker._bounds_from_prefixes(TWO_TURNS, text, masker.trained_turns(TWO_TURNS))
-        assert fast == slow, name
+        turns = masker.trained_turns(TWO_TURNS)
+        fast = masker._spans_from_skeleton(TWO_TURNS, text, turns)
+        slow = [
+            masker._trained_span(text, gen_end, turn_end)
+            for gen_end, turn_end in masker._bounds_from_prefixes(TWO_TURNS, text, turns)
+        ]
+        assert fast is not None and fast == slow, name
 
 
 def test_tool_turns_are_not_trained(chat_tokenizers):
@@ -348,3 +352,23 @@ def test_answer_ending_in_a_multi_byte_character_keeps_all_its_tokens(chat_token
     assert trained_segments(example, chat.tokenizer) == ["ok 🙂"]
     qwen_like_start = make_masker(chat).mask([Message("user", "x"), Message("assistant", "🙂 ok")])
     assert trained_segments(qwen_like_start, chat.tokenizer) == ["🙂 ok<|im_end|>"]
+
+
+def test_turn_without_special_end_strips_trailing_whitespace_on_both_paths(tmp_path):
+    template = (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '<|im_start|>' + message['content'] + '<|im_end|>' }}"
+        "{% else %}{{ message['content'] + '\\n\\n' }}{% endif %}"
+        "{% endfor %}"
+    )
+    chat = load_chat_tokenizer(build_tokenizer(tmp_path / "tok", chat_template=template))
+    masker = make_masker(chat)
+    messages = [Message("user", "q"), Message("assistant", "the answer  ")]
+    text = masker.template.render(messages)
+    fast = masker._spans_from_skeleton(messages, text, [1])
+    slow = [
+        masker._trained_span(text, *bounds)
+        for bounds in masker._bounds_from_prefixes(messages, text, [1])
+    ]
+    assert fast == slow
+    assert text[fast[0][0] : fast[0][1]] == "the answer"

@@ -87,9 +87,12 @@ class _Skeleton:
     """Template text between contents: pieces[0] + content[order[0]] + pieces[1] + ..."""
     order: tuple[int, ...]
     """Message index of each content slot, in text order."""
+    trained_spans: dict[int, tuple[int, int] | None]
+    """Assistant index -> its trained span in skeleton positions (see `_real_position`), or
+    None when the turn does not end in a special token, so that where the span ends depends
+    on the real content's trailing whitespace and is worked out on the real text."""
     turn_bounds: dict[int, tuple[int, int]]
-    """Assistant index -> (generation prompt end, turn end), as (slot, offset in piece) pairs
-    flattened to skeleton positions; see `_real_position`."""
+    """Assistant index -> (generation prompt end, turn end) in skeleton positions."""
     slot_starts: tuple[int, ...]
     """Skeleton position where each content slot (in text order) starts."""
 
@@ -163,9 +166,10 @@ class ConversationMasker:
         turns = self.trained_turns(messages)
         if not turns:
             return []
-        bounds = self._bounds_from_skeleton(messages, text, turns)
-        if bounds is None:
-            bounds = self._bounds_from_prefixes(messages, text, turns)
+        spans = self._spans_from_skeleton(messages, text, turns)
+        if spans is not None:
+            return spans
+        bounds = self._bounds_from_prefixes(messages, text, turns)
         return [self._trained_span(text, gen_end, turn_end) for gen_end, turn_end in bounds]
 
     # -- steps ----------------------------------------------------------------------------------
@@ -257,13 +261,21 @@ class ConversationMasker:
 
     def _trained_span(self, text: str, gen_end: int, turn_end: int) -> tuple[int, int]:
         """[start, end) of the answer plus, by policy, its end-of-turn token."""
-        output = text[gen_end:turn_end]
-        stripped = output.rstrip()
+        span = self._span_if_special_end(text, gen_end, turn_end)
+        if span is not None:
+            return span
+        return (gen_end, gen_end + len(text[gen_end:turn_end].rstrip()))
+
+    def _span_if_special_end(
+        self, text: str, gen_end: int, turn_end: int
+    ) -> tuple[int, int] | None:
+        """The trained span when the turn ends in a special token (after whitespace), else None."""
+        stripped = text[gen_end:turn_end].rstrip()
         end = gen_end + len(stripped)
         for special in self._special_texts:
             if stripped.endswith(special):
                 return (gen_end, end if self.policy.train_on_eos else end - len(special))
-        return (gen_end, end)
+        return None
 
     # -- turn boundaries -----------------------------------------------------------------------
 
@@ -299,7 +311,7 @@ class ConversationMasker:
                 "add_generation_prompt"
             )
 
-    def _bounds_from_skeleton(
+    def _spans_from_skeleton(
         self, messages: list[Message], text: str, turns: list[int]
     ) -> list[tuple[int, int]] | None:
         roles = tuple(m.role for m in messages)
@@ -318,18 +330,28 @@ class ConversationMasker:
         growth = [
             len(messages[index].content) - len(_placeholder(index)) for index in skeleton.order
         ]
-        bounds = []
+        spans = []
         for i in turns:
             if i not in skeleton.turn_bounds:
                 return None
-            gen_end, turn_end = skeleton.turn_bounds[i]
-            bounds.append(
-                (
+            span = skeleton.trained_spans[i]
+            if span is None:
+                gen_end, turn_end = skeleton.turn_bounds[i]
+                span = self._trained_span(
+                    text,
                     _real_position(gen_end, skeleton.slot_starts, growth),
                     _real_position(turn_end, skeleton.slot_starts, growth),
                 )
+                spans.append(span)
+                continue
+            start, end = span
+            spans.append(
+                (
+                    _real_position(start, skeleton.slot_starts, growth),
+                    _real_position(end, skeleton.slot_starts, growth),
+                )
             )
-        return bounds
+        return spans
 
     def _build_skeleton(self, messages: list[Message]) -> _Skeleton | None:
         placeholders = [
@@ -355,7 +377,8 @@ class ConversationMasker:
             cursor = at + len(_placeholder(index))
         pieces.append(full[cursor:])
 
-        turn_bounds = {}
+        turn_bounds: dict[int, tuple[int, int]] = {}
+        trained_spans: dict[int, tuple[int, int] | None] = {}
         for i, message in enumerate(placeholders):
             if message.role != "assistant":
                 continue
@@ -367,7 +390,10 @@ class ConversationMasker:
             if full.startswith(prompt) and full.startswith(through) and len(through) >= len(prompt):
                 self._check_no_header(message, through[len(prompt) :])
                 turn_bounds[i] = (len(prompt), len(through))
-        return _Skeleton(tuple(pieces), tuple(order), turn_bounds, tuple(slot_starts))
+                trained_spans[i] = self._span_if_special_end(full, len(prompt), len(through))
+        return _Skeleton(
+            tuple(pieces), tuple(order), trained_spans, turn_bounds, tuple(slot_starts)
+        )
 
 
 # Character -> token lookups go through the encoding (Rust, ~0.2 us each) instead of building
