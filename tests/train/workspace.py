@@ -9,16 +9,27 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from megasft.checkpoint.convert import convert
 from megasft.data.prepare import PrepareConfig, prepare
+from megasft.data.store import SplitWriter, example_batch, open_split, split_file
 from megasft.demo.model import build_tiny_llama
 from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
 
-SEQ_LENGTH = 256
+SEQ_LENGTH = 128
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML without a default system prompt: shorter rows, faster tests."""
 
 
 @dataclass(frozen=True)
@@ -31,22 +42,39 @@ class Workspace:
     """Prepared problems, packed into rows of SEQ_LENGTH tokens."""
     unpacked: Path
     """The same problems, one per row."""
+    overfit: Path
+    """16 other problems, one per row."""
+    all_masked: Path
+    """`packed` with no target token anywhere."""
+    first_row_masked: Path
+    """`unpacked` with no target token in its first row."""
+    first_row_dropped: Path
+    """`unpacked` without its first row."""
     problems: Path
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({key: str(value) for key, value in asdict(self).items()}))
 
 
 def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace:
     root.mkdir(parents=True, exist_ok=True)
     source = write_problems(root / "problems.jsonl", problems, seed=3)
+    overfit_source = write_problems(root / "overfit.jsonl", 16, seed=4)
     corpus = [DEFAULT_CORPUS] + [
         json.loads(line)["question"] + " " + json.loads(line)["answer"]
         for line in source.read_text().splitlines()
     ]
-    tokenizer = build_tokenizer(root / "tokenizer", corpus=corpus, vocab_size=400)
-    datasets = {}
-    for name, pack in (("packed", True), ("unpacked", False)):
+    tokenizer = build_tokenizer(
+        root / "tokenizer", chat_template=CHATML, corpus=corpus, vocab_size=400
+    )
+    for name, path, pack in (
+        ("packed", source, True),
+        ("unpacked", source, False),
+        ("overfit", overfit_source, False),
+    ):
         prepare(
             PrepareConfig(
-                inputs=(str(source),),
+                inputs=(str(path),),
                 tokenizer=str(tokenizer),
                 output=str(root / name),
                 column_map=(("prompt", "question"), ("response", "answer")),
@@ -57,23 +85,49 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
                 progress=False,
             )
         )
-        datasets[name] = root / name
-    hf_model = build_tiny_llama(
-        root / "hf",
-        tokenizer,
-        hidden_size=64,
-        layers=layers,
-        heads=4,
-        kv_heads=2,
-        max_positions=256,
+    _rewrite_train_split(root / "packed", root / "all_masked", lambda rows: _masked(rows, None))
+    _rewrite_train_split(
+        root / "unpacked", root / "first_row_masked", lambda rows: _masked(rows, 0)
     )
+    _rewrite_train_split(root / "unpacked", root / "first_row_dropped", lambda rows: rows[1:])
+    hf_model = build_tiny_llama(
+        root / "hf", tokenizer, hidden_size=64, layers=layers, heads=4, kv_heads=2,
+        max_positions=256,
+    )  # fmt: skip
     convert("hf", "megatron", hf_model, root / "mcore")
     return Workspace(
         root=root,
         tokenizer=tokenizer,
         hf_model=hf_model,
         mcore_model=root / "mcore",
-        packed=datasets["packed"],
-        unpacked=datasets["unpacked"],
+        packed=root / "packed",
+        unpacked=root / "unpacked",
+        overfit=root / "overfit",
+        all_masked=root / "all_masked",
+        first_row_masked=root / "first_row_masked",
+        first_row_dropped=root / "first_row_dropped",
         problems=source,
     )
+
+
+def _masked(rows: list[dict], index: int | None) -> list[dict]:
+    """`rows` with the loss mask of row `index` (every row for None) set to 0."""
+    return [
+        {**row, "loss_mask": [0] * len(row["loss_mask"])} if index in (None, i) else row
+        for i, row in enumerate(rows)
+    ]
+
+
+def _rewrite_train_split(source: Path, destination: Path, change) -> None:
+    """A copy of a prepared dataset whose train rows are `change(rows)`, in order."""
+    shutil.copytree(source, destination)
+    rows = change(open_split(source).to_pylist())
+    writer = SplitWriter(split_file(destination, "train"))
+    writer.write(
+        example_batch(
+            [np.array(row["input_ids"], np.int32) for row in rows],
+            [np.array(row["loss_mask"], np.int8) for row in rows],
+            [row["seq_lengths"] for row in rows],
+        )
+    )
+    writer.close()

@@ -47,6 +47,7 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 TRAIN_STATE_FILE = "train_state.json"
 RNG_DIR = "rng"
 _ITERATION = re.compile(r"iter_(\d{7,})")
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_name(step: int) -> str:
@@ -91,9 +92,51 @@ def _model_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
 
 def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state = _model_state_dict(model_chunks)
-    # The optimizer state is keyed by the model's sharded tensors, so it reshards with them.
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    # The optimizer state is keyed by the model's sharded tensors. The distributed optimizer's
+    # "dp_reshardable" layout (its shards as they are, written in parallel) resumes at any
+    # data-parallel size but the same TP/PP (megatron-core 0.16 cannot save the
+    # TP/PP-reshardable "fully_sharded_model_space" layout: it refuses flattened ranges).
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+    )
     return state
+
+
+def load_model_weights(model_chunks: list[torch.nn.Module], checkpoint: Path) -> None:
+    """Load the weights of every model chunk of this rank from a megatron checkpoint.
+
+    With one chunk this is `megasft.megatron.weights.load_weights`. With virtual pipeline
+    stages the chunks of all ranks together cover the layers, so they must be read in one
+    `dist_checkpointing.load` call (each chunk alone leaves layers uncovered, which
+    megatron-core's validation refuses); the same filtering as `load_weights` applies.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megasft.megatron.weights import load_weights
+
+    if len(model_chunks) == 1:
+        load_weights(model_chunks[0], checkpoint)
+        return
+    sharded = {
+        f"model{index}": {
+            name: value
+            for name, value in _unwrapped(chunk).sharded_state_dict().items()
+            if not (isinstance(value, ShardedObject) or name.endswith("_extra_state"))
+        }
+        for index, chunk in enumerate(model_chunks)
+    }
+    state = dist_checkpointing.load(sharded, str(checkpoint))
+    for index, chunk in enumerate(model_chunks):
+        missing, unexpected = _unwrapped(chunk).load_state_dict(
+            state[f"model{index}"], strict=False
+        )
+        missing = [name for name in missing if not name.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"{checkpoint}: the checkpoint does not fit the model (missing: {missing[:3]}, "
+                f"unexpected: {unexpected[:3]})"
+            )
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -84,6 +85,7 @@ def _launch(config: TrainConfig) -> int:
 
     save = Path(config.save)
     started = time.time()
+    previous = signal.signal(signal.SIGTERM, _forward_to_torchrun)
     try:
         run_torchrun("megasft.train.worker", config_arguments(config), config.nproc, save / "logs")
     except LaunchError:
@@ -96,4 +98,15 @@ def _launch(config: TrainConfig) -> int:
             print("megasft train: stopped by SIGTERM; rerun to resume", file=sys.stderr)
             return PREEMPTED_EXIT_CODE
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _forward_to_torchrun(signum, frame) -> None:
+    """SIGTERM to `megasft train --nproc N` goes on to torchrun, which passes it to every
+    rank (and gives them 30 s to save a checkpoint); this process waits for them."""
+    import psutil
+
+    for child in psutil.Process().children():
+        child.send_signal(signal.SIGTERM)

@@ -38,6 +38,8 @@ class Parallel:
     context_rank: int
     data_rank: int
     data_size: int
+    owns_process_group: bool
+    """This setup started torch.distributed (and so its teardown ends it)."""
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +75,8 @@ def setup_parallel(config: TrainConfig) -> Parallel:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if not dist.is_initialized():
+    owns_process_group = not dist.is_initialized()
+    if owns_process_group:
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
         else:  # a plain `megasft train` without torchrun: a group of one
@@ -99,13 +102,15 @@ def setup_parallel(config: TrainConfig) -> Parallel:
         context_rank=parallel_state.get_context_parallel_rank(),
         data_rank=parallel_state.get_data_parallel_rank(),
         data_size=parallel_state.get_data_parallel_world_size(),
+        owns_process_group=owns_process_group,
     )
 
 
-def teardown_parallel() -> None:
-    """Undo `setup_parallel`, so that another run can start in the same process (tests)."""
+def teardown_parallel(parallel: Parallel) -> None:
+    """Undo `setup_parallel`: megatron-core's groups, and the process group if it started it
+    (a caller that started torch.distributed itself can run several trainings in turn)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if parallel.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -122,8 +122,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     plan = plan_run(config, on_accelerator=accelerator_present())
     parallel = setup_parallel(plan.config)
+    previous_handler = signal.getsignal(signal.SIGTERM)
     try:
         run = setup(plan, parallel)
+
+        def on_sigterm(signum, frame):
+            run.sigterm[0] = True  # acted on at the end of the step, by every rank at once
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         try:
             status = train_loop(run)
         except Preempted:
@@ -131,7 +137,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             raise
         return finish(run, status)
     finally:
-        teardown_parallel()
+        signal.signal(signal.SIGTERM, previous_handler)
+        teardown_parallel(parallel)
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -151,8 +158,7 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         transformer_config,
         transformer_engine_available,
     )
-    from megasft.megatron.weights import load_weights
-    from megasft.train.checkpointing import check_resumable, load_checkpoint
+    from megasft.train.checkpointing import check_resumable, load_checkpoint, load_model_weights
 
     config = plan.config
     save = Path(config.save)
@@ -171,7 +177,9 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         tensor_parallel_size=config.tensor_parallel,
         pipeline_parallel_size=config.pipeline_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        perform_initialization=False,  # every weight is loaded
+        # Every weight is then loaded, but megatron-core marks tensor-parallel weights (the
+        # attribute its gradient norm and clipping read) only while initialising them.
+        perform_initialization=True,
         overrides=dict(
             context_parallel_size=config.context_parallel,
             virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
@@ -182,19 +190,23 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
             # Transformer Engine accumulates weight gradients into main_grad directly
             gradient_accumulation_fusion=thd,
             deallocate_pipeline_outputs=True,
+            # The interleaved schedule with separate, overlapped sends and receives (as
+            # Megatron-LM runs it): the batched form posts two messages to the same peer at
+            # PP=2 (its previous and next stage), which gloo matches the wrong way round.
+            overlap_p2p_comm=bool(config.virtual_pipeline_stages),
+            batch_p2p_comm=not config.virtual_pipeline_stages,
         ),
     )
-    chunks = []
-    for stage in range(config.virtual_pipeline_stages or 1):
-        chunk = build_model(
+    chunks = [
+        build_model(
             plan.architecture,
             model_config,
             vp_stage=stage if config.virtual_pipeline_stages else None,
-        )
-        chunk.to(parallel.device)
-        if plan.resume_from is None:
-            load_weights(chunk, config.load)  # weights only: a fine-tuning start
-        chunks.append(chunk)
+        ).to(parallel.device)
+        for stage in range(config.virtual_pipeline_stages or 1)
+    ]
+    if plan.resume_from is None:  # weights only: a fine-tuning start
+        load_model_weights(chunks, Path(config.load))
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -293,11 +305,6 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         if parallel.on_accelerator:
             run.peak = peak_tflops(torch.cuda.get_device_name(), config.precision)
     run.identity = identity
-
-    def on_sigterm(signum, frame):
-        run.sigterm[0] = True  # acted on at the end of the current step, by every rank at once
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     return run
 
 

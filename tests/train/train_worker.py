@@ -1,0 +1,253 @@
+"""Runs several trainings in one process (or one torchrun job) for the tests in this folder.
+
+Every launch pays ~10 s of imports, so each mode runs a list of scenarios in turn, each a
+real `megasft.train.recipe.train` call with its own --save directory, and writes what the
+tests compare into WORK/results_<mode>.json:
+
+    python train_worker.py single WORK                          # one process
+    torchrun --nproc-per-node 2 train_worker.py parallel WORK   # two processes, gloo
+
+WORK/workspace.json names the inputs (see workspace.py). The tests never switch megatron-core's
+CPU emulation on in the pytest process; it is process-wide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Nothing heavy at module level: megatron-core's checkpoint writer starts a helper process
+# with the "spawn" method, which imports this module again.
+
+OVERFIT_STEPS = 70
+COMMON = dict(
+    precision="fp32",
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_iters=1,
+    global_batch_size=8,
+    micro_batch_size=2,
+    train_iters=5,
+    seed=1234,
+)
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    inputs = json.loads((work / "workspace.json").read_text())
+    if not dist.is_initialized():  # one group for every scenario; each training reuses it
+        if "RANK" in os.environ:
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    scenarios = SINGLE if mode == "single" else PARALLEL
+    results = {}
+    for name, scenario in scenarios.items():
+        try:
+            results[name] = scenario(work / mode / name, inputs)
+        except Exception as error:  # recorded, so one failure does not hide the others
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+            if dist.get_world_size() > 1:  # the other rank may wait in a collective forever
+                (work / f"results_{mode}_rank{dist.get_rank()}.json").write_text(
+                    json.dumps(results, indent=2)
+                )
+                os._exit(1)
+        if dist.get_rank() == 0:
+            (work / f"results_{mode}.json").write_text(json.dumps(results, indent=2))
+    dist.barrier()
+
+
+def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
+    """Train with COMMON settings (overridden by `settings`); the metrics of every step."""
+    import torch.distributed as dist
+
+    from megasft.train.config import TrainConfig
+    from megasft.train.metrics import read_metrics
+    from megasft.train.recipe import train
+
+    config = TrainConfig(
+        data=inputs[data],
+        load=inputs["mcore_model"],
+        save=str(save),
+        nproc=int(os.environ.get("WORLD_SIZE", "1")),
+        **{**COMMON, **settings},
+    )
+    summary = train(config)
+    records = read_metrics(save / "metrics.jsonl") if dist.get_rank() == 0 else []
+    return {
+        "losses": [record["loss"] for record in records],
+        "grad_norms": [record["grad_norm"] for record in records],
+        "skipped": [record["skipped"] for record in records],
+        "target_tokens": [record["target_tokens"] for record in records],
+        "summary": {key: summary[key] for key in ("status", "skipped_steps", "final_loss")},
+    }
+
+
+def with_nan_steps(steps: str, function, *args, **kwargs):
+    from megasft.train.recipe import INJECT_NAN_ENV
+
+    os.environ[INJECT_NAN_ENV] = steps
+    try:
+        return function(*args, **kwargs)
+    finally:
+        del os.environ[INJECT_NAN_ENV]
+
+
+def stopped(save: Path, inputs: dict, nan_steps: str, **settings) -> dict:
+    from megasft.train.recipe import TrainingStopped
+
+    try:
+        with_nan_steps(nan_steps, run, save, inputs, **settings)
+    except TrainingStopped as error:
+        return {"stopped": str(error)}
+    return {"stopped": None}
+
+
+SINGLE = {
+    # test 1 and the reference curve of test 2: TP = PP = DP = 1, 4 micro-batches per step
+    "reference": lambda save, inputs: run(save, inputs),
+    # test 3: all 48 examples in one step, packed 16 rows vs one example per row
+    "packed_all": lambda save, inputs: run(
+        save, inputs, global_batch_size=24, micro_batch_size=4, train_iters=1, warmup_iters=0
+    ),
+    "unpacked_all": lambda save, inputs: run(
+        save,
+        inputs,
+        data="unpacked",
+        global_batch_size=48,
+        micro_batch_size=8,
+        train_iters=1,
+        warmup_iters=0,
+    ),
+    # test 5: 16 examples, the whole set every step
+    "overfit": lambda save, inputs: run(
+        save,
+        inputs,
+        data="overfit",
+        global_batch_size=16,
+        micro_batch_size=8,
+        train_iters=OVERFIT_STEPS,
+        lr=5e-3,
+        min_lr=5e-3,  # constant after the warmup
+        warmup_iters=3,
+        clip_grad=1.0,
+        log_interval=5,
+    ),
+    # test 6: an injected NaN is skipped and counted; too many in a row stop the run
+    "nan_skipped": lambda save, inputs: with_nan_steps("3", run, save, inputs, train_iters=6),
+    "nan_in_a_row": lambda save, inputs: stopped(
+        save, inputs, "2,3,4", train_iters=6, max_bad_steps=3
+    ),
+    "nan_policy_stop": lambda save, inputs: stopped(
+        save, inputs, "2", train_iters=4, nan_policy="stop"
+    ),
+    "all_masked": lambda save, inputs: run(save, inputs, data="all_masked", train_iters=2),
+    # a micro-batch without targets contributes nothing: all rows, one per micro-batch, with
+    # the first row's mask cleared, give the loss and gradients of the others alone
+    "first_row_masked": lambda save, inputs: run(
+        save,
+        inputs,
+        data="first_row_masked",
+        global_batch_size=48,
+        micro_batch_size=1,
+        train_iters=1,
+        warmup_iters=0,
+    ),
+    "first_row_dropped": lambda save, inputs: run(
+        save,
+        inputs,
+        data="first_row_dropped",
+        global_batch_size=47,
+        micro_batch_size=1,
+        train_iters=1,
+        warmup_iters=0,
+    ),
+}
+
+
+def cross_entropy_parity(save: Path, inputs: dict) -> dict:
+    """At TP=2: step.loss_func on vocabulary shards equals masked_token_loss on the gathered
+    logits, for a real batch and for one without targets (0, 0, finite gradients)."""
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megasft.data.store import open_split, read_manifest
+    from megasft.megatron.builder import build_model, transformer_config
+    from megasft.megatron.weights import load_weights, read_architecture
+    from megasft.train.config import TrainConfig
+    from megasft.train.data import collate
+    from megasft.train.distributed import setup_parallel, teardown_parallel
+    from megasft.train.loss import masked_token_loss
+    from megasft.train.step import bshd_inputs, loss_func
+
+    config = TrainConfig(
+        data=inputs["packed"], load=inputs["mcore_model"], save=str(save), nproc=2,
+        tensor_parallel=2, **COMMON,
+    )  # fmt: skip
+    parallel = setup_parallel(config)
+    try:
+        architecture = read_architecture(inputs["mcore_model"])
+        model = build_model(
+            architecture,
+            transformer_config(architecture, tensor_parallel_size=2, perform_initialization=False),
+        )
+        load_weights(model, inputs["mcore_model"])
+        seq_length = read_manifest(inputs["packed"])["settings"]["seq_length"]
+        batch = collate(open_split(inputs["packed"]), np.arange(4), seq_length, 0)
+        results = {}
+        for name, loss_mask in (("real", batch.loss_mask), ("no_targets", 0 * batch.loss_mask)):
+            micro = bshd_inputs(
+                type(batch)(**{**batch.__dict__, "loss_mask": loss_mask}), parallel.device
+            )
+            logits = model(micro.tokens, micro.position_ids, micro.attention_mask)
+            gathered = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            expected_sum, expected_count = masked_token_loss(
+                gathered[..., : architecture.vocab_size].detach(), micro.tokens, loss_mask
+            )
+            loss_sum, count, _ = loss_func(micro, architecture.vocab_size, logits.clone())
+            model.zero_grad()
+            loss_sum.backward()
+            finite = all(
+                torch.isfinite(p.grad).all().item()
+                for p in model.parameters()
+                if p.grad is not None
+            )
+            results[name] = {
+                "sum": loss_sum.item(),
+                "count": count.item(),
+                "expected_sum": expected_sum.item(),
+                "expected_count": expected_count.item(),
+                "finite_gradients": finite,
+                "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            }
+        return results
+    finally:
+        teardown_parallel(parallel)
+
+
+PARALLEL = {
+    # test 2: the reference curve at other layouts, same global batch
+    "tp2": lambda save, inputs: run(save, inputs, tensor_parallel=2),
+    "pp2": lambda save, inputs: run(save, inputs, pipeline_parallel=2),
+    "dp2": lambda save, inputs: run(save, inputs),
+    "dp2_distributed_optimizer": lambda save, inputs: run(save, inputs, distributed_optimizer=True),
+    "pp2_interleaved": lambda save, inputs: run(
+        save, inputs, pipeline_parallel=2, virtual_pipeline_stages=2
+    ),
+    "cross_entropy_parity": cross_entropy_parity,
+    # test 4: the uninterrupted run that the killed-and-resumed CLI run must reproduce
+    "resume_reference": lambda save, inputs: run(
+        save, inputs, train_iters=10, save_interval=2, distributed_optimizer=True
+    ),
+}
+
+
+if __name__ == "__main__":
+    main()
