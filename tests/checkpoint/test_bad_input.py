@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megasft.checkpoint import mappings
+from megasft.checkpoint import safetensors_io, torch_save_format
 from megasft.checkpoint.convert import convert
 from megasft.checkpoint.errors import CheckpointError
 from megasft.errors import ConfigError, MegasftError
@@ -151,12 +151,32 @@ def test_not_a_megatron_checkpoint(hf_model_dirs, tmp_path):
     )
 
 
-def test_failure_while_writing_leaves_nothing(llama_dir, tmp_path, monkeypatch):
-    def broken(q, k, v, architecture):
-        raise OSError("disk full")
+def disk_full_after(writes: int, copy):
+    """`copy` (a byte-copying function), failing as a full disk does after `writes` calls."""
+    done = []
 
-    monkeypatch.setattr(mappings, "fuse_qkv", broken)
+    def copy_until_disk_full(destination, sources):
+        if len(done) == writes:
+            raise OSError("disk full")
+        done.append(sources)
+        return copy(destination, sources)
+
+    return copy_until_disk_full
+
+
+def test_failure_while_writing_leaves_nothing(llama_dir, tmp_path, monkeypatch):
+    # Some chunk files are complete when the disk fills up.
+    monkeypatch.setattr(
+        torch_save_format,
+        "copy_bytes_with_crc32",
+        disk_full_after(3, torch_save_format.copy_bytes_with_crc32),
+    )
     assert_refused(OSError, "disk full", "hf", "megatron", llama_dir, tmp_path / "out")
+
+
+def test_failure_while_exporting_leaves_nothing(megatron_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_io, "copy_bytes", disk_full_after(3, safetensors_io.copy_bytes))
+    assert_refused(OSError, "disk full", "megatron", "hf", megatron_dirs["llama"], tmp_path / "out")
 
 
 def test_pytorch_bin_needs_the_flag_and_loads_weights_only(llama_dir, tmp_path):

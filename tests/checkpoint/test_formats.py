@@ -8,7 +8,10 @@ torch draws for each save), object for object for the metadata.
 from __future__ import annotations
 
 import io
+import json
 import pickle
+import subprocess
+import sys
 import warnings
 import zipfile
 import zlib
@@ -19,6 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from megasft.checkpoint import dcp_metadata, tensor_bytes, torch_save_format
+from megasft.checkpoint.dcp_metadata import StoredChunk, StoredTensor
+from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
 from megasft.checkpoint.tensor_bytes import (
     DTYPES_BY_TORCH_NAME,
     FileBytes,
@@ -188,3 +193,50 @@ def test_metadata_naming_other_classes_is_left_to_dcp(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(torch.nn.Linear))
     with pytest.raises(dcp_metadata.UnknownMetadata):
         dcp_metadata.read_metadata(tmp_path / ".metadata")
+
+
+def test_regions_read_from_the_file_or_resharded(dcp_checkpoint):
+    directory, state_dict = dcp_checkpoint
+    (directory / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    reader = DistCheckpointReader(directory)
+    embedding = state_dict["embedding.weight"]
+
+    rows = reader.read("embedding.weight", (10, 0), (20, 64))  # whole rows: in the file
+    columns = reader.read("embedding.weight", (10, 8), (20, 16))  # not contiguous: resharded
+
+    assert isinstance(rows, FileBytes)
+    assert isinstance(columns, MemoryBytes)
+    with open(rows.path, "rb") as stream:
+        stream.seek(rows.offset)
+        assert stream.read(rows.length) == memory_bytes(embedding[10:30]).data.tobytes()
+    assert columns.data.tobytes() == memory_bytes(embedding[10:30, 8:24]).data.tobytes()
+
+
+def test_converted_checkpoint_is_laid_out_as_dcp_lays_it_out(megatron_dirs):
+    directory = megatron_dirs["llama"]
+    metadata = load_metadata(directory / ".metadata")
+    files = sorted(path.name for path in directory.glob("*.distcp"))
+    assert files == sorted(f"__0_{number}.distcp" for number in range(len(metadata.storage_data)))
+    for info in metadata.storage_data.values():
+        assert info.offset == 0 and info.length == (directory / info.relative_path).stat().st_size
+    assert torch.load(directory / "common.pt", weights_only=True) == {}
+    chunks = [
+        chunk for tensor in dcp_metadata.metadata_from_dcp(metadata) for chunk in tensor.chunks
+    ]
+    assert all(isinstance(chunk, StoredChunk) and not chunk.transformed for chunk in chunks)
+    assert isinstance(dcp_metadata.read_metadata(directory / ".metadata")[0], StoredTensor)
+
+
+def test_converting_imports_neither_torch_nor_dcp(hf_model_dirs, tmp_path):
+    # Importing torch costs more than converting a 1 GB model; the fast paths do without it.
+    script = (
+        "import sys\n"
+        "from megasft.checkpoint.convert import convert\n"
+        f"convert('hf', 'megatron', {str(hf_model_dirs['llama'])!r}, {str(tmp_path / 'm')!r})\n"
+        f"convert('megatron', 'hf', {str(tmp_path / 'm')!r}, {str(tmp_path / 'h')!r})\n"
+        "print(sorted(name for name in ('torch', 'numpy') if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -9,52 +9,55 @@ tensor per parameter with the layer as the leading axis (`decoder.layers.mlp.lin
 has shape [num_layers, hidden, ffn]), one chunk per layer. Because the global shapes do not
 depend on the parallel layout, megatron-core loads such a checkpoint at any TP/PP.
 
-`dist_checkpointing.save` needs the whole state dict in memory. The writer here instead hands
-DCP a plan of chunks and produces each chunk only when DCP writes it, so converting a model
-holds one chunk at a time. Each chunk goes to its own `.distcp` file: DCP keeps every tensor
-of a file alive until the file is closed, and a chunk alone in its file can be read back
-memory-mapped, without a copy. The reader reads any region of a stored tensor: a region that
-is exactly such a chunk is mapped, anything else is assembled by DCP from whichever chunks
-overlap it, so checkpoints that megatron-core wrote itself at TP>1 (the trainer's) read too.
-Tests load these checkpoints with megatron-core's own `dist_checkpointing.load` at TP=1 and
-TP=2, and export checkpoints that megatron-core saved at TP=2.
+The writer lays the checkpoint out as DCP's `FileSystemWriter` does for one process with one
+file per chunk (`__0_<n>.distcp`, each chunk the bytes of `torch.save(chunk)`), with the
+`.metadata` DCP would pickle, but copies each chunk's bytes straight from its sources
+(`torch_save_format`, `dcp_metadata`): no tensor is built, and neither torch nor DCP is
+imported. `dist_checkpointing.save` would need the whole state dict in memory; DCP itself,
+the tensors. The tests load these checkpoints with megatron-core's own
+`dist_checkpointing.load` at TP=1 and TP=2.
+
+The reader returns any region of a stored tensor as byte sources. A region that is a
+contiguous block of one stored chunk (every chunk this module writes, and most of a
+checkpoint megatron-core saved at TP=1) is located inside that chunk's archive and copied
+from the file. Anything else (a region spread over the per-rank chunks of a checkpoint
+megatron-core saved at TP>1, a chunk stored through a DCP extension) is assembled in memory
+by DCP's resharding reader (`dist_checkpoint_resharding`, which imports torch).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
+from megasft.checkpoint.dcp_metadata import (
+    DCP_METADATA_FILE,
+    StoredChunk,
+    StoredTensor,
+    UnknownMetadata,
+    metadata_from_dcp,
+    read_metadata,
+    write_metadata,
 )
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
 from megasft.checkpoint.errors import CheckpointError
+from megasft.checkpoint.tensor_bytes import DTYPES, ByteSource, byte_count, total_length
+from megasft.checkpoint.torch_save_format import (
+    NotAPlainTensor,
+    PlainTensor,
+    locate_tensor,
+    write_empty_dict_file,
+    write_tensor_file,
+)
+
+if TYPE_CHECKING:
+    from megasft.checkpoint.dist_checkpoint_resharding import ReshardingReader
 
 MEGATRON_METADATA_FILE = "metadata.json"
 MEGATRON_COMMON_FILE = "common.pt"
-DCP_METADATA_FILE = ".metadata"
 
 # What megatron-core's `dist_checkpointing.save` records for the `torch_dist` backend
 # (megatron.core.dist_checkpointing.core.CheckpointingConfig); `dist_checkpointing.load`
@@ -73,73 +76,78 @@ class ChunkToWrite:
 
     `offsets` and `shape` place the chunk inside the tensor of `global_shape`; for a layer of
     a stacked parameter that is offsets (layer, 0, ...) and shape (1, *parameter_shape).
+    `produce()` returns the chunk's bytes in row-major order, when the chunk is written.
     """
 
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    dtype: str
+    """A safetensors dtype name, e.g. "BF16"."""
+    produce: Callable[[], Sequence[ByteSource]]
 
 
 def write_dist_checkpoint(directory: Path, chunks: Sequence[ChunkToWrite]) -> None:
     """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`."""
+    tensors = _check_plan(chunks)
     directory.mkdir(parents=True, exist_ok=True)
     # No fsync per file, like `save_pretrained`: the caller renames the directory into place
     # once everything is written, which is what protects against a half-written target.
-    writer = dcp.FileSystemWriter(
-        directory, single_file_per_rank=False, thread_count=1, sync_files=False
-    )
-    with _single_process_is_intended():
-        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks), no_dist=True)
-    (directory / MEGATRON_METADATA_FILE).write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
-    torch.save({}, directory / MEGATRON_COMMON_FILE)
-
-
-class _LazySavePlanner(DefaultSavePlanner):
-    """Plans the given chunks and produces each one only when DCP writes it."""
-
-    def __init__(self, chunks: Sequence[ChunkToWrite]) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._chunks = {(chunk.key, chunk.offsets): chunk for chunk in chunks}
-        if len(self._chunks) != len(chunks):
-            raise ValueError("two chunks share a key and offsets")
-
-    def create_local_plan(self) -> SavePlan:
-        items = [
-            WriteItem(
-                index=MetadataIndex(chunk.key, torch.Size(chunk.offsets)),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.shape)),
-                    properties=TensorProperties(dtype=chunk.dtype),
-                    size=torch.Size(chunk.global_shape),
-                ),
-            )
-            for chunk in self._chunks.values()
-        ]
-        self.plan = SavePlan(items)
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        tensor = chunk.produce()
-        if tuple(tensor.shape) != chunk.shape or tensor.dtype != chunk.dtype:
+    stored: dict[str, list[StoredChunk]] = {key: [] for key in tensors}
+    for number, chunk in enumerate(chunks):
+        file_name = f"__0_{number}.distcp"  # DCP's names: rank 0, then a counter
+        sources = chunk.produce()
+        if total_length(sources) != byte_count(chunk.shape, chunk.dtype):
             raise CheckpointError(
-                f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                f"planned {chunk.shape} {chunk.dtype}"
+                f"{chunk.key} at {chunk.offsets}: produced {total_length(sources)} bytes, "
+                f"planned {chunk.shape} {chunk.dtype} ({byte_count(chunk.shape, chunk.dtype)} "
+                "bytes)"
             )
-        return tensor.contiguous()
+        length = write_tensor_file(directory / file_name, chunk.dtype, chunk.shape, sources)
+        stored[chunk.key].append(StoredChunk(chunk.offsets, chunk.shape, file_name, 0, length))
+    write_metadata(
+        directory / DCP_METADATA_FILE,
+        [
+            StoredTensor(key, shape, dtype, tuple(stored[key]))
+            for key, (shape, dtype) in tensors.items()
+        ],
+        checkpoint_id=str(directory),
+    )
+    (directory / MEGATRON_METADATA_FILE).write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
+    write_empty_dict_file(directory / MEGATRON_COMMON_FILE)
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor as recorded in a checkpoint's metadata."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+def _check_plan(chunks: Sequence[ChunkToWrite]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's (global shape, dtype), after checking that its chunks agree on them, lie
+    inside it and fill it exactly."""
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    covered: dict[str, int] = {}
+    seen: set[tuple[str, tuple[int, ...]]] = set()
+    for chunk in chunks:
+        where = f"{chunk.key} at {chunk.offsets}"
+        if tensors.setdefault(chunk.key, (chunk.global_shape, chunk.dtype)) != (
+            chunk.global_shape,
+            chunk.dtype,
+        ):
+            raise ValueError(f"{where}: chunks of one tensor disagree on its shape or dtype")
+        if (chunk.key, chunk.offsets) in seen:
+            raise ValueError(f"{where}: two chunks share a key and offsets")
+        seen.add((chunk.key, chunk.offsets))
+        if len(chunk.offsets) != len(chunk.global_shape) or any(
+            offset < 0 or offset + size > bound
+            for offset, size, bound in zip(
+                chunk.offsets, chunk.shape, chunk.global_shape, strict=True
+            )
+        ):
+            raise ValueError(f"{where}: {chunk.shape} lies outside {chunk.global_shape}")
+        covered[chunk.key] = covered.get(chunk.key, 0) + math.prod(chunk.shape)
+    for key, (shape, _) in tensors.items():
+        if covered[key] != math.prod(shape):
+            raise ValueError(
+                f"{key}: the chunks cover {covered[key]} of {math.prod(shape)} elements"
+            )
+    return tensors
 
 
 class DistCheckpointReader:
@@ -148,18 +156,28 @@ class DistCheckpointReader:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._check_is_megatron_checkpoint()
-        self._storage_reader = dcp.FileSystemReader(self.directory)
+        self._resharding_reader: ReshardingReader | None = None
+        metadata_file = self.directory / DCP_METADATA_FILE
         try:
-            self._metadata: Metadata = self._storage_reader.read_metadata()
+            try:
+                tensors = read_metadata(metadata_file)
+            except UnknownMetadata:
+                tensors = metadata_from_dcp(self._resharding().metadata)
         except Exception as error:  # a torn pickle raises many types; all mean "unreadable"
             raise CheckpointError(
-                f"{self.directory / DCP_METADATA_FILE}: unreadable checkpoint metadata ({error})"
+                f"{metadata_file}: unreadable checkpoint metadata ({error})"
             ) from error
-        self.tensors: dict[str, StoredTensor] = {
-            key: StoredTensor(key, tuple(entry.size), entry.properties.dtype)
-            for key, entry in self._metadata.state_dict_metadata.items()
-            if isinstance(entry, TensorStorageMetadata)
-        }
+        self.tensors: dict[str, StoredTensor] = {tensor.key: tensor for tensor in tensors}
+        self._archives: dict[tuple[str, int], PlainTensor | None] = {}
+        self._last_resharded: tuple[tuple, ByteSource] | None = None
+
+    def _resharding(self) -> ReshardingReader:
+        """DCP's own reader, made (importing torch and DCP) only when a region needs it."""
+        if self._resharding_reader is None:
+            from megasft.checkpoint.dist_checkpoint_resharding import ReshardingReader
+
+            self._resharding_reader = ReshardingReader(self.directory)
+        return self._resharding_reader
 
     def _check_is_megatron_checkpoint(self) -> None:
         config_file = self.directory / MEGATRON_METADATA_FILE
@@ -176,11 +194,16 @@ class DistCheckpointReader:
                 "'torch_dist' checkpoints can be converted (re-save with ckpt-format torch_dist)"
             )
 
-    def read(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        """The region of tensor `key` starting at `offsets`, of `shape`."""
+    def read(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> ByteSource:
+        """The bytes of the region of tensor `key` starting at `offsets`, of `shape`."""
         stored = self.tensors.get(key)
         if stored is None:
             raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {key!r}")
+        if stored.dtype not in DTYPES:
+            raise CheckpointError(
+                f"{self.directory}: {key!r} has dtype {stored.dtype}, which megasft does not "
+                f"convert (supported: {', '.join(dtype.torch_name for dtype in DTYPES.values())})"
+            )
         if len(offsets) != len(stored.shape) or any(
             offset + size > bound
             for offset, size, bound in zip(offsets, shape, stored.shape, strict=True)
@@ -189,98 +212,91 @@ class DistCheckpointReader:
                 f"{self.directory}: region {offsets}+{shape} lies outside {key!r} of shape "
                 f"{stored.shape}"
             )
-        tensor = self._read_stored_chunk(key, offsets, shape)
-        if tensor is None:
-            tensor = self._read_resharded(key, offsets, shape)
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != stored.dtype:
+        source = self._read_from_one_chunk(stored, offsets, shape)
+        if source is None:
+            source = self._read_resharded(stored, offsets, shape)
+        if source.length != byte_count(shape, stored.dtype):
             raise CheckpointError(
-                f"{self.directory}: {key!r} at {offsets} holds {tuple(tensor.shape)} "
-                f"{tensor.dtype}, the metadata says {tuple(shape)} {stored.dtype}"
+                f"{self.directory}: {key!r} at {offsets} holds {source.length} bytes, the "
+                f"metadata says {tuple(shape)} {stored.dtype}"
             )
-        return tensor
+        return source
 
-    def _read_stored_chunk(
-        self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
-    ) -> torch.Tensor | None:
-        """The region, memory-mapped without a copy, when it is exactly one stored chunk
-        alone in its file (as this module writes them); else None."""
-        entry = self._metadata.state_dict_metadata[key]
-        if not any(
-            tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(shape)
-            for chunk in entry.chunks
-        ):
-            return None
-        info = (self._metadata.storage_data or {}).get(MetadataIndex(key, torch.Size(offsets)))
-        path = self.directory / str(getattr(info, "relative_path", ""))
-        whole_file = (
-            getattr(info, "offset", None) == 0
-            and not getattr(info, "transform_descriptors", None)
-            and path.is_file()
-            and getattr(info, "length", None) == path.stat().st_size
-        )
-        if not whole_file:
-            return None
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as error:  # a torn file raises many types; all mean "unreadable"
-            raise CheckpointError(
-                f"{path}: unreadable ({error}); the checkpoint is damaged"
-            ) from error
+    def _read_from_one_chunk(
+        self, stored: StoredTensor, offsets: tuple[int, ...], shape: tuple[int, ...]
+    ) -> ByteSource | None:
+        """The region's bytes in the file, when it is a contiguous block of one stored chunk
+        that is a plain `torch.save` archive; else None."""
+        for chunk in stored.chunks:
+            start = _contiguous_block_start(chunk, offsets, shape)
+            if start is None or chunk.transformed:
+                continue
+            tensor = self._locate(stored, chunk)
+            if tensor is None:
+                return None
+            itemsize = DTYPES[stored.dtype].itemsize
+            return tensor.data.slice(start * itemsize, math.prod(shape) * itemsize)
+        return None
+
+    def _locate(self, stored: StoredTensor, chunk: StoredChunk) -> PlainTensor | None:
+        """The chunk's tensor in its archive (None when the archive is not a plain one)."""
+        if (chunk.file, chunk.file_offset) not in self._archives:
+            path = self.directory / chunk.file
+            try:
+                file_size = path.stat().st_size
+            except OSError as error:
+                raise CheckpointError(
+                    f"{path}: unreadable ({error}); the checkpoint is incomplete"
+                ) from error
+            if chunk.file_offset + chunk.length > file_size:
+                raise CheckpointError(
+                    f"{path}: {file_size} bytes, but the metadata places {stored.key!r} up to "
+                    f"byte {chunk.file_offset + chunk.length}; the checkpoint is damaged"
+                )
+            try:
+                tensor = locate_tensor(path, chunk.file_offset, chunk.length)
+            except NotAPlainTensor:
+                tensor = None
+            if tensor is not None and (tensor.shape, tensor.dtype) != (chunk.sizes, stored.dtype):
+                tensor = None
+            self._archives[(chunk.file, chunk.file_offset)] = tensor
+        return self._archives[(chunk.file, chunk.file_offset)]
 
     def _read_resharded(
-        self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        """The region assembled by DCP from whichever stored chunks overlap it."""
-        target = torch.empty(shape, dtype=self.tensors[key].dtype)
-        planner = _RegionLoadPlanner({key: (offsets, shape)})
-        with _single_process_is_intended():
-            dcp.load(
-                {key: target}, storage_reader=self._storage_reader, planner=planner, no_dist=True
+        self, stored: StoredTensor, offsets: tuple[int, ...], shape: tuple[int, ...]
+    ) -> ByteSource:
+        """The region assembled by DCP from whichever stored chunks overlap it. The last one
+        is kept: the three HF tensors of a fused QKV are read from one region in turn."""
+        region = (stored.key, offsets, shape)
+        if self._last_resharded is None or self._last_resharded[0] != region:
+            self._last_resharded = None  # free the previous region before reading the next
+            source = self._resharding().read(
+                stored.key, DTYPES[stored.dtype].torch_name, offsets, shape
             )
-        if planner.covered_elements[key] != math.prod(shape):
-            raise CheckpointError(
-                f"{self.directory}: the stored chunks of {key!r} do not cover region "
-                f"{offsets}+{shape}; the checkpoint is incomplete"
-            )
-        return target
+            self._last_resharded = (region, source)
+        return self._last_resharded[1]
 
 
-class _RegionLoadPlanner(DefaultLoadPlanner):
-    """Loads one region of each requested tensor, from however the tensor was chunked."""
+def _contiguous_block_start(
+    chunk: StoredChunk, offsets: Sequence[int], shape: Sequence[int]
+) -> int | None:
+    """The element offset of the region in the chunk, when the region lies inside the chunk
+    and is one contiguous run of its row-major elements; else None.
 
-    def __init__(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._regions = regions
-        self.covered_elements: dict[str, int] = dict.fromkeys(regions, 0)
-
-    def create_local_plan(self) -> LoadPlan:
-        assert self.metadata is not None
-        items = []
-        for key, (offsets, shape) in self._regions.items():
-            region = ChunkStorageMetadata(torch.Size(offsets), torch.Size(shape))
-            stored = self.metadata.state_dict_metadata[key]
-            for item in create_read_items_for_chunk_list(key, stored, [region]):
-                self.covered_elements[key] += math.prod(item.lengths)
-                items.append(item)
-        return LoadPlan(items)
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        # The target holds exactly the region, so read items are placed relative to it.
-        return self.state_dict[index.fqn]
-
-
-@contextlib.contextmanager
-def _single_process_is_intended() -> Iterator[None]:
-    """Run a one-process DCP save or load: silence DCP's warning that torch.distributed is
-    not initialised (conversion runs in one process on purpose), and re-raise the original
-    error of a failed chunk rather than DCP's per-rank wrapper around it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            yield
-        except CheckpointException as error:
-            for failure in error.failures.values():
-                original = failure[0] if isinstance(failure, tuple) else failure
-                if isinstance(original, BaseException):
-                    raise original from None
-            raise
+    That is when, after the first axis where the region spans more than one index, it spans
+    every index of every axis (e.g. a block of whole rows)."""
+    relative = [
+        offset - chunk_offset for offset, chunk_offset in zip(offsets, chunk.offsets, strict=True)
+    ]
+    if any(
+        start < 0 or start + size > bound
+        for start, size, bound in zip(relative, shape, chunk.sizes, strict=True)
+    ):
+        return None
+    spanning = next((axis for axis, size in enumerate(shape) if size > 1), len(shape))
+    if any(shape[axis] != chunk.sizes[axis] for axis in range(spanning + 1, len(shape))):
+        return None
+    start = 0
+    for position, size in zip(relative, chunk.sizes, strict=True):
+        start = start * size + position
+    return start

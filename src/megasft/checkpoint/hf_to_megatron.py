@@ -3,7 +3,7 @@
 Everything is validated from file headers before any tensor is read: the architecture from
 config.json, then the name, shape and dtype of every weight against the family's mapping
 table. Writing then streams: each chunk of a megatron tensor (a block of rows of one layer)
-is read, fused if need be, and written before the next is read.
+is copied from the byte ranges of the HF tensors it is made of, in order, before the next.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from megasft.checkpoint import mappings
 from megasft.checkpoint.dist_checkpoint_io import ChunkToWrite, write_dist_checkpoint
 from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR, copy_hf_metadata_files
 from megasft.checkpoint.mappings import FusedGateUp, FusedQKV, TensorMapping
 from megasft.checkpoint.safetensors_io import HFWeightsReader
+from megasft.checkpoint.tensor_bytes import ByteSource, ZeroBytes, byte_count
 from megasft.megatron.architecture import (
     ModelArchitecture,
     architecture_from_hf_config,
@@ -49,11 +48,11 @@ def convert_hf_to_megatron(
 
 def check_hf_weights(
     weights: HFWeightsReader, architecture: ModelArchitecture, table: tuple[TensorMapping, ...]
-) -> torch.dtype:
+) -> str:
     """Check that the weights are exactly the family's tensors with the config's shapes.
 
-    Returns their dtype. Missing tensors, extra tensors (e.g. biases of another family) and
-    shape mismatches are refused here, before anything is written."""
+    Returns their dtype (a safetensors name). Missing tensors, extra tensors (e.g. biases of
+    another family) and shape mismatches are refused here, before anything is written."""
     expected: dict[str, tuple[int, ...]] = {}
     for mapping in table:
         for layer in _layers(mapping, architecture):
@@ -92,7 +91,7 @@ def check_hf_weights(
     dtypes = {weights.tensors[name].dtype for name in expected}
     if len(dtypes) != 1:
         raise CheckpointError(
-            f"{directory}: weights mix dtypes {sorted(map(str, dtypes))}; megasft expects one"
+            f"{directory}: weights mix dtypes {sorted(dtypes)}; megasft expects one"
         )
     return dtypes.pop()
 
@@ -100,13 +99,13 @@ def check_hf_weights(
 def plan_megatron_chunks(
     weights: HFWeightsReader, architecture: ModelArchitecture, table: tuple[TensorMapping, ...]
 ) -> list[ChunkToWrite]:
-    """The chunks of every megatron tensor (per layer for layer tensors), each produced from
-    the HF tensors on demand.
+    """The chunks of every megatron tensor (per layer for layer tensors), each producing,
+    when it is written, the bytes of the HF tensors it is made of.
 
     A megatron tensor is written as blocks of rows, so that most chunks are an HF tensor
-    as it is, memory-mapped and never copied: fc1 as its gate rows then its up rows (the
-    two chunks megatron-core itself saves), a vocabulary-padded tensor as the HF rows then
-    the zero padding. Only the fused QKV is built in memory.
+    as it is: fc1 as its gate rows then its up rows (the two chunks megatron-core itself
+    saves), a vocabulary-padded tensor as the HF rows then the zero padding. The fused QKV
+    is one chunk, the heads of q, k and v in megatron-core's order (`mappings.qkv_blocks`).
     """
     chunks = []
     for mapping in table:
@@ -119,7 +118,8 @@ def plan_megatron_chunks(
                 block_offsets = (first_row,) + (0,) * (len(shape) - 1)
                 block_shape = (rows, *shape[1:])
                 if stacked:
-                    # [1, rows, ...] at (layer, first_row, 0, ...) of [num_layers, *shape]
+                    # [1, rows, ...] at (layer, first_row, 0, ...) of [num_layers, *shape]:
+                    # the same bytes as [rows, ...]
                     chunks.append(
                         ChunkToWrite(
                             key=key,
@@ -127,7 +127,7 @@ def plan_megatron_chunks(
                             offsets=(layer, *block_offsets),
                             shape=(1, *block_shape),
                             dtype=dtype,
-                            produce=_with_layer_axis(produce),
+                            produce=produce,
                         )
                     )
                 else:
@@ -137,8 +137,8 @@ def plan_megatron_chunks(
     return chunks
 
 
-RowBlock = tuple[int, int, Callable[[], torch.Tensor]]
-"""(first row, row count, producer) of one block of a megatron tensor's rows."""
+RowBlock = tuple[int, int, Callable[[], tuple[ByteSource, ...]]]
+"""(first row, row count, producer of the bytes) of one block of a megatron tensor's rows."""
 
 
 def _row_blocks(
@@ -150,26 +150,37 @@ def _row_blocks(
     names = [name.format(layer=layer) for name in mapping.hf_names]
     if isinstance(mapping, FusedQKV):
         rows = mappings.megatron_shape(mapping, architecture)[0]
-        return [(0, rows, lambda: mappings.fuse_qkv(*map(weights.read, names), architecture))]
+        return [(0, rows, lambda: _fused_qkv(weights, architecture, names))]
     if isinstance(mapping, FusedGateUp):
         gate, up = names
         gate_rows, up_rows = mappings.gate_up_rows(architecture)
         return [
-            (gate_rows.start, gate_rows.stop - gate_rows.start, lambda: weights.read(gate)),
-            (up_rows.start, up_rows.stop - up_rows.start, lambda: weights.read(up)),
+            (gate_rows.start, gate_rows.stop - gate_rows.start, lambda: (weights.read(gate),)),
+            (up_rows.start, up_rows.stop - up_rows.start, lambda: (weights.read(up),)),
         ]
     (name,) = names
-    rows = weights.tensors[name].shape[0]
-    blocks: list[RowBlock] = [(0, rows, lambda: weights.read(name))]
+    info = weights.tensors[name]
+    rows = info.shape[0]
+    blocks: list[RowBlock] = [(0, rows, lambda: (weights.read(name),))]
     if mapping.megatron in mappings.VOCAB_PADDED and architecture.padded_vocab_size > rows:
-        padding_shape = (architecture.padded_vocab_size - rows, *weights.tensors[name].shape[1:])
-        dtype = weights.tensors[name].dtype
-        blocks.append((rows, padding_shape[0], lambda: torch.zeros(padding_shape, dtype=dtype)))
+        padding = ZeroBytes(
+            byte_count((architecture.padded_vocab_size - rows, *info.shape[1:]), info.dtype)
+        )
+        blocks.append((rows, architecture.padded_vocab_size - rows, lambda: (padding,)))
     return blocks
 
 
-def _with_layer_axis(produce: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    return lambda: produce().unsqueeze(0)
+def _fused_qkv(
+    weights: HFWeightsReader, architecture: ModelArchitecture, names: list[str]
+) -> tuple[ByteSource, ...]:
+    """The fused QKV's bytes: the rows of q, k and v in `mappings.qkv_blocks` order."""
+    parts = [weights.read(name) for name in names]
+    info = weights.tensors[names[0]]
+    row_bytes = byte_count(info.shape[1:], info.dtype)  # weight [rows, hidden]; bias [rows]
+    return tuple(
+        parts[block.part].slice(block.hf_first_row * row_bytes, block.rows * row_bytes)
+        for block in mappings.qkv_blocks(architecture)
+    )
 
 
 def _layers(mapping: TensorMapping, architecture: ModelArchitecture) -> range:

@@ -19,10 +19,12 @@ names of the norms that Transformer Engine fuses into the following linear layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from megasft.megatron.architecture import ModelArchitecture
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -163,45 +165,64 @@ def stacked_key(megatron_name: str) -> str:
 # --- fused tensors -------------------------------------------------------------------------------
 
 
-def fuse_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, architecture: ModelArchitecture
-) -> torch.Tensor:
-    """HF q [heads*d, ...], k and v [groups*d, ...] -> megatron linear_qkv [(heads+2*groups)*d, ...].
+@dataclass(frozen=True)
+class QKVBlock:
+    """A block of consecutive rows of megatron-core's fused QKV, taken from HF q, k or v."""
+
+    part: int
+    """0, 1 or 2: from q, k or v."""
+    hf_first_row: int
+    fused_first_row: int
+    rows: int
+
+
+def qkv_blocks(architecture: ModelArchitecture) -> tuple[QKVBlock, ...]:
+    """megatron linear_qkv [(heads+2*groups)*d, ...] as blocks of HF q [heads*d, ...], k and
+    v [groups*d, ...], in fused order.
 
     megatron-core interleaves per query group: for each group g, the query heads of g, then
     k_g, then v_g. Tensor parallelism splits dim 0 into contiguous blocks of whole groups, so
-    this one layout serves every TP size. Works for weights ([rows, hidden]) and biases ([rows]).
+    this one layout serves every TP size. The same blocks serve weights ([rows, hidden]) and
+    biases ([rows]); the converters copy each block's bytes.
     """
     groups = architecture.num_query_groups
-    trailing = q.shape[1:]
-    # [groups, heads_per_group*d | d | d, ...] -> [groups, (heads_per_group+2)*d, ...]
-    fused = torch.cat(
-        (
-            q.reshape(groups, -1, *trailing),
-            k.reshape(groups, -1, *trailing),
-            v.reshape(groups, -1, *trailing),
-        ),
-        dim=1,
-    )
-    return fused.reshape(-1, *trailing)
+    head_dim = architecture.head_dim
+    query_rows = architecture.num_attention_heads // groups * head_dim  # per group
+    blocks = []
+    fused_row = 0
+    for group in range(groups):
+        for part, rows in ((0, query_rows), (1, head_dim), (2, head_dim)):
+            blocks.append(QKVBlock(part, group * rows, fused_row, rows))
+            fused_row += rows
+    return tuple(blocks)
+
+
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, architecture: ModelArchitecture
+) -> torch.Tensor:
+    """HF q [heads*d, ...], k and v [groups*d, ...] -> megatron linear_qkv
+    [(heads+2*groups)*d, ...], the `qkv_blocks` layout on tensors."""
+    parts = (q, k, v)
+    fused = q.new_empty((q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]))
+    for block in qkv_blocks(architecture):
+        source = parts[block.part][block.hf_first_row : block.hf_first_row + block.rows]
+        fused[block.fused_first_row : block.fused_first_row + block.rows] = source
+    return fused
 
 
 def split_qkv(
     qkv: torch.Tensor, architecture: ModelArchitecture
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of `fuse_qkv`: megatron linear_qkv -> HF (q, k, v)."""
-    groups = architecture.num_query_groups
-    head_dim = architecture.head_dim
-    heads_per_group = architecture.num_attention_heads // groups
+    query_rows = architecture.num_attention_heads * architecture.head_dim
+    kv_rows = architecture.num_query_groups * architecture.head_dim
     trailing = qkv.shape[1:]
-    # [groups, (heads_per_group+2)*d, ...]
-    per_group = qkv.reshape(groups, (heads_per_group + 2) * head_dim, *trailing)
-    q, k, v = per_group.split((heads_per_group * head_dim, head_dim, head_dim), dim=1)
-    return (
-        q.reshape(-1, *trailing).contiguous(),
-        k.reshape(-1, *trailing).contiguous(),
-        v.reshape(-1, *trailing).contiguous(),
-    )
+    parts = tuple(qkv.new_empty((rows, *trailing)) for rows in (query_rows, kv_rows, kv_rows))
+    for block in qkv_blocks(architecture):
+        target = parts[block.part][block.hf_first_row : block.hf_first_row + block.rows]
+        target[...] = qkv[block.fused_first_row : block.fused_first_row + block.rows]
+    q, k, v = parts
+    return q, k, v
 
 
 def gate_up_rows(architecture: ModelArchitecture) -> tuple[slice, slice]:

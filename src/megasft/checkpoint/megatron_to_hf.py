@@ -1,10 +1,10 @@
 """megatron-core `dist_checkpointing` checkpoint -> Hugging Face model directory.
 
 The inverse of `hf_to_megatron`: every HF tensor is planned (name, shape, dtype) from the
-checkpoint metadata and the family's mapping table, checked, then produced one at a time while
-the safetensors shards are written. Each HF tensor reads only its own rows of the megatron
-tensor (gate and up are two row ranges of fc1; the vocabulary padding is never read), except
-q, k and v, which are split from one read of the fused QKV.
+checkpoint metadata and the family's mapping table, checked, then copied one at a time while
+the safetensors shards are written. Each HF tensor is its own rows of the megatron tensor
+(gate and up are two row ranges of fc1; the vocabulary padding is never read); q, k and v
+are the blocks of the fused QKV that `mappings.qkv_blocks` assigns to each.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from megasft.checkpoint import mappings
 from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
@@ -30,6 +28,7 @@ from megasft.checkpoint.layout import (
 )
 from megasft.checkpoint.mappings import FusedGateUp, FusedQKV, TensorMapping
 from megasft.checkpoint.safetensors_io import TensorToWrite, write_hf_weights
+from megasft.checkpoint.tensor_bytes import DTYPES, ByteSource, byte_count
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import (
     ModelArchitecture,
@@ -86,16 +85,13 @@ def plan_hf_tensors(
         _check_stored_shape(reader, architecture, mapping)
     layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
     global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
-    qkv_cache = _SplitQKVCache(reader, architecture)
 
-    tensors = _hf_tensors(
-        global_table.pop(mappings.EMBEDDING), architecture, reader, None, qkv_cache
-    )
+    tensors = _hf_tensors(global_table.pop(mappings.EMBEDDING), architecture, reader, None)
     for layer in range(architecture.num_layers):
         for mapping in layer_table:
-            tensors += _hf_tensors(mapping, architecture, reader, layer, qkv_cache)
+            tensors += _hf_tensors(mapping, architecture, reader, layer)
     for mapping in global_table.values():
-        tensors += _hf_tensors(mapping, architecture, reader, None, qkv_cache)
+        tensors += _hf_tensors(mapping, architecture, reader, None)
     return tensors
 
 
@@ -104,7 +100,6 @@ def _hf_tensors(
     architecture: ModelArchitecture,
     reader: DistCheckpointReader,
     layer: int | None,
-    qkv_cache: _SplitQKVCache,
 ) -> list[TensorToWrite]:
     """The HF tensors of one mapping (of one layer), each reading only its own rows."""
     key = _checkpoint_key(mapping)
@@ -112,7 +107,7 @@ def _hf_tensors(
     names = [name.format(layer=layer) for name in mapping.hf_names]
     shapes = mappings.hf_shapes(mapping, architecture)
     if isinstance(mapping, FusedQKV):
-        producers = [_qkv_part(qkv_cache, key, layer, index) for index in range(3)]
+        producers = [_qkv_part(reader, architecture, key, layer, part) for part in range(3)]
     elif isinstance(mapping, FusedGateUp):
         producers = [
             _rows(reader, key, layer, rows) for rows in mappings.gate_up_rows(architecture)
@@ -134,44 +129,48 @@ def _checkpoint_key(mapping: TensorMapping) -> str:
 
 def _rows(
     reader: DistCheckpointReader, key: str, layer: int | None, rows: slice
-) -> Callable[[], torch.Tensor]:
+) -> Callable[[], list[ByteSource]]:
     """Reads rows `rows` of tensor `key` (of one layer, for a stacked tensor)."""
 
-    def produce() -> torch.Tensor:
+    def produce() -> list[ByteSource]:
         stored_shape = reader.tensors[key].shape
         if layer is None:
             offsets = (rows.start,) + (0,) * (len(stored_shape) - 1)
-            return reader.read(key, offsets, (rows.stop - rows.start, *stored_shape[1:]))
-        # [1, rows, ...] at (layer, first row, 0, ...) of [num_layers, *shape]
+            return [reader.read(key, offsets, (rows.stop - rows.start, *stored_shape[1:]))]
+        # [1, rows, ...] at (layer, first row, 0, ...) of [num_layers, *shape]: the same bytes
+        # as [rows, ...]
         offsets = (layer, rows.start) + (0,) * (len(stored_shape) - 2)
-        return reader.read(key, offsets, (1, rows.stop - rows.start, *stored_shape[2:]))[0]
+        return [reader.read(key, offsets, (1, rows.stop - rows.start, *stored_shape[2:]))]
 
     return produce
 
 
-class _SplitQKVCache:
-    """Splits each fused QKV once for its three HF tensors, and hands each part out once, so
-    that nothing of it stays in memory after v is written."""
-
-    def __init__(self, reader: DistCheckpointReader, architecture: ModelArchitecture) -> None:
-        self.reader = reader
-        self.architecture = architecture
-        self._parts: dict[tuple[str, int | None, int], torch.Tensor] = {}
-
-    def get(self, key: str, layer: int | None, index: int) -> torch.Tensor:
-        if (key, layer, index) not in self._parts:
-            self._parts.clear()
-            rows = self.reader.tensors[key].shape[1 if layer is not None else 0]
-            fused = _rows(self.reader, key, layer, slice(0, rows))()
-            parts = mappings.split_qkv(fused, self.architecture)
-            self._parts = {(key, layer, part): tensor for part, tensor in enumerate(parts)}
-        return self._parts.pop((key, layer, index))
-
-
 def _qkv_part(
-    cache: _SplitQKVCache, key: str, layer: int | None, index: int
-) -> Callable[[], torch.Tensor]:
-    return lambda: cache.get(key, layer, index)
+    reader: DistCheckpointReader,
+    architecture: ModelArchitecture,
+    key: str,
+    layer: int | None,
+    part: int,
+) -> Callable[[], list[ByteSource]]:
+    """Reads HF q, k or v (`part` 0, 1, 2): its blocks of the fused QKV, in order."""
+    read_fused = _rows(reader, key, layer, slice(0, _fused_rows(reader, key, layer)))
+
+    def produce() -> list[ByteSource]:
+        (fused,) = read_fused()
+        stored = reader.tensors[key]
+        trailing = stored.shape[2:] if layer is not None else stored.shape[1:]
+        row_bytes = byte_count(trailing, stored.dtype)  # weight [rows, hidden]; bias [rows]
+        return [
+            fused.slice(block.fused_first_row * row_bytes, block.rows * row_bytes)
+            for block in mappings.qkv_blocks(architecture)
+            if block.part == part
+        ]
+
+    return produce
+
+
+def _fused_rows(reader: DistCheckpointReader, key: str, layer: int | None) -> int:
+    return reader.tensors[key].shape[1 if layer is not None else 0]
 
 
 def _check_stored_shape(
@@ -193,6 +192,11 @@ def _check_stored_shape(
             f"{reader.directory}: {key!r} has shape {list(stored.shape)}, but "
             f"{ARCHITECTURE_FILE} implies {list(shape)}"
         )
+    if stored.dtype not in DTYPES:
+        raise CheckpointError(
+            f"{reader.directory}: {key!r} has dtype {stored.dtype}, which safetensors "
+            "conversion does not support"
+        )
 
 
 def _check_base_matches(base: Path, architecture: ModelArchitecture) -> None:
@@ -212,13 +216,13 @@ def _check_base_matches(base: Path, architecture: ModelArchitecture) -> None:
 
 
 def _write_hf_metadata(
-    source: Path, destination: Path, architecture: ModelArchitecture, dtype: torch.dtype
+    source: Path, destination: Path, architecture: ModelArchitecture, dtype: str
 ) -> None:
     copied = copy_hf_metadata_files(source, destination) if source.is_dir() else []
     if HF_CONFIG_FILE not in copied:
         logger.warning("%s: no config.json; writing one from %s", source, ARCHITECTURE_FILE)
         config = hf_config_from_architecture(architecture)
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        config["torch_dtype"] = DTYPES[dtype].torch_name
         (destination / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if GENERATION_CONFIG_FILE not in copied:
         (destination / GENERATION_CONFIG_FILE).write_text(

@@ -1,11 +1,11 @@
-"""Hugging Face weight files: lazy reading and streaming, sharded writing.
+"""Hugging Face weight files: reading tensors as byte ranges, sharded writing.
 
-Reading opens a safetensors file with `safe_open` for each tensor and closes it again: the
-tensor comes back memory-mapped (no copy), and its pages leave the process's resident memory
-as soon as the tensor is dropped. A handle kept open would keep every page it ever served
-resident, which for a sharded checkpoint grows to the whole model. Writing produces each tensor only
-when its bytes are due: the safetensors header (names, dtypes, shapes, offsets) is known from
-the plan, so a shard is written front to back without keeping the shard in memory.
+Reading parses each safetensors header (names, dtypes, shapes, offsets) and hands out every
+tensor as the byte range it occupies in its file, for the converter to copy: no tensor is
+loaded, and torch is not imported (`pytorch_model.bin`, a pickle, is the exception: it is
+loaded with torch, memory-mapped). Writing produces each tensor's bytes only when they are
+due: the safetensors header is known from the plan, so a shard is written front to back,
+each tensor copied from its sources by the kernel, without keeping the shard in memory.
 
 The safetensors layout written here (https://github.com/huggingface/safetensors): an
 unsigned little-endian 64-bit header length, the JSON header padded with spaces to a multiple
@@ -15,34 +15,34 @@ of 8 bytes, then the raw little-endian tensor bytes in header order, without gap
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError, safe_open
+from typing import TYPE_CHECKING
 
 from megasft.checkpoint.errors import CheckpointError
+from megasft.checkpoint.tensor_bytes import (
+    DTYPES,
+    DTYPES_BY_TORCH_NAME,
+    ByteSource,
+    FileBytes,
+    MemoryBytes,
+    byte_count,
+    copy_bytes,
+    total_length,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 PYTORCH_BIN_FILE = "pytorch_model.bin"
 PYTORCH_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_MAX_HEADER_BYTES = 100 * 2**20
+"""The largest safetensors header the safetensors library itself accepts."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,10 @@ class TensorInfo:
     name: str
     file: Path
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str
+    """The safetensors dtype name, e.g. "BF16"."""
+    data: FileBytes | None
+    """Its bytes in a safetensors file; None in a pytorch_model.bin."""
 
 
 class HFWeightsReader:
@@ -76,25 +79,25 @@ class HFWeightsReader:
                 self.tensors[info.name] = info
         _check_index_complete(self.directory, files, self.tensors)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor called `name`, memory-mapped from its file."""
+    def read(self, name: str) -> ByteSource:
+        """The bytes of the tensor called `name` (row-major)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r} in the weights")
-        if info.file.suffix == ".bin":
-            return self._read_bin(info)
-        try:
-            with safe_open(str(info.file), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except SafetensorError as error:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {error}") from error
+        if info.data is not None:
+            return info.data
+        return self._read_bin(info)
 
-    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+    def _read_bin(self, info: TensorInfo) -> MemoryBytes:
+        import torch
+
         # A .bin shard is one pickle; keep the last one open (memory-mapped) while its
         # tensors are read, in file order.
         if self._bin_state is None or self._bin_state[0] != info.file:
             self._bin_state = (info.file, _load_bin(info.file))
-        return self._bin_state[1][info.name]
+        tensor = self._bin_state[1][info.name]
+        array = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # [bytes], no copy
+        return MemoryBytes(memoryview(array), owner=array)
 
 
 def _weight_files(directory: Path, *, allow_pytorch_bin: bool) -> dict[Path, set[str] | None]:
@@ -162,34 +165,63 @@ def _check_index_complete(
 
 def _read_header(file: Path) -> list[TensorInfo]:
     if file.suffix == ".bin":
-        return [
-            TensorInfo(name, file, tuple(tensor.shape), tensor.dtype)
-            for name, tensor in _load_bin(file).items()
-        ]
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            infos = []
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor_slice = handle.get_slice(name)
-                dtype_name = tensor_slice.get_dtype()
-                if dtype_name not in _DTYPES_BY_NAME:
-                    raise CheckpointError(
-                        f"{file}: tensor {name!r} has unsupported dtype {dtype_name}"
-                    )
-                infos.append(
-                    TensorInfo(
-                        name, file, tuple(tensor_slice.get_shape()), _DTYPES_BY_NAME[dtype_name]
-                    )
+        infos = []
+        for name, tensor in _load_bin(file).items():
+            dtype = DTYPES_BY_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}"
                 )
-            return infos
-    except SafetensorError as error:
+            infos.append(TensorInfo(name, file, tuple(tensor.shape), dtype.safetensors_name, None))
+        return infos
+    try:
+        return _read_safetensors_header(file)
+    except (OSError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(
             f"{file}: not a readable safetensors file ({error}); it is truncated or corrupt, "
             "download it again"
         ) from error
 
 
+def _read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """The tensors of a safetensors file, checked as the safetensors library checks them:
+    known dtypes, each tensor's byte range as long as its shape needs, and the ranges laid
+    end to end from the header to the end of the file."""
+    with open(file, "rb") as stream:
+        file_size = os.fstat(stream.fileno()).st_size
+        header_size = int.from_bytes(stream.read(8), "little")
+        if file_size < 8 or header_size > min(file_size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"a {header_size}-byte header in a {file_size}-byte file")
+        header = json.loads(stream.read(header_size))
+    data_start = 8 + header_size
+    infos = []
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype_name not in DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype_name}")
+        if not all(isinstance(size, int) and size >= 0 for size in shape):
+            raise ValueError(f"tensor {name!r} has shape {shape}")
+        if end - begin != byte_count(shape, dtype_name):
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+        ranges.append((begin, end))
+        data = FileBytes(file, data_start + begin, end - begin)
+        infos.append(TensorInfo(name, file, tuple(shape), dtype_name, data))
+    position = 0
+    for begin, end in sorted(ranges):
+        if begin != position:
+            raise ValueError(f"tensor data at byte {begin} where {position} was expected")
+        position = end
+    if data_start + position != file_size:
+        raise ValueError(f"{file_size} bytes, the header describes {data_start + position}")
+    return infos
+
+
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types here; all mean "unusable file"
@@ -206,20 +238,17 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class TensorToWrite:
-    """One tensor of the output, produced on demand by `produce()`."""
+    """One tensor of the output; `produce()` returns its bytes (row-major) when they are due."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    dtype: str
+    """A safetensors dtype name, e.g. "BF16"."""
+    produce: Callable[[], Sequence[ByteSource]]
 
     @property
     def byte_count(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * element_size
+        return byte_count(self.shape, self.dtype)
 
 
 def plan_shards(
@@ -272,26 +301,23 @@ def write_safetensors_file(path: Path, tensors: Iterable[TensorToWrite]) -> None
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for tensor in tensors:
-        if tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dtype not in DTYPES:
             raise CheckpointError(f"{tensor.name}: dtype {tensor.dtype} cannot be written")
         header[tensor.name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "dtype": tensor.dtype,
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.byte_count],
         }
         offset += tensor.byte_count
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as stream:
-        stream.write(len(header_bytes).to_bytes(8, "little"))
-        stream.write(header_bytes)
+    with open(path, "wb", buffering=0) as stream:
+        stream.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
         for tensor in tensors:
-            data = tensor.produce()
-            if tuple(data.shape) != tensor.shape or data.dtype != tensor.dtype:
+            sources = tensor.produce()
+            if total_length(sources) != tensor.byte_count:
                 raise CheckpointError(
-                    f"{tensor.name}: produced {tuple(data.shape)} {data.dtype}, "
-                    f"planned {tensor.shape} {tensor.dtype}"
+                    f"{tensor.name}: produced {total_length(sources)} bytes, planned "
+                    f"{tensor.shape} {tensor.dtype} ({tensor.byte_count} bytes)"
                 )
-            # [numel] raw bytes, viewed without a copy when the tensor is contiguous
-            stream.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del data
+            copy_bytes(stream.fileno(), sources)
