@@ -75,6 +75,12 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def remove_partial_checkpoints(save_dir: Path) -> None:
+    """Remove `.iter_*.partial` directories: checkpoints whose writing was interrupted."""
+    for path in save_dir.glob(".iter_*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside megatron-core's DDP wrapper, whose keys carry a `module.` prefix
     that a converted checkpoint does not have."""
@@ -216,6 +222,12 @@ def load_checkpoint(
     state (step, counters). Collective."""
     from megatron.core import dist_checkpointing
 
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # The distributed optimizer reads Adam's per-parameter "step" while building what to
+        # load, and a fresh torch Adam (no Apex / Transformer Engine, as on CPU) has none
+        # yet: megatron-core's own remedy is one step on zero gradients, overwritten below.
+        if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
     state = dist_checkpointing.load(
         _sharded_state_dict(model_chunks, optimizer, is_loading=True), str(checkpoint)
     )
@@ -224,9 +236,12 @@ def load_checkpoint(
     else:
         for index, chunk in enumerate(model_chunks):
             _unwrapped(chunk).load_state_dict(state[f"model{index}"])
-    optimizer.load_state_dict(state["optimizer"])
-
+    with torch.no_grad():  # megatron-core 0.16 copies into parameter views without it
+        optimizer.load_state_dict(state["optimizer"])
     train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
+    if train_state.get("adam_step") is not None:
+        _set_adam_step(optimizer, train_state["adam_step"])
+
     rng_file = checkpoint / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
     if train_state.get("world_size") == world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -252,6 +267,34 @@ def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
                 f"{value!r}; resuming would not continue the same run. Use the same "
                 f"setting, or a new --save directory (with --load {checkpoint} for its weights)"
             )
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron-core's (chained) optimizer."""
+    return [part.optimizer for part in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def adam_step(optimizer) -> float | None:
+    """Adam's update count (for its bias correction), where torch keeps it per parameter."""
+    for inner in _inner_optimizers(optimizer):
+        for parameter_state in inner.state.values():
+            if "step" in parameter_state:
+                return float(parameter_state["step"])
+    return None
+
+
+def _set_adam_step(optimizer, step: float) -> None:
+    """Give every parameter's Adam state the saved update count, each its own tensor.
+
+    On the distributed optimizer without Apex or Transformer Engine (the CPU), megatron-core
+    0.16 loads this count wrongly: it copies the count of the state the load started from
+    over the saved one, and shares one tensor between all parameters, which torch's Adam
+    then increments once per parameter. Saved by us in train_state.json, it is set here.
+    """
+    for inner in _inner_optimizers(optimizer):
+        for parameter_state in inner.state.values():
+            if "step" in parameter_state:
+                parameter_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def _write_atomically(path: Path, text: str) -> None:

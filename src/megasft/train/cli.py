@@ -80,14 +80,21 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 def _launch(config: TrainConfig) -> int:
     from megasft.launch.local import LaunchError, run_torchrun
-    from megasft.train.config import config_arguments
     from megasft.train.metrics import SUMMARY_FILE
 
     save = Path(config.save)
+    # The ranks get the settings as a recipe of all of them: flags after torchrun's module
+    # argument are still matched against torchrun's own options by prefix (--nproc would be
+    # taken for its --nproc-per-node).
+    settings = save / "logs" / "launch-config.yaml"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(config.to_yaml())
     started = time.time()
     previous = signal.signal(signal.SIGTERM, _forward_to_torchrun)
     try:
-        run_torchrun("megasft.train.worker", config_arguments(config), config.nproc, save / "logs")
+        run_torchrun(
+            "megasft.train.worker", ["--config", str(settings)], config.nproc, save / "logs"
+        )
     except LaunchError:
         summary = save / SUMMARY_FILE
         if (

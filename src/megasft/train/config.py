@@ -8,7 +8,7 @@ before any heavy work starts.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -276,18 +276,3 @@ def field_docs() -> dict[str, str]:
 def flag_name(name: str) -> str:
     """The command-line flag of a TrainConfig field: --tp for tensor_parallel, else dashes."""
     return _flag(name)
-
-
-def config_arguments(config: TrainConfig) -> list[str]:
-    """Command-line flags that rebuild `config` (every setting that is not its default)."""
-    arguments = []
-    for field in fields(TrainConfig):
-        value = getattr(config, field.name)
-        if value is None or (field.default is not MISSING and value == field.default):
-            continue
-        flag = _flag(field.name)
-        if isinstance(value, bool):
-            arguments.append(flag if value else "--no-" + flag[2:])
-        else:
-            arguments += [flag, str(value)]
-    return arguments

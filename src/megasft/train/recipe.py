@@ -158,13 +158,19 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         transformer_config,
         transformer_engine_available,
     )
-    from megasft.train.checkpointing import check_resumable, load_checkpoint, load_model_weights
+    from megasft.train.checkpointing import (
+        check_resumable,
+        load_checkpoint,
+        load_model_weights,
+        remove_partial_checkpoints,
+    )
 
     config = plan.config
     save = Path(config.save)
     if parallel.is_main:
         save.mkdir(parents=True, exist_ok=True)
         (save / "config.yaml").write_text(config.to_yaml())
+        remove_partial_checkpoints(save)  # left by a run killed while saving
     thd = transformer_engine_available()
     bf16 = config.precision == "bf16"
     distributed_optimizer = (
@@ -189,7 +195,9 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
             calculate_per_token_loss=True,
             # Transformer Engine accumulates weight gradients into main_grad directly
             gradient_accumulation_fusion=thd,
-            deallocate_pipeline_outputs=True,
+            # Frees a stage's output once sent, keeping only what backward needs. Not on
+            # CPU: gloo may still be reading the freed memory of an asynchronous send.
+            deallocate_pipeline_outputs=parallel.on_accelerator,
             # The interleaved schedule with separate, overlapped sends and receives (as
             # Megatron-LM runs it): the batched form posts two messages to the same peer at
             # PP=2 (its previous and next stage), which gloo matches the wrong way round.
@@ -602,11 +610,12 @@ def evaluate(run: Run) -> float | None:
 
 
 def save(run: Run) -> Path:
-    from megasft.train.checkpointing import save_checkpoint
+    from megasft.train.checkpointing import adam_step, save_checkpoint
 
     config = run.config
     train_state = {
         "step": run.step,
+        "adam_step": adam_step(run.optimizer),
         "train_iters": config.train_iters,
         "consumed_samples": run.step * config.global_batch_size,
         "world_size": run.parallel.world_size,

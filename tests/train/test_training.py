@@ -1,0 +1,307 @@
+"""The training stage end to end on CPU, through megatron-core's emulation layer.
+
+Three launches do the heavy work (see train_worker.py): one process runs the single-rank
+scenarios, one two-rank torchrun job runs the parallel layouts, and the resume test drives
+`megasft train --nproc 2` itself, killing and restarting it. The tests compare what those
+runs wrote with independent references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megasft.data.store import open_split
+from megasft.train.data import StepSampler
+from megasft.train.metrics import read_metrics
+from tests.conftest import REPO
+from tests.train.workspace import Workspace, make_workspace
+
+pytestmark = pytest.mark.slow
+
+WORKER = REPO / "tests" / "train" / "train_worker.py"
+TOLERANCE = 1e-5
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: the two cores are shared by two ranks, and the same thread
+    # count in every run keeps the floating-point sums in the same order.
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _launch(command: list[str], timeout: int) -> None:
+    result = subprocess.run(
+        command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("train")
+    workspace = make_workspace(root)
+    workspace.save(root / "workspace.json")
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def single(workspace) -> dict:
+    _launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
+    return json.loads((workspace.root / "results_single.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def parallel(workspace) -> dict:
+    _launch(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),
+        ],
+        timeout=600,
+    )  # fmt: skip
+    return json.loads((workspace.root / "results_parallel.json").read_text())
+
+
+def _result(results: dict, name: str) -> dict:
+    assert "error" not in results[name], results[name]["error"]
+    return results[name]
+
+
+# --- 1. the first loss equals the transformers model's -------------------------------------------
+
+
+def _reference_loss(workspace: Workspace, rows: np.ndarray) -> float:
+    """Cross entropy over the target tokens of these rows by the Hugging Face model, each
+    packed document run on its own (no packing tricks), summed and divided once."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        workspace.hf_model, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    table = open_split(workspace.packed).take(rows).to_pylist()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for row in table:
+            start = 0
+            for length in row["seq_lengths"]:
+                ids = torch.tensor(row["input_ids"][start : start + length])
+                mask = torch.tensor(row["loss_mask"][start : start + length])
+                start += length
+                assert mask[0] == 0  # a document's first token is never a target
+                logits = model(ids[None]).logits[0]  # [n, vocab]
+                losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # [n - 1]
+                loss_sum += losses[mask[1:] == 1].sum().item()
+                count += int(mask[1:].sum())
+    return loss_sum / count
+
+
+def test_first_step_loss_equals_the_transformers_model(workspace, single):
+    reference = _result(single, "reference")
+    sampler = StepSampler(
+        rows=open_split(workspace.packed).num_rows,
+        global_batch_size=8,
+        micro_batch_size=2,
+        data_parallel_size=1,
+        data_parallel_rank=0,
+        seed=1234,
+    )
+    expected = _reference_loss(workspace, sampler.global_batch(0))
+    assert abs(reference["losses"][0] - expected) < TOLERANCE
+
+
+# --- 2. every parallel layout trains the same curve ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout", ["tp2", "pp2", "dp2", "dp2_distributed_optimizer", "pp2_interleaved"]
+)
+def test_parallel_layout_reproduces_the_single_rank_curve(single, parallel, layout):
+    reference = _result(single, "reference")
+    result = _result(parallel, layout)
+    assert len(result["losses"]) == len(reference["losses"]) == 5
+    assert result["target_tokens"] == reference["target_tokens"]
+    for actual, expected in zip(result["losses"], reference["losses"], strict=True):
+        assert abs(actual - expected) < TOLERANCE
+    # Adam hides a wrongly scaled gradient in the loss; the gradient norm shows it.
+    for actual, expected in zip(result["grad_norms"], reference["grad_norms"], strict=True):
+        assert abs(actual - expected) < TOLERANCE * expected
+
+
+def test_vocab_parallel_loss_equals_masked_token_loss(parallel):
+    result = _result(parallel, "cross_entropy_parity")
+    real, empty = result["real"], result["no_targets"]
+    assert real["count"] == real["expected_count"] > 0
+    assert abs(real["sum"] - real["expected_sum"]) < TOLERANCE * real["expected_sum"]
+    assert (empty["sum"], empty["count"]) == (0.0, 0)
+    assert real["finite_gradients"] and empty["finite_gradients"]
+
+
+# --- 3. packed rows give the loss of their examples unpacked ---------------------------------------
+
+
+def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(single):
+    packed = _result(single, "packed_all")
+    unpacked = _result(single, "unpacked_all")
+    assert packed["target_tokens"] == unpacked["target_tokens"]
+    assert abs(packed["losses"][0] - unpacked["losses"][0]) < TOLERANCE
+    assert abs(packed["grad_norms"][0] - unpacked["grad_norms"][0]) < TOLERANCE
+
+
+# --- 5. it learns ----------------------------------------------------------------------------------
+
+
+def test_overfitting_16_examples_drives_the_loss_below_0_05(single):
+    losses = _result(single, "overfit")["losses"]
+    assert losses[0] > 1.0
+    assert losses[-1] < 0.05
+
+
+# --- 6. stability ------------------------------------------------------------------------------------
+
+
+def test_injected_nan_is_skipped_and_counted(single):
+    reference = _result(single, "reference")
+    result = _result(single, "nan_skipped")
+    assert result["skipped"] == [False, False, True, False, False, False]
+    assert result["summary"]["skipped_steps"] == 1
+    assert result["summary"]["status"] == "completed"
+    assert result["losses"][:2] == reference["losses"][:2]
+    assert result["losses"][2] is None  # NaN, written as null
+    assert all(np.isfinite(loss) for loss in result["losses"][3:])
+
+
+def test_bad_steps_in_a_row_or_the_stop_policy_end_the_run(single):
+    assert "3 steps in a row (up to step 4)" in _result(single, "nan_in_a_row")["stopped"]
+    assert "--nan-policy is stop" in _result(single, "nan_policy_stop")["stopped"]
+
+
+def test_micro_batches_without_targets_contribute_nothing(single):
+    all_masked = _result(single, "all_masked")
+    assert all_masked["losses"] == [0.0, 0.0]
+    assert all_masked["skipped"] == [False, False]
+    # One row per micro-batch: clearing the first row's mask equals leaving the row out.
+    masked = _result(single, "first_row_masked")
+    dropped = _result(single, "first_row_dropped")
+    assert masked["target_tokens"] == dropped["target_tokens"]
+    assert abs(masked["losses"][0] - dropped["losses"][0]) < 1e-9
+    assert abs(masked["grad_norms"][0] - dropped["grad_norms"][0]) < 1e-9
+
+
+# --- 4. kill, preempt, resume --------------------------------------------------------------------
+
+
+def _train_command(workspace: Workspace, save: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "megasft", "train",
+        "--data", str(workspace.packed), "--load", str(workspace.mcore_model),
+        "--save", str(save), "--nproc", "2", "--train-iters", "10", "--save-interval", "2",
+        "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+        "--min-lr", "1e-4", "--warmup-iters", "1", "--precision", "fp32", "--seed", "1234",
+        "--distributed-optimizer",
+    ]  # fmt: skip
+
+
+def _records(save: Path) -> list[dict]:
+    path = save / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _trained_since_start(save: Path, steps: int) -> bool:
+    """True once this run has logged `steps` steps (a resumed run first logs "resume")."""
+    records = _records(save)
+    resumes = [i for i, record in enumerate(records) if record["kind"] == "resume"]
+    since = records[resumes[-1] + 1 :] if resumes else records
+    return sum(record["kind"] == "train" for record in since) >= steps
+
+
+def _start_and_signal(command, save: Path, steps: int, sig: int, resuming: bool):
+    """Start the run; once it has trained `steps` steps, send `sig` (to every process of the
+    run for SIGKILL, as when a node dies; to the command only for SIGTERM, as a scheduler
+    does)."""
+    process = subprocess.Popen(
+        command,
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (
+        _trained_since_start(save, steps)
+        and (not resuming or any(record["kind"] == "resume" for record in _records(save)))
+    ):
+        assert process.poll() is None, f"the run ended early: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    if sig == signal.SIGKILL:
+        # torchrun starts each rank in a session of its own: kill the whole tree.
+        parent = psutil.Process(process.pid)
+        for member in [parent, *parent.children(recursive=True)]:
+            member.kill()
+    else:
+        process.send_signal(sig)
+    return process
+
+
+def test_killed_and_preempted_run_resumes_exactly(workspace, parallel, tmp_path):
+    """Test 4 (with DP=2 and the distributed optimizer, through `megasft train --nproc 2`):
+    SIGKILL at a random step, resume, SIGTERM (checkpoint and exit 143), resume to the end;
+    the losses of every step equal those of the uninterrupted run."""
+    uninterrupted = _result(parallel, "resume_reference")
+    save = tmp_path / "run"
+    command = _train_command(workspace, save)
+
+    killed = _start_and_signal(command, save, random.randint(3, 5), signal.SIGKILL, False)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(path.name for path in save.glob("iter_*"))
+    assert checkpoints and checkpoints[-1] < "iter_0000010"
+
+    preempted = _start_and_signal(command, save, 1, signal.SIGTERM, True)
+    _, stderr = preempted.communicate(timeout=120)
+    assert preempted.returncode == 143, stderr[-3000:]
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["status"] == "preempted"
+    assert summary["checkpoint"] == str(save / f"iter_{summary['steps']:07d}")
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(summary["steps"])
+
+    _launch(command, timeout=300)
+    records = read_metrics(save / "metrics.jsonl")
+    assert [record["step"] for record in records] == list(range(1, 11))
+    assert [record["loss"] for record in records] == uninterrupted["losses"]
+    assert json.loads((save / "summary.json").read_text())["status"] == "completed"
+    # Only the newest two checkpoints are kept; no partial directory is left behind.
+    assert sorted(path.name for path in save.iterdir() if "iter_" in path.name) == [
+        "iter_0000008",
+        "iter_0000010",
+    ]
+
+    # The final checkpoint is a megasft megatron checkpoint: convertible to Hugging Face.
+    hf = tmp_path / "hf"
+    _launch(
+        [sys.executable, "-m", "megasft", "convert", "--from", "megatron", "--to", "hf",
+         "--src", str(save / "iter_0000010"), "--dst", str(hf)],
+        timeout=120,
+    )  # fmt: skip
+    from safetensors.torch import load_file
+
+    tuned = load_file(hf / "model.safetensors")
+    base = load_file(workspace.hf_model / "model.safetensors")
+    assert sorted(tuned) == sorted(base)
+    assert not torch.equal(tuned["model.norm.weight"], base["model.norm.weight"])
