@@ -82,15 +82,16 @@ def _result(results: dict, name: str) -> dict:
 # --- 1. the first loss equals the transformers model's -------------------------------------------
 
 
-def _reference_loss(workspace: Workspace, rows: np.ndarray) -> float:
-    """Cross entropy over the target tokens of these rows by the Hugging Face model, each
-    packed document run on its own (no packing tricks), summed and divided once."""
+def _reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> float:
+    """Cross entropy over the target tokens of these rows (all for None) by the Hugging Face
+    model, each packed document run on its own (no packing tricks), summed and divided once."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        workspace.hf_model, dtype=torch.float32, attn_implementation="eager"
+        model_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    table = open_split(workspace.packed).take(rows).to_pylist()
+    table = open_split(dataset, split)
+    table = (table.take(rows) if rows is not None else table).to_pylist()
     loss_sum, count = 0.0, 0
     with torch.no_grad():
         for row in table:
@@ -117,8 +118,23 @@ def test_first_step_loss_equals_the_transformers_model(workspace, single):
         data_parallel_rank=0,
         seed=1234,
     )
-    expected = _reference_loss(workspace, sampler.global_batch(0))
+    expected = _reference_loss(
+        workspace.hf_model, workspace.packed, "train", sampler.global_batch(0)
+    )
     assert abs(reference["losses"][0] - expected) < TOLERANCE
+
+
+def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single, tmp_path):
+    """The last validation loss, recomputed by transformers from the final checkpoint
+    converted to Hugging Face: validation, checkpoint and conversion agree."""
+    from megasft.checkpoint.convert import convert
+
+    result = _result(single, "validation")
+    assert [record["step"] for record in result["val"]] == [2, 4]
+    hf = tmp_path / "hf"
+    convert("megatron", "hf", result["checkpoint"], hf)
+    expected = _reference_loss(hf, workspace.with_val, "val")
+    assert abs(result["val"][-1]["val_loss"] - expected) < TOLERANCE
 
 
 # --- 2. every parallel layout trains the same curve ---------------------------------------------
@@ -200,6 +216,13 @@ def test_micro_batches_without_targets_contribute_nothing(single):
 
 
 # --- 4. kill, preempt, resume --------------------------------------------------------------------
+
+
+def test_preempted_single_process_run_resumes_exactly(single):
+    result = _result(single, "resume_in_process")
+    # SIGTERM once step 3 is logged: the step in progress finishes and is saved
+    assert result["preempted_at"] in ("iter_0000004", "iter_0000005")
+    assert result["resumed"] == result["uninterrupted"]
 
 
 def _train_command(workspace: Workspace, save: Path) -> list[str]:

@@ -4,8 +4,8 @@ Every launch pays ~10 s of imports, so each mode runs a list of scenarios in tur
 real `megasft.train.recipe.train` call with its own --save directory, and writes what the
 tests compare into WORK/results_<mode>.json:
 
-    python train_worker.py single WORK                          # one process
-    torchrun --nproc-per-node 2 train_worker.py parallel WORK   # two processes, gloo
+    python train_worker.py single WORK [SCENARIO ...]                # one process
+    torchrun --nproc-per-node 2 train_worker.py parallel WORK [...]  # two processes, gloo
 
 WORK/workspace.json names the inputs (see workspace.py). The tests never switch megatron-core's
 CPU emulation on in the pytest process; it is process-wide.
@@ -46,6 +46,8 @@ def main() -> None:
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     scenarios = SINGLE if mode == "single" else PARALLEL
+    if sys.argv[3:]:  # a chosen few, when debugging
+        scenarios = {name: scenarios[name] for name in sys.argv[3:]}
     results = {}
     for name, scenario in scenarios.items():
         try:
@@ -86,6 +88,49 @@ def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
         "skipped": [record["skipped"] for record in records],
         "target_tokens": [record["target_tokens"] for record in records],
         "summary": {key: summary[key] for key in ("status", "skipped_steps", "final_loss")},
+    }
+
+
+def validation(save: Path, inputs: dict) -> dict:
+    """Validation loss every 2 steps; the test recomputes the last with transformers."""
+    from megasft.train.metrics import read_metrics
+
+    result = run(save, inputs, data="with_val", train_iters=4, eval_interval=2)
+    result["val"] = read_metrics(save / "metrics.jsonl", "val")
+    result["checkpoint"] = str(save / "iter_0000004")
+    return result
+
+
+def resume_in_process(save: Path, inputs: dict) -> dict:
+    """One process, the (non-distributed) optimizer of CPU runs: SIGTERM to itself after step
+    3, then a second run on the same --save; and the same settings uninterrupted."""
+    import signal
+    import threading
+    import time
+
+    from megasft.train.metrics import read_metrics
+    from megasft.train.recipe import Preempted
+
+    settings = dict(train_iters=6, save_interval=2, eval_interval=0)
+    uninterrupted = run(save / "uninterrupted", inputs, **settings)
+
+    def send_sigterm_after_step_3():
+        metrics = save / "interrupted" / "metrics.jsonl"
+        while not (metrics.is_file() and len(read_metrics(metrics)) >= 3):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_after_step_3, daemon=True).start()
+    try:
+        run(save / "interrupted", inputs, **settings)
+        preempted_at = None
+    except Preempted as stopped:
+        preempted_at = stopped.checkpoint.name
+    resumed = run(save / "interrupted", inputs, **settings)
+    return {
+        "preempted_at": preempted_at,
+        "uninterrupted": uninterrupted["losses"],
+        "resumed": resumed["losses"],
     }
 
 
@@ -139,6 +184,8 @@ SINGLE = {
         clip_grad=1.0,
         log_interval=5,
     ),
+    "validation": validation,
+    "resume_in_process": resume_in_process,
     # test 6: an injected NaN is skipped and counted; too many in a row stop the run
     "nan_skipped": lambda save, inputs: with_nan_steps("3", run, save, inputs, train_iters=6),
     "nan_in_a_row": lambda save, inputs: stopped(

@@ -44,6 +44,8 @@ class Workspace:
     """The same problems, one per row."""
     overfit: Path
     """16 other problems, one per row."""
+    with_val: Path
+    """The problems packed, a quarter of them in the val split."""
     all_masked: Path
     """`packed` with no target token anywhere."""
     first_row_masked: Path
@@ -67,10 +69,11 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
     tokenizer = build_tokenizer(
         root / "tokenizer", chat_template=CHATML, corpus=corpus, vocab_size=400
     )
-    for name, path, pack in (
-        ("packed", source, True),
-        ("unpacked", source, False),
-        ("overfit", overfit_source, False),
+    for name, path, pack, val_fraction in (
+        ("packed", source, True, 0.0),
+        ("unpacked", source, False, 0.0),
+        ("overfit", overfit_source, False, 0.0),
+        ("with_val", source, True, 0.25),
     ):
         prepare(
             PrepareConfig(
@@ -80,7 +83,7 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
                 column_map=(("prompt", "question"), ("response", "answer")),
                 seq_length=SEQ_LENGTH,
                 pack=pack,
-                val_fraction=0.0,
+                val_fraction=val_fraction,
                 workers=1,
                 progress=False,
             )
@@ -103,6 +106,7 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
         packed=root / "packed",
         unpacked=root / "unpacked",
         overfit=root / "overfit",
+        with_val=root / "with_val",
         all_masked=root / "all_masked",
         first_row_masked=root / "first_row_masked",
         first_row_dropped=root / "first_row_dropped",
