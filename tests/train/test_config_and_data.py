@@ -126,3 +126,39 @@ def test_shipped_recipes_are_valid(name):
 
     config = build_config(REPO / "recipes" / name, **REQUIRED)
     assert config.global_batch_size % (config.micro_batch_size * config.data_parallel) == 0
+
+
+def test_train_iters_on_the_command_line_replaces_the_recipes_epochs(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\nwarmup_iters: 2\n")
+    assert build_config(recipe, **REQUIRED).epochs == 3
+    config = build_config(recipe, **REQUIRED, train_iters=20)
+    assert (config.train_iters, config.epochs) == (20, None)
+    with pytest.raises(ConfigError, match="--warmup-iters 2 must be below --train-iters 2"):
+        build_config(recipe, **REQUIRED, train_iters=2)
+
+
+def test_collate_fills_short_batches_with_rows_without_targets(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    prepare(
+        PrepareConfig(
+            inputs=(str(data),),
+            tokenizer=str(build_tokenizer(tmp_path / "tok")),
+            output=str(tmp_path / "out"),
+            seq_length=32,
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
+    )
+    batch = collate(open_split(tmp_path / "out"), np.array([0]), 32, 0, rows=3)
+    assert batch.tokens.shape == (3, 32) and batch.seq_lengths[1:] == [[], []]
+    assert batch.loss_mask[1:].sum() == 0 and batch.target_tokens > 0
+    assert not batch.attention_mask[1, 0].diagonal().any()  # padding still attends to itself
+    assert (
+        collate(
+            open_split(tmp_path / "out"), np.array([0]), 32, 0, attention_mask=False
+        ).attention_mask
+        is None
+    )
