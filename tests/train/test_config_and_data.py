@@ -146,19 +146,19 @@ def test_collate_fills_short_batches_with_rows_without_targets(tmp_path):
             inputs=(str(data),),
             tokenizer=str(build_tokenizer(tmp_path / "tok")),
             output=str(tmp_path / "out"),
-            seq_length=32,
+            seq_length=64,
             val_fraction=0.0,
             workers=1,
             progress=False,
         )
     )
-    batch = collate(open_split(tmp_path / "out"), np.array([0]), 32, 0, rows=3)
-    assert batch.tokens.shape == (3, 32) and batch.seq_lengths[1:] == [[], []]
+    batch = collate(open_split(tmp_path / "out"), np.array([0]), 64, 0, rows=3)
+    assert batch.tokens.shape == (3, 64) and batch.seq_lengths[1:] == [[], []]
     assert batch.loss_mask[1:].sum() == 0 and batch.target_tokens > 0
     assert not batch.attention_mask[1, 0].diagonal().any()  # padding still attends to itself
     assert (
         collate(
-            open_split(tmp_path / "out"), np.array([0]), 32, 0, attention_mask=False
+            open_split(tmp_path / "out"), np.array([0]), 64, 0, attention_mask=False
         ).attention_mask
         is None
     )
