@@ -105,7 +105,7 @@ class MemoryBytes:
 
     def slice(self, start: int, length: int) -> MemoryBytes:
         if start < 0 or start + length > self.length:
-            raise ValueError(f"bytes {start}+{length} outside {length}-byte buffer")
+            raise ValueError(f"bytes {start}+{length} outside a {self.length}-byte buffer")
         return MemoryBytes(self.data[start : start + length], self.owner)
 
 
