@@ -213,6 +213,14 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         ).to(parallel.device)
         for stage in range(config.virtual_pipeline_stages or 1)
     ]
+    if bf16:
+        for chunk in chunks:
+            # megatron-core's local norms (the CPU spec) keep fp32 weights in a bf16 model,
+            # which its bf16 optimizer cannot checkpoint; Megatron-LM casts every parameter
+            # (its Float16Module). Buffers, such as the RoPE frequencies, stay as they are.
+            for parameter in chunk.parameters():
+                if parameter.dtype == torch.float32:
+                    parameter.data = parameter.data.to(torch.bfloat16)
     if plan.resume_from is None:  # weights only: a fine-tuning start
         load_model_weights(chunks, Path(config.load))
 

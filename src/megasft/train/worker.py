@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from megasft.errors import MegasftError
 from megasft.train.config import TrainConfig
@@ -15,8 +16,21 @@ from megasft.train.config import TrainConfig
 PREEMPTED_EXIT_CODE = 143
 
 
+# Library notices that say nothing about this run: megatron-core on a machine without Apex or
+# Transformer Engine (every CPU run), and deprecations inside megatron-core and torch's
+# distributed checkpointing.
+QUIET_WARNINGS = (
+    r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*",
+    r"full scope is deprecated.*",
+    r"`load_state_dict` is deprecated.*",
+    r"Please use DTensor instead.*",
+)
+
+
 def run_worker(config: TrainConfig) -> int:
     """Train on this rank; returns the process exit code (see megasft.train.cli)."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     from megasft.train.recipe import Preempted, train
 
     try:
