@@ -190,23 +190,26 @@ def test_stability_monitor_counts_skips_and_spikes_and_round_trips():
     assert monitor.observe(2.0, 1.0) == (False, False) and monitor.consecutive_skipped == 0
 
 
-def test_metrics_log_drops_records_of_an_interrupted_run_on_resume(tmp_path):
-    log = MetricsLog(tmp_path / "metrics.jsonl")
+def test_metrics_log_drops_lines_of_an_interrupted_run_on_resume(tmp_path):
+    log = MetricsLog(tmp_path)
     for step in range(1, 6):
-        log.write({"kind": "train", "step": step, "loss": float("nan") if step == 2 else 1.0})
-    log.write({"kind": "val", "step": 4, "val_loss": 1.0})
-    log.truncate_after(3, "iter_0000003")
-    log.write({"kind": "train", "step": 4, "loss": 0.5})
-    assert [(r["step"], r["loss"]) for r in read_metrics(log.path)] == [
-        (1, 1.0),
-        (2, None),  # NaN is written as null
-        (3, 1.0),
-        (4, 0.5),
+        log.write({"step": step, "loss": 1.0, "grad_norm": float("inf") if step == 2 else 1.0})
+    log.event("skipped", 4, loss=float("nan"))
+    log.resume_at(3, "iter_0000003")
+    log.write({"step": 4, "loss": 0.5, "grad_norm": 1.0})
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(log.metrics)] == [
+        (1, 1.0, 1.0),
+        (2, 1.0, None),  # JSON has no infinity: null
+        (3, 1.0, 1.0),
+        (4, 0.5, 1.0),
     ]
-    assert read_metrics(log.path, "val") == []
-    assert read_metrics(log.path, "resume") == [
-        {"kind": "resume", "step": 3, "checkpoint": "iter_0000003"}
+    assert read_metrics(log.events) == [
+        {"event": "resume", "step": 3, "checkpoint": "iter_0000003"}
     ]
+    log.event("skipped", 5, loss=float("nan"))
+    assert read_metrics(log.events)[-1] == {"event": "skipped", "step": 5, "loss": "nan"}
+    log.start_fresh()
+    assert not log.metrics.exists() and not log.events.exists()
 
 
 def test_tracking_failures_never_stop_the_run(capsys):

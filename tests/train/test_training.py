@@ -8,6 +8,7 @@ runs wrote with independent references.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -130,11 +131,11 @@ def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single
     from megasft.checkpoint.convert import convert
 
     result = _result(single, "validation")
-    assert [record["step"] for record in result["val"]] == [2, 4]
+    assert [step for step, _ in result["val"]] == [2, 4]
     hf = tmp_path / "hf"
     convert("megatron", "hf", result["checkpoint"], hf)
     expected = _reference_loss(hf, workspace.with_val, "val")
-    assert abs(result["val"][-1]["val_loss"] - expected) < TOLERANCE
+    assert abs(result["val"][-1][1] - expected) < TOLERANCE
 
 
 # --- 2. every parallel layout trains the same curve ---------------------------------------------
@@ -190,12 +191,15 @@ def test_overfitting_16_examples_drives_the_loss_below_0_05(single):
 def test_injected_nan_is_skipped_and_counted(single):
     reference = _result(single, "reference")
     result = _result(single, "nan_skipped")
-    assert result["skipped"] == [False, False, True, False, False, False]
+    # metrics.jsonl has numeric losses only; the skipped step is an event
+    assert result["steps"] == [1, 2, 4, 5, 6]
+    assert result["events"] == [
+        {"event": "skipped", "step": 3, "loss": "nan", "grad_norm": "nan", "skipped_steps": 1}
+    ]
     assert result["summary"]["skipped_steps"] == 1
     assert result["summary"]["status"] == "completed"
     assert result["losses"][:2] == reference["losses"][:2]
-    assert result["losses"][2] is None  # NaN, written as null
-    assert all(np.isfinite(loss) for loss in result["losses"][3:])
+    assert all(np.isfinite(loss) for loss in result["losses"])
 
 
 def test_bad_steps_in_a_row_or_the_stop_policy_end_the_run(single):
@@ -225,6 +229,13 @@ def test_preempted_single_process_run_resumes_exactly(single):
     assert result["resumed"] == result["uninterrupted"]
 
 
+def test_bf16_run_resumes_exactly_and_starts_at_the_fp32_loss(single):
+    result = _result(single, "bf16_resume")
+    reference = _result(single, "reference")
+    assert abs(result["first"][0] - reference["losses"][0]) < 2e-2  # bf16 weights
+    assert result["again"] == result["first"]  # steps 3 and 4 redone from the step-2 checkpoint
+
+
 def _train_command(workspace: Workspace, save: Path) -> list[str]:
     return [
         sys.executable, "-m", "megasft", "train",
@@ -236,19 +247,24 @@ def _train_command(workspace: Workspace, save: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _records(save: Path) -> list[dict]:
-    path = save / "metrics.jsonl"
+def _lines(path: Path) -> list[dict]:
+    """The complete lines of a JSON Lines file that a running process appends to."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    lines = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # the line being written
+            lines.append(json.loads(line))
+    return lines
 
 
-def _trained_since_start(save: Path, steps: int) -> bool:
-    """True once this run has logged `steps` steps (a resumed run first logs "resume")."""
-    records = _records(save)
-    resumes = [i for i, record in enumerate(records) if record["kind"] == "resume"]
-    since = records[resumes[-1] + 1 :] if resumes else records
-    return sum(record["kind"] == "train" for record in since) >= steps
+def _trained_since_start(save: Path, steps: int, resuming: bool) -> bool:
+    """True once this run has logged `steps` steps (after its resume event, if resuming)."""
+    resumed_at = [e["step"] for e in _lines(save / "events.jsonl") if e["event"] == "resume"]
+    if resuming and not resumed_at:
+        return False
+    since = resumed_at[-1] if resumed_at else 0
+    return sum(line["step"] > since for line in _lines(save / "metrics.jsonl")) >= steps
 
 
 def _start_and_signal(command, save: Path, steps: int, sig: int, resuming: bool):
@@ -265,10 +281,7 @@ def _start_and_signal(command, save: Path, steps: int, sig: int, resuming: bool)
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while not (
-        _trained_since_start(save, steps)
-        and (not resuming or any(record["kind"] == "resume" for record in _records(save)))
-    ):
+    while not _trained_since_start(save, steps, resuming):
         assert process.poll() is None, f"the run ended early: {process.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)

@@ -81,22 +81,24 @@ def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
         **{**COMMON, **settings},
     )
     summary = train(config)
-    records = read_metrics(save / "metrics.jsonl") if dist.get_rank() == 0 else []
+    if dist.get_rank():
+        return {}
+    records = read_metrics(save / "metrics.jsonl")
     return {
+        "steps": [record["step"] for record in records],
         "losses": [record["loss"] for record in records],
         "grad_norms": [record["grad_norm"] for record in records],
         "skipped": [record["skipped"] for record in records],
         "target_tokens": [record["target_tokens"] for record in records],
+        "val": [(record["step"], record["val_loss"]) for record in records if "val_loss" in record],
+        "events": read_metrics(events) if (events := save / "events.jsonl").is_file() else [],
         "summary": {key: summary[key] for key in ("status", "skipped_steps", "final_loss")},
     }
 
 
 def validation(save: Path, inputs: dict) -> dict:
     """Validation loss every 2 steps; the test recomputes the last with transformers."""
-    from megasft.train.metrics import read_metrics
-
     result = run(save, inputs, data="with_val", train_iters=4, eval_interval=2)
-    result["val"] = read_metrics(save / "metrics.jsonl", "val")
     result["checkpoint"] = str(save / "iter_0000004")
     return result
 
@@ -132,6 +134,19 @@ def resume_in_process(save: Path, inputs: dict) -> dict:
         "uninterrupted": uninterrupted["losses"],
         "resumed": resumed["losses"],
     }
+
+
+def bf16_resume(save: Path, inputs: dict) -> dict:
+    """bf16 (fp32 main weights in the optimizer): 4 steps with checkpoints at 2 and 4; then the
+    step-4 checkpoint is removed, as if the run had died after step 3, and the run resumes
+    from step 2."""
+    import shutil
+
+    settings = dict(precision="bf16", train_iters=4, save_interval=2)
+    first = run(save, inputs, **settings)
+    shutil.rmtree(save / "iter_0000004")
+    again = run(save, inputs, **settings)
+    return {"first": first["losses"], "again": again["losses"]}
 
 
 def with_nan_steps(steps: str, function, *args, **kwargs):
@@ -186,6 +201,7 @@ SINGLE = {
     ),
     "validation": validation,
     "resume_in_process": resume_in_process,
+    "bf16_resume": bf16_resume,
     # test 6: an injected NaN is skipped and counted; too many in a row stop the run
     "nan_skipped": lambda save, inputs: with_nan_steps("3", run, save, inputs, train_iters=6),
     "nan_in_a_row": lambda save, inputs: stopped(

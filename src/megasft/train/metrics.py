@@ -1,15 +1,22 @@
 """What a training run reports: FLOPs and MFU, loss stability, the metrics log, progress.
 
-Rank 0 writes `metrics.jsonl` in the output directory, one JSON object per line:
+Rank 0 writes two JSON Lines files into the output directory:
 
-- `{"kind": "train", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "target_tokens",
-  "step_seconds", "tokens_per_second", "tflops_per_device", "mfu", "skipped",
-  "skipped_steps", "spike"}` after every logged step (`loss` is null for a skipped step whose
-  loss was not finite; `mfu` is null where the device's peak is unknown, e.g. on CPU);
-- `{"kind": "val", "step", "val_loss", "val_target_tokens"}` after every evaluation;
-- `{"kind": "resume", "step", "checkpoint"}` when a run resumes; records of steps after that
-  checkpoint, written by the interrupted run, are dropped at that moment, so the file reads
-  as one uninterrupted run.
+- `metrics.jsonl`, one line per logged step, every line with a numeric `step` and `loss` (the
+  format `megasft evaluate --training-log` draws): `step`, `epoch`, `loss`, `lr`,
+  `grad_norm`, `tokens` (real tokens of the global batch, padding excluded),
+  `target_tokens`, `step_seconds`, `tokens_per_second`, `tflops_per_device`, `mfu` (null
+  where the device's peak is unknown, e.g. on CPU), `skipped` (the update was not applied),
+  `skipped_steps` (so far), `spike`; and `val_loss`, `val_target_tokens` on the steps after
+  which the validation loss was computed. A step whose loss is not finite has no line here
+  (it has an event).
+- `events.jsonl`, what happened besides: `{"event": "skipped", "step", "loss", "grad_norm",
+  "skipped_steps"}` (non-finite values as strings), `{"event": "spike", "step", "loss",
+  "running_mean"}`, `{"event": "resume", "step", "checkpoint"}`, `{"event": "preempted",
+  "step", "checkpoint"}`, `{"event": "stopped", "step", "reason"}`.
+
+When a run resumes, the lines of both files past the checkpoint's step (written by the
+interrupted run) are dropped, so metrics.jsonl reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 from megasft.megatron.architecture import ModelArchitecture
 
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), by a substring of the device name that
@@ -113,6 +121,13 @@ class StabilityMonitor:
             self.recent_losses.popleft()
         return False, spike
 
+    @property
+    def running_mean(self) -> float:
+        """Mean loss of the recent good steps (NaN before the first)."""
+        if not self.recent_losses:
+            return math.nan
+        return sum(self.recent_losses) / len(self.recent_losses)
+
     def state(self) -> dict[str, Any]:
         return {
             "skipped_steps": self.skipped_steps,
@@ -129,39 +144,55 @@ class StabilityMonitor:
 
 
 class MetricsLog:
-    """Appends records to `metrics.jsonl` (rank 0 only creates one)."""
+    """Appends to `metrics.jsonl` and `events.jsonl` in one directory (rank 0 only)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, directory: Path):
+        self.metrics = directory / METRICS_FILE
+        self.events = directory / EVENTS_FILE
 
-    def truncate_after(self, step: int, checkpoint: str) -> None:
-        """Drop records past `step` (written by an interrupted run) and note the resume."""
-        if self.path.is_file():
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _record_step(line) <= step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.write({"kind": "resume", "step": step, "checkpoint": checkpoint})
+    def start_fresh(self) -> None:
+        """A run that starts from --load: logs of an earlier run that saved nothing go."""
+        for path in (self.metrics, self.events):
+            path.unlink(missing_ok=True)
+
+    def resume_at(self, step: int, checkpoint: str) -> None:
+        """Drop lines past `step` (written by an interrupted run) and note the resume."""
+        for path in (self.metrics, self.events):
+            if path.is_file():
+                kept = [
+                    line
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _line_step(line) <= step
+                ]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.event("resume", step, checkpoint=checkpoint)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(_finite_or_none(record)) + "\n")
+        _append(self.metrics, _finite_or_none(record))
+
+    def event(self, name: str, step: int, **details: Any) -> None:
+        details = {
+            key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in details.items()
+        }
+        _append(self.events, {"event": name, "step": step, **details})
 
 
-def read_metrics(path: str | Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind from a metrics.jsonl file."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record.get("kind") == kind:
-                records.append(record)
-    return records
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl or events.jsonl file."""
+    return [
+        json.loads(line)
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
-def _record_step(line: str) -> int:
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _line_step(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):

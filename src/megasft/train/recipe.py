@@ -37,7 +37,6 @@ from megasft.train.config import TrainConfig
 from megasft.train.data import MicroBatch, StepSampler, collate
 from megasft.train.distributed import Parallel, setup_parallel, teardown_parallel
 from megasft.train.metrics import (
-    METRICS_FILE,
     SUMMARY_FILE,
     MetricsLog,
     Progress,
@@ -98,7 +97,6 @@ class Run:
     last_loss: float | None = None
     last_saved_step: int | None = None
     resumed_from: str | None = None
-    last_eval_step: int | None = None
     identity: dict[str, Any] = field(default_factory=dict)
     """What fixes the data order; a resumed run must match it (see checkpointing)."""
     sigterm: list[bool] = field(default_factory=lambda: [False])
@@ -309,12 +307,12 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
     scheduler.num_steps = run.step
 
     if parallel.is_main:
-        run.metrics = MetricsLog(save / METRICS_FILE)
+        run.metrics = MetricsLog(save)
         if run.resumed_from:
-            run.metrics.truncate_after(run.step, run.resumed_from)
+            run.metrics.resume_at(run.step, run.resumed_from)
             print(f"megasft train: resuming from {run.resumed_from} (step {run.step})", flush=True)
-        elif (save / METRICS_FILE).exists():
-            (save / METRICS_FILE).unlink()  # an earlier run that saved no checkpoint
+        else:
+            run.metrics.start_fresh()
         run.tracker = MetricsTracker(config.tracking_uri, config.experiment, save.name)
         run.tracker.log_params(asdict(config))
         run.progress = Progress(True, total=config.train_iters, initial=run.step)
@@ -337,15 +335,19 @@ def train_loop(run: Run) -> str:
     config = run.config
     while run.step < config.train_iters:
         record, stop = train_step(run)
-        if config.eval_interval and run.step % config.eval_interval == 0:
-            evaluate(run)
+        last = run.step == config.train_iters
+        if (config.eval_interval and run.step % config.eval_interval == 0) or (
+            last and run.val_table is not None
+        ):
+            record.update(evaluate(run))
+        _report(run, record)
         if stop:  # SIGTERM: save where we are and leave
             checkpoint = save(run)
+            if run.parallel.is_main:
+                run.metrics.event("preempted", run.step, checkpoint=str(checkpoint))
             raise Preempted(checkpoint)
         if config.save_interval and run.step % config.save_interval == 0:
             save(run)
-    if run.val_table is not None and run.last_eval_step != run.step:
-        evaluate(run)
     if run.last_saved_step != run.step:
         save(run)
     return "completed"
@@ -386,6 +388,7 @@ def train_step(run: Run) -> tuple[dict[str, Any], bool]:
     # their norm before megatron-core's step, which would apply a non-finite update.
     run.optimizer.prepare_grads()
     grad_norm = float(run.optimizer.get_grad_norm())
+    running_mean = run.monitor.running_mean
     skip, spike = run.monitor.observe(loss, grad_norm)
     if not skip:
         succeeded, clipped_norm, _ = run.optimizer.step()  # clips to config.clip_grad
@@ -399,10 +402,28 @@ def train_step(run: Run) -> tuple[dict[str, Any], bool]:
 
     record = _train_record(run, loss, grad_norm, skip, spike, seconds)
     record["target_tokens"] = target_tokens
+    run.totals["target_tokens"] += target_tokens
     if not skip:
         run.last_loss = loss
-    _report(run, record)
+    if run.parallel.is_main and spike:
+        run.metrics.event("spike", run.step, loss=loss, running_mean=running_mean)
+        run.progress.note(
+            f"megasft train: loss spike at step {run.step}: {loss:.4f}, above "
+            f"{config.spike_factor} x the running mean {running_mean:.4f}"
+        )
     if skip:
+        if run.parallel.is_main:
+            run.metrics.event(
+                "skipped",
+                run.step,
+                loss=loss,
+                grad_norm=grad_norm,
+                skipped_steps=run.monitor.skipped_steps,
+            )
+            run.progress.note(
+                f"megasft train: step {run.step} skipped: loss {loss}, gradient norm "
+                f"{grad_norm} (skipped so far: {run.monitor.skipped_steps})"
+            )
         _handle_bad_step(run, loss, grad_norm)
     return record, stop
 
@@ -476,7 +497,6 @@ def _train_record(
     config = run.config
     lr = run.optimizer.param_groups[0]["lr"]
     record: dict[str, Any] = {
-        "kind": "train",
         "step": run.step,
         "epoch": round(run.step * config.global_batch_size / run.plan.train_rows, 4),
         "loss": loss,
@@ -514,27 +534,22 @@ def _train_record(
 
 
 def _report(run: Run, record: dict[str, Any]) -> None:
-    run.totals["target_tokens"] += record.get("target_tokens", 0)
+    """metrics.jsonl, MLflow and the progress bar (rank 0)."""
     if not run.parallel.is_main:
         return
-    if record["spike"]:
-        run.progress.note(
-            f"megasft train: loss spike at step {record['step']}: {record['loss']:.4f}, "
-            f"above {run.config.spike_factor} x the running mean"
-        )
-    if record["skipped"]:
-        run.progress.note(
-            f"megasft train: step {record['step']} skipped: loss {record['loss']}, gradient "
-            f"norm {record['grad_norm']} (skipped so far: {run.monitor.skipped_steps})"
-        )
-    if run.step % run.config.log_interval == 0 or record["skipped"] or record["spike"]:
+    config = run.config
+    wanted = (
+        run.step % config.log_interval == 0
+        or record["skipped"]
+        or record["spike"]
+        or "val_loss" in record
+        or run.step == config.train_iters
+    )
+    if wanted and math.isfinite(record["loss"]):  # a non-finite loss has its event instead
         run.metrics.write(record)
+        keys = ("loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_device", "mfu")
         run.tracker.log_metrics(
-            {
-                key: record.get(key)
-                for key in ("loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_device")
-            }
-            | {"skipped_steps": record["skipped_steps"], "mfu": record.get("mfu")},
+            {key: record.get(key) for key in (*keys, "skipped_steps", "val_loss")},
             step=record["step"],
         )
     run.progress.update(record["loss"], record["lr"], record.get("tokens_per_second", 0.0))
@@ -549,30 +564,34 @@ def _handle_bad_step(run: Run, loss: float, grad_norm: float) -> None:
         if latest is not None
         else "; no checkpoint was written yet"
     )
+    reason = None
     if config.nan_policy == "stop":
-        raise TrainingStopped(
-            f"step {run.step} has a non-finite {what} and --nan-policy is stop{where}"
-        )
-    if config.max_bad_steps and run.monitor.consecutive_skipped >= config.max_bad_steps:
-        raise TrainingStopped(
+        reason = f"step {run.step} has a non-finite {what} and --nan-policy is stop{where}"
+    elif config.max_bad_steps and run.monitor.consecutive_skipped >= config.max_bad_steps:
+        reason = (
             f"{run.monitor.consecutive_skipped} steps in a row (up to step {run.step}) had a "
             f"non-finite loss or gradient norm (last: {what}); stopping (--max-bad-steps "
             f"{config.max_bad_steps}). Lower --lr, check the data, or resume from a "
             f"checkpoint{where}"
         )
+    if reason is not None:
+        if run.parallel.is_main:
+            run.metrics.event("stopped", run.step, reason=reason)
+        finish(run, "stopped")
+        raise TrainingStopped(reason)
 
 
 # --- validation -------------------------------------------------------------------------------
 
 
-def evaluate(run: Run) -> float | None:
+def evaluate(run: Run) -> dict[str, Any]:
     """Validation loss on the val split: the mean over its target tokens, as
-    `megasft.train.loss.masked_token_loss` defines it (what `megasft evaluate` reports)."""
+    `megasft.train.loss.masked_token_loss` defines it (what `megasft evaluate` reports).
+    Returns the fields added to this step's metrics record."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    run.last_eval_step = run.step
     if run.val_table is None:
-        return None
+        return {}
     config = run.config
     rows = run.plan.val_rows
     per_round = config.micro_batch_size * run.parallel.data_size
@@ -601,17 +620,8 @@ def evaluate(run: Run) -> float | None:
     val_loss = loss_sum / target_tokens if target_tokens else None
     run.last_val_loss = val_loss
     if run.parallel.is_main:
-        run.metrics.write(
-            {
-                "kind": "val",
-                "step": run.step,
-                "val_loss": val_loss,
-                "val_target_tokens": target_tokens,
-            }
-        )
-        run.tracker.log_metrics({"val_loss": val_loss}, step=run.step)
         run.progress.note(f"megasft train: step {run.step}: val loss {val_loss}")
-    return val_loss
+    return {"val_loss": val_loss, "val_target_tokens": target_tokens}
 
 
 # --- checkpoints and the end ----------------------------------------------------------------------
