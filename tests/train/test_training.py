@@ -136,6 +136,11 @@ def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single
     convert("megatron", "hf", result["checkpoint"], hf)
     expected = _reference_loss(hf, workspace.with_val, "val")
     assert abs(result["val"][-1][1] - expected) < TOLERANCE
+    # and the evaluation stage draws the run's metrics.jsonl as its training log
+    from megasft.evaluate.report import read_training_log
+
+    log = read_training_log(Path(result["checkpoint"]).parent / "metrics.jsonl")
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
 
 
 # --- 2. every parallel layout trains the same curve ---------------------------------------------
