@@ -50,9 +50,6 @@ from megasft.train.tracking import MetricsTracker
 PAD_ID = 0
 """Token id of padding positions. Any id works: padding is never a target and sits in its own
 attention block."""
-PREEMPTED_EXIT_CODE = 143
-"""Exit status after a SIGTERM was handled by saving a checkpoint (128 + SIGTERM): the run is
-not finished, and rerunning the same command resumes it."""
 INJECT_NAN_ENV = "MEGASFT_INJECT_NAN_STEPS"
 """Fault injection for tests: comma-separated step numbers (1-based) whose loss is made NaN."""
 
@@ -67,6 +64,7 @@ class Preempted(Exception):
     def __init__(self, checkpoint: Path):
         super().__init__(f"stopped by SIGTERM; checkpoint {checkpoint} written")
         self.checkpoint = checkpoint
+        self.summary: dict[str, Any] = {}
 
 
 @dataclass
@@ -130,8 +128,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
             status = train_loop(run)
-        except Preempted:
-            finish(run, "preempted")
+        except Preempted as stopped:
+            stopped.summary = finish(run, "preempted")
             raise
         return finish(run, status)
     finally:

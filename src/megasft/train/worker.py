@@ -8,37 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from megasft.errors import MegasftError
 from megasft.train.config import TrainConfig
-
-PREEMPTED_EXIT_CODE = 143
-
-
-# Library notices that say nothing about this run: megatron-core on a machine without Apex or
-# Transformer Engine (every CPU run), and deprecations inside megatron-core and torch's
-# distributed checkpointing.
-QUIET_WARNINGS = (
-    r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*",
-    r"full scope is deprecated.*",
-    r"`load_state_dict` is deprecated.*",
-    r"Please use DTensor instead.*",
-)
+from megasft.train.stage import PREEMPTED_EXIT_CODE
 
 
 def run_worker(config: TrainConfig) -> int:
     """Train on this rank; returns the process exit code (see megasft.train.cli)."""
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    from megasft.train.recipe import Preempted, train
+    from megasft.train.stage import run_training
 
-    try:
-        train(config)
-    except Preempted as stopped:
-        print(f"megasft train: {stopped}; rerun the same command to resume", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    return 0
+    summary = run_training(config)
+    return PREEMPTED_EXIT_CODE if summary.get("status") == "preempted" else 0
 
 
 def main(argv: list[str] | None = None) -> int:
