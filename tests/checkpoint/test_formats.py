@@ -124,7 +124,13 @@ def test_views_are_located_in_their_storage_or_refused_when_strided(tmp_path):
         torch_save_format.locate_tensor(tmp_path / "columns.pt")
 
 
-def test_copies_and_crc_span_windows_and_kinds_of_source(tmp_path, monkeypatch):
+CRC32_FUNCTIONS = {"zlib": zlib.crc32, "active": tensor_bytes.crc32}
+"""zlib's, and the one the converter uses (libdeflate's where the system has it)."""
+
+
+@pytest.mark.parametrize("crc32", sorted(CRC32_FUNCTIONS))
+def test_copies_and_crc_span_windows_and_kinds_of_source(crc32, tmp_path, monkeypatch):
+    monkeypatch.setattr(tensor_bytes, "crc32", CRC32_FUNCTIONS[crc32])
     monkeypatch.setattr(tensor_bytes, "WINDOW_BYTES", 4096)
     content = bytes(range(256)) * 100
     (tmp_path / "input").write_bytes(content)
@@ -142,6 +148,13 @@ def test_copies_and_crc_span_windows_and_kinds_of_source(tmp_path, monkeypatch):
     assert (tmp_path / "crc").read_bytes() == expected
     assert (tmp_path / "plain").read_bytes() == expected
     assert crc == zlib.crc32(expected)
+
+
+def test_crc32_is_zlibs_for_any_buffer():
+    data = bytearray(range(256)) * 4099
+    for value in (0, 0xDEADBEEF):
+        for buffer in (data, bytes(data), data[7:70001], b""):  # writable, read-only, odd, empty
+            assert tensor_bytes.crc32(memoryview(buffer), value) == zlib.crc32(buffer, value)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ resident memory stays at one window whatever the model's size.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import zlib
@@ -23,6 +24,35 @@ from pathlib import Path
 
 WINDOW_BYTES = 16 * 2**20
 """Input mapped, and CRC'd, per step; the resident memory the copy adds."""
+
+
+def _crc32_function() -> Callable[[memoryview, int], int]:
+    """`zlib.crc32`, or libdeflate's where the system has it (Debian's and Ubuntu's
+    `libdeflate0`): the same checksum, about 3x faster (9 against 2.9 GB/s here, with the CPU's
+    carry-less multiply), and the CRC is most of the CPU time of writing a megatron checkpoint.
+    libdeflate reads a writable buffer only (ctypes takes no address of a read-only one);
+    the CRC windows are mapped copy-on-write for it, and never written."""
+    try:
+        function = ctypes.CDLL("libdeflate.so.0").libdeflate_crc32
+    except (OSError, AttributeError):
+        return zlib.crc32
+    function.restype = ctypes.c_uint32
+    function.argtypes = (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t)
+
+    def libdeflate_crc32(data: memoryview, value: int = 0) -> int:
+        if data.readonly or not data.nbytes:
+            return zlib.crc32(data, value)
+        array = (ctypes.c_char * data.nbytes).from_buffer(data)  # holds an export of `data`
+        try:
+            return function(value, ctypes.addressof(array), data.nbytes)  # releases the GIL
+        finally:
+            del array
+
+    return libdeflate_crc32
+
+
+crc32 = _crc32_function()
+"""CRC-32 as `zlib.crc32(data, value)` computes it."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +171,7 @@ def copy_bytes_with_crc32(destination: int, sources: Sequence[ByteSource]) -> in
 
             def checksum(window: memoryview) -> None:
                 nonlocal crc
-                crc = zlib.crc32(window, crc)
+                crc = crc32(window, crc)
 
             _each_window(source, files, checksum)
 
@@ -207,14 +237,15 @@ def _each_window(
         while offset < end:
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             stop = min(end, start + WINDOW_BYTES)
-            mapped = mmap.mmap(descriptor, stop - start, offset=start, access=mmap.ACCESS_READ)
+            # Copy-on-write, never written: a writable buffer for libdeflate (see crc32).
+            mapped = mmap.mmap(descriptor, stop - start, offset=start, access=mmap.ACCESS_COPY)
             window = memoryview(mapped)[offset - start :]
             action(window)
             window.release()
             mapped.close()
             offset = stop
     elif isinstance(source, ZeroBytes):
-        zeros = memoryview(bytes(min(source.length, WINDOW_BYTES)))
+        zeros = memoryview(bytearray(min(source.length, WINDOW_BYTES)))
         for start in range(0, source.length, WINDOW_BYTES):
             action(zeros[: min(WINDOW_BYTES, source.length - start)])
     else:
