@@ -12,9 +12,11 @@ measured by wall time and the peak resident memory the kernel reports for that p
 3. `megasft convert --from megatron --to hf`;
 4. the naive path: `AutoModelForCausalLM.from_pretrained`, `state_dict()`, `safetensors` save.
 
-The files are read once before timing, so every path reads from the page cache. The best of
-`--repeats` runs is kept (the machine is shared). Goals: each convert direction at most half
-the naive path's peak memory and at least twice its speed. Not a test: it asserts nothing.
+The files are read once before timing, so every path reads from the page cache; before each
+path, what the previous one wrote is written back to disk (`sync`, untimed), so that no path
+waits for another's write-back. The best of `--repeats` runs is kept (the machine is shared).
+Goals: each convert direction at most half the naive path's peak memory and at least twice
+its speed. Not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def measure(path: str, command: list[str], output: Path) -> Measurement:
     """Run `command` in a fresh process; its wall time and its own peak RSS (wait4)."""
     if output.exists():
         shutil.rmtree(output)
+    # Every path writes the whole model; without this, each would also wait for the kernel to
+    # write back what the previous path wrote (the dirty-page limit is a few GB here).
+    os.sync()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None
