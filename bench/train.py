@@ -128,11 +128,9 @@ def megasft_run(work: Path, data: Path, mcore: Path, steps: int, threads: int) -
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
-    records = [
-        json.loads(line)
-        for line in (save / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "train"' in line
-    ][SKIPPED_STEPS:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()][
+        SKIPPED_STEPS:
+    ]
     return {
         "seconds": statistics.median(r["step_seconds"] for r in records),
         "tokens": statistics.median(r["tokens"] for r in records),
@@ -233,11 +231,9 @@ def gpu_run(work: Path, examples: Path, steps: int) -> dict | None:
         str(8 * nproc), "--precision", "bf16", "--lr", "1e-5", "--warmup-iters", "1",
     ]  # fmt: skip
     subprocess.run(command, check=True)
-    records = [
-        json.loads(line)
-        for line in (save / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "train"' in line
-    ][SKIPPED_STEPS:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()][
+        SKIPPED_STEPS:
+    ]
     return {
         "device": torch.cuda.get_device_name(),
         "devices": nproc,

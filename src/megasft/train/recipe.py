@@ -97,7 +97,8 @@ class Run:
     resumed_from: str | None = None
     identity: dict[str, Any] = field(default_factory=dict)
     """What fixes the data order; a resumed run must match it (see checkpointing)."""
-    sigterm: list[bool] = field(default_factory=lambda: [False])
+    sigterm_received: bool = False
+    """A SIGTERM arrived; the run stops after the step in progress."""
 
     @property
     def config(self) -> TrainConfig:
@@ -123,7 +124,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         run = setup(plan, parallel)
 
         def on_sigterm(signum, frame):
-            run.sigterm[0] = True  # acted on at the end of the step, by every rank at once
+            run.sigterm_received = True  # acted on at the end of the step, by every rank at once
 
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
@@ -483,7 +484,7 @@ def _global_loss(run: Run, reported: list[dict[str, torch.Tensor]]) -> tuple[flo
     if reported and run.parallel.tensor_rank == 0:
         for item in reported:
             totals[:2] += item["loss_sum_and_count"].to(totals)
-    totals[2] = float(run.sigterm[0])
+    totals[2] = float(run.sigterm_received)
     dist.all_reduce(totals)
     loss_sum, target_tokens, stop = totals.tolist()
     return loss_sum, int(target_tokens), stop > 0
