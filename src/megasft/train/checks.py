@@ -119,6 +119,14 @@ def _check_device_features(
     config: TrainConfig, architecture: ModelArchitecture, manifest: dict, on_accelerator: bool
 ) -> None:
     """Features that need Transformer Engine on an accelerator, refused early elsewhere."""
+    if on_accelerator:
+        import torch
+
+        if config.nproc > torch.cuda.device_count():
+            raise ConfigError(
+                f"--nproc {config.nproc} processes per node, but this node has "
+                f"{torch.cuda.device_count()} GPUs; use at most one process per GPU"
+            )
     if config.context_parallel > 1:
         if not on_accelerator:
             raise ConfigError(
