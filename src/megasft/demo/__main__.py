@@ -2,8 +2,9 @@
 
 Today: generate arithmetic word problems, train a tiny tokenizer and build a tiny random
 Llama on the spot, tokenize-and-mask the problems, convert the model to a megatron-core
-checkpoint, and evaluate the base model on held-out problems (from the megatron checkpoint,
-converted back in-process). Training joins between conversion and evaluation as it lands.
+checkpoint, fine-tune it with megatron-core on 2 CPU processes (the emulation layer, gloo),
+export the result to Hugging Face, and evaluate tuned against base on held-out problems.
+The Kubeflow pipeline that wires these steps comes with the pipeline issue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from megasft.demo.model import build_tiny_llama
 from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
 from megasft.evaluate import EvaluateConfig, evaluate
+from megasft.train.config import TrainConfig
+from megasft.train.stage import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="where everything is written")
     parser.add_argument("--train-problems", type=int, default=2000)
     parser.add_argument("--test-problems", type=int, default=200)
+    parser.add_argument("--train-iters", type=int, default=200)
     args = parser.parse_args(argv)
 
     root = Path(args.output)
     if root.exists():
         shutil.rmtree(root)
-    print(f"[1/5] generating arithmetic word problems into {root / 'data'}", file=sys.stderr)
+    print(f"[1/7] generating arithmetic word problems into {root / 'data'}", file=sys.stderr)
     train = write_problems(root / "data" / "train.jsonl", args.train_problems, seed=1)
     test = write_problems(root / "data" / "test.jsonl", args.test_problems, seed=2)
 
-    print(f"[2/5] training a tiny BPE tokenizer into {root / 'tokenizer'}", file=sys.stderr)
+    print(f"[2/7] training a tiny BPE tokenizer into {root / 'tokenizer'}", file=sys.stderr)
     corpus = [
         DEFAULT_CORPUS,
         *(
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     tokenizer = build_tokenizer(root / "tokenizer", corpus=corpus, vocab_size=1000)
 
-    print("[3/5] megasft prepare: tokenize, mask and pack", file=sys.stderr)
+    print("[3/7] megasft prepare: tokenize, mask and pack", file=sys.stderr)
     dataset = root / "dataset"
     manifest = prepare(
         PrepareConfig(
@@ -62,31 +66,61 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(manifest, dataset), file=sys.stderr)
 
     print(
-        "[4/5] megasft convert: a tiny random Llama, Hugging Face -> megatron-core", file=sys.stderr
+        "[4/7] megasft convert: a tiny random Llama, Hugging Face -> megatron-core", file=sys.stderr
     )
     base_hf = build_tiny_llama(root / "base-hf", tokenizer)
     base_mcore = root / "base-mcore"
     convert("hf", "megatron", base_hf, base_mcore)
     print(f"  {base_hf} -> {base_mcore}", file=sys.stderr)
 
-    print("[5/5] megasft evaluate: the base model on held-out problems", file=sys.stderr)
-    evaluation = root / "eval-base"
+    print("[5/7] megasft train: SFT on megatron-core, 2 CPU processes", file=sys.stderr)
+    summary = run_training(
+        TrainConfig(
+            data=str(dataset),
+            load=str(base_mcore),
+            save=str(root / "train"),
+            nproc=2,
+            micro_batch_size=4,
+            global_batch_size=16,
+            train_iters=args.train_iters,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_iters=min(10, args.train_iters // 2),
+            precision="fp32",
+            eval_interval=max(1, args.train_iters // 4),
+        )
+    )
+    checkpoint = summary["checkpoint"]
+    print(f"  final checkpoint: {checkpoint}", file=sys.stderr)
+
+    print(
+        "[6/7] megasft convert: the tuned checkpoint, megatron-core -> Hugging Face",
+        file=sys.stderr,
+    )
+    tuned_hf = root / "tuned-hf"
+    convert("megatron", "hf", checkpoint, tuned_hf)
+
+    print("[7/7] megasft evaluate: tuned vs base on held-out problems", file=sys.stderr)
+    evaluation = root / "eval"
     metrics = evaluate(
         EvaluateConfig(
-            model=str(base_mcore),
+            model=str(tuned_hf),
+            baseline=str(base_hf),
             data=str(test),
             output=str(evaluation),
             task="gsm8k",
             column_map=(("prompt", "question"), ("response", "answer")),
             val_data=str(dataset),
+            training_log=str(root / "train" / "metrics.jsonl"),
             max_new_tokens=48,
             batch_size=32,
         )
     )
-    base = metrics["summary"]
+    result = metrics["summary"]
     print(
-        f"  base model: accuracy {base['accuracy']:.2f}, val loss {base['val_loss']:.3f} "
-        f"on {args.test_problems} held-out problems",
+        f"  on {args.test_problems} held-out problems: base accuracy "
+        f"{result['base_accuracy']:.2f}, tuned accuracy {result['accuracy']:.2f}; "
+        f"val loss {result['base_val_loss']:.3f} -> {result['val_loss']:.3f}",
         file=sys.stderr,
     )
     print(f"\nmask preview: file://{(dataset / 'preview.html').resolve()}", file=sys.stderr)
