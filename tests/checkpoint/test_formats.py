@@ -157,15 +157,15 @@ def test_crc32_is_zlibs_for_any_buffer():
             assert tensor_bytes.crc32(memoryview(buffer), value) == zlib.crc32(buffer, value)
 
 
-@pytest.fixture
-def dcp_checkpoint(tmp_path):
-    """A checkpoint DCP wrote itself, one file per tensor, unflattened (as megatron-core and,
-    before, the converter called it)."""
+@pytest.fixture(params=[False, True], ids=["file per tensor", "one file"])
+def dcp_checkpoint(request, tmp_path):
+    """A checkpoint DCP wrote itself, unflattened (as megatron-core calls it): one file per
+    tensor, as the converter lays it out, or every tensor in one file, as megatron-core does."""
     state_dict = {
         "embedding.weight": torch.randn(128, 64).to(torch.bfloat16),
         "decoder.final_layernorm.weight": torch.randn(64).to(torch.bfloat16),
     }
-    writer = dcp.FileSystemWriter(tmp_path / "dcp", single_file_per_rank=False)
+    writer = dcp.FileSystemWriter(tmp_path / "dcp", single_file_per_rank=request.param)
     planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     with warnings.catch_warnings():  # one process on purpose
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -213,16 +213,19 @@ def test_regions_read_from_the_file_or_resharded(dcp_checkpoint):
     (directory / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
     reader = DistCheckpointReader(directory)
     embedding = state_dict["embedding.weight"]
+    norm = state_dict["decoder.final_layernorm.weight"]
 
     rows = reader.read("embedding.weight", (10, 0), (20, 64))  # whole rows: in the file
     columns = reader.read("embedding.weight", (10, 8), (20, 16))  # not contiguous: resharded
+    norm_part = reader.read("decoder.final_layernorm.weight", (16,), (32,))  # 2nd in its file?
 
-    assert isinstance(rows, FileBytes)
     assert isinstance(columns, MemoryBytes)
-    with open(rows.path, "rb") as stream:
-        stream.seek(rows.offset)
-        assert stream.read(rows.length) == memory_bytes(embedding[10:30]).data.tobytes()
     assert columns.data.tobytes() == memory_bytes(embedding[10:30, 8:24]).data.tobytes()
+    for source, expected in ((rows, embedding[10:30]), (norm_part, norm[16:48])):
+        assert isinstance(source, FileBytes)
+        with open(source.path, "rb") as stream:
+            stream.seek(source.offset)
+            assert stream.read(source.length) == memory_bytes(expected).data.tobytes()
 
 
 def test_converted_checkpoint_is_laid_out_as_dcp_lays_it_out(megatron_dirs):
