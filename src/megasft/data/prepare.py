@@ -31,6 +31,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from megasft import __version__
+from megasft.atomic import move_into_place
 from megasft.data.conversation import Message, RowError
 from megasft.data.formats import FORMATS, detect_format, to_messages, unknown_format_error
 from megasft.data.formats import mixed_formats_error as _mixed_formats_error
@@ -356,7 +357,7 @@ def prepare(config: PrepareConfig) -> dict:
     staging.mkdir()
     try:
         manifest = _prepare_into(config, chat_tokenizer, staging, started)
-        _move_into_place(staging, output)
+        move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -493,13 +494,3 @@ def _file_sha256(path: str) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)

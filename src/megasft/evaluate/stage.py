@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megasft import __version__
+from megasft.atomic import move_into_place
 from megasft.data import open_split, read_manifest
 from megasft.data.formats import FORMATS
 from megasft.errors import ConfigError, InputError
@@ -241,7 +242,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         _write_samples(staging / SAMPLES_FILE, samples)
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         write_report(staging / REPORT_FILE, metrics, samples, training_log)
-        _move_into_place(staging, output)
+        move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -471,16 +472,6 @@ def _write_samples(path: Path, samples: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as file:
         for sample in samples:
             file.write(json.dumps(sample, ensure_ascii=False) + "\n")
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)
 
 
 def summarize(metrics: dict, output: Path) -> str:
