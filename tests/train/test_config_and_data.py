@@ -92,10 +92,13 @@ def test_sampler_is_deterministic_sharded_and_reshuffles_per_epoch():
     assert steps_for_epochs(2.0, 10, 4) == 5
 
 
-def test_collate_pads_and_isolates_documents(tmp_path):
+def prepared_split(tmp_path, examples: int):
+    """The train split of `examples` tiny prompt/response rows, prepared at seq_length 64."""
     data = tmp_path / "d.jsonl"
     data.write_text(
-        "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(6))
+        "".join(
+            json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(examples)
+        )
     )
     prepare(
         PrepareConfig(
@@ -108,7 +111,11 @@ def test_collate_pads_and_isolates_documents(tmp_path):
             progress=False,
         )
     )
-    table = open_split(tmp_path / "out")
+    return open_split(tmp_path / "out")
+
+
+def test_collate_pads_and_isolates_documents(tmp_path):
+    table = prepared_split(tmp_path, examples=6)
     row = table.slice(0, 1).to_pylist()[0]
     batch = collate(table, np.array([0]), seq_length=64, pad_id=0)
     length = len(row["input_ids"])
@@ -139,20 +146,7 @@ def test_train_iters_on_the_command_line_replaces_the_recipes_epochs(tmp_path):
 
 
 def test_collate_fills_short_batches_with_rows_without_targets(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
-    prepare(
-        PrepareConfig(
-            inputs=(str(data),),
-            tokenizer=str(build_tokenizer(tmp_path / "tok")),
-            output=str(tmp_path / "out"),
-            seq_length=64,
-            val_fraction=0.0,
-            workers=1,
-            progress=False,
-        )
-    )
-    batch = collate(open_split(tmp_path / "out"), np.array([0]), 64, 0, rows=3)
+    batch = collate(prepared_split(tmp_path, examples=1), np.array([0]), 64, 0, rows=3)
     assert batch.tokens.shape == (3, 64) and batch.seq_lengths[1:] == [[], []]
     assert batch.loss_mask[1:].sum() == 0 and batch.target_tokens > 0
     assert not batch.attention_mask[1, 0].diagonal().any()  # padding still attends to itself

@@ -42,13 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     test = write_problems(root / "data" / "test.jsonl", args.test_problems, seed=2)
 
     print(f"[2/7] training a tiny BPE tokenizer into {root / 'tokenizer'}", file=sys.stderr)
-    corpus = [
-        DEFAULT_CORPUS,
-        *(
-            json.loads(line)["question"] + " " + json.loads(line)["answer"]
-            for line in train.read_text().splitlines()
-        ),
-    ]
+    problems = [json.loads(line) for line in train.read_text().splitlines()]
+    corpus = [DEFAULT_CORPUS, *(f"{p['question']} {p['answer']}" for p in problems)]
     tokenizer = build_tokenizer(root / "tokenizer", corpus=corpus, vocab_size=1000)
 
     print("[3/7] megasft prepare: tokenize, mask and pack", file=sys.stderr)
