@@ -1,0 +1,1 @@
+"""The SFT pipeline (sft_pipeline.py) and its named run configurations (configs/*.yaml)."""
