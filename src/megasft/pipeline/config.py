@@ -1,0 +1,312 @@
+"""Named run configurations of the SFT pipeline (pipelines/configs/*.yaml).
+
+A run configuration is one YAML file with a section per stage. Each section is handed to its
+stage as it stands, so its keys are that stage's own settings (the `megasft prepare`,
+`megasft train` and `megasft evaluate` flags, spelled with underscores):
+
+    name: demo                      # shown in MLflow and in the run name
+    description: ...
+    data:       path (the raw data file) + PrepareConfig settings (format, column_map, ...)
+    model:      path (the Hugging Face base model) [+ tokenizer, when not the model's own]
+    train:      TrainConfig settings (tensor_parallel, global_batch_size, lr, train_iters, ...)
+    launcher:   kind (local | pytorchjob) + the PyTorchJob settings for a cluster
+    evaluate:   data (the held-out prompts) + EvaluateConfig settings (task, gate, limit, ...)
+    tracking:   uri, experiment, registered_model, alias
+    notify:     webhook (a URL that receives the final status; optional)
+
+The pipeline takes the sections as its parameters (one dict each, rather than thirty flat
+parameters), so `kfp run create` and the Kubeflow UI show the same grouping as the file.
+
+Checks come in two rounds. `PipelineConfig(...)` checks the shape: known sections, known keys,
+types the stages would refuse. `check_inputs()` checks what needs the files: that the data and
+the model exist, that the model family is one megasft converts, that the parallel layout fits
+the model. It runs in the pipeline's first step (so a bad run fails there, before any heavy
+work) and in `megasft pipeline run-local` before the pipeline starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megasft.errors import ConfigError, InputError
+
+LAUNCHERS = ("local", "pytorchjob")
+
+# Settings each section owns beside its stage's own, and stage settings the pipeline sets itself
+# (inputs and outputs are artifacts, wired by the pipeline).
+_DATA_OWN = {"path"}
+_DATA_WIRED = {"inputs", "tokenizer", "output", "overwrite", "progress", "workers"}
+_MODEL_KEYS = {"path", "tokenizer"}
+_TRAIN_WIRED = {"data", "load", "save"}
+_EVALUATE_OWN = {"data"}
+_EVALUATE_WIRED = {"model", "output", "baseline", "val_data", "tokenizer", "convert_base"}
+_LAUNCHER_KEYS = {
+    "kind",
+    "namespace",
+    "nodes",
+    "gpus_per_node",
+    "gpu_resource",
+    "template",
+    "workspace",
+    "timeout_s",
+}
+_TRACKING_KEYS = {"uri", "experiment", "registered_model", "alias"}
+_NOTIFY_KEYS = {"webhook"}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One run of the SFT pipeline, section by section (see the module docstring)."""
+
+    name: str
+    """Names the run in MLflow and in Kubeflow; lower-case letters, digits and '-'."""
+    data: dict[str, Any]
+    """`path`: the raw chat/instruction data file; the rest are `megasft prepare` settings."""
+    model: dict[str, Any]
+    """`path`: the Hugging Face base model directory; `tokenizer`: another tokenizer dir."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """`megasft train` settings; `recipe` names a recipe YAML whose values come first."""
+    launcher: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
+    """Where training runs: `kind: local` (torchrun in the step) or `pytorchjob`."""
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    """`data`: held-out prompts with references; the rest are `megasft evaluate` settings."""
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """MLflow: `uri` (none: no tracking), `experiment`, `registered_model`, `alias`."""
+    notify: dict[str, Any] = field(default_factory=dict)
+    """`webhook`: a URL that receives the run's final status as JSON."""
+    description: str = ""
+    """One line on what this configuration is for."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?", self.name or ""):
+            raise ConfigError(
+                f"name {self.name!r}: use 1 to 40 lower-case letters, digits and '-' "
+                "(it names Kubernetes objects and MLflow runs)"
+            )
+        for section in ("data", "model", "train", "launcher", "evaluate", "tracking", "notify"):
+            if not isinstance(getattr(self, section), dict):
+                raise ConfigError(f"{section}: expected a mapping of settings")
+        if not self.data.get("path"):
+            raise ConfigError("data.path: give the raw data file to fine-tune on")
+        if not self.model.get("path"):
+            raise ConfigError("model.path: give the Hugging Face base model directory")
+        _check_keys("model", self.model, _MODEL_KEYS)
+        _check_keys("launcher", self.launcher, _LAUNCHER_KEYS)
+        _check_keys("tracking", self.tracking, _TRACKING_KEYS)
+        _check_keys("notify", self.notify, _NOTIFY_KEYS)
+        kind = self.launcher.get("kind", "local")
+        if kind not in LAUNCHERS:
+            raise ConfigError(f"launcher.kind {kind!r}: use one of {', '.join(LAUNCHERS)}")
+        self.prepare_settings()  # each stage's own config class checks its section's keys
+        self.train_settings()
+        self.evaluate_settings()
+
+    # -- the stage settings, ready for each stage's config class ------------------------------
+
+    def prepare_settings(self) -> dict[str, Any]:
+        """The `data` section as PrepareConfig keyword arguments (without inputs/outputs)."""
+        from megasft.data.prepare import PrepareConfig
+
+        settings = {key: value for key, value in self.data.items() if key not in _DATA_OWN}
+        _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
+        if isinstance(settings.get("column_map"), dict):
+            settings["column_map"] = tuple(settings["column_map"].items())
+        return settings
+
+    def train_settings(self) -> dict[str, Any]:
+        """The `train` section: a recipe's values, then the section's own, checked by name."""
+        from megasft.train.config import TrainConfig, load_recipe
+
+        settings = dict(self.train)
+        recipe = settings.pop("recipe", None)
+        values = load_recipe(recipe) if recipe else {}
+        values.update(settings)
+        _check_keys("train", values, _field_names(TrainConfig) - _TRAIN_WIRED, {"recipe"})
+        return values
+
+    def evaluate_settings(self) -> dict[str, Any]:
+        """The `evaluate` section as EvaluateConfig keyword arguments (model and data wired)."""
+        from megasft.evaluate import EvaluateConfig
+
+        settings = dict(self.evaluate)
+        _check_keys(
+            "evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN
+        )
+        if isinstance(settings.get("column_map"), dict):
+            settings["column_map"] = tuple(settings["column_map"].items())
+        return settings
+
+    @property
+    def tokenizer_path(self) -> str:
+        return str(self.model.get("tokenizer") or self.model["path"])
+
+    # -- saved forms --------------------------------------------------------------------------
+
+    def arguments(self) -> dict[str, Any]:
+        """The pipeline's parameters for this configuration (`sft_pipeline(**arguments)`)."""
+        return {
+            "config_name": self.name,
+            "data": dict(self.data),
+            "model": dict(self.model),
+            "train": dict(self.train),
+            "launcher": dict(self.launcher),
+            "evaluate": dict(self.evaluate),
+            "tracking": dict(self.tracking),
+            "notify": dict(self.notify),
+        }
+
+    @classmethod
+    def from_arguments(cls, config_name: str, **sections: Any) -> PipelineConfig:
+        """The inverse of `arguments()`: what each pipeline step rebuilds from its parameters."""
+        return cls(name=config_name, **sections)
+
+    def with_paths_resolved(self, base: Path) -> PipelineConfig:
+        """Relative local paths made absolute against `base` (the steps run elsewhere)."""
+
+        def resolve(value: Any) -> Any:
+            if isinstance(value, str) and value and "://" not in value:
+                path = Path(value).expanduser()
+                return str(path if path.is_absolute() else (base / path).resolve())
+            return value
+
+        data = {**self.data, "path": resolve(self.data["path"])}
+        model = {key: resolve(value) for key, value in self.model.items()}
+        train = dict(self.train)
+        if train.get("recipe"):
+            train["recipe"] = resolve(train["recipe"])
+        evaluate = dict(self.evaluate)
+        if evaluate.get("data"):
+            evaluate["data"] = resolve(evaluate["data"])
+        tracking = dict(self.tracking)
+        uri = tracking.get("uri")
+        if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith(
+            "sqlite:////"
+        ):
+            tracking["uri"] = "sqlite:///" + resolve(uri.removeprefix("sqlite:///"))
+        return dataclasses.replace(
+            self, data=data, model=model, train=train, evaluate=evaluate, tracking=tracking
+        )
+
+    def with_overrides(self, assignments: list[str]) -> PipelineConfig:
+        """`section.key=value` assignments (values parsed as YAML), as `--set` gives them."""
+        sections = self.arguments()
+        name = sections.pop("config_name")
+        for assignment in assignments:
+            key, equals, text = assignment.partition("=")
+            section, dot, setting = key.partition(".")
+            if not equals or not dot or not setting:
+                raise ConfigError(f"--set {assignment!r}: write SECTION.KEY=VALUE, e.g. train.lr=1e-5")
+            if section not in sections:
+                raise ConfigError(
+                    f"--set {assignment!r}: unknown section {section!r}; "
+                    f"known: {', '.join(sections)}"
+                )
+            sections[section][setting] = yaml.safe_load(text)
+        return PipelineConfig(name=name, description=self.description, **sections)
+
+
+def config_directory() -> Path:
+    """pipelines/configs, where the named configurations live (installed with the package)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("pipelines") / "configs"))
+
+
+def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
+    """A configuration by name (pipelines/configs/NAME.yaml) or by path to a YAML file."""
+    directory = config_directory()
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = directory / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise InputError(
+            f"pipeline config {name_or_path}: no such file; give a path or one of: "
+            f"{', '.join(known)}"
+        )
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return PipelineConfig(**values)
+    except TypeError as error:  # a required section missing
+        raise ConfigError(f"{path}: {error}") from error
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def check_inputs(config: PipelineConfig) -> dict[str, Any]:
+    """What needs the files, before any heavy work; returns the base model's HF config.
+
+    Raises InputError for a missing data file or model, ConfigError for a model family
+    megasft does not convert or a training layout that does not fit the model.
+    """
+    from megasft.data.prepare import PrepareConfig
+    from megasft.megatron.architecture import architecture_from_hf_config, read_hf_config
+    from megasft.train.config import TrainConfig, check_against_model
+
+    data = Path(config.data["path"])
+    if not data.is_file():
+        raise InputError(f"data.path {data}: no such file")
+    model = Path(config.model["path"])
+    if not (model / "config.json").is_file():
+        raise InputError(f"model.path {model}: not a Hugging Face model directory (no config.json)")
+    tokenizer = Path(config.tokenizer_path)
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise InputError(f"model.tokenizer {tokenizer}: no tokenizer.json there")
+    hf_config = read_hf_config(model)
+    try:
+        architecture_from_hf_config(hf_config)
+    except ConfigError as error:
+        raise ConfigError(f"model.path {model}: {error}") from error
+    if config.evaluate.get("data") and not Path(config.evaluate["data"]).is_file():
+        raise InputError(f"evaluate.data {config.evaluate['data']}: no such file")
+    if config.evaluate.get("gate"):
+        from megasft.evaluate.metrics import parse_gate
+
+        try:
+            parse_gate(config.evaluate["gate"])
+        except ConfigError as error:
+            raise ConfigError(f"evaluate.gate: {error}") from error
+    default_length = next(f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length")
+    seq_length = config.prepare_settings().get("seq_length", default_length)
+    placeholders = {name: "." for name in _TRAIN_WIRED}  # the artifacts the pipeline wires in
+    try:
+        train = TrainConfig(**config.train_settings(), **placeholders)
+        check_against_model(train, hf_config, seq_length)
+    except TypeError as error:  # a wrong type, say a list for an int
+        raise ConfigError(f"train: {error}") from error
+    except ConfigError as error:
+        raise ConfigError(f"train: {error}") from error
+    return hf_config
+
+
+def _field_names(config_class: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def _check_keys(
+    section: str, values: dict[str, Any], allowed: set[str], extra: set[str] = frozenset()
+) -> None:
+    unknown = sorted(set(values) - allowed - extra)
+    if unknown:
+        raise ConfigError(
+            f"{section}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(allowed | extra))}"
+        )
