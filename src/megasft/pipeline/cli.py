@@ -45,9 +45,13 @@ def add_pipeline_command(subparsers: argparse._SubParsersAction) -> None:
     submit = actions.add_parser(
         "submit", help="upload the pipeline to Kubeflow Pipelines and start a run"
     )
-    submit.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    submit.add_argument(
+        "--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline"
+    )
     _add_config_arguments(submit, default="demo")
-    submit.add_argument("--experiment", default=None, help="KFP experiment (default: the config's name)")
+    submit.add_argument(
+        "--experiment", default=None, help="KFP experiment (default: the config's name)"
+    )
     submit.add_argument(
         "--wait", action="store_true", help="wait for the run; exit non-zero unless it succeeds"
     )
@@ -57,7 +61,9 @@ def add_pipeline_command(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="with --wait: give up after this many seconds (default: wait as long as it runs)",
     )
-    submit.add_argument("--run-name", default=None, help="the run's name (default: config and time)")
+    submit.add_argument(
+        "--run-name", default=None, help="the run's name (default: config and time)"
+    )
     submit.add_argument(
         "--namespace", default=None, help="the Kubeflow profile namespace (multi-user installs)"
     )

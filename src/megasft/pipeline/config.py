@@ -186,8 +186,10 @@ class PipelineConfig:
             evaluate["data"] = resolve(evaluate["data"])
         tracking = dict(self.tracking)
         uri = tracking.get("uri")
-        if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith(
-            "sqlite:////"
+        if (
+            isinstance(uri, str)
+            and uri.startswith("sqlite:///")
+            and not uri.startswith("sqlite:////")
         ):
             tracking["uri"] = "sqlite:///" + resolve(uri.removeprefix("sqlite:///"))
         return dataclasses.replace(
@@ -202,7 +204,9 @@ class PipelineConfig:
             key, equals, text = assignment.partition("=")
             section, dot, setting = key.partition(".")
             if not equals or not dot or not setting:
-                raise ConfigError(f"--set {assignment!r}: write SECTION.KEY=VALUE, e.g. train.lr=1e-5")
+                raise ConfigError(
+                    f"--set {assignment!r}: write SECTION.KEY=VALUE, e.g. train.lr=1e-5"
+                )
             if section not in sections:
                 raise ConfigError(
                     f"--set {assignment!r}: unknown section {section!r}; "
@@ -284,7 +288,9 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
             parse_gate(config.evaluate["gate"])
         except ConfigError as error:
             raise ConfigError(f"evaluate.gate: {error}") from error
-    default_length = next(f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length")
+    default_length = next(
+        f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length"
+    )
     seq_length = config.prepare_settings().get("seq_length", default_length)
     placeholders = {name: "." for name in _TRAIN_WIRED}  # the artifacts the pipeline wires in
     try:

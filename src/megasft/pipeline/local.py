@@ -1,0 +1,159 @@
+"""`megasft pipeline run-local`: the whole pipeline on this machine with kfp.local.
+
+kfp.local's SubprocessRunner runs each component as a subprocess of this Python (the same
+environment, nothing pip-installed), wiring artifacts through directories under
+WORKDIR/kfp. Training runs inside its step through torchrun, as `launcher.kind: local` says;
+on a machine without GPUs that is the megatron-core CPU emulation over gloo.
+
+MLflow: a `sqlite:///...` tracking URI is an embedded store: no server, a database file and an
+artifact directory (WORKDIR/mlartifacts) beside it; `mlflow ui --backend-store-uri URI` opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megasft.pipeline.config import PipelineConfig, check_inputs
+from megasft.pipeline.steps import PIPELINE_NAME, experiment_name
+
+
+@dataclass
+class LocalRun:
+    """What a local pipeline run did."""
+
+    succeeded: bool
+    run_directory: Path | None
+    """WORKDIR/kfp/<run>: one directory per step with its outputs and executor_output.json."""
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per step (by its task name): `metadata` per output artifact and `parameters` returned."""
+    seconds: float = 0.0
+    error: str | None = None
+
+    def metadata(self, task: str, artifact: str) -> dict[str, Any]:
+        return self.tasks.get(task, {}).get("metadata", {}).get(artifact, {})
+
+
+def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output") -> LocalRun:
+    """Run the pipeline for `config` with kfp.local; print a summary; return what happened.
+
+    Relative paths in the configuration are taken from the current directory. Bad settings
+    and missing inputs fail here, before anything starts (and again in the validate step).
+    """
+    from kfp import local
+
+    from pipelines.sft_pipeline import sft_pipeline
+
+    workdir = Path(workdir).resolve()
+    config = config.with_paths_resolved(Path.cwd())
+    check_inputs(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = config.tracking.get("uri")
+    if uri and uri.startswith("sqlite:"):
+        _create_experiment(uri, experiment_name(config), workdir / "mlartifacts")
+
+    root = workdir / "kfp"
+    before = set(root.glob("*")) if root.exists() else set()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=False,
+    )
+    started = time.monotonic()
+    print(
+        f"megasft pipeline: running {PIPELINE_NAME} ({config.name}) locally; artifacts in {root}",
+        file=sys.stderr,
+    )
+    error = None
+    try:
+        sft_pipeline(**config.arguments())
+    except Exception as failure:  # kfp.local raises RuntimeError for a failed task
+        error = str(failure)
+    new_runs = sorted(set(root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
+    run_directory = new_runs[-1] if new_runs else None
+    result = LocalRun(
+        succeeded=False,
+        run_directory=run_directory,
+        tasks=read_task_outputs(run_directory) if run_directory else {},
+        seconds=time.monotonic() - started,
+        error=error,
+    )
+    # kfp.local reports a failed task by logging, not by raising (raise_on_error=False): a step
+    # that did not leave its outputs behind did not succeed.
+    result.succeeded = error is None and "evaluate" in result.tasks
+    print(summarize(result, config), file=sys.stderr)
+    return result
+
+
+def read_task_outputs(run_directory: Path) -> dict[str, dict[str, Any]]:
+    """Each finished step's output metadata and returned parameters, from the executor
+    output files kfp.local leaves in the step's directory."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for path in sorted(run_directory.glob("*/executor_output.json")):
+        output = json.loads(path.read_text(encoding="utf-8"))
+        metadata = {
+            name: (entry.get("artifacts") or [{}])[0].get("metadata", {})
+            for name, entry in output.get("artifacts", {}).items()
+        }
+        tasks[path.parent.name] = {
+            "metadata": metadata,
+            "parameters": output.get("parameterValues", {}),
+        }
+    return tasks
+
+
+def summarize(result: LocalRun, config: PipelineConfig) -> str:
+    lines = [
+        f"megasft pipeline: {config.name} {'succeeded' if result.succeeded else 'FAILED'} "
+        f"in {result.seconds / 60:.1f} min"
+    ]
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    dataset = result.metadata("tokenize-and-mask", "dataset")
+    if dataset:
+        lines.append(
+            f"  data: {dataset.get('examples')} examples, {dataset.get('tokens')} tokens, "
+            f"packing efficiency {dataset.get('packing_efficiency', 0):.1%}"
+        )
+    trained = result.metadata("train", "checkpoints")
+    if trained:
+        lines.append(
+            f"  train: {trained.get('steps')} steps, final loss {trained.get('final_loss', 0):.3f}"
+        )
+    report = result.metadata("evaluate", "report")
+    if report:
+        if "accuracy" in report:
+            lines.append(
+                f"  evaluate: base accuracy {report.get('base_accuracy', 0):.2f} -> tuned "
+                f"accuracy {report['accuracy']:.2f}"
+            )
+        if "val_loss" in report:
+            lines.append(
+                f"  validation loss: {report.get('base_val_loss', 0):.3f} -> "
+                f"{report['val_loss']:.3f}"
+            )
+        lines.append(f"  gate: {report.get('gate')}")
+        if result.run_directory:
+            lines.append(f"  report: file://{result.run_directory / 'evaluate' / 'report'}")
+    registered = result.metadata("register", "record")
+    if registered.get("version"):
+        lines.append(
+            f"  registered: {registered['registered_model']} version {registered['version']}"
+        )
+    uri = config.tracking.get("uri")
+    if uri:
+        lines.append(
+            f"  MLflow: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+        )
+    return "\n".join(lines)
+
+
+def _create_experiment(uri: str, name: str, artifacts: Path) -> None:
+    """An embedded store keeps its artifacts beside it, not in ./mlruns of each step's cwd."""
+    from megasft import tracking
+
+    tracking.ensure_experiment(uri, name, artifact_location=artifacts.as_uri())
