@@ -104,44 +104,22 @@ class PipelineConfig:
         kind = self.launcher.get("kind", "local")
         if kind not in LAUNCHERS:
             raise ConfigError(f"launcher.kind {kind!r}: use one of {', '.join(LAUNCHERS)}")
-        self.prepare_settings()  # each stage's own config class checks its section's keys
-        self.train_settings()
+        # Each stage's own config class names the keys its section may hold. A training recipe
+        # file is read later (it may live where the steps run, not here).
+        self.prepare_settings()
+        self.train_settings(read_recipe=False)
         self.evaluate_settings()
 
     # -- the stage settings, ready for each stage's config class ------------------------------
 
     def prepare_settings(self) -> dict[str, Any]:
-        """The `data` section as PrepareConfig keyword arguments (without inputs/outputs)."""
-        from megasft.data.prepare import PrepareConfig
+        return prepare_settings(self.data)
 
-        settings = {key: value for key, value in self.data.items() if key not in _DATA_OWN}
-        _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
-        if isinstance(settings.get("column_map"), dict):
-            settings["column_map"] = tuple(settings["column_map"].items())
-        return settings
-
-    def train_settings(self) -> dict[str, Any]:
-        """The `train` section: a recipe's values, then the section's own, checked by name."""
-        from megasft.train.config import TrainConfig, load_recipe
-
-        settings = dict(self.train)
-        recipe = settings.pop("recipe", None)
-        values = load_recipe(recipe) if recipe else {}
-        values.update(settings)
-        _check_keys("train", values, _field_names(TrainConfig) - _TRAIN_WIRED, {"recipe"})
-        return values
+    def train_settings(self, read_recipe: bool = True) -> dict[str, Any]:
+        return train_settings(self.train, read_recipe=read_recipe)
 
     def evaluate_settings(self) -> dict[str, Any]:
-        """The `evaluate` section as EvaluateConfig keyword arguments (model and data wired)."""
-        from megasft.evaluate import EvaluateConfig
-
-        settings = dict(self.evaluate)
-        _check_keys(
-            "evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN
-        )
-        if isinstance(settings.get("column_map"), dict):
-            settings["column_map"] = tuple(settings["column_map"].items())
-        return settings
+        return evaluate_settings(self.evaluate)
 
     @property
     def tokenizer_path(self) -> str:
@@ -216,6 +194,47 @@ class PipelineConfig:
         return PipelineConfig(name=name, description=self.description, **sections)
 
 
+def prepare_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The `data` section as PrepareConfig keyword arguments (inputs and outputs are wired)."""
+    from megasft.data.prepare import PrepareConfig
+
+    settings = {key: value for key, value in data.items() if key not in _DATA_OWN}
+    _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
+    return _with_column_map_pairs(settings)
+
+
+def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str, Any]:
+    """The `train` section as TrainConfig keyword arguments: a recipe's values, then the
+    section's own (data, load and save are wired)."""
+    from megasft.train.config import TrainConfig, load_recipe
+
+    settings = dict(train)
+    recipe = settings.pop("recipe", None)
+    values = load_recipe(recipe) if recipe and read_recipe else {}
+    values.update(settings)
+    _check_keys("train", values, _field_names(TrainConfig) - _TRAIN_WIRED, {"recipe"})
+    return values
+
+
+def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
+    """The `evaluate` section as EvaluateConfig keyword arguments, its own `data` (the
+    prompts) included (the models and outputs are wired)."""
+    from megasft.evaluate import EvaluateConfig
+
+    settings = dict(evaluate)
+    _check_keys(
+        "evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN
+    )
+    return _with_column_map_pairs(settings)
+
+
+def _with_column_map_pairs(settings: dict[str, Any]) -> dict[str, Any]:
+    """YAML writes a column map as a mapping; the stage configs take (field, column) pairs."""
+    if isinstance(settings.get("column_map"), dict):
+        settings["column_map"] = tuple(settings["column_map"].items())
+    return settings
+
+
 def config_directory() -> Path:
     """pipelines/configs, where the named configurations live (installed with the package)."""
     import importlib.resources
@@ -227,7 +246,7 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
     """A configuration by name (pipelines/configs/NAME.yaml) or by path to a YAML file."""
     directory = config_directory()
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.exists() and (directory / f"{name_or_path}.yaml").is_file():
         path = directory / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.yaml"))

@@ -23,7 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from megasft.pipeline.config import PipelineConfig, check_inputs
+from megasft.pipeline.config import (
+    PipelineConfig,
+    check_inputs,
+    evaluate_settings,
+    prepare_settings,
+    train_settings,
+)
 
 PIPELINE_NAME = "megasft-sft"
 """The pipeline's name in Kubeflow and in MLflow's tags."""
@@ -114,15 +120,14 @@ def tokenize_and_mask(
     """`megasft prepare` of the data section into the Dataset artifact; returns the manifest."""
     from megasft.data.prepare import PrepareConfig, prepare
 
-    config = PipelineConfig(name="step", data=data, model=model)
     manifest = prepare(
         PrepareConfig(
             inputs=(str(data["path"]),),
-            tokenizer=config.tokenizer_path,
+            tokenizer=str(model.get("tokenizer") or model["path"]),
             output=dataset.path,
             overwrite=True,  # a retried step finds its own earlier attempt there
             progress=False,
-            **config.prepare_settings(),
+            **prepare_settings(data),
         )
     )
     figures = dataset_figures(manifest)
@@ -274,11 +279,9 @@ def train(
     over. Returns the training summary.
     """
     from megasft import tracking
-    from megasft.train.config import TrainConfig, load_recipe
+    from megasft.train.config import TrainConfig
 
-    settings = dict(train_section)
-    recipe = settings.pop("recipe", None)
-    values = {**(load_recipe(recipe) if recipe else {}), **settings}
+    values = train_settings(train_section)
     uri = tracking_section.get("uri")
     with tracking.step_run(uri, parent_run_id or None, "train", params=_flatten(values)) as run:
         # Rank 0 of the training processes logs its per-step metrics into this nested run.
@@ -360,8 +363,7 @@ def evaluate(
     from megasft.evaluate import EvaluateConfig
     from megasft.evaluate import evaluate as run_evaluation
 
-    config = PipelineConfig(name="step", data={"path": "-"}, model=model, evaluate=evaluate_section)
-    settings = config.evaluate_settings()
+    settings = evaluate_settings(evaluate_section)
     prompts = settings.pop("data", None)
     output = Path(tempfile.mkdtemp(prefix="megasft-evaluate-")) / "evaluation"
     training_log = Path(checkpoints.path) / "metrics.jsonl"
