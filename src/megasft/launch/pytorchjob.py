@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import copy
+import functools
 import hashlib
 import os
 import re
@@ -170,6 +171,7 @@ def default_namespace() -> str:
         return DEFAULT_NAMESPACE
 
 
+@functools.cache
 def _train_parser() -> argparse.ArgumentParser:
     from megasft.train.cli import add_train_arguments
 
