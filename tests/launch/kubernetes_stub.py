@@ -61,7 +61,11 @@ def status(phase: str, message: str = "", at: int = 0) -> dict:
     phases = {
         "Created": [created],
         "Running": [created, condition("Running")],
-        "Restarting": [created, condition("Running", "False"), condition("Restarting", text=message)],
+        "Restarting": [
+            created,
+            condition("Running", "False"),
+            condition("Restarting", text=message),
+        ],
         "Succeeded": [created, condition("Running", "False"), condition("Succeeded", text=message)],
         "Failed": [created, condition("Running", "False"), condition("Failed", text=message)],
     }
@@ -91,6 +95,8 @@ class KubernetesStub:
     """The first this many log requests are answered 400: the container is still being created."""
     drop_first_stream_after: int | None = None
     """End the first log stream after this many lines, as a dropped connection does."""
+    create_conflicts: int = 0
+    """The first this many creates find that another client created the job just before (409)."""
     on_get: Callable[[str, int], None] | None = None
     """Called with the job's name and the number of its GETs so far, after answering one."""
     requests: list[tuple[str, str, dict]] = field(default_factory=list)
@@ -127,7 +133,9 @@ class KubernetesStub:
         Handler.stub = stub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
         self._thread.start()
         return self
 
@@ -167,8 +175,13 @@ class KubernetesStub:
     def create(self, body: dict) -> tuple[int, dict]:
         name = body["metadata"]["name"]
         with self._lock:
+            if self.create_conflicts > 0:  # another client's create wins the race
+                self.create_conflicts -= 1
+                self.jobs[name] = StubJob(body, self.scripts.pop(name, None) or [{}])
             if name in self.jobs:
-                return 409, _status_body(409, "AlreadyExists", f'pytorchjobs "{name}" already exists')
+                return 409, _status_body(
+                    409, "AlreadyExists", f'pytorchjobs "{name}" already exists'
+                )
             stored = json.loads(json.dumps(body))
             stored["metadata"].update(
                 uid=str(uuid.uuid4()),
@@ -206,7 +219,9 @@ class KubernetesStub:
         with self._lock:
             if self.log_unavailable > 0:
                 self.log_unavailable -= 1
-                message = f'container "pytorch" in pod "{pod}" is waiting to start: ContainerCreating'
+                message = (
+                    f'container "pytorch" in pod "{pod}" is waiting to start: ContainerCreating'
+                )
                 return 400, _status_body(400, "BadRequest", message)
             runs = self.logs.get(pod)
             if runs is None:

@@ -177,7 +177,11 @@ def test_kfp_pod_variables_name_the_owner_when_ours_are_absent(monkeypatch):
     monkeypatch.setenv("KFP_POD_UID", "uid-1")
     monkeypatch.setenv("KFP_NAMESPACE", "team-b")
     request = PyTorchJobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
-    assert (request.owner_name, request.owner_uid, request.namespace) == ("step-pod", "uid-1", "team-b")
+    assert (request.owner_name, request.owner_uid, request.namespace) == (
+        "step-pod",
+        "uid-1",
+        "team-b",
+    )
     monkeypatch.delenv("KFP_POD_UID")
     request = PyTorchJobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
     assert request.owner_name is None  # a name without a uid cannot make an owner reference
@@ -197,7 +201,9 @@ def test_an_explicit_image_and_a_cuda_template(crd_schema):
     container = training_container(job)
     assert container["image"] == image
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    with pytest.raises(ConfigError, match="Master requests nvidia.com/gpu, but the request is for amd.com"):
+    with pytest.raises(
+        ConfigError, match="Master requests nvidia.com/gpu, but the request is for amd.com"
+    ):
         build_pytorchjob(template, make_request())
 
 
@@ -227,7 +233,10 @@ def test_job_names_are_deterministic_dns_labels():
         ({"labels": {"run": "a b"}}, "label run="),
         ({"train_args": ("--data=/data/sft", "--load=/x")}, "needs --save"),
         ({"train_args": (*TRAIN_ARGS, "--learning-rate=1")}, "--learning-rate=1 is not a flag"),
-        ({"train_args": (*TRAIN_ARGS, "--nproc=4")}, "--nproc=4 but the request's gpus_per_node is 8"),
+        (
+            {"train_args": (*TRAIN_ARGS, "--nproc=4")},
+            "--nproc=4 but the request's gpus_per_node is 8",
+        ),
         ({"train_args": (*TRAIN_ARGS, "--nodes", "3"), "nodes": 2}, "--nodes=3 but"),
         ({"train_args": (*TRAIN_ARGS, "--train-iters=many")}, "invalid int value"),
     ],
@@ -247,7 +256,9 @@ def test_flags_that_agree_are_kept_and_not_added_twice():
 )
 def test_save_must_be_on_a_writable_claim(save):
     request = make_request(train_args=("--data=/data/sft", "--load=/x", f"--save={save}"))
-    with pytest.raises(ConfigError, match=f"--save={save} is not on a writable PersistentVolumeClaim"):
+    with pytest.raises(
+        ConfigError, match=f"--save={save} is not on a writable PersistentVolumeClaim"
+    ):
         build_pytorchjob(load_template(BASE_TEMPLATE), request)
 
 
@@ -264,7 +275,9 @@ def test_templates_that_cannot_be_used_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="do not run megasft.train.worker"):
         build_pytorchjob(broken, make_request())
     broken = copy.deepcopy(template)
-    broken["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = "x"
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = (
+        "x"
+    )
     with pytest.raises(ConfigError, match="no container named 'pytorch'"):
         build_pytorchjob(broken, make_request())
     two = tmp_path / "two.yaml"

@@ -93,6 +93,8 @@ def test_success_streams_the_masters_log_once_each_line(stub):
     master_lines = [line for line in log.splitlines() if not line.startswith("pytorchjob: ")]
     assert master_lines == lines  # every line, in order, none twice after the reconnect
     assert result.log_tail[-1] == lines[-1]
+    log_queries = [query for _, path, query in stub.requests if path.endswith(f"/{MASTER}/log")]
+    assert "sinceSeconds" not in log_queries[0] and "sinceSeconds" in log_queries[-1]
     assert "pytorchjob: created PyTorchJob megasft/" + NAME in log
     assert "pytorchjob: Succeeded: PyTorchJob is succeeded." in log
     (created,) = stub.created
@@ -117,7 +119,9 @@ def test_the_template_is_read_from_the_cluster_by_default(stub):
 
 
 def test_a_missing_template_says_to_apply_the_manifests(stub):
-    with pytest.raises(PyTorchJobError, match="no PyTorchJob template megasft/megasft-train-template"):
+    with pytest.raises(
+        PyTorchJobError, match="no PyTorchJob template megasft/megasft-train-template"
+    ):
         launch(stub, template=None)
     assert not stub.created
 
@@ -190,7 +194,9 @@ def test_a_retry_recreates_a_failed_job_to_resume_from_the_checkpoint(stub):
     assert result.origin == "recreated"
     assert stub.deleted == [(NAME, {"propagationPolicy": ["Foreground"]})]
     (created,) = stub.created  # after the old one was gone
-    container = created["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    container = created["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
+        0
+    ]
     assert f"--save=/checkpoints/runs/{NAME}" in container["args"]  # the same checkpoints
     assert "deleting it and starting again from the newest checkpoint" in log
 
@@ -213,6 +219,15 @@ def test_a_retry_of_a_succeeded_job_does_not_train_again(stub):
     assert result.origin == "already-succeeded"
     assert result.log_tail == ("saved iter_0000100",)
     assert not stub.created and not stub.deleted
+
+
+def test_a_job_another_attempt_created_meanwhile_is_adopted(stub):
+    stub.create_conflicts = 1
+    stub.script(NAME, status("Running"), status("Succeeded"))
+    stub.logs[MASTER] = [["step 0"]]
+    result, log = launch(stub)
+    assert result.origin == "adopted"
+    assert "created meanwhile by another attempt; adopting it" in log
 
 
 def test_a_job_deleted_by_someone_else_is_reported(stub):

@@ -494,14 +494,14 @@ def run_pytorchjob(
     api_client: Any = None,
     template: Mapping[str, Any] | str | Path | None = None,
     poll_s: float = 10.0,
-    log: TextIO = sys.stdout,
+    log: TextIO | None = None,
 ) -> PyTorchJobResult:
     """Runs `request` as a PyTorchJob and waits for it; returns when it has succeeded.
 
     `api_client`: a `kubernetes.client.ApiClient`; default: the in-cluster configuration, else
     ~/.kube/config. `template`: the template as a dict or a YAML file (see `load_template`);
     default: `request.template_name` read from the cluster. The master's log and the launcher's
-    own lines (prefixed `pytorchjob:`) go to `log`.
+    own lines (prefixed `pytorchjob:`) go to `log` (default: sys.stdout at the time of the call).
 
     Raises PyTorchJobError when the job fails (with the job's condition message and the end of the
     master's log), when `request.timeout_s` passes, on SIGTERM (after deleting the job), or when the
@@ -509,7 +509,7 @@ def run_pytorchjob(
     """
     started = time.monotonic()
     deadline = None if request.timeout_s is None else started + request.timeout_s
-    output = _Output(log)
+    output = _Output(log if log is not None else sys.stdout)
     api_client = api_client if api_client is not None else _default_api_client()
     api = _JobApi(api_client, request, retry_s=poll_s)
     follower = _LogFollower(api, f"{request.name}-master-0", output, retry_s=poll_s)
@@ -565,7 +565,9 @@ def _start(
     elif template is None:
         template = read_template(api.client, request.namespace, request.template_name)
     job = build_pytorchjob(template, request)
-    api.create(job)
+    if not api.create(job):
+        output.note(f"PyTorchJob {where} was created meanwhile by another attempt; adopting it")
+        return "adopted"
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     image = next(container["image"] for container in master if container["name"] == CONTAINER)
     output.note(
@@ -759,12 +761,16 @@ class _JobApi:
                 ) from None
             time.sleep(min(self.retry_s * 2**failures, 30.0))
 
-    def create(self, job: dict) -> None:
+    def create(self, job: dict) -> bool:
+        """Creates the job; False when one of its name exists already (409 Conflict)."""
         from kubernetes.client import ApiException
 
         try:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job)
+            return True
         except ApiException as error:
+            if error.status == 409:
+                return False
             if error.status == 404:
                 raise PyTorchJobError(
                     f"creating PyTorchJob {self.where}: the API has no {PLURAL}.{GROUP}/{VERSION} "
