@@ -190,7 +190,7 @@ class PipelineConfig:
                     f"--set {assignment!r}: unknown section {section!r}; "
                     f"known: {', '.join(sections)}"
                 )
-            sections[section][setting] = yaml.safe_load(text)
+            sections[section][setting] = _parse_value(text)
         return PipelineConfig(name=name, description=self.description, **sections)
 
 
@@ -320,6 +320,17 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(f"train: {error}") from error
     return hf_config
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value as YAML reads it, except that 1e-4 is a number (YAML 1.1 wants 1.0e-4)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _field_names(config_class: type) -> set[str]:

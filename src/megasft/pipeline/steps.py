@@ -303,7 +303,7 @@ def train(
             summary = train_on_cluster(
                 values,
                 launcher,
-                job_name=f"{config_name}-{kfp_run_id[:8]}",
+                run_id=kfp_run_id,
                 dataset=Path(dataset.path),
                 base_checkpoint=Path(base_checkpoint.path),
                 output=Path(checkpoints.path),

@@ -1,0 +1,169 @@
+"""Run configurations: shape checks on load, input checks before any heavy work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from megasft.errors import ConfigError, InputError
+from megasft.pipeline.config import (
+    PipelineConfig,
+    check_inputs,
+    config_directory,
+    load_pipeline_config,
+)
+from megasft.pipeline.steps import validate
+
+
+class Artifact:
+    """A stand-in for a KFP output artifact: a path and a metadata dict."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.metadata = {}
+
+
+@pytest.mark.parametrize("name", ["demo", "llama2-7b-mi300x", "qwen2.5-gsm8k"])
+def test_named_configurations_load(name):
+    config = load_pipeline_config(name)
+    arguments = config.arguments()
+    assert set(arguments) == {
+        "config_name",
+        "data",
+        "model",
+        "train",
+        "launcher",
+        "evaluate",
+        "tracking",
+        "notify",
+    }
+    assert PipelineConfig.from_arguments(**arguments) == dataclasses.replace(config, description="")
+
+
+def test_every_shipped_configuration_is_tested():
+    shipped = {path.stem for path in config_directory().glob("*.yaml")}
+    assert shipped == {"demo", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
+
+
+def test_cluster_configurations_train_as_pytorchjobs_on_mi300x():
+    for name in ("llama2-7b-mi300x", "qwen2.5-gsm8k"):
+        config = load_pipeline_config(name)
+        assert config.launcher["kind"] == "pytorchjob"
+        assert config.launcher["gpu_resource"] == "amd.com/gpu"
+        assert config.train["precision"] == "bf16"
+    llama = load_pipeline_config("llama2-7b-mi300x")
+    assert 5e-6 <= llama.train["lr"] <= 2e-5 and llama.train["global_batch_size"] == 128
+
+
+def test_unknown_names_are_refused_with_what_is_known(tmp_path):
+    with pytest.raises(InputError, match="one of: demo, llama2-7b-mi300x, qwen2.5-gsm8k"):
+        load_pipeline_config("nope")
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {path: a}\nmodel: {path: b}\ntrainer: {}\n")
+    with pytest.raises(ConfigError, match="unknown section.*trainer"):
+        load_pipeline_config(path)
+    path.write_text("name: x\ndata: {path: a, seq_len: 5}\nmodel: {path: b}\n")
+    with pytest.raises(ConfigError, match=r"data: unknown setting\(s\) seq_len"):
+        load_pipeline_config(path)
+    path.write_text("name: x\ndata: {path: a}\nmodel: {path: b}\ntrain: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match=r"train: unknown setting\(s\) learning_rate"):
+        load_pipeline_config(path)
+    path.write_text("name: x\ndata: {path: a}\nmodel: {path: b}\nlauncher: {kind: slurm}\n")
+    with pytest.raises(ConfigError, match="launcher.kind 'slurm'"):
+        load_pipeline_config(path)
+    path.write_text("name: Bad_Name\ndata: {path: a}\nmodel: {path: b}\n")
+    with pytest.raises(ConfigError, match="name 'Bad_Name'"):
+        load_pipeline_config(path)
+
+
+def test_overrides_parse_values_as_yaml():
+    config = load_pipeline_config("demo").with_overrides(
+        ["train.train_iters=7", "train.lr=1e-4", "evaluate.gate=accuracy>=0.1"]
+    )
+    assert config.train["train_iters"] == 7 and config.train["lr"] == 1e-4
+    assert config.evaluate["gate"] == "accuracy>=0.1"
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        config.with_overrides(["train_iters=7"])
+    with pytest.raises(ConfigError, match="unknown section 'optim'"):
+        config.with_overrides(["optim.lr=1"])
+    with pytest.raises(ConfigError, match="train: unknown setting"):
+        config.with_overrides(["train.lr_max=1"])
+
+
+def test_relative_paths_resolve_against_the_given_directory(tmp_path):
+    config = load_pipeline_config("demo").with_paths_resolved(tmp_path)
+    assert config.data["path"] == str(tmp_path / "demo-output/inputs/train.jsonl")
+    assert config.tracking["uri"] == f"sqlite:///{tmp_path}/demo-output/mlflow.db"
+
+
+def test_good_inputs_pass(tiny_config):
+    hf_config = check_inputs(tiny_config)
+    assert hf_config["model_type"] == "llama"
+
+
+def _copy_model(tiny_config, tmp_path, **changes):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_config.model["path"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config))
+    return dataclasses.replace(tiny_config, model={"path": str(model)})
+
+
+def test_missing_data_fails_naming_the_setting(tiny_config, tmp_path):
+    config = dataclasses.replace(
+        tiny_config, data={**tiny_config.data, "path": str(tmp_path / "x")}
+    )
+    with pytest.raises(InputError, match=r"data.path .*x: no such file"):
+        check_inputs(config)
+
+
+def test_unknown_model_family_fails_naming_it(tiny_config, tmp_path):
+    config = _copy_model(
+        tiny_config, tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"]
+    )
+    with pytest.raises(ConfigError, match="model.path .*gpt2"):
+        check_inputs(config)
+
+
+def test_tensor_parallel_not_dividing_the_heads_fails(tiny_config):
+    train = {**tiny_config.train, "tensor_parallel": 3, "nproc": 3, "global_batch_size": 12}
+    config = dataclasses.replace(tiny_config, train=train)
+    with pytest.raises(ConfigError, match="train: --tp 3 does not divide the model's 4 attention"):
+        check_inputs(config)
+
+
+def test_bad_gate_fails(tiny_config):
+    config = dataclasses.replace(tiny_config, evaluate={**tiny_config.evaluate, "gate": "acc>>1"})
+    with pytest.raises(ConfigError, match="evaluate.gate"):
+        check_inputs(config)
+
+
+def test_the_first_step_refuses_bad_configurations_before_heavy_work(tiny_config, tmp_path):
+    """The pipeline's validate step runs the same checks where the pipeline runs."""
+    bad = dataclasses.replace(tiny_config, train={**tiny_config.train, "tensor_parallel": 3})
+    with pytest.raises(ConfigError, match="not divisible by TP"):
+        validate(bad.arguments(), kfp_run_id="run-1", plan=Artifact(tmp_path / "plan.md"))
+    assert not (tmp_path / "plan.md").exists()
+
+
+def test_validate_returns_content_digests_and_writes_the_plan(tiny_config, tmp_path):
+    plan = Artifact(tmp_path / "plan.md")
+    parent, data_digest, model_digest, data_path, model_path = validate(
+        tiny_config.arguments(), kfp_run_id="run-1", plan=plan
+    )
+    assert parent == ""  # no tracking configured
+    assert len(data_digest) == len(model_digest) == 64
+    assert data_path == tiny_config.data["path"] and model_path == tiny_config.model["path"]
+    assert plan.metadata["data_sha256"] == data_digest
+    assert "# megasft run: demo" in (tmp_path / "plan.md").read_text()
+    # Same content, same digest (cache hit); one byte more, another digest (cache miss).
+    copy = tmp_path / "train.jsonl"
+    shutil.copyfile(tiny_config.data["path"], copy)
+    moved = dataclasses.replace(tiny_config, data={**tiny_config.data, "path": str(copy)})
+    assert validate(moved.arguments(), kfp_run_id="r", plan=plan)[1] == data_digest
+    copy.write_text(copy.read_text() + "\n")
+    assert validate(moved.arguments(), kfp_run_id="r", plan=plan)[1] != data_digest
