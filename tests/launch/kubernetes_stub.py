@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +79,8 @@ class StubJob:
     script: list[dict]
     """Statuses served one per GET; the last one repeats."""
     gets: int = 0
+    position: int = 0
+    """The status of the script served next."""
     deleting: bool = False
 
 
@@ -93,6 +96,9 @@ class KubernetesStub:
     hold_log_open: bool = False
     log_unavailable: int = 0
     """The first this many log requests are answered 400: the container is still being created."""
+    status_waits_for_log: bool = False
+    """Jobs stay at their script's first status until the master's log has been opened once:
+    the container runs for a while, so that its first run's lines are read while it lasts."""
     drop_first_stream_after: int | None = None
     """End the first log stream after this many lines, as a dropped connection does."""
     create_conflicts: int = 0
@@ -201,8 +207,10 @@ class KubernetesStub:
                 del self.jobs[name]
                 body = dict(job.body, metadata={**job.body["metadata"], "deletionTimestamp": "x"})
                 return 200, body
-            current = job.script[min(job.gets, len(job.script) - 1)]
+            current = job.script[min(job.position, len(job.script) - 1)]
             job.gets += 1
+            if self._log_streams or not self.status_waits_for_log:
+                job.position += 1
             return 200, {**job.body, "status": current}
 
     def delete(self, name: str, query: dict) -> tuple[int, dict]:
@@ -296,6 +304,12 @@ class _Handler(BaseHTTPRequestHandler):
         code, lines = self.stub.log_lines(pod, query)
         if code != 200:
             return self._answer(code, lines)
+        # The launcher may close the stream (it stopped following), as any client may.
+        with suppress(BrokenPipeError, ConnectionResetError):
+            self._send_log(lines, follow=_flag(query, "follow"))
+        return None
+
+    def _send_log(self, lines: list[str], follow: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")
@@ -306,10 +320,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(data[:5])
                 data = data[5:]
             self._chunk(data)
-        if self.stub.hold_log_open and _flag(query, "follow"):
+        if self.stub.hold_log_open and follow:
             self.stub.wait_released()
         self._chunk(b"")
-        return None
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -635,7 +635,7 @@ def _cancel(
 ) -> BaseException:
     """Deletes the job; returns what to raise for `interruption`."""
     try:
-        api.delete()
+        api.delete(fresh_connection=True)
         deleted = "deleted it"
     except PyTorchJobError as error:
         deleted = f"could not delete it ({error}); its owner pod's deletion will"
@@ -780,17 +780,28 @@ class _JobApi:
                 ) from None
             raise _api_error(error, f"creating PyTorchJob {self.where}") from None
 
-    def delete(self) -> None:
-        """Deletes the job and, first, its pods (foreground); a job that is gone already is fine."""
-        from kubernetes.client import ApiException
+    def delete(self, fresh_connection: bool = False) -> None:
+        """Deletes the job and, first, its pods (foreground); a job that is gone already is fine.
 
+        `fresh_connection`: after an interruption (SIGTERM, KeyboardInterrupt) that may have
+        struck in the middle of a request, whose connection would then be unusable, delete over
+        a connection pool of its own.
+        """
+        import urllib3
+        from kubernetes import client
+
+        custom = self.custom
+        if fresh_connection:
+            custom = client.CustomObjectsApi(client.ApiClient(self.client.configuration))
         try:
-            self.custom.delete_namespaced_custom_object(
+            custom.delete_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, self.name, propagation_policy="Foreground"
             )
-        except ApiException as error:
+        except client.ApiException as error:
             if error.status != 404:
                 raise _api_error(error, f"deleting PyTorchJob {self.where}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise PyTorchJobError(f"deleting PyTorchJob {self.where}: {error}", "api") from None
 
     def open_log(self, pod: str, since_seconds: int | None) -> Any:
         """A follow stream of `pod`'s training container, with timestamps (an urllib3 response)."""
