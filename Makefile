@@ -6,9 +6,36 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pinned so that pip never pulls the CUDA wheels on a machine without a GPU.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: setup test lint format demo bench clean images
+.PHONY: setup test lint format demo bench clean images compile
+
+# kubectl renders the manifests for tests/deploy (`kubectl kustomize`, kustomize v5 from kubectl
+# 1.27 on; those tests skip without it). Where it is absent, setup installs it from the
+# distribution's packages, once per virtual environment and only as root with apt-get: the
+# package `kubectl` where a configured repository has it (pkgs.k8s.io), else `kubernetes-client`
+# if it is 1.27 or newer (Debian 12's is 1.20, whose kustomize cannot build the overlays).
+# Otherwise it says so; kubectl never fails setup.
+KUBECTL_MIN := 1.27
+KUBECTL_TRIED := $(VENV)/.kubectl-tried
 
 setup: $(STAMP)
+	@if command -v kubectl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ ! -e $(KUBECTL_TRIED) ]; then \
+		touch $(KUBECTL_TRIED); \
+		echo "no kubectl: trying the distribution's packages"; \
+		apt-get update -qq >/dev/null 2>&1; \
+		client=$$(apt-cache policy kubernetes-client 2>/dev/null | sed -n 's/^ *Candidate: *//p'); \
+		if apt-get install -y -qq kubectl >/dev/null 2>&1; then \
+			echo "installed kubectl: $$(kubectl version --client 2>/dev/null | head -n 1)"; \
+		elif [ -n "$$client" ] && [ "$$client" != "(none)" ] \
+			&& dpkg --compare-versions "$${client#*:}" ge $(KUBECTL_MIN) \
+			&& apt-get install -y -qq kubernetes-client >/dev/null 2>&1; then \
+			echo "installed kubernetes-client $$client"; \
+		else \
+			echo "note: no kubectl $(KUBECTL_MIN)+ in the distribution's packages (kubernetes-client: $${client:-none}); tests/deploy's manifest tests will skip; see docs/deploy.md"; \
+		fi; \
+	else \
+		echo "note: no kubectl; tests/deploy's manifest tests will skip (install kubectl $(KUBECTL_MIN)+, see docs/deploy.md)"; \
+	fi
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -36,6 +63,10 @@ format: setup
 
 demo: setup
 	$(BIN)/python -m megasft.demo
+
+# The pipeline's KFP YAML, compiled from source (never committed); CI checks that it compiles.
+compile: setup
+	$(BIN)/megasft pipeline compile --output build/sft-pipeline.yaml
 
 # Every benchmark under bench/, or a chosen few: make bench BENCHES=bench/prepare.py
 BENCHES ?= $(wildcard bench/*.py)
