@@ -25,6 +25,7 @@ from megasft.tracking import (
     RUN_ID_ENV,
     TRACKING_URI_ENV,
     end_pipeline_run,
+    find_pipeline_run,
     mlflow_digest,
     start_pipeline_run,
     step_run,
@@ -100,6 +101,7 @@ def test_importing_does_not_import_mlflow():
 def test_tracking_off_does_nothing_but_still_checks_arguments(tmp_path, capsys):
     assert start_pipeline_run(None, "e", run_name="r", tags={}, params={"a": 1}) is None
     assert start_pipeline_run("", "e", run_name="r", tags={}, params={}) is None
+    assert find_pipeline_run(None, "e", "kfp-1") is None
     end_pipeline_run(None, None, "FINISHED")
     with step_run(None, None, "prepare", params={"a": 1}) as step:
         step.log_params({"a": 1})
@@ -193,8 +195,11 @@ def test_pipeline_run_with_nested_steps(mlflow_server, tmp_path):  # noqa: F811
         tracker.finish("completed")
     with pytest.raises(RuntimeError, match="evaluation broke"), step_run(uri, parent, "evaluate"):
         raise RuntimeError("evaluation broke")
+    assert find_pipeline_run(uri, "megasft-test-pipeline", "kfp-123") == parent  # exit handler
     end_pipeline_run(uri, parent, "FINISHED")
 
+    assert find_pipeline_run(uri, "megasft-test-pipeline", "kfp-999") is None
+    assert find_pipeline_run(uri, "megasft-no-such-experiment", "kfp-123") is None
     assert prepare.unlogged == train.unlogged == []
     assert tracker.summary() == {
         "run_id": train.run_id,
@@ -320,6 +325,7 @@ def test_kfp_runs_are_used_instead_of_new_ones(mlflow_server, monkeypatch):  # n
         tracker = MetricsTracker(None, "unused", "unused")  # KFP's MLFLOW_RUN_ID, no env of ours
         tracker.log_metrics({"loss": 2.0}, step=1)
         tracker.finish("completed")
+    assert find_pipeline_run(None, "megasft-not-created", "7") == kfp_parent
     end_pipeline_run(None, parent, "FINISHED")
 
     assert train.run_id == kfp_task.info.run_id and train.unlogged == []

@@ -62,6 +62,8 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 VERSION_TAG = "megasft.version"
+KFP_RUN_ID_TAG = "kfp.run_id"
+"""The tag `find_pipeline_run` looks the pipeline run up by; the caller sets it."""
 STEP_TAG = "megasft.step"
 MANAGED_TAG = "megasft.managed"
 """"true" on runs this module created, and so ends; absent on runs KFP (or a user) made."""
@@ -120,6 +122,34 @@ def start_pipeline_run(
     if run_id is not None:
         _log_params(connection, run_id, params, "the pipeline run's params", unlogged=[])
     return run_id
+
+
+def find_pipeline_run(tracking_uri: str | None, experiment: str, kfp_run_id: str) -> str | None:
+    """The pipeline run `start_pipeline_run` made for KFP run `kfp_run_id` (tagged
+    `kfp.run_id`), for a later process such as the exit handler; under KFP's MLflow
+    integration, KFP's parent run. None when there is none, or tracking is off or unusable."""
+    if "'" in kfp_run_id:
+        raise ValueError(f"find_pipeline_run: a KFP run id has no quotes: {kfp_run_id!r}")
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        return None
+
+    def find(client) -> str | None:
+        inherited = os.environ.get("MLFLOW_RUN_ID")
+        if inherited:
+            return client.get_run(inherited).data.tags.get(PARENT_RUN_TAG, inherited)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    return _connection(uri).call(f"the pipeline run of KFP run {kfp_run_id}", find, unlogged=[])
 
 
 def end_pipeline_run(tracking_uri: str | None, run_id: str | None, status: str) -> None:
@@ -535,6 +565,9 @@ class _Connection:
             if is_rejection(error):
                 unlogged.append(f"{what}: refused by MLflow at {self.uri} ({reason})")
                 _warn(f"MLflow at {self.uri} refused {what}: {reason}")
+            elif isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+                unlogged.append(f"{what}: {reason}")  # a local file, not the server
+                _warn(f"could not log {what}: {reason}")
             else:
                 self.unreachable = reason
                 unlogged.append(f"{what}: MLflow at {self.uri} unreachable ({reason})")

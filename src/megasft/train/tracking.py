@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 from megasft.tracking import (
-    HTTP_SETTINGS,  # noqa: F401  (one definition, kept importable from here)
     MAX_BATCH_PARAMS,
     MAX_PARAM_LENGTH,
     apply_http_settings,
