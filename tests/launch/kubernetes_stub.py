@@ -101,6 +101,8 @@ class KubernetesStub:
     the container runs for a while, so that its first run's lines are read while it lasts."""
     drop_first_stream_after: int | None = None
     """End the first log stream after this many lines, as a dropped connection does."""
+    failing_gets: list[int] = field(default_factory=list)
+    """Status codes that the next GETs of a job are answered with, one each (500, 403, ...)."""
     create_conflicts: int = 0
     """The first this many creates find that another client created the job just before (409)."""
     on_get: Callable[[str, int], None] | None = None
@@ -200,6 +202,9 @@ class KubernetesStub:
 
     def get(self, name: str) -> tuple[int, dict]:
         with self._lock:
+            if self.failing_gets:
+                code = self.failing_gets.pop(0)
+                return code, _status_body(code, "InternalError", f"scripted failure {code}")
             job = self.jobs.get(name)
             if job is None:
                 return 404, _status_body(404, "NotFound", f'pytorchjobs "{name}" not found')

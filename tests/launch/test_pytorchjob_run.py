@@ -233,6 +233,17 @@ def test_a_job_another_attempt_created_meanwhile_is_adopted(stub):
     assert "created meanwhile by another attempt; adopting it" in log
 
 
+def test_server_errors_are_ridden_out_and_a_refusal_names_the_role(stub):
+    stub.failing_gets = [500, 503]  # the API server restarting, say
+    stub.script(NAME, status("Running"), status("Succeeded"))
+    stub.logs[MASTER] = [["step 0"]]
+    result, _ = launch(stub)
+    assert result.origin == "created"
+    stub.failing_gets = [403]
+    with pytest.raises(PyTorchJobError, match="refused .403.*needs the megasft-launcher Role"):
+        launch(stub)
+
+
 def test_a_job_deleted_by_someone_else_is_reported(stub):
     stub.logs[MASTER] = [["step 0"]]
     stub.script(NAME, status("Running"))

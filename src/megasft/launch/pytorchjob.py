@@ -518,13 +518,13 @@ def run_pytorchjob(
             origin = _start(api, request, template, poll_s, deadline, output)
             follower.start()
             job = _wait(api, poll_s, deadline, output)
+            follower.drain(LOG_DRAIN_S)
         except (_DeadlinePassed, KeyboardInterrupt, _Terminated) as interruption:
             follower.stop()
             raise _cancel(api, request, interruption, output) from None
         except BaseException:
             follower.stop()
             raise
-        follower.drain(LOG_DRAIN_S)
     condition = _terminal_condition(job)
     assert condition is not None
     if condition["type"] == "Failed":
@@ -925,6 +925,7 @@ class _LogFollower:
         except (ApiException, urllib3.exceptions.HTTPError, OSError):
             return  # no pod yet (404), container not started (400), or no connection: retry later
         self._response = response
+        ended = False  # the server ended the stream; else its connection is closed, not reused
         try:
             replayed_at_last = 0
             for raw in _lines(response):
@@ -945,10 +946,13 @@ class _LogFollower:
                 else:
                     self._last, self._written_at_last, replayed_at_last = when, 1, 1
                 self._write(text)
+            ended = True
         except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError):
-            response.close()  # dropped or shut down: the next pass picks up after _last
+            pass  # dropped or shut down: the next pass picks up after _last
         finally:
             self._response = None
+            if not ended:
+                response.close()
             response.release_conn()
 
     def _write(self, text: str) -> None:
