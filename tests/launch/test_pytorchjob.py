@@ -11,6 +11,7 @@ import argparse
 import copy
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -168,6 +169,9 @@ def test_metadata_is_the_runs_and_the_owner_comes_from_the_downward_api(
         ],
     }
     assert "status" not in job
+    # The CRD leaves metadata to the API server: check it as the ObjectMeta it is.
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": job["metadata"]}
+    kubernetes_validate.validate(carrier, "1.30", strict=True)
 
 
 def test_kfp_pod_variables_name_the_owner_when_ours_are_absent(monkeypatch):
