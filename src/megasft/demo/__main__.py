@@ -1,29 +1,57 @@
-"""`make demo`: the pipeline's stages, locally, on an embedded default. No downloads.
+"""`make demo`: the whole Kubeflow pipeline on this machine, on an embedded default. No downloads.
 
-Today: generate arithmetic word problems, train a tiny tokenizer and build a tiny random
-Llama on the spot, tokenize-and-mask the problems, convert the model to a megatron-core
-checkpoint, fine-tune it with megatron-core on 2 CPU processes (the emulation layer, gloo),
-export the result to Hugging Face, and evaluate tuned against base on held-out problems.
-The Kubeflow pipeline that wires these steps comes with the pipeline issue.
+It builds the inputs a real run would find on its volume: arithmetic word problems in GSM8K's
+form (train and held-out test), a tiny BPE tokenizer with a ChatML template, and a tiny random
+Llama-architecture Hugging Face model. Then it runs the pipeline (pipelines/configs/demo.yaml)
+with kfp.local: validate, tokenize-and-mask and hf -> megatron conversion, training with
+megatron-core on 2 CPU processes (torchrun, the emulation layer, gloo), export to Hugging Face,
+evaluation of tuned vs base, and registration in MLflow when the gate passes. Everything is
+tracked in an embedded MLflow store (sqlite) in the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from megasft.checkpoint.convert import convert
-from megasft.data.cli import summarize
-from megasft.data.prepare import PrepareConfig, prepare
 from megasft.demo.model import build_tiny_llama
 from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
-from megasft.evaluate import EvaluateConfig, evaluate
-from megasft.train.config import TrainConfig
-from megasft.train.stage import run_training
+from megasft.pipeline.config import PipelineConfig, load_pipeline_config
+from megasft.pipeline.local import run_local
+
+
+def build_inputs(inputs: Path, train_problems: int, test_problems: int) -> dict[str, Path]:
+    """The demo's raw inputs: problems, and a base model that carries its tokenizer."""
+    print(f"[demo] generating arithmetic word problems into {inputs}", file=sys.stderr)
+    train = write_problems(inputs / "train.jsonl", train_problems, seed=1)
+    test = write_problems(inputs / "test.jsonl", test_problems, seed=2)
+    print("[demo] training a tiny BPE tokenizer and building a tiny random Llama", file=sys.stderr)
+    problems = [json.loads(line) for line in train.read_text().splitlines()]
+    corpus = [DEFAULT_CORPUS, *(f"{p['question']} {p['answer']}" for p in problems)]
+    tokenizer = build_tokenizer(inputs / "tokenizer", corpus=corpus, vocab_size=1000)
+    model = build_tiny_llama(inputs / "base-hf", tokenizer)
+    return {"train": train, "test": test, "model": model}
+
+
+def demo_config(root: Path, inputs: dict[str, Path], train_iters: int | None) -> PipelineConfig:
+    """pipelines/configs/demo.yaml with its paths under `root`."""
+    config = load_pipeline_config("demo")
+    train = dict(config.train)
+    if train_iters is not None:
+        train["train_iters"] = train_iters
+    return dataclasses.replace(
+        config,
+        data={**config.data, "path": str(inputs["train"])},
+        model={**config.model, "path": str(inputs["model"])},
+        train=train,
+        evaluate={**config.evaluate, "data": str(inputs["test"])},
+        tracking={**config.tracking, "uri": f"sqlite:///{(root / 'mlflow.db').resolve()}"},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,96 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="where everything is written")
     parser.add_argument("--train-problems", type=int, default=2000)
     parser.add_argument("--test-problems", type=int, default=200)
-    parser.add_argument("--train-iters", type=int, default=200)
+    parser.add_argument("--train-iters", type=int, default=None, help="default: the demo config's")
     args = parser.parse_args(argv)
 
-    root = Path(args.output)
+    root = Path(args.output).resolve()
     if root.exists():
         shutil.rmtree(root)
-    print(f"[1/7] generating arithmetic word problems into {root / 'data'}", file=sys.stderr)
-    train = write_problems(root / "data" / "train.jsonl", args.train_problems, seed=1)
-    test = write_problems(root / "data" / "test.jsonl", args.test_problems, seed=2)
-
-    print(f"[2/7] training a tiny BPE tokenizer into {root / 'tokenizer'}", file=sys.stderr)
-    problems = [json.loads(line) for line in train.read_text().splitlines()]
-    corpus = [DEFAULT_CORPUS, *(f"{p['question']} {p['answer']}" for p in problems)]
-    tokenizer = build_tokenizer(root / "tokenizer", corpus=corpus, vocab_size=1000)
-
-    print("[3/7] megasft prepare: tokenize, mask and pack", file=sys.stderr)
-    dataset = root / "dataset"
-    manifest = prepare(
-        PrepareConfig(
-            inputs=(str(train),),
-            tokenizer=str(tokenizer),
-            output=str(dataset),
-            column_map=(("prompt", "question"), ("response", "answer")),
-            seq_length=512,
-            val_fraction=0.05,
-        )
-    )
-    print(summarize(manifest, dataset), file=sys.stderr)
-
-    print(
-        "[4/7] megasft convert: a tiny random Llama, Hugging Face -> megatron-core", file=sys.stderr
-    )
-    base_hf = build_tiny_llama(root / "base-hf", tokenizer)
-    base_mcore = root / "base-mcore"
-    convert("hf", "megatron", base_hf, base_mcore)
-    print(f"  {base_hf} -> {base_mcore}", file=sys.stderr)
-
-    print("[5/7] megasft train: SFT on megatron-core, 2 CPU processes", file=sys.stderr)
-    summary = run_training(
-        TrainConfig(
-            data=str(dataset),
-            load=str(base_mcore),
-            save=str(root / "train"),
-            nproc=2,
-            micro_batch_size=4,
-            global_batch_size=16,
-            train_iters=args.train_iters,
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_iters=min(10, args.train_iters // 2),
-            precision="fp32",
-            eval_interval=max(1, args.train_iters // 4),
-        )
-    )
-    checkpoint = summary["checkpoint"]
-    print(f"  final checkpoint: {checkpoint}", file=sys.stderr)
-
-    print(
-        "[6/7] megasft convert: the tuned checkpoint, megatron-core -> Hugging Face",
-        file=sys.stderr,
-    )
-    tuned_hf = root / "tuned-hf"
-    convert("megatron", "hf", checkpoint, tuned_hf)
-
-    print("[7/7] megasft evaluate: tuned vs base on held-out problems", file=sys.stderr)
-    evaluation = root / "eval"
-    metrics = evaluate(
-        EvaluateConfig(
-            model=str(tuned_hf),
-            baseline=str(base_hf),
-            data=str(test),
-            output=str(evaluation),
-            task="gsm8k",
-            column_map=(("prompt", "question"), ("response", "answer")),
-            val_data=str(dataset),
-            training_log=str(root / "train" / "metrics.jsonl"),
-            max_new_tokens=48,
-            batch_size=32,
-        )
-    )
-    result = metrics["summary"]
-    print(
-        f"  on {args.test_problems} held-out problems: base accuracy "
-        f"{result['base_accuracy']:.2f}, tuned accuracy {result['accuracy']:.2f}; "
-        f"val loss {result['base_val_loss']:.3f} -> {result['val_loss']:.3f}",
-        file=sys.stderr,
-    )
-    print(f"\nmask preview: file://{(dataset / 'preview.html').resolve()}", file=sys.stderr)
-    print(f"evaluation report: file://{(evaluation / 'report.html').resolve()}", file=sys.stderr)
-    return 0
+    inputs = build_inputs(root / "inputs", args.train_problems, args.test_problems)
+    config = demo_config(root, inputs, args.train_iters)
+    result = run_local(config, workdir=root)
+    return 0 if result.succeeded else 1
 
 
 if __name__ == "__main__":

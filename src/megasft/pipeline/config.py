@@ -200,7 +200,7 @@ def prepare_settings(data: dict[str, Any]) -> dict[str, Any]:
 
     settings = {key: value for key, value in data.items() if key not in _DATA_OWN}
     _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
-    return _with_column_map_pairs(settings)
+    return _with_column_map_pairs(_with_whole_numbers(PrepareConfig, settings))
 
 
 def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str, Any]:
@@ -213,7 +213,7 @@ def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str,
     values = load_recipe(recipe) if recipe and read_recipe else {}
     values.update(settings)
     _check_keys("train", values, _field_names(TrainConfig) - _TRAIN_WIRED, {"recipe"})
-    return values
+    return _with_whole_numbers(TrainConfig, values)
 
 
 def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +222,21 @@ def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
     from megasft.evaluate import EvaluateConfig
 
     settings = dict(evaluate)
-    _check_keys(
-        "evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN
-    )
-    return _with_column_map_pairs(settings)
+    _check_keys("evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN)
+    return _with_column_map_pairs(_with_whole_numbers(EvaluateConfig, settings))
+
+
+def _with_whole_numbers(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """Integer settings back from floats: KFP passes a dict parameter as a protobuf Struct,
+    whose numbers are all doubles, so `nproc: 2` arrives in the step as 2.0."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for key, value in settings.items():
+        wants_int = hints.get(key) in (int, int | None)
+        if wants_int and isinstance(value, float) and value.is_integer():
+            settings[key] = int(value)
+    return settings
 
 
 def _with_column_map_pairs(settings: dict[str, Any]) -> dict[str, Any]:

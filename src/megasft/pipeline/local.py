@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output"
     if uri and uri.startswith("sqlite:"):
         _create_experiment(uri, experiment_name(config), workdir / "mlartifacts")
 
+    # kfp.local warns that the components name a container image it will not use (it runs them
+    # in this Python, which is the point) and that display names have no effect locally.
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     root = workdir / "kfp"
     before = set(root.glob("*")) if root.exists() else set()
     local.init(

@@ -460,7 +460,7 @@ def finish(
         "error": error_message or None,
     }
     uri = tracking_section.get("uri")
-    parent = tracking.find_pipeline_run(
+    parent = uri and tracking.find_pipeline_run(
         uri, experiment_name_from(tracking_section, config_name), kfp_run_id
     )
     if parent:

@@ -107,6 +107,7 @@ def submit_pipeline(
     status requests while waiting (default POLL_INTERVAL_S).
     """
     host = _normalized_host(host)
+    namespace = namespace or None  # `--namespace ""` (an unset CI variable): single-user KFP
     if timeout_s is not None and timeout_s <= 0:
         raise ConfigError(f"--timeout {timeout_s:g}: give a positive number of seconds")
     experiment = experiment or config.name
