@@ -49,8 +49,11 @@ def configs_to_retrain(environ: dict[str, str], repository: Path) -> list[str]:
     event = environ.get("EVENT_NAME", "")
     if event == "push":
         return configs_for_paths(changed_paths(environ["BEFORE"], environ["AFTER"]), existing)
-    name = environ.get("INPUT_CONFIG" if event == "workflow_dispatch" else "SCHEDULED_CONFIG", "")
-    if event not in ("workflow_dispatch", "schedule"):
+    if event == "schedule":
+        name = environ.get("SCHEDULED_CONFIG", "")
+    elif event == "workflow_dispatch":
+        name = environ.get("INPUT_CONFIG", "")
+    else:
         sys.exit(f"retrain_configs: unexpected event {event!r}")
     if name not in existing:
         sys.exit(

@@ -4,13 +4,14 @@
 makes while submitting, the way the KFP API server answers them, from in-memory state:
 
     GET  /apis/v2beta1/healthz                        {"multi_user": false}
-    GET  /apis/v2beta1/pipelines?filter=...           pipelines, filtered by display_name
+    GET  /apis/v2beta1/pipelines?filter=&namespace=   pipelines, filtered by display_name and
+                                                      namespace (none: the shared ones)
     POST /apis/v2beta1/pipelines/upload?name=...      multipart upload; like KFP, it also creates
                                                       the first version, named after the pipeline
     GET  /apis/v2beta1/pipelines/ID/versions?filter=  versions, filtered by display_name
     POST /apis/v2beta1/pipelines/upload_version?name=&pipelineid=
                                                       409 for a name the pipeline already has
-    GET  /apis/v2beta1/experiments?filter=...         experiments, filtered by display_name
+    GET  /apis/v2beta1/experiments?filter=&namespace= experiments, by display_name and namespace
     POST /apis/v2beta1/experiments                    create
     POST /apis/v2beta1/runs                           create (state PENDING)
     GET  /apis/v2beta1/runs/ID                        each GET serves the next state of
@@ -90,7 +91,12 @@ class KfpStub:
             if route == ("GET", f"{API}/healthz"):
                 return 200, {"multi_user": False}
             if route == ("GET", f"{API}/pipelines"):
-                found = _filtered(self.pipelines.values(), query)
+                namespace = query.get("namespace", [""])[0]  # none: the shared pipelines
+                found = [
+                    pipeline
+                    for pipeline in _filtered(self.pipelines.values(), query)
+                    if pipeline["namespace"] == namespace
+                ]
                 return 200, {"pipelines": found, "total_size": len(found)}
             if route == ("POST", f"{API}/pipelines/upload"):
                 return self._upload(query, headers, body)
@@ -107,7 +113,12 @@ class KfpStub:
                 found = _filtered(self.versions[pipeline_id], query)
                 return 200, {"pipeline_versions": found, "total_size": len(found)}
             if route == ("GET", f"{API}/experiments"):
-                found = _filtered(self.experiments.values(), query)
+                namespace = query.get("namespace", [""])[0]
+                found = [
+                    experiment
+                    for experiment in _filtered(self.experiments.values(), query)
+                    if experiment.get("namespace", "") == namespace
+                ]
                 return 200, {"experiments": found, "total_size": len(found)}
             if route == ("POST", f"{API}/experiments"):
                 experiment = json.loads(body)
@@ -135,7 +146,11 @@ class KfpStub:
 
     def _upload(self, query: dict, headers, body: bytes) -> tuple[int, dict]:
         name = query["name"][0]
-        if any(pipeline["display_name"] == name for pipeline in self.pipelines.values()):
+        namespace = query.get("namespace", [""])[0]
+        if any(
+            (pipeline["display_name"], pipeline["namespace"]) == (name, namespace)
+            for pipeline in self.pipelines.values()
+        ):
             return 409, {"code": 6, "message": f"pipeline {name} already exists"}
         pipeline_id = str(uuid.uuid4())
         pipeline = {
@@ -143,7 +158,7 @@ class KfpStub:
             "name": name,
             "display_name": name,
             "description": query.get("description", [""])[0],
-            "namespace": query.get("namespace", [""])[0],
+            "namespace": namespace,
             "created_at": CREATED,
         }
         self.pipelines[pipeline_id] = pipeline

@@ -98,16 +98,17 @@ def only_run(stub) -> dict:
     return run
 
 
-def test_the_first_submission_uploads_the_pipeline_and_starts_a_run(stub, config, capsys):
+def test_the_first_submission_uploads_the_pipeline_and_starts_a_run(stub, config, compiled, capsys):
     assert submit(config, stub) == 0
 
     (pipeline,) = stub.pipelines.values()
     assert pipeline["display_name"] == PIPELINE_NAME
+    assert pipeline["namespace"] == ""  # no --namespace: a shared pipeline
     versions = stub.versions[pipeline["pipeline_id"]]
     # KFP names an uploaded pipeline's first version after the pipeline; ours comes next to it.
     assert [version["display_name"] for version in versions] == [
         PIPELINE_NAME,
-        f"{submit_module.__version__}-{versions[1]['display_name'].split('-')[-1]}",
+        pipeline_version_name(compiled),
     ]
     package = stub.packages[versions[1]["pipeline_version_id"]]
     assert yaml.safe_load_all(package).__next__()["pipelineInfo"]["name"] == PIPELINE_NAME
@@ -140,6 +141,17 @@ def test_an_unchanged_pipeline_reuses_its_version(stub, config):
     assert first["pipeline_version_reference"] == second["pipeline_version_reference"]
     assert second["display_name"] == "second"
     assert [e["display_name"] for e in stub.experiments.values()] == ["retrain"]  # found again
+
+
+def test_a_namespace_keeps_the_pipeline_and_the_experiment_in_that_profile(stub, config):
+    submit(config, stub, namespace="team-a")
+    submit(config, stub, namespace="team-a")
+    submit(config, stub, namespace="")  # an unset CI variable: single-user, shared pipeline
+
+    team, shared = stub.pipelines.values()
+    assert (team["namespace"], shared["namespace"]) == ("team-a", "")
+    assert len(stub.versions[team["pipeline_id"]]) == 2  # found again in its namespace
+    assert [e.get("namespace") for e in stub.experiments.values()] == ["team-a", ""]
 
 
 def test_a_changed_pipeline_uploads_a_new_version(stub, config, monkeypatch):
