@@ -152,6 +152,21 @@ def find_pipeline_run(tracking_uri: str | None, experiment: str, kfp_run_id: str
     return _connection(uri).call(f"the pipeline run of KFP run {kfp_run_id}", find, unlogged=[])
 
 
+def ensure_experiment(
+    tracking_uri: str | None, experiment: str, *, artifact_location: str | None = None
+) -> str | None:
+    """The experiment's id, creating it (with `artifact_location`, e.g. a file:// URI beside an
+    embedded sqlite store) when it does not exist yet. None when tracking is off or unusable."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        return None
+    return _connection(uri).call(
+        f"the experiment {experiment}",
+        lambda client: _experiment_id(client, experiment, artifact_location),
+        unlogged=[],
+    )
+
+
 def end_pipeline_run(tracking_uri: str | None, run_id: str | None, status: str) -> None:
     """Ends the pipeline's run with `status` (FINISHED, FAILED or KILLED), if this module created
     it; KFP ends its own. Does nothing without a run."""
@@ -395,13 +410,23 @@ class StepRun:
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = client.create_model_version(
-                registered_name,
-                source=self.model_uri,
-                run_id=self.run_id,
-                model_id=model_id,
-                await_creation_for=0,  # the OSS registry makes versions READY at once
-            ).version
+            # The client resolves a models:/ source through the global tracking URI, not its
+            # own: without this it looks for the model in ./mlflow.db.
+            previous = os.environ.get("MLFLOW_TRACKING_URI")
+            os.environ["MLFLOW_TRACKING_URI"] = self._connection.uri
+            try:
+                version = client.create_model_version(
+                    registered_name,
+                    source=self.model_uri,
+                    run_id=self.run_id,
+                    model_id=model_id,
+                    await_creation_for=0,  # the OSS registry makes versions READY at once
+                ).version
+            finally:
+                if previous is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = previous
             if alias is not None:
                 client.set_registered_model_alias(registered_name, alias, version)
             return str(version)
@@ -610,14 +635,14 @@ def _warn(message: str) -> None:
     print(f"megasft: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client, name: str, artifact_location: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException as error:  # another step created it in between
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

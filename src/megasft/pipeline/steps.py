@@ -70,7 +70,7 @@ def validate(
             "kfp.pipeline_version": __version__,
             "megasft.config": config.name,
         },
-        params=_flatten(sections),
+        params=_flatten(_typed_sections(config)),
     )
     _write(
         plan,
@@ -84,6 +84,18 @@ def validate(
         str(config.data["path"]),
         str(config.model["path"]),
     )
+
+
+def _typed_sections(config: PipelineConfig) -> dict[str, Any]:
+    """The sections with each stage's settings typed as the stage takes them (KFP turns every
+    number of a dict parameter into a double: 4 would be logged as 4.0)."""
+    return {
+        "data": {"path": config.data["path"], **config.prepare_settings()},
+        "model": config.model,
+        "train": config.train_settings(),
+        "launcher": config.launcher,
+        "evaluate": config.evaluate_settings(),
+    }
 
 
 def _plan_markdown(
@@ -145,7 +157,7 @@ def dataset_figures(manifest: dict[str, Any]) -> dict[str, Any]:
     val = manifest["splits"].get("val", {})
     return {
         "examples": manifest["examples"],
-        "rejected": manifest["rejected"],
+        "rejected": manifest["rejected"]["total"],
         "train_rows": train.get("rows", 0),
         "val_rows": val.get("rows", 0),
         "tokens": manifest["tokens"],
@@ -283,7 +295,8 @@ def train(
 
     values = train_settings(train_section)
     uri = tracking_section.get("uri")
-    with tracking.step_run(uri, parent_run_id or None, "train", params=_flatten(values)) as run:
+    # No params here: the training run logs its whole configuration into this run itself.
+    with tracking.step_run(uri, parent_run_id or None, "train") as run:
         # Rank 0 of the training processes logs its per-step metrics into this nested run.
         os.environ.update(tracking.training_tracking_env(uri, run.run_id))
         values.update(
@@ -397,7 +410,8 @@ def evaluate(
     for key, value in figures.items():
         metrics.log_metric(key, value)
     metrics.log_metric("gate_passed", int(passed))
-    report.metadata.update(figures)
+    key_figures = ("accuracy", "base_accuracy", "delta_accuracy", "val_loss", "base_val_loss")
+    report.metadata.update({key: figures[key] for key in key_figures if key in figures})
     report.metadata["gate"] = gate["reason"] if gate else "no gate"
     shutil.rmtree(output.parent, ignore_errors=True)
     return passed
