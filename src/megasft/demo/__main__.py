@@ -42,8 +42,11 @@ def demo_config(root: Path, inputs: dict[str, Path], train_iters: int | None) ->
     """pipelines/configs/demo.yaml with its paths under `root`."""
     config = load_pipeline_config("demo")
     train = dict(config.train)
-    if train_iters is not None:
+    if train_iters is not None:  # a shorter run (the tests) keeps the schedule's proportions
         train["train_iters"] = train_iters
+        train["warmup_iters"] = min(train["warmup_iters"], max(train_iters // 4, 0))
+        train["eval_interval"] = min(train["eval_interval"], max(train_iters // 2, 1))
+        train["save_interval"] = min(train["save_interval"], train_iters)
     return dataclasses.replace(
         config,
         data={**config.data, "path": str(inputs["train"])},
