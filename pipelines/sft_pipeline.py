@@ -111,6 +111,14 @@ def sft_pipeline(
             base_checkpoint=base.outputs["output"],
         ).set_caching_options(False)
         _retry(_mount(trained, DATA_CLAIM, CHECKPOINT_CLAIM), 2)
+        # The PyTorchJob launcher makes this pod the job's owner (deleting the run deletes the
+        # job) and runs the job in this pod's namespace.
+        for variable, field_path in (
+            ("POD_NAME", "metadata.name"),
+            ("POD_UID", "metadata.uid"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+        ):
+            kubernetes.use_field_path_as_env(trained, env_name=variable, field_path=field_path)
 
         exported = checkpoint_convert(
             direction="megatron-to-hf",
