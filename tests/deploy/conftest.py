@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deploy.rendering import OVERLAYS, find_kustomize, render
+from tests.deploy.rendering import OVERLAYS, find_kustomize, render, render_standalone
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,9 @@ def kustomize() -> list[str]:
 def rendered(kustomize) -> dict[str, list[dict]]:
     """Every overlay in OVERLAYS, rendered: the objects a cluster would receive."""
     return {overlay: render(kustomize, overlay) for overlay in OVERLAYS}
+
+
+@pytest.fixture(scope="session")
+def standalone(kustomize, tmp_path_factory) -> list[dict]:
+    """The MI300X overlay for standalone Kubeflow Pipelines (rendering.render_standalone)."""
+    return render_standalone(kustomize, tmp_path_factory.mktemp("standalone"))

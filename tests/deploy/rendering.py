@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -16,6 +19,10 @@ OVERLAYS = ("overlays/mi300x", "overlays/cuda", "examples/my-cluster")
 # `replacements`, components and JSON patches with targets need kustomize v5 (kubectl >= 1.27).
 KUSTOMIZE_MAJOR = 5
 NAMESPACE = "megasft"
+# Standalone Kubeflow Pipelines: the MI300X overlay moved into KFP's namespace with the kfp-standalone
+# component, as docs/deploy.md (step 1) tells a cluster's own overlay to do.
+STANDALONE_NAMESPACE = "kubeflow"
+STANDALONE_COMPONENTS = ("components/kfp-standalone", "components/worker-from-master")
 # The uid and gid of the `megasft` user in every image (docker/Dockerfile.*), which the pods run as.
 IMAGE_UID = 10001
 
@@ -63,6 +70,25 @@ def render(command: list[str], directory: str) -> list[dict]:
     return [document for document in yaml.safe_load_all(result.stdout) if document]
 
 
+def render_standalone(command: list[str], directory: Path) -> list[dict]:
+    """A standalone-KFP overlay written into `directory` (outside the repository), rendered."""
+
+    def relative(path: str) -> str:
+        return os.path.relpath(MANIFESTS / path, directory)
+
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": STANDALONE_NAMESPACE,
+        "resources": [relative("overlays/mi300x")],
+        "components": [relative(component) for component in STANDALONE_COMPONENTS],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run([*command, str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kustomize failed on the standalone overlay:\n{result.stderr}"
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
 def objects_of(documents: list[dict], kind: str) -> list[dict]:
     return [document for document in documents if document["kind"] == kind]
 
@@ -86,3 +112,20 @@ def pod_specs(document: dict) -> list[tuple[str, dict]]:
             for replica, replica_spec in spec["pytorchReplicaSpecs"].items()
         ]
     return []
+
+
+def container_arguments(document: dict, container: dict) -> list[str]:
+    """The container's command and args as the kubelet runs them: `$(NAME)` expanded from its env
+    (a value, or a downward-API fieldRef to metadata.namespace)."""
+    environment = {}
+    for variable in container.get("env", []):
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+        else:
+            field_path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            assert field_path == "metadata.namespace", f"{variable['name']}: {field_path}"
+            environment[variable["name"]] = document["metadata"]["namespace"]
+    return [
+        re.sub(r"\$\((\w+)\)", lambda match: environment[match.group(1)], argument)
+        for argument in container.get("command", []) + container.get("args", [])
+    ]
