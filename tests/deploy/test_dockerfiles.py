@@ -113,6 +113,26 @@ def test_dockerignore_keeps_the_context_small():
         assert not dockerignore_excludes(path, patterns), path
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="docker/Dockerfile.cpu and .dockerignore copy only src/: the image lacks the packages "
+    "`pipelines` and `components`, so `megasft pipeline submit` (the retrain CronJob) cannot "
+    "compile the pipeline or find --config qwen2.5-gsm8k; remove this mark with the fix",
+)
+def test_the_cpu_image_gets_the_pipeline_that_submit_compiles():
+    # pyproject.toml installs them from the repository root (packages.find where = ["src", "."]).
+    patterns = dockerignore_patterns()
+    copied = {
+        source.rstrip("/")
+        for stage in parse(REPO / "docker/Dockerfile.cpu").stages
+        for value in stage.values("COPY")
+        for source in copy_sources(value) or []
+    }
+    for package in ("pipelines", "components"):
+        assert package in copied, f"Dockerfile.cpu does not copy {package}/"
+        assert not dockerignore_excludes(f"{package}/__init__.py", patterns), package
+
+
 def test_the_cpu_image_installs_the_torch_the_makefile_pins():
     makefile_pin = re.search(r"^CPU_TORCH := torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)
     args = parse(REPO / "docker/Dockerfile.cpu").stages[0].values("ARG")
