@@ -113,12 +113,6 @@ def test_dockerignore_keeps_the_context_small():
         assert not dockerignore_excludes(path, patterns), path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docker/Dockerfile.cpu and .dockerignore copy only src/: the image lacks the packages "
-    "`pipelines` and `components`, so `megasft pipeline submit` (the retrain CronJob) cannot "
-    "compile the pipeline or find --config qwen2.5-gsm8k; remove this mark with the fix",
-)
 def test_the_cpu_image_gets_the_pipeline_that_submit_compiles():
     # pyproject.toml installs them from the repository root (packages.find where = ["src", "."]).
     patterns = dockerignore_patterns()

@@ -296,3 +296,16 @@ def test_a_rendered_overlay_file_is_a_template(rendered_template, tmp_path):
         yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace"}, rendered_template])
     )
     assert load_template(rendered) == rendered_template
+
+
+def test_an_owner_in_another_namespace_is_refused(monkeypatch):
+    """Kubernetes would take the owner for a missing one and delete the job at once."""
+    monkeypatch.setenv("POD_NAME", "step-pod")
+    monkeypatch.setenv("POD_UID", "6f0b7f5c-0000-4000-8000-000000000002")
+    monkeypatch.setenv("POD_NAMESPACE", "team-a")
+    with pytest.raises(ConfigError, match="owner reference cannot cross namespaces"):
+        PyTorchJobRequest(
+            name="megasft-train-0123456789ab", namespace="megasft", train_args=TRAIN_ARGS
+        )
+    same = PyTorchJobRequest(name="megasft-train-0123456789ab", train_args=TRAIN_ARGS)
+    assert same.namespace == "team-a" and same.owner_name == "step-pod"

@@ -240,6 +240,18 @@ class PyTorchJobRequest:
                 "owner_name and owner_uid go together: set both (the launching pod's name and uid, "
                 "e.g. from the downward API as POD_NAME and POD_UID) or neither"
             )
+        owner_namespace = next(
+            (os.environ[variable] for variable in NAMESPACE_VARIABLES if os.environ.get(variable)),
+            None,
+        )
+        if self.owner_name is not None and owner_namespace not in (None, self.namespace):
+            # Kubernetes takes an owner in another namespace for a missing one and deletes the
+            # job at once; refuse rather than watch the job vanish.
+            raise ConfigError(
+                f"the job would run in namespace {self.namespace} but its owner, the launching pod "
+                f"{self.owner_name}, is in {owner_namespace}: an owner reference cannot cross "
+                "namespaces; run the job in the pod's namespace (leave launcher.namespace unset)"
+            )
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
         for key, value in self.labels.items():
@@ -708,8 +720,9 @@ def _api_error(error: Any, doing: str) -> PyTorchJobError:
     if status in (401, 403):
         return PyTorchJobError(
             f"{doing}: the API refused ({status}): {body}. The step's ServiceAccount needs the "
-            "megasft-launcher Role (manifests/base/launcher-rbac.yaml; in a Kubeflow profile, the "
-            "kfp-profile-runner component binds it to default-editor)",
+            "megasft-launcher Role (manifests/base/launcher-rbac.yaml binds it to default-editor, "
+            "the pipeline runner of a Kubeflow profile; for standalone KFP use the "
+            "components/kfp-standalone kustomize component)",
             "api",
         )
     return PyTorchJobError(f"{doing}: the Kubernetes API answered {status}: {body}", "api")
