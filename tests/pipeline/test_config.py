@@ -167,3 +167,25 @@ def test_validate_returns_content_digests_and_writes_the_plan(tiny_config, tmp_p
     assert validate(moved.arguments(), kfp_run_id="r", plan=plan)[1] == data_digest
     copy.write_text(copy.read_text() + "\n")
     assert validate(moved.arguments(), kfp_run_id="r", plan=plan)[1] != data_digest
+
+
+def test_run_local_refuses_a_cluster_launcher_before_anything_starts(tmp_path):
+    from megasft.pipeline.local import run_local
+
+    with pytest.raises(ConfigError, match="--set launcher.kind=local"):
+        run_local(load_pipeline_config("qwen2.5-gsm8k"), workdir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kfp_doubles_become_integers_again():
+    """KFP passes dict parameters as protobuf Structs: every number arrives as a double."""
+    from megasft.pipeline.config import evaluate_settings, prepare_settings, train_settings
+
+    assert train_settings({"nproc": 2.0, "lr": 1.0, "train_iters": 4.0}) == {
+        "nproc": 2,
+        "lr": 1.0,
+        "train_iters": 4,
+    }
+    assert prepare_settings({"path": "x", "seq_length": 512.0})["seq_length"] == 512
+    assert evaluate_settings({"limit": 3.0})["limit"] == 3
+    assert isinstance(train_settings({"nproc": 2.0})["nproc"], int)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megasft.errors import ConfigError
 from megasft.pipeline.config import PipelineConfig, check_inputs
 from megasft.pipeline.steps import PIPELINE_NAME, experiment_name
 
@@ -49,6 +50,12 @@ def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output"
 
     from pipelines.sft_pipeline import sft_pipeline
 
+    if config.launcher.get("kind", "local") != "local":
+        raise ConfigError(
+            f"config {config.name}: launcher.kind is {config.launcher['kind']}; run-local trains "
+            "on this machine: add --set launcher.kind=local (and point data.path and model.path "
+            "at local files)"
+        )
     workdir = Path(workdir).resolve()
     config = config.with_paths_resolved(Path.cwd())
     check_inputs(config)
