@@ -1,15 +1,21 @@
 """Benchmark of `megasft prepare` on GSM8K train with the Qwen2.5 tokenizer.
 
-    python bench/prepare.py [--repeats 2] [--shared ../shared]
+    python bench/prepare.py [--repeats 3] [--shared ../shared]
 
 Prints, side by side from one run:
 1. throughput, tokens/s per core: the tokenizer alone on the already-rendered texts (the
    ceiling), `megasft prepare`, and the usual `datasets.map` + `apply_chat_template` +
-   prompt-prefix masking. Each runs on one core (one process, RAYON_NUM_THREADS=1), so the
-   numbers are per core; prepare with all workers is shown too.
+   prompt-prefix masking. Each runs on one core (RAYON_NUM_THREADS=1), so the numbers are per
+   core; prepare with all workers is shown too.
 2. packing efficiency: megasft's best-fit-decreasing over the whole dataset vs padding to the
    longest of each batch of 8 vs best-fit over 1,000-row chunks.
 3. peak memory of prepare on 1x and 4x the rows, to show it streams.
+
+Every timed run is a fresh process (`--phase NAME`), timed inside from just before the work
+to just after it, so that no run inherits another's heap, imports or warm caches; the
+repeats go round the phases in turn, so that a busy spell on the machine hits all of them.
+Setup that is not the work (imports, reading the rows, rendering the ceiling's texts, and for
+the ceiling alone loading the tokenizer) is outside the timed part.
 
 Not a test: it asserts nothing and prints the goals beside the figures.
 """
@@ -31,36 +37,24 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from megasft.data import read_examples  # noqa: E402
-from megasft.data.conversation import Message  # noqa: E402
-from megasft.data.packing import (  # noqa: E402
-    pack_best_fit_decreasing,
-    pack_best_fit_in_chunks,
-    packing_efficiency,
-)
-from megasft.data.prepare import PrepareConfig, prepare  # noqa: E402
-from megasft.data.tokenizer import load_chat_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = (("prompt", "question"), ("response", "answer"))
 
 
-def best_of(repeats: int, run) -> tuple[float, int]:
-    """(best seconds, tokens) over `repeats` runs; the machine is shared, so take the best."""
-    best, tokens = float("inf"), 0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tokens = run()
-        best = min(best, time.perf_counter() - started)
-    return best, tokens
+# --- the timed phases, each run alone in a fresh process --------------------------------------
 
 
-def ceiling(rows: list[dict], tokenizer_dir: Path, with_load: bool):
-    """The rendered texts, already in memory, through `encode_batch`; with `with_load`, the
+def ceiling(train: Path, tokenizer_dir: Path, method: str, with_load: bool):
+    """The rendered texts, already in memory, through the tokenizer; with `with_load`, the
     tokenizer is loaded inside the timed part too, as every real job has to."""
+    from tokenizers import Tokenizer
+
+    from megasft.data.conversation import Message
+    from megasft.data.tokenizer import load_chat_tokenizer
+
     chat = load_chat_tokenizer(tokenizer_dir)
+    rows = [json.loads(line) for line in train.read_text(encoding="utf-8").splitlines()]
     texts = [
         chat.template.render([Message("user", r["question"]), Message("assistant", r["answer"])])
         for r in rows
@@ -72,13 +66,15 @@ def ceiling(rows: list[dict], tokenizer_dir: Path, with_load: bool):
             if with_load
             else chat.tokenizer
         )
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = getattr(tokenizer, method)(texts, add_special_tokens=False)
         return sum(len(e.ids) for e in encodings)
 
     return run
 
 
 def megasft_prepare(train: Path, tokenizer_dir: Path, workers: int, scratch: Path):
+    from megasft.data.prepare import PrepareConfig, prepare
+
     def run() -> int:
         manifest = prepare(
             PrepareConfig(
@@ -135,6 +131,78 @@ def datasets_reference(train: Path, tokenizer_dir: Path, scratch: Path):
     return run
 
 
+PHASES = {
+    # name: (label, cores used (None: all), how to set the run up)
+    "encode": (
+        "1. encode_batch alone (ceiling)",
+        1,
+        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch", with_load=False),
+    ),
+    "load-encode": (
+        "1b. load tokenizer + encode_batch",
+        1,
+        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch", with_load=True),
+    ),
+    "encode-fast": (
+        "1c. encode_batch_fast alone (no offsets)",
+        1,
+        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch_fast", with_load=False),
+    ),
+    "prepare": (
+        "2. megasft prepare --workers 1",
+        1,
+        lambda a: megasft_prepare(a.train, a.tokenizer_dir, 1, a.scratch),
+    ),
+    "prepare-all": (
+        "   megasft prepare --workers {cores}",
+        None,
+        lambda a: megasft_prepare(a.train, a.tokenizer_dir, os.cpu_count() or 1, a.scratch),
+    ),
+    "datasets": (
+        "3. datasets.map + apply_chat_template",
+        1,
+        lambda a: datasets_reference(a.train, a.tokenizer_dir, a.scratch),
+    ),
+}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (prepare's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_phase(args: argparse.Namespace) -> int:
+    """Sets one phase up, times one run of it, and prints the result as JSON."""
+    run = PHASES[args.phase][2](args)
+    cpu_before = cpu_seconds()
+    started = time.perf_counter()
+    tokens = run()
+    seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu_before
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}))
+    return 0
+
+
+def timed_in_fresh_process(phase: str, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--shared",
+        str(args.shared),
+        "--scratch",
+        str(args.scratch),
+    ]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
 def peak_rss_of_prepare(
     train: Path, tokenizer_dir: Path, copies: int, scratch: Path
 ) -> tuple[float, int]:
@@ -173,101 +241,128 @@ def peak_rss_of_prepare(
     return max(after, before) / 1024, rows
 
 
+def throughput(args: argparse.Namespace, cores: int) -> dict[str, float]:
+    """Prints the throughput table; returns tokens/s per core by phase."""
+    phases = [name for name in PHASES if not (name == "datasets" and args.skip_reference)]
+    if cores == 1:
+        phases.remove("prepare-all")
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for phase in phases:
+            result = timed_in_fresh_process(phase, args)
+            if phase not in best or result["seconds"] < best[phase]["seconds"]:
+                best[phase] = result
+
+    print(
+        f"\nGSM8K train, Qwen2.5 tokenizer, {cores} cores, best of {args.repeats} fresh processes\n"
+    )
+    print(
+        f"{'path':46s} {'cores':>5s} {'tokens/s':>10s} {'tokens/s/core':>14s} {'seconds':>8s} "
+        f"{'cpu s':>6s}"
+    )
+    per_core = {}
+    for phase in phases:
+        label, used, _ = PHASES[phase]
+        used = used or cores
+        result = best[phase]
+        rate = result["tokens"] / result["seconds"]
+        per_core[phase] = rate / used
+        print(
+            f"{label.format(cores=cores):46s} {used:5d} {rate:10.0f} {rate / used:14.0f} "
+            f"{result['seconds']:8.2f} {result['cpu_seconds']:6.2f}"
+        )
+    print(
+        f"\nprepare / ceiling, per core: {per_core['prepare'] / per_core['encode']:.2f} against "
+        f"encode alone, {per_core['prepare'] / per_core['load-encode']:.2f} against load + "
+        "encode (goal >= 0.80)"
+    )
+    if "datasets" in per_core:
+        print(
+            f"prepare / datasets.map, per core: {per_core['prepare'] / per_core['datasets']:.2f}"
+            "   (goal >= 2)"
+        )
+    return per_core
+
+
+def packing(train: Path, tokenizer_dir: Path, scratch: Path, cores: int) -> None:
+    from megasft.data import read_examples
+    from megasft.data.packing import (
+        pack_best_fit_decreasing,
+        pack_best_fit_in_chunks,
+        packing_efficiency,
+    )
+    from megasft.data.prepare import PrepareConfig, prepare
+
+    # On the lengths megasft produced (unpacked examples).
+    lengths_run = prepare(
+        PrepareConfig(
+            inputs=(str(train),),
+            tokenizer=str(tokenizer_dir),
+            output=str(scratch / "unpacked"),
+            column_map=MAPPING,
+            pack=False,
+            val_fraction=0.0,
+            workers=cores,
+            progress=False,
+        )
+    )
+    lengths = np.array([len(r["input_ids"]) for r in read_examples(scratch / "unpacked")])
+    assert len(lengths) == lengths_run["examples"]
+    capacity = 4096
+    padded = sum(8 * lengths[i : i + 8].max() for i in range(0, len(lengths), 8))
+    print(
+        f"\npacking at --seq-length {capacity} ({len(lengths)} examples, {lengths.sum()} tokens)\n"
+    )
+    print(f"{'method':46s} {'rows':>6s} {'efficiency':>10s}")
+    bfd = pack_best_fit_decreasing(lengths, capacity)
+    chunks = pack_best_fit_in_chunks(lengths, capacity, 1000)
+    print(
+        f"{'megasft: best-fit-decreasing, whole dataset':46s} {len(bfd):6d} "
+        f"{packing_efficiency(lengths, bfd, capacity):10.2%}"
+    )
+    print(
+        f"{'best-fit-decreasing in 1,000-row chunks':46s} {len(chunks):6d} "
+        f"{packing_efficiency(lengths, chunks, capacity):10.2%}"
+    )
+    print(
+        f"{'no packing: pad to the longest of 8':46s} {len(lengths) // 8:6d} "
+        f"{lengths.sum() / padded:10.2%}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true", help="skip the datasets.map run")
+    parser.add_argument(
+        "--only-throughput", action="store_true", help="skip the packing and memory sections"
+    )
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    shared = Path(args.shared)
-    train = shared / "data" / "gsm8k" / "train.jsonl"
-    tokenizer_dir = shared / "data" / "tokenizers" / "qwen2.5"
-    if not train.is_file() or not tokenizer_dir.is_dir():
-        print(f"needs {train} and {tokenizer_dir}; pass --shared DIR", file=sys.stderr)
+    args.shared = Path(args.shared)
+    args.train = args.shared / "data" / "gsm8k" / "train.jsonl"
+    args.tokenizer_dir = args.shared / "data" / "tokenizers" / "qwen2.5"
+    if not args.train.is_file() or not args.tokenizer_dir.is_dir():
+        print(f"needs {args.train} and {args.tokenizer_dir}; pass --shared DIR", file=sys.stderr)
         return 2
-    rows = [json.loads(line) for line in train.read_text(encoding="utf-8").splitlines()]
+    if args.phase:
+        args.scratch = Path(args.scratch)
+        return run_phase(args)
     cores = os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory(prefix="megasft-bench-") as tmp:
-        scratch = Path(tmp)
-        results = []
-        seconds, tokens = best_of(args.repeats, ceiling(rows, tokenizer_dir, with_load=False))
-        results.append(("1. encode_batch alone (ceiling)", 1, tokens / seconds, seconds))
-        seconds, tokens = best_of(args.repeats, ceiling(rows, tokenizer_dir, with_load=True))
-        results.append(("1b. load tokenizer + encode_batch", 1, tokens / seconds, seconds))
-        seconds, tokens = best_of(args.repeats, megasft_prepare(train, tokenizer_dir, 1, scratch))
-        results.append(("2. megasft prepare --workers 1", 1, tokens / seconds, seconds))
-        if cores > 1:
-            seconds, tokens = best_of(
-                args.repeats, megasft_prepare(train, tokenizer_dir, cores, scratch)
-            )
-            results.append(
-                (f"   megasft prepare --workers {cores}", cores, tokens / seconds, seconds)
-            )
-        if not args.skip_reference:
-            seconds, tokens = best_of(
-                args.repeats, datasets_reference(train, tokenizer_dir, scratch)
-            )
-            results.append(("3. datasets.map + apply_chat_template", 1, tokens / seconds, seconds))
-
-        print(
-            f"\nGSM8K train: {len(rows)} rows, Qwen2.5 tokenizer, {cores} cores, best of {args.repeats}\n"
-        )
-        print(
-            f"{'path':46s} {'cores':>5s} {'tokens/s':>10s} {'tokens/s/core':>14s} {'seconds':>8s}"
-        )
-        per_core = {}
-        for name, used, rate, seconds in results:
-            per_core[name.split(" ")[0]] = rate / used
-            print(f"{name:46s} {used:5d} {rate:10.0f} {rate / used:14.0f} {seconds:8.2f}")
-        print(
-            f"\nprepare / ceiling, per core: {per_core['2.'] / per_core['1.']:.2f} against "
-            f"encode alone, {per_core['2.'] / per_core['1b.']:.2f} against load + encode "
-            "(goal >= 0.80)"
-        )
-        if "3." in per_core:
-            print(
-                f"prepare / datasets.map, per core: {per_core['2.'] / per_core['3.']:.2f}   (goal >= 2)"
-            )
-
-        # Packing, on the lengths megasft produced (unpacked examples).
-        lengths_run = prepare(
-            PrepareConfig(
-                inputs=(str(train),),
-                tokenizer=str(tokenizer_dir),
-                output=str(scratch / "unpacked"),
-                column_map=MAPPING,
-                pack=False,
-                val_fraction=0.0,
-                workers=cores,
-                progress=False,
-            )
-        )
-        lengths = np.array([len(r["input_ids"]) for r in read_examples(scratch / "unpacked")])
-        assert len(lengths) == lengths_run["examples"]
-        capacity = 4096
-        padded = sum(8 * lengths[i : i + 8].max() for i in range(0, len(lengths), 8))
-        print(
-            f"\npacking at --seq-length {capacity} ({len(lengths)} examples, {lengths.sum()} tokens)\n"
-        )
-        print(f"{'method':46s} {'rows':>6s} {'efficiency':>10s}")
-        bfd = pack_best_fit_decreasing(lengths, capacity)
-        chunks = pack_best_fit_in_chunks(lengths, capacity, 1000)
-        print(
-            f"{'megasft: best-fit-decreasing, whole dataset':46s} {len(bfd):6d} {packing_efficiency(lengths, bfd, capacity):10.2%}"
-        )
-        print(
-            f"{'best-fit-decreasing in 1,000-row chunks':46s} {len(chunks):6d} {packing_efficiency(lengths, chunks, capacity):10.2%}"
-        )
-        print(
-            f"{'no packing: pad to the longest of 8':46s} {len(lengths) // 8:6d} {lengths.sum() / padded:10.2%}"
-        )
-
+        args.scratch = Path(tmp)
+        throughput(args, cores)
+        if args.only_throughput:
+            return 0
+        packing(args.train, args.tokenizer_dir, args.scratch, cores)
         print("\npeak memory of one `megasft prepare --workers 1` process\n")
         print(f"{'input':20s} {'rows':>8s} {'peak RSS MiB':>13s}")
         for copies in (1, 4):
-            rss, count = peak_rss_of_prepare(train, tokenizer_dir, copies, scratch)
+            rss, count = peak_rss_of_prepare(args.train, args.tokenizer_dir, copies, args.scratch)
             print(f"{f'GSM8K train x{copies}':20s} {count:8d} {rss:13.0f}")
     return 0
 
