@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megasft.data.masking import ConversationMasker, MaskedExample, MaskPolicy
+from megasft.data.masking import ConversationMasker, MaskedExample, MaskingError, MaskPolicy
 from megasft.data.tokenizer import load_chat_tokenizer
 from megasft.demo.tokenizer import build_tokenizer
 from tests.data.styles import STYLES
@@ -51,3 +51,20 @@ def trained_segments(example, tokenizer) -> list[str]:
     if run:
         segments.append(tokenizer.decode(run, skip_special_tokens=False))
     return segments
+
+
+def assert_batch_matches_single(masker: ConversationMasker, conversations) -> None:
+    """`mask_batch` (token positions from the tokens' bytes where it can) gives, row for row,
+    exactly what `mask` (the tokenizer's offsets) gives: ids, mask, boundary count, or the
+    same rejection."""
+    for conversation, batched in zip(conversations, masker.mask_batch(conversations), strict=True):
+        try:
+            single = masker.mask(conversation)
+        except MaskingError as error:
+            assert isinstance(batched, MaskingError), conversation
+            assert batched.reason == error.reason, conversation
+            continue
+        assert not isinstance(batched, MaskingError), (conversation, batched)
+        assert batched.input_ids.tolist() == single.input_ids.tolist(), conversation
+        assert batched.loss_mask.tolist() == single.loss_mask.tolist(), conversation
+        assert batched.boundary_tokens == single.boundary_tokens, conversation

@@ -8,7 +8,7 @@ from megasft.data.conversation import Message
 from megasft.data.masking import MaskingError, TemplateLayoutError
 from megasft.data.tokenizer import load_chat_tokenizer
 from megasft.demo.tokenizer import build_tokenizer
-from tests.data.conftest import make_masker, trained_segments
+from tests.data.conftest import assert_batch_matches_single, make_masker, trained_segments
 from tests.data.styles import STYLES
 
 TWO_TURNS = [
@@ -226,6 +226,10 @@ def test_token_straddling_the_start_of_an_answer_is_not_trained(tmp_path):
     assert "".join(trained_segments(example, chat.tokenizer)) == (
         "abab"[len(answer_part) :] + "<|im_end|>"
     )
+    # The batch path positions tokens by their bytes; an edge inside a token sends it to offsets.
+    assert_batch_matches_single(
+        make_masker(chat), [[Message("user", "x"), Message("assistant", "abab")]]
+    )
 
 
 def test_token_straddling_the_end_of_an_answer_is_trained(tmp_path):
@@ -253,6 +257,9 @@ def test_token_straddling_the_end_of_an_answer_is_trained(tmp_path):
     # "x\n" starts inside the answer "x" and runs past it: trained, and counted.
     assert trained_segments(example, chat.tokenizer) == ["x\n"]
     assert example.boundary_tokens == 1
+    assert_batch_matches_single(
+        make_masker(chat), [[Message("user", "q"), Message("assistant", "x")]]
+    )
 
 
 def test_unicode_offsets_are_characters_not_bytes(chat_tokenizers):
@@ -372,3 +379,35 @@ def test_turn_without_special_end_strips_trailing_whitespace_on_both_paths(tmp_p
     ]
     assert fast == slow
     assert text[fast[0][0] : fast[0][1]] == "the answer"
+
+
+# --- the batch path: token positions from the tokens' bytes, not from offsets -----------------
+
+TRICKY_CONTENTS = [
+    "plain words",
+    "¿Qué tal? 日本語 🙂",
+    "🙂",
+    "ends on an emoji 🙂",
+    "e\u0301 is not NFC",
+    "  spaces around  ",
+    "\n\nnewlines\n",
+    "tab\tand\r\nCRLF",
+    "<|im_end|> and <|im_start|>user inside",
+    "",
+    "x" * 300,
+]
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("policy", [{}, {"train_on_eos": False, "loss_on": "last-assistant"}])
+def test_batch_path_gives_exactly_what_offsets_give(chat_tokenizers, style, policy):
+    conversations = [
+        [Message("user", question), Message("assistant", answer)]
+        for question in TRICKY_CONTENTS[:5]
+        for answer in TRICKY_CONTENTS
+    ]
+    conversations += [
+        [Message("system", answer), *TWO_TURNS[1:3], Message("user", answer), TWO_TURNS[4]]
+        for answer in TRICKY_CONTENTS
+    ]
+    assert_batch_matches_single(make_masker(chat_tokenizers[style], **policy), conversations)

@@ -10,7 +10,8 @@ from megasft.data.conversation import Message
 from megasft.data.prepare import PrepareConfig, prepare
 from megasft.data.tokenizer import load_chat_tokenizer
 from tests.conftest import shared_path
-from tests.data.conftest import make_masker, trained_segments
+from tests.data.conftest import assert_batch_matches_single, make_masker, trained_segments
+from tests.data.test_masking import TRICKY_CONTENTS
 
 CONVERSATIONS = [
     [Message("user", "What is 2 + 2?"), Message("assistant", "It is 4.")],
@@ -62,6 +63,18 @@ def test_exact_trained_tokens(qwen):
     ]
     no_eos = make_masker(qwen, train_on_eos=False, loss_on="last-assistant")
     assert trained_segments(no_eos.mask(CONVERSATIONS[1]), qwen.tokenizer) == [" Six.\n"]
+
+
+def test_batch_path_gives_exactly_what_offsets_give(qwen):
+    # Qwen normalizes to NFC: the non-NFC content is not spelled out by its tokens and goes
+    # through offsets; everything else is positioned from the tokens' bytes.
+    conversations = CONVERSATIONS + [
+        [Message("user", question), Message("assistant", answer)]
+        for question in TRICKY_CONTENTS[:5]
+        for answer in TRICKY_CONTENTS
+    ]
+    for policy in ({}, {"train_on_eos": False, "loss_on": "last-assistant"}):
+        assert_batch_matches_single(make_masker(qwen, **policy), conversations)
 
 
 def test_gsm8k_train_packs_at_least_99_percent_at_4096(tmp_path, qwen):

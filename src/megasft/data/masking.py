@@ -30,11 +30,13 @@ prefix renders above.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
 from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
+from megasft.data.token_bytes import TokenBytes
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
 
@@ -62,6 +64,11 @@ class MaskingError(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self):
+        # Exceptions pickle through `args`, which holds only the message; worker processes send
+        # these back inside a MaskedBatch.
+        return (MaskingError, (self.reason, self.message))
+
 
 class TemplateLayoutError(ConfigError):
     """The template cannot be masked at all (a problem with the template, not with a row)."""
@@ -77,6 +84,33 @@ class MaskedExample:
     """Tokens that straddle the edge of a trained span (see the module docstring)."""
     dropped_turns: int = 0
     """Messages removed from the start by `truncate-oldest`."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedBatch:
+    """The masked examples of many conversations, laid end to end (what `prepare` writes)."""
+
+    input_ids: np.ndarray
+    """[tokens] int32; example k is input_ids[offsets[k]:offsets[k + 1]]."""
+    loss_mask: np.ndarray
+    """[tokens] int8, aligned with input_ids."""
+    offsets: np.ndarray
+    """[examples + 1] int64."""
+    boundary_tokens: np.ndarray
+    """[examples] int64, as in MaskedExample."""
+    dropped_turns: np.ndarray
+    """[examples] int64, as in MaskedExample."""
+    outcomes: list[int | MaskingError]
+    """One per conversation, in order: the index of its example, or why it was rejected."""
+
+    def example(self, index: int) -> MaskedExample:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return MaskedExample(
+            self.input_ids[start:end],
+            self.loss_mask[start:end],
+            int(self.boundary_tokens[index]),
+            int(self.dropped_turns[index]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +154,10 @@ class ConversationMasker:
         self._prefix_ids = list(chat_tokenizer.prefix_ids)
         self._prefix_text = self.tokenizer.decode(self._prefix_ids, skip_special_tokens=False)
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
+        # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
+        # tokenizer allows it; else `encode_batch` with offsets.
+        self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
+        self._encode_without_offsets = getattr(self.tokenizer, "encode_batch_fast", None)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -180,31 +218,68 @@ class ConversationMasker:
         max_length: int | None = None,
         overlong: str = "drop",
     ) -> list[MaskedExample | MaskingError]:
-        """`mask` for many conversations, tokenized in one `encode_batch` call (the fast path)."""
-        results: list[MaskedExample | MaskingError | None] = [None] * len(conversations)
-        texts, spans, positions = [], [], []
+        """`mask` for many conversations, one result each (see `mask_many`)."""
+        batch = self.mask_many(conversations, max_length, overlong)
+        return [
+            outcome if isinstance(outcome, MaskingError) else batch.example(outcome)
+            for outcome in batch.outcomes
+        ]
+
+    def mask_many(
+        self,
+        conversations: list[list[Message]],
+        max_length: int | None = None,
+        overlong: str = "drop",
+    ) -> MaskedBatch:
+        """`mask` for many conversations, the examples laid end to end in flat arrays.
+
+        The fast path: one `encode_batch` call for all of them, and the masks worked out with
+        numpy over the whole batch (`_mask_rendered`).
+        """
+        outcomes: list[int | MaskingError] = []
+        rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
         for position, messages in enumerate(conversations):
             try:
-                text, text_spans = self._render_and_locate(list(messages))
+                text, spans = self._render_and_locate(list(messages))
             except MaskingError as error:
-                results[position] = error
+                outcomes.append(error)
                 continue
-            texts.append(text)
-            spans.append(text_spans)
-            positions.append(position)
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        for position, text, text_spans, encoding in zip(
-            positions, texts, spans, encodings, strict=True
-        ):
-            try:
-                example = self._masked(text, text_spans, encoding)
-                if max_length is not None and len(example.input_ids) > max_length:
-                    # Rare: redo this one row by row, which knows how to truncate or reject.
+            outcomes.append(-1)
+            rendered.append((position, text, spans))
+        masked = self._mask_rendered(
+            [text for _, text, _ in rendered], [spans for _, _, spans in rendered]
+        )
+        ids, masks, lengths, boundary, dropped = [], [], [], [], []
+        for (position, _, _), example in zip(rendered, masked, strict=True):
+            if (
+                not isinstance(example, MaskingError)
+                and max_length is not None
+                and len(example.input_ids) > max_length
+            ):
+                # Rare: redo this one row by row, which knows how to truncate or reject.
+                try:
                     example = self.mask(conversations[position], max_length, overlong)
-                results[position] = example
-            except MaskingError as error:
-                results[position] = error
-        return results
+                except MaskingError as error:
+                    example = error
+            if isinstance(example, MaskingError):
+                outcomes[position] = example
+                continue
+            outcomes[position] = len(lengths)
+            ids.append(example.input_ids)
+            masks.append(example.loss_mask)
+            lengths.append(len(example.input_ids))
+            boundary.append(example.boundary_tokens)
+            dropped.append(example.dropped_turns)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return MaskedBatch(
+            np.concatenate(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
+            np.concatenate(masks, dtype=np.int8) if masks else np.zeros(0, np.int8),
+            offsets,
+            np.asarray(boundary, dtype=np.int64),
+            np.asarray(dropped, dtype=np.int64),
+            outcomes,
+        )
 
     def _mask_once(self, messages: list[Message]) -> MaskedExample:
         text, spans = self._render_and_locate(messages)
@@ -245,13 +320,110 @@ class ConversationMasker:
             trained += last + 1 - first
             boundary += straddles_start + straddles_end
         if not trained:
-            raise MaskingError(
-                "no_trained_tokens", "the trained turns produced no tokens after tokenization"
-            )
+            raise _no_trained_tokens()
         if self._prefix_ids and not text.startswith(self._prefix_text):
             ids = self._prefix_ids + ids
             mask = np.concatenate([np.zeros(len(self._prefix_ids), dtype=np.int8), mask])
         return MaskedExample(np.asarray(ids, dtype=np.int32), mask, boundary)
+
+    def _mask_rendered(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> list[MaskedExample | MaskingError]:
+        """Tokenizes rendered texts in one batch and masks their trained character spans.
+
+        Exactly what `_masked` gives for each text, without per-token offsets where the ids
+        spell the text out (`TokenBytes.spells`) and every span edge falls between two tokens:
+        the token starting at a span's start is its first trained token, the one ending at its
+        end its last, and no token straddles an edge. Any other text goes through `_masked`.
+        """
+        if self._token_bytes is None or self._encode_without_offsets is None:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            return [
+                self._masked_or_error(text, text_spans, encoding)
+                for text, text_spans, encoding in zip(texts, spans, encodings, strict=True)
+            ]
+        id_lists = [e.ids for e in self._encode_without_offsets(texts, add_special_tokens=False)]
+        counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
+        encoded = [text.encode("utf-8") for text in texts]
+        spells = self._token_bytes.spells
+        spelled = np.fromiter(
+            map(spells, id_lists, encoded), dtype=bool, count=len(texts)
+        )  # [texts]
+        lengths = self._token_bytes.lengths_of(ids)  # [tokens] bytes
+        ends = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ends[1:])
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        starts = ends[:-1] - np.repeat(ends[bounds[:-1]], counts)  # [tokens], in its own text
+
+        # Every span, in bytes from the start of the whole batch of texts.
+        text_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(text) for text in encoded], out=text_offsets[1:])
+        span_rows, span_starts, span_ends = [], [], []
+        for row, (text, text_spans) in enumerate(zip(texts, spans, strict=True)):
+            is_ascii = len(encoded[row]) == len(text)
+            for start, end in text_spans:
+                if end <= start:
+                    continue  # no characters, no tokens: `_masked` skips it too
+                if not is_ascii:
+                    start, end = len(text[:start].encode()), len(text[:end].encode())
+                span_rows.append(row)
+                span_starts.append(start)
+                span_ends.append(end)
+        span_rows = np.asarray(span_rows, dtype=np.int64)
+        span_starts = np.asarray(span_starts, dtype=np.int64) + text_offsets[span_rows]
+        span_ends = np.asarray(span_ends, dtype=np.int64) + text_offsets[span_rows]
+
+        # Token starts and ends of the spelled texts, in the same coordinates: increasing,
+        # since each text's tokens tile its own stretch of bytes.
+        kept = np.repeat(spelled, counts)
+        token_index = np.flatnonzero(kept)
+        token_starts = (starts + np.repeat(text_offsets[:-1], counts))[kept]
+        token_ends = token_starts + lengths[kept]
+        first = np.searchsorted(token_starts, span_starts)
+        last = np.searchsorted(token_ends, span_ends)
+        on_edges = spelled[span_rows] & (first < len(token_starts)) & (last < len(token_ends))
+        on_edges[on_edges] &= (token_starts[first[on_edges]] == span_starts[on_edges]) & (
+            token_ends[last[on_edges]] == span_ends[on_edges]
+        )
+        fast = spelled.copy()
+        fast[span_rows[~on_edges]] = False  # a span edge inside a token: `_masked` decides
+
+        first = token_index[first[on_edges]]
+        last = token_index[last[on_edges]]
+        change = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(change, first, 1)
+        np.add.at(change, last + 1, -1)
+        mask = (np.cumsum(change[:-1]) > 0).astype(np.int8)  # [tokens]
+        trained = np.bincount(
+            span_rows[on_edges], weights=last + 1 - first, minlength=len(texts)
+        ).astype(np.int64)
+
+        results: list[MaskedExample | MaskingError] = []
+        for row, text in enumerate(texts):
+            if not fast[row]:
+                encoding = self.tokenizer.encode(text, add_special_tokens=False)
+                results.append(self._masked_or_error(text, spans[row], encoding))
+                continue
+            if not trained[row]:
+                results.append(_no_trained_tokens())
+                continue
+            row_ids = ids[bounds[row] : bounds[row + 1]]
+            row_mask = mask[bounds[row] : bounds[row + 1]]
+            if self._prefix_ids and not text.startswith(self._prefix_text):
+                row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
+                row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
+            results.append(MaskedExample(row_ids, row_mask, 0))
+        return results
+
+    def _masked_or_error(
+        self, text: str, spans: list[tuple[int, int]], encoding
+    ) -> MaskedExample | MaskingError:
+        try:
+            return self._masked(text, spans, encoding)
+        except MaskingError as error:
+            return error
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         try:
@@ -463,3 +635,9 @@ def _drop_oldest_turn(messages: list[Message]) -> list[Message] | None:
     if not any(m.role == "assistant" for m in shorter):
         return None
     return shorter
+
+
+def _no_trained_tokens() -> MaskingError:
+    return MaskingError(
+        "no_trained_tokens", "the trained turns produced no tokens after tokenization"
+    )

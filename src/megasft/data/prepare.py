@@ -38,6 +38,7 @@ from megasft.data.formats import mixed_formats_error as _mixed_formats_error
 from megasft.data.masking import (
     OVERLONG_CHOICES,
     ConversationMasker,
+    MaskedBatch,
     MaskedExample,
     MaskingError,
     MaskPolicy,
@@ -51,7 +52,7 @@ from megasft.data.store import (
     REJECTS_FILE,
     SPLITS,
     SplitWriter,
-    example_batch,
+    flat_example_batch,
     list_array,
     numpy_array,
     open_table,
@@ -129,7 +130,17 @@ class _Accepted:
     row: int
     format: str
     split: str
-    example: MaskedExample
+    index: int
+    """Which example of its chunk's MaskedBatch it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """What a worker makes of a chunk of rows: an outcome per row, in order, and the examples
+    of the accepted ones laid end to end."""
+
+    outcomes: list[_Accepted | RowError]
+    examples: MaskedBatch
 
 
 class _RowProcessor:
@@ -147,7 +158,7 @@ class _RowProcessor:
             chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos)
         )
 
-    def process(self, chunk: list[RawRow]) -> list[_Accepted | RowError]:
+    def process(self, chunk: list[RawRow]) -> _Chunk:
         outcomes: list[_Accepted | RowError | None] = [None] * len(chunk)
         converted: list[tuple[int, str, list[Message]]] = []
         for position, raw in enumerate(chunk):
@@ -164,10 +175,10 @@ class _RowProcessor:
                 converted.append((position, fmt, messages))
             except RowError as error:
                 outcomes[position] = error
-        masked = self.masker.mask_batch(
+        examples = self.masker.mask_many(
             [messages for _, _, messages in converted], self.seq_length, self.overlong
         )
-        for (position, fmt, messages), result in zip(converted, masked, strict=True):
+        for (position, fmt, messages), result in zip(converted, examples.outcomes, strict=True):
             raw = chunk[position]
             if isinstance(result, MaskingError):
                 outcomes[position] = RowError(
@@ -177,7 +188,7 @@ class _RowProcessor:
                 outcomes[position] = _Accepted(
                     raw.source, raw.row, fmt, self._split_of(messages), result
                 )
-        return outcomes
+        return _Chunk(outcomes, examples)
 
     def _split_of(self, messages: list[Message]) -> str:
         """train or val from a hash of the content, so adding data never moves an example."""
@@ -203,7 +214,7 @@ def _init_worker(config: PrepareConfig, chat_tokenizer: ChatTokenizer) -> None:
     _worker = _RowProcessor(config, chat_tokenizer)
 
 
-def _process_chunk(chunk: list[RawRow]) -> list[_Accepted | RowError]:
+def _process_chunk(chunk: list[RawRow]) -> _Chunk:
     assert _worker is not None
     return _worker.process(chunk)
 
@@ -227,15 +238,16 @@ def _raw_row_chunks(inputs: Iterable[str]) -> Iterator[list[RawRow] | RowError]:
         yield chunk
 
 
-def _outcomes(
+def _processed_chunks(
     config: PrepareConfig, chat_tokenizer: ChatTokenizer
-) -> Iterator[_Accepted | RowError]:
-    """All rows' outcomes in input order, computed by `config.workers` processes."""
+) -> Iterator[_Chunk | RowError]:
+    """All chunks, processed, and file-level errors, in input order, computed by
+    `config.workers` processes."""
     chunks = _raw_row_chunks(config.inputs)
     if config.workers == 1:
         processor = _RowProcessor(config, chat_tokenizer)
         for chunk in chunks:
-            yield from [chunk] if isinstance(chunk, RowError) else processor.process(chunk)
+            yield chunk if isinstance(chunk, RowError) else processor.process(chunk)
         return
 
     import multiprocessing
@@ -253,43 +265,63 @@ def _outcomes(
             else:
                 in_flight.append(pool.apply_async(_process_chunk, (chunk,)))
             while len(in_flight) > 4 * config.workers:
-                yield from _resolve(in_flight.popleft())
+                yield _resolve(in_flight.popleft())
         while in_flight:
-            yield from _resolve(in_flight.popleft())
+            yield _resolve(in_flight.popleft())
 
 
-def _resolve(item) -> list:
-    return [item] if isinstance(item, RowError) else item.get()
+def _resolve(item) -> _Chunk | RowError:
+    return item if isinstance(item, RowError) else item.get()
 
 
 # --- phase 2: collect ------------------------------------------------------------------------
 
 
 class _SplitSpool:
-    """Unpacked examples of one split, appended to an Arrow file, lengths kept in memory."""
+    """Unpacked examples of one split, appended to an Arrow file, lengths kept in memory.
+
+    Written in record batches of exactly WRITE_BATCH_ROWS examples (the last one shorter),
+    whatever the chunks they come in.
+    """
 
     def __init__(self, path: Path):
         self.writer = SplitWriter(path)
-        self.ids: list[np.ndarray] = []
-        self.masks: list[np.ndarray] = []
-        self.lengths: list[int] = []
+        self.lengths: list[np.ndarray] = []
+        self.examples = 0
         self.loss_tokens = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_examples = 0
 
-    def add(self, example: MaskedExample) -> None:
-        self.ids.append(example.input_ids)
-        self.masks.append(example.loss_mask)
-        self.lengths.append(len(example.input_ids))
-        self.loss_tokens += int(example.loss_mask.sum())
-        if len(self.ids) >= WRITE_BATCH_ROWS:
-            self.flush()
+    def add(self, batch: MaskedBatch, indices: list[int]) -> None:
+        """Appends the examples `indices` (increasing) of `batch`."""
+        if not indices:
+            return
+        lengths = np.diff(batch.offsets)
+        if len(indices) == len(lengths):
+            ids, masks = batch.input_ids, batch.loss_mask
+        else:
+            keep = np.zeros(len(lengths), dtype=bool)
+            keep[indices] = True
+            tokens = np.repeat(keep, lengths)
+            ids, masks, lengths = batch.input_ids[tokens], batch.loss_mask[tokens], lengths[keep]
+        self.lengths.append(lengths)
+        self.examples += len(lengths)
+        self.loss_tokens += int(np.count_nonzero(masks))
+        self._pending.append((ids, masks, lengths))
+        self._pending_examples += len(lengths)
+        while self._pending_examples >= WRITE_BATCH_ROWS:
+            self._write(WRITE_BATCH_ROWS)
 
-    def flush(self) -> None:
-        if self.ids:
-            self.writer.write(example_batch(self.ids, self.masks))
-            self.ids, self.masks = [], []
+    def _write(self, examples: int) -> None:
+        ids, masks, lengths = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
+        tokens = int(lengths[:examples].sum())
+        self.writer.write(flat_example_batch(ids[:tokens], masks[:tokens], lengths[:examples]))
+        self._pending = [(ids[tokens:], masks[tokens:], lengths[examples:])]
+        self._pending_examples = len(lengths) - examples
 
     def close(self) -> None:
-        self.flush()
+        if self._pending_examples:
+            self._write(self._pending_examples)
         self.writer.close()
 
 
@@ -375,39 +407,52 @@ def _prepare_into(
         unit=" rows", desc="prepare", file=sys.stderr, disable=not config.progress, mininterval=1.0
     )
     with open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejects:
-        for outcome in _outcomes(config, chat_tokenizer):
-            if isinstance(outcome, _Accepted):
-                locked = file_formats.setdefault(outcome.source, outcome.format)
-                if locked != outcome.format:
-                    outcome = _mixed_formats_error(
-                        outcome.source, outcome.row, locked, outcome.format
-                    )
-            source_stats = tally.per_source.setdefault(
-                outcome.source, {"rows": 0, "examples": 0, "rejected": 0}
-            )
-            if outcome.row > 0:
-                tally.rows_read += 1
-                source_stats["rows"] += 1
-                progress.update(1)
-            if isinstance(outcome, RowError):
-                if config.on_error == "fail":
-                    raise MegasftError(f"{outcome} (--on-error fail stops at the first bad row)")
-                rejects.write(json.dumps(outcome.as_record(), ensure_ascii=False) + "\n")
-                tally.rejected[outcome.reason] += 1
-                source_stats["rejected"] += 1
+        for chunk in _processed_chunks(config, chat_tokenizer):
+            # A RowError from the reader (a bad row or a whole-file problem) comes alone.
+            outcomes = [chunk] if isinstance(chunk, RowError) else chunk.outcomes
+            # Which examples of the chunk go to each split, in input order.
+            chosen: dict[str, list[int]] = {split: [] for split in SPLITS}
+            rows = 0
+            for outcome in outcomes:
+                if isinstance(outcome, _Accepted):
+                    locked = file_formats.setdefault(outcome.source, outcome.format)
+                    if locked != outcome.format:
+                        outcome = _mixed_formats_error(
+                            outcome.source, outcome.row, locked, outcome.format
+                        )
+                source_stats = tally.per_source.setdefault(
+                    outcome.source, {"rows": 0, "examples": 0, "rejected": 0}
+                )
+                if outcome.row > 0:
+                    rows += 1
+                    source_stats["rows"] += 1
+                if isinstance(outcome, RowError):
+                    if config.on_error == "fail":
+                        raise MegasftError(
+                            f"{outcome} (--on-error fail stops at the first bad row)"
+                        )
+                    rejects.write(json.dumps(outcome.as_record(), ensure_ascii=False) + "\n")
+                    tally.rejected[outcome.reason] += 1
+                    source_stats["rejected"] += 1
+                    continue
+                chosen[outcome.split].append(outcome.index)
+                source_stats["examples"] += 1
+            tally.rows_read += rows
+            progress.update(rows)
+            if isinstance(chunk, RowError):
                 continue
-            example = outcome.example
-            spools[outcome.split].add(example)
-            source_stats["examples"] += 1
-            tally.boundary_tokens += example.boundary_tokens
-            tally.truncated_examples += example.dropped_turns > 0
-            if outcome.split == "train" and len(preview) < PREVIEW_EXAMPLES:
-                preview.append(example)
+            examples = chunk.examples
+            for split, indices in chosen.items():
+                spools[split].add(examples, indices)
+                tally.boundary_tokens += int(examples.boundary_tokens[indices].sum())
+                tally.truncated_examples += int(np.count_nonzero(examples.dropped_turns[indices]))
+            for index in chosen["train"][: PREVIEW_EXAMPLES - len(preview)]:
+                preview.append(examples.example(index))
     progress.close()
     for spool in spools.values():
         spool.close()
 
-    accepted = sum(len(spool.lengths) for spool in spools.values())
+    accepted = sum(spool.examples for spool in spools.values())
     if accepted == 0:
         reasons = ", ".join(f"{r}: {n}" for r, n in tally.rejected.most_common()) or "no rows"
         raise InputError(
@@ -417,7 +462,7 @@ def _prepare_into(
 
     split_stats = {}
     for split, spool in spools.items():
-        lengths = np.asarray(spool.lengths, dtype=np.int64)
+        lengths = np.concatenate([np.zeros(0, np.int64), *spool.lengths])
         final = split_file(staging, split)
         if config.pack:
             rows = _write_packed(spool.writer.path, lengths, config, final)
