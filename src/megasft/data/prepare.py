@@ -4,12 +4,14 @@
 
 Four phases:
 1. Stream the input rows in chunks to worker processes, which parse, convert, render,
-   tokenize and mask them (`_process_chunk`). At most a few chunks are in flight, so memory
-   does not grow with the input.
-2. In the main process, in input order: enforce one format per file, reject bad rows, assign
-   each example to train or val by a hash of its content, and spool it to a temporary Arrow
-   file per split, keeping only its length in memory.
-3. Pack each split with best-fit-decreasing over all its examples and write the final files.
+   tokenize and mask them and assign each example to train or val by a hash of its content
+   (`_process_chunk`); a chunk's examples come back end to end in flat arrays. At most a few
+   chunks are in flight, so memory does not grow with the input.
+2. In the main process, in input order: enforce one format per file, reject bad rows, and
+   spool the examples to two temporary flat files per split (token ids, loss mask), keeping
+   only their lengths in memory.
+3. Pack each split with best-fit-decreasing over all its examples, reading the spool
+   memory-mapped, and write the final Arrow files.
 4. Write the manifest, the rejects and the preview, then move the directory into place.
 """
 
@@ -54,8 +56,6 @@ from megasft.data.store import (
     SplitWriter,
     flat_example_batch,
     list_array,
-    numpy_array,
-    open_table,
     split_file,
 )
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
@@ -278,19 +278,18 @@ def _resolve(item) -> _Chunk | RowError:
 
 
 class _SplitSpool:
-    """Unpacked examples of one split, appended to an Arrow file, lengths kept in memory.
+    """Unpacked examples of one split, end to end in two flat files (token ids, loss mask),
+    their lengths in memory. Packing reads them back memory-mapped."""
 
-    Written in record batches of exactly WRITE_BATCH_ROWS examples (the last one shorter),
-    whatever the chunks they come in.
-    """
-
-    def __init__(self, path: Path):
-        self.writer = SplitWriter(path)
-        self.lengths: list[np.ndarray] = []
+    def __init__(self, directory: Path, split: str):
+        self.ids_path = directory / f".spool-{split}.ids"
+        self.mask_path = directory / f".spool-{split}.mask"
+        # Open for the whole collect phase; `close` closes them.
+        self._ids = open(self.ids_path, "wb")  # noqa: SIM115
+        self._masks = open(self.mask_path, "wb")  # noqa: SIM115
+        self._lengths: list[np.ndarray] = []
         self.examples = 0
         self.loss_tokens = 0
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending_examples = 0
 
     def add(self, batch: MaskedBatch, indices: list[int]) -> None:
         """Appends the examples `indices` (increasing) of `batch`."""
@@ -304,25 +303,32 @@ class _SplitSpool:
             keep[indices] = True
             tokens = np.repeat(keep, lengths)
             ids, masks, lengths = batch.input_ids[tokens], batch.loss_mask[tokens], lengths[keep]
-        self.lengths.append(lengths)
+        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).data)
+        self._masks.write(np.ascontiguousarray(masks, dtype=np.int8).data)
+        self._lengths.append(lengths)
         self.examples += len(lengths)
         self.loss_tokens += int(np.count_nonzero(masks))
-        self._pending.append((ids, masks, lengths))
-        self._pending_examples += len(lengths)
-        while self._pending_examples >= WRITE_BATCH_ROWS:
-            self._write(WRITE_BATCH_ROWS)
-
-    def _write(self, examples: int) -> None:
-        ids, masks, lengths = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
-        tokens = int(lengths[:examples].sum())
-        self.writer.write(flat_example_batch(ids[:tokens], masks[:tokens], lengths[:examples]))
-        self._pending = [(ids[tokens:], masks[tokens:], lengths[examples:])]
-        self._pending_examples = len(lengths) - examples
 
     def close(self) -> None:
-        if self._pending_examples:
-            self._write(self._pending_examples)
-        self.writer.close()
+        self._ids.close()
+        self._masks.close()
+
+    def lengths(self) -> np.ndarray:
+        """[examples] int64, in the order they were added."""
+        return np.concatenate([np.zeros(0, np.int64), *self._lengths])
+
+    def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids [tokens], loss_mask [tokens], lengths [examples]) of what was added."""
+        lengths = self.lengths()
+        if not lengths.sum():  # numpy cannot map an empty file
+            return np.zeros(0, np.int32), np.zeros(0, np.int8), lengths
+        ids = np.memmap(self.ids_path, dtype=np.int32, mode="r")
+        masks = np.memmap(self.mask_path, dtype=np.int8, mode="r")
+        return ids, masks, lengths
+
+    def remove(self) -> None:
+        self.ids_path.unlink()
+        self.mask_path.unlink()
 
 
 @dataclass
@@ -337,28 +343,42 @@ class _Tally:
 # --- phase 3: pack ---------------------------------------------------------------------------
 
 
-def _write_packed(spool_path: Path, lengths: np.ndarray, config: PrepareConfig, out: Path) -> int:
+def _write_unpacked(spool: _SplitSpool, out: Path) -> int:
+    """Writes the spooled examples to `out` as they are, one per row; returns the rows."""
+    ids, masks, lengths = spool.read()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    writer = SplitWriter(out)
+    for start in range(0, len(lengths), WRITE_BATCH_ROWS):
+        end = min(start + WRITE_BATCH_ROWS, len(lengths))
+        tokens = slice(offsets[start], offsets[end])
+        writer.write(flat_example_batch(ids[tokens], masks[tokens], lengths[start:end]))
+    writer.close()
+    return len(lengths)
+
+
+def _write_packed(spool: _SplitSpool, config: PrepareConfig, out: Path) -> int:
     """Packs the spooled examples into `out`; returns the number of packed rows."""
-    table = open_table(spool_path)
+    ids, masks, lengths = spool.read()
+    example_starts = np.cumsum(lengths) - lengths
     rows = pack_best_fit_decreasing(lengths, config.seq_length, seed=config.seed)
     writer = SplitWriter(out)
-    ids_column = table.column("input_ids")
-    mask_column = table.column("loss_mask")
     for start in range(0, len(rows), WRITE_BATCH_ROWS):
         group = rows[start : start + WRITE_BATCH_ROWS]
         order = np.fromiter((index for row in group for index in row), dtype=np.int64)
-        # Taking the members of each row in order makes the flattened values exactly the
-        # concatenation of each packed row; only the row offsets remain to be set.
-        ids = ids_column.take(numpy_array(order, pa.int64())).combine_chunks().flatten()
-        masks = mask_column.take(numpy_array(order, pa.int64())).combine_chunks().flatten()
-        members = np.fromiter((len(row) for row in group), dtype=np.int64, count=len(group))
+        # The members of each row in order, their tokens end to end: exactly the
+        # concatenation of the packed rows; only the row offsets remain to be set.
         member_lengths = lengths[order]
+        member_ends = np.cumsum(member_lengths)
+        positions = np.repeat(
+            example_starts[order] - (member_ends - member_lengths), member_lengths
+        ) + np.arange(member_ends[-1], dtype=np.int64)  # token k of the group: spool position
+        members = np.fromiter((len(row) for row in group), dtype=np.int64, count=len(group))
         totals = np.add.reduceat(member_lengths, np.cumsum(members) - members)
-        offsets = numpy_array(np.concatenate([[0], np.cumsum(totals)]), pa.int32())
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.ListArray.from_arrays(offsets, ids),
-                pa.ListArray.from_arrays(offsets, masks),
+                list_array(totals, ids[positions], pa.int32()),
+                list_array(totals, masks[positions], pa.int8()),
                 list_array(members, member_lengths, pa.int32()),
             ],
             schema=EXAMPLE_SCHEMA,
@@ -399,7 +419,7 @@ def prepare(config: PrepareConfig) -> dict:
 def _prepare_into(
     config: PrepareConfig, chat_tokenizer: ChatTokenizer, staging: Path, started: float
 ) -> dict:
-    spools = {split: _SplitSpool(staging / f".spool-{split}.arrow") for split in SPLITS}
+    spools = {split: _SplitSpool(staging, split) for split in SPLITS}
     tally = _Tally()
     file_formats: dict[str, str] = {}
     preview: list[MaskedExample] = []
@@ -462,14 +482,10 @@ def _prepare_into(
 
     split_stats = {}
     for split, spool in spools.items():
-        lengths = np.concatenate([np.zeros(0, np.int64), *spool.lengths])
         final = split_file(staging, split)
-        if config.pack:
-            rows = _write_packed(spool.writer.path, lengths, config, final)
-            spool.writer.path.unlink()
-        else:
-            spool.writer.path.rename(final)
-            rows = len(lengths)
+        rows = _write_packed(spool, config, final) if config.pack else _write_unpacked(spool, final)
+        lengths = spool.lengths()
+        spool.remove()
         tokens = int(lengths.sum())
         split_stats[split] = {
             "examples": len(lengths),
