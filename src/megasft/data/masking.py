@@ -332,7 +332,7 @@ class ConversationMasker:
         """Tokenizes rendered texts in one batch and masks their trained character spans.
 
         Exactly what `_masked` gives for each text, without per-token offsets where the ids
-        spell the text out (`TokenBytes.spells`) and every span edge falls between two tokens:
+        spell the text out (`TokenBytes.locate`) and every span edge falls between two tokens:
         the token starting at a span's start is its first trained token, the one ending at its
         end its last, and no token straddles an edge. Any other text goes through `_masked`.
         """
@@ -346,11 +346,7 @@ class ConversationMasker:
         counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
         encoded = [text.encode("utf-8") for text in texts]
-        spells = self._token_bytes.spells
-        spelled = np.fromiter(
-            map(spells, id_lists, encoded), dtype=bool, count=len(texts)
-        )  # [texts]
-        lengths = self._token_bytes.lengths_of(ids)  # [tokens] bytes
+        lengths, spelled = self._token_bytes.locate(ids, counts, encoded)  # [tokens], [texts]
         ends = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=ends[1:])
         bounds = np.zeros(len(texts) + 1, dtype=np.int64)
