@@ -53,13 +53,16 @@ def trained_segments(example, tokenizer) -> list[str]:
     return segments
 
 
-def assert_batch_matches_single(masker: ConversationMasker, conversations) -> None:
+def assert_batch_matches_single(
+    masker: ConversationMasker, conversations, max_length=None, overlong="drop"
+) -> None:
     """`mask_batch` (token positions from the tokens' bytes where it can) gives, row for row,
-    exactly what `mask` (the tokenizer's offsets) gives: ids, mask, boundary count, or the
-    same rejection."""
-    for conversation, batched in zip(conversations, masker.mask_batch(conversations), strict=True):
+    exactly what `mask` (the tokenizer's offsets) gives: ids, mask, boundary count, dropped
+    turns, or the same rejection."""
+    batch = masker.mask_batch(conversations, max_length, overlong)
+    for conversation, batched in zip(conversations, batch, strict=True):
         try:
-            single = masker.mask(conversation)
+            single = masker.mask(conversation, max_length, overlong)
         except MaskingError as error:
             assert isinstance(batched, MaskingError), conversation
             assert batched.reason == error.reason, conversation
@@ -68,3 +71,4 @@ def assert_batch_matches_single(masker: ConversationMasker, conversations) -> No
         assert batched.input_ids.tolist() == single.input_ids.tolist(), conversation
         assert batched.loss_mask.tolist() == single.loss_mask.tolist(), conversation
         assert batched.boundary_tokens == single.boundary_tokens, conversation
+        assert batched.dropped_turns == single.dropped_turns, conversation

@@ -411,3 +411,14 @@ def test_batch_path_gives_exactly_what_offsets_give(chat_tokenizers, style, poli
         for answer in TRICKY_CONTENTS
     ]
     assert_batch_matches_single(make_masker(chat_tokenizers[style], **policy), conversations)
+
+
+@pytest.mark.parametrize("overlong", ["drop", "truncate-oldest"])
+def test_batch_path_truncates_and_rejects_as_single(chat_tokenizers, overlong):
+    masker = make_masker(chat_tokenizers["chatml"])
+    conversations = [_long_conversation(turns) for turns in (1, 2, 3, 4)]
+    conversations.append([Message("user", "hi"), Message("assistant", "x", train=False)])
+    max_length = len(masker.mask(_long_conversation(2)).input_ids)
+    assert_batch_matches_single(masker, conversations, max_length, overlong)
+    # A batch in which nothing survives.
+    assert_batch_matches_single(masker, conversations[2:], 5, overlong)

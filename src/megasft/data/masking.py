@@ -237,47 +237,42 @@ class ConversationMasker:
         numpy over the whole batch (`_mask_rendered`).
         """
         outcomes: list[int | MaskingError] = []
-        rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
+        positions, texts, spans = [], [], []
         for position, messages in enumerate(conversations):
             try:
-                text, spans = self._render_and_locate(list(messages))
+                text, text_spans = self._render_and_locate(list(messages))
             except MaskingError as error:
                 outcomes.append(error)
                 continue
             outcomes.append(-1)
-            rendered.append((position, text, spans))
-        masked = self._mask_rendered(
-            [text for _, text, _ in rendered], [spans for _, _, spans in rendered]
-        )
-        ids, masks, lengths, boundary, dropped = [], [], [], [], []
-        for (position, _, _), example in zip(rendered, masked, strict=True):
-            if (
-                not isinstance(example, MaskingError)
-                and max_length is not None
-                and len(example.input_ids) > max_length
-            ):
-                # Rare: redo this one row by row, which knows how to truncate or reject.
-                try:
-                    example = self.mask(conversations[position], max_length, overlong)
-                except MaskingError as error:
-                    example = error
-            if isinstance(example, MaskingError):
-                outcomes[position] = example
-                continue
-            outcomes[position] = len(lengths)
-            ids.append(example.input_ids)
-            masks.append(example.loss_mask)
-            lengths.append(len(example.input_ids))
-            boundary.append(example.boundary_tokens)
-            dropped.append(example.dropped_turns)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+            positions.append(position)
+            texts.append(text)
+            spans.append(text_spans)
+        batch = self._mask_rendered(texts, spans)
+        if max_length is not None and (np.diff(batch.offsets) > max_length).any():
+            # Rare: redo those rows one by one, which knows how to truncate or reject.
+            examples = []
+            for position, outcome in zip(positions, batch.outcomes, strict=True):
+                if (
+                    not isinstance(outcome, MaskingError)
+                    and len(batch.example(outcome).input_ids) > max_length
+                ):
+                    try:
+                        outcome = self.mask(conversations[position], max_length, overlong)
+                    except MaskingError as error:
+                        outcome = error
+                elif not isinstance(outcome, MaskingError):
+                    outcome = batch.example(outcome)
+                examples.append(outcome)
+            batch = _gathered(examples)
+        for position, outcome in zip(positions, batch.outcomes, strict=True):
+            outcomes[position] = outcome
         return MaskedBatch(
-            np.concatenate(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
-            np.concatenate(masks, dtype=np.int8) if masks else np.zeros(0, np.int8),
-            offsets,
-            np.asarray(boundary, dtype=np.int64),
-            np.asarray(dropped, dtype=np.int64),
+            batch.input_ids,
+            batch.loss_mask,
+            batch.offsets,
+            batch.boundary_tokens,
+            batch.dropped_turns,
             outcomes,
         )
 
@@ -326,9 +321,7 @@ class ConversationMasker:
             mask = np.concatenate([np.zeros(len(self._prefix_ids), dtype=np.int8), mask])
         return MaskedExample(np.asarray(ids, dtype=np.int32), mask, boundary)
 
-    def _mask_rendered(
-        self, texts: list[str], spans: list[list[tuple[int, int]]]
-    ) -> list[MaskedExample | MaskingError]:
+    def _mask_rendered(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> MaskedBatch:
         """Tokenizes rendered texts in one batch and masks their trained character spans.
 
         Exactly what `_masked` gives for each text, without per-token offsets where the ids
@@ -338,10 +331,12 @@ class ConversationMasker:
         """
         if self._token_bytes is None or self._encode_without_offsets is None:
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-            return [
-                self._masked_or_error(text, text_spans, encoding)
-                for text, text_spans, encoding in zip(texts, spans, encodings, strict=True)
-            ]
+            return _gathered(
+                [
+                    self._masked_or_error(text, text_spans, encoding)
+                    for text, text_spans, encoding in zip(texts, spans, encodings, strict=True)
+                ]
+            )
         id_lists = [e.ids for e in self._encode_without_offsets(texts, add_special_tokens=False)]
         counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
@@ -396,6 +391,25 @@ class ConversationMasker:
             span_rows[on_edges], weights=last + 1 - first, minlength=len(texts)
         ).astype(np.int64)
 
+        prefixed = (
+            np.fromiter(
+                (not text.startswith(self._prefix_text) for text in texts),
+                dtype=bool,
+                count=len(texts),
+            )
+            if self._prefix_ids
+            else np.zeros(len(texts), dtype=bool)
+        )
+        if fast.all() and trained.all() and not prefixed.any():
+            # Every text as it is in the arrays: the usual case, no per-text work.
+            return MaskedBatch(
+                ids,
+                mask,
+                bounds,
+                np.zeros(len(texts), np.int64),
+                np.zeros(len(texts), np.int64),
+                list(range(len(texts))),
+            )
         results: list[MaskedExample | MaskingError] = []
         for row, text in enumerate(texts):
             if not fast[row]:
@@ -407,11 +421,11 @@ class ConversationMasker:
                 continue
             row_ids = ids[bounds[row] : bounds[row + 1]]
             row_mask = mask[bounds[row] : bounds[row + 1]]
-            if self._prefix_ids and not text.startswith(self._prefix_text):
+            if prefixed[row]:
                 row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
                 row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
             results.append(MaskedExample(row_ids, row_mask, 0))
-        return results
+        return _gathered(results)
 
     def _masked_or_error(
         self, text: str, spans: list[tuple[int, int]], encoding
@@ -636,4 +650,26 @@ def _drop_oldest_turn(messages: list[Message]) -> list[Message] | None:
 def _no_trained_tokens() -> MaskingError:
     return MaskingError(
         "no_trained_tokens", "the trained turns produced no tokens after tokenization"
+    )
+
+
+def _gathered(examples: list[MaskedExample | MaskingError]) -> MaskedBatch:
+    """The examples end to end in one MaskedBatch, the errors kept in place."""
+    outcomes: list[int | MaskingError] = []
+    kept: list[MaskedExample] = []
+    for example in examples:
+        if isinstance(example, MaskingError):
+            outcomes.append(example)
+        else:
+            outcomes.append(len(kept))
+            kept.append(example)
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum([len(example.input_ids) for example in kept], out=offsets[1:])
+    return MaskedBatch(
+        np.concatenate([np.zeros(0, np.int32), *(e.input_ids for e in kept)], dtype=np.int32),
+        np.concatenate([np.zeros(0, np.int8), *(e.loss_mask for e in kept)], dtype=np.int8),
+        offsets,
+        np.asarray([e.boundary_tokens for e in kept], dtype=np.int64),
+        np.asarray([e.dropped_turns for e in kept], dtype=np.int64),
+        outcomes,
     )
