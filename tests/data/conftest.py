@@ -56,9 +56,8 @@ def trained_segments(example, tokenizer) -> list[str]:
 def assert_batch_matches_single(
     masker: ConversationMasker, conversations, max_length=None, overlong="drop"
 ) -> None:
-    """`mask_batch` (token positions from the tokens' bytes where it can) gives, row for row,
-    exactly what `mask` (the tokenizer's offsets) gives: ids, mask, boundary count, dropped
-    turns, or the same rejection."""
+    """`mask_batch` (one encode_batch, masks set in flat arrays) gives, row for row, exactly
+    what `mask` gives: ids, mask, boundary count, dropped turns, or the same rejection."""
     batch = masker.mask_batch(conversations, max_length, overlong)
     for conversation, batched in zip(conversations, batch, strict=True):
         try:

@@ -226,7 +226,7 @@ def test_token_straddling_the_start_of_an_answer_is_not_trained(tmp_path):
     assert "".join(trained_segments(example, chat.tokenizer)) == (
         "abab"[len(answer_part) :] + "<|im_end|>"
     )
-    # The batch path positions tokens by their bytes; an edge inside a token sends it to offsets.
+    # The batch path finds the same straddling token and counts it the same.
     assert_batch_matches_single(
         make_masker(chat), [[Message("user", "x"), Message("assistant", "abab")]]
     )
@@ -381,7 +381,7 @@ def test_turn_without_special_end_strips_trailing_whitespace_on_both_paths(tmp_p
     assert text[fast[0][0] : fast[0][1]] == "the answer"
 
 
-# --- the batch path: token positions from the tokens' bytes, not from offsets -----------------
+# --- the batch path (prepare's): the same examples as one by one ---------------------------------
 
 TRICKY_CONTENTS = [
     "plain words",

@@ -66,8 +66,7 @@ def test_exact_trained_tokens(qwen):
 
 
 def test_batch_path_gives_exactly_what_offsets_give(qwen):
-    # Qwen normalizes to NFC: the non-NFC content is not spelled out by its tokens and goes
-    # through offsets; everything else is positioned from the tokens' bytes.
+    # Qwen normalizes to NFC: offsets of non-NFC content map back through the normalization.
     conversations = CONVERSATIONS + [
         [Message("user", question), Message("assistant", answer)]
         for question in TRICKY_CONTENTS[:5]

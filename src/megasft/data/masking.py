@@ -36,7 +36,6 @@ import numpy as np
 
 from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
-from megasft.data.token_bytes import TokenBytes
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
 
@@ -154,10 +153,6 @@ class ConversationMasker:
         self._prefix_ids = list(chat_tokenizer.prefix_ids)
         self._prefix_text = self.tokenizer.decode(self._prefix_ids, skip_special_tokens=False)
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
-        # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
-        # tokenizer allows it; else `encode_batch` with offsets.
-        self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
-        self._encode_without_offsets = getattr(self.tokenizer, "encode_batch_fast", None)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -304,18 +299,11 @@ class ConversationMasker:
     def _masked(self, text: str, spans: list[tuple[int, int]], encoding) -> MaskedExample:
         ids = encoding.ids
         mask = np.zeros(len(ids), dtype=np.int8)
-        boundary = 0
-        trained = 0
-        for span_start, span_end in spans:
-            first, straddles_start = _first_token_at_or_after(encoding, span_start, span_end)
-            last, straddles_end = _last_token_before(encoding, span_start, span_end)
-            if first is None or last is None or last < first:
-                continue
-            mask[first : last + 1] = 1
-            trained += last + 1 - first
-            boundary += straddles_start + straddles_end
-        if not trained:
+        ranges, boundary = _trained_token_ranges(encoding, spans)
+        if not ranges:
             raise _no_trained_tokens()
+        for first, last in ranges:
+            mask[first : last + 1] = 1
         if self._prefix_ids and not text.startswith(self._prefix_text):
             ids = self._prefix_ids + ids
             mask = np.concatenate([np.zeros(len(self._prefix_ids), dtype=np.int8), mask])
@@ -324,72 +312,31 @@ class ConversationMasker:
     def _mask_rendered(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> MaskedBatch:
         """Tokenizes rendered texts in one batch and masks their trained character spans.
 
-        Exactly what `_masked` gives for each text, without per-token offsets where the ids
-        spell the text out (`TokenBytes.locate`) and every span edge falls between two tokens:
-        the token starting at a span's start is its first trained token, the one ending at its
-        end its last, and no token straddles an edge. Any other text goes through `_masked`.
+        Exactly what `_masked` gives for each text, with the ids of all texts end to end in
+        one array and the masks set with numpy, not one small array per text.
         """
-        if self._token_bytes is None or self._encode_without_offsets is None:
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-            return _gathered(
-                [
-                    self._masked_or_error(text, text_spans, encoding)
-                    for text, text_spans, encoding in zip(texts, spans, encodings, strict=True)
-                ]
-            )
-        id_lists = [e.ids for e in self._encode_without_offsets(texts, add_special_tokens=False)]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        id_lists = [encoding.ids for encoding in encodings]
         counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
-        encoded = [text.encode("utf-8") for text in texts]
-        lengths, spelled = self._token_bytes.locate(ids, counts, encoded)  # [tokens], [texts]
-        ends = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=ends[1:])
-        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)  # text r is ids[bounds[r]:bounds[r + 1]]
         np.cumsum(counts, out=bounds[1:])
-        starts = ends[:-1] - np.repeat(ends[bounds[:-1]], counts)  # [tokens], in its own text
 
-        # Every span, in bytes from the start of the whole batch of texts.
-        text_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum([len(text) for text in encoded], out=text_offsets[1:])
-        span_rows, span_starts, span_ends = [], [], []
-        for row, (text, text_spans) in enumerate(zip(texts, spans, strict=True)):
-            is_ascii = len(encoded[row]) == len(text)
-            for start, end in text_spans:
-                if end <= start:
-                    continue  # no characters, no tokens: `_masked` skips it too
-                if not is_ascii:
-                    start, end = len(text[:start].encode()), len(text[:end].encode())
-                span_rows.append(row)
-                span_starts.append(start)
-                span_ends.append(end)
-        span_rows = np.asarray(span_rows, dtype=np.int64)
-        span_starts = np.asarray(span_starts, dtype=np.int64) + text_offsets[span_rows]
-        span_ends = np.asarray(span_ends, dtype=np.int64) + text_offsets[span_rows]
-
-        # Token starts and ends of the spelled texts, in the same coordinates: increasing,
-        # since each text's tokens tile its own stretch of bytes.
-        kept = np.repeat(spelled, counts)
-        token_index = np.flatnonzero(kept)
-        token_starts = (starts + np.repeat(text_offsets[:-1], counts))[kept]
-        token_ends = token_starts + lengths[kept]
-        first = np.searchsorted(token_starts, span_starts)
-        last = np.searchsorted(token_ends, span_ends)
-        on_edges = spelled[span_rows] & (first < len(token_starts)) & (last < len(token_ends))
-        on_edges[on_edges] &= (token_starts[first[on_edges]] == span_starts[on_edges]) & (
-            token_ends[last[on_edges]] == span_ends[on_edges]
-        )
-        fast = spelled.copy()
-        fast[span_rows[~on_edges]] = False  # a span edge inside a token: `_masked` decides
-
-        first = token_index[first[on_edges]]
-        last = token_index[last[on_edges]]
+        firsts, lasts = [], []  # of every trained range, in `ids`
+        boundary = np.zeros(len(texts), dtype=np.int64)
+        trained = np.zeros(len(texts), dtype=bool)
+        for row, (encoding, text_spans, base) in enumerate(
+            zip(encodings, spans, bounds[:-1].tolist(), strict=True)
+        ):
+            ranges, boundary[row] = _trained_token_ranges(encoding, text_spans)
+            trained[row] = bool(ranges)
+            for first, last in ranges:
+                firsts.append(base + first)
+                lasts.append(base + last)
         change = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.add.at(change, first, 1)
-        np.add.at(change, last + 1, -1)
+        np.add.at(change, np.asarray(firsts, dtype=np.int64), 1)
+        np.add.at(change, np.asarray(lasts, dtype=np.int64) + 1, -1)
         mask = (np.cumsum(change[:-1]) > 0).astype(np.int8)  # [tokens]
-        trained = np.bincount(
-            span_rows[on_edges], weights=last + 1 - first, minlength=len(texts)
-        ).astype(np.int64)
 
         prefixed = (
             np.fromiter(
@@ -400,22 +347,18 @@ class ConversationMasker:
             if self._prefix_ids
             else np.zeros(len(texts), dtype=bool)
         )
-        if fast.all() and trained.all() and not prefixed.any():
+        if trained.all() and not prefixed.any():
             # Every text as it is in the arrays: the usual case, no per-text work.
             return MaskedBatch(
                 ids,
                 mask,
                 bounds,
-                np.zeros(len(texts), np.int64),
+                boundary,
                 np.zeros(len(texts), np.int64),
                 list(range(len(texts))),
             )
         results: list[MaskedExample | MaskingError] = []
-        for row, text in enumerate(texts):
-            if not fast[row]:
-                encoding = self.tokenizer.encode(text, add_special_tokens=False)
-                results.append(self._masked_or_error(text, spans[row], encoding))
-                continue
+        for row in range(len(texts)):
             if not trained[row]:
                 results.append(_no_trained_tokens())
                 continue
@@ -424,16 +367,8 @@ class ConversationMasker:
             if prefixed[row]:
                 row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
                 row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
-            results.append(MaskedExample(row_ids, row_mask, 0))
+            results.append(MaskedExample(row_ids, row_mask, int(boundary[row])))
         return _gathered(results)
-
-    def _masked_or_error(
-        self, text: str, spans: list[tuple[int, int]], encoding
-    ) -> MaskedExample | MaskingError:
-        try:
-            return self._masked(text, spans, encoding)
-        except MaskingError as error:
-            return error
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         try:
@@ -615,6 +550,23 @@ def _last_token_before(encoding, span_start: int, span_end: int) -> tuple[int | 
             return None, False  # the only token here straddles the start: nothing trained
         return token, token_end > span_end
     return None, False
+
+
+def _trained_token_ranges(
+    encoding, spans: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int]], int]:
+    """[(first, last)] trained tokens of each character span that has any, and how many
+    tokens straddle a span's edge (see the module docstring)."""
+    ranges = []
+    boundary = 0
+    for span_start, span_end in spans:
+        first, straddles_start = _first_token_at_or_after(encoding, span_start, span_end)
+        last, straddles_end = _last_token_before(encoding, span_start, span_end)
+        if first is None or last is None or last < first:
+            continue
+        ranges.append((first, last))
+        boundary += straddles_start + straddles_end
+    return ranges, boundary
 
 
 def _real_position(position: int, slot_starts: tuple[int, ...], growth: list[int]) -> int:
