@@ -45,7 +45,7 @@ MAPPING = (("prompt", "question"), ("response", "answer"))
 # --- the timed phases, each run alone in a fresh process --------------------------------------
 
 
-def ceiling(train: Path, tokenizer_dir: Path, method: str, with_load: bool):
+def ceiling(train: Path, tokenizer_dir: Path, with_load: bool):
     """The rendered texts, already in memory, through the tokenizer; with `with_load`, the
     tokenizer is loaded inside the timed part too, as every real job has to."""
     from tokenizers import Tokenizer
@@ -66,7 +66,7 @@ def ceiling(train: Path, tokenizer_dir: Path, method: str, with_load: bool):
             if with_load
             else chat.tokenizer
         )
-        encodings = getattr(tokenizer, method)(texts, add_special_tokens=False)
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         return sum(len(e.ids) for e in encodings)
 
     return run
@@ -136,17 +136,12 @@ PHASES = {
     "encode": (
         "1. encode_batch alone (ceiling)",
         1,
-        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch", with_load=False),
+        lambda a: ceiling(a.train, a.tokenizer_dir, with_load=False),
     ),
     "load-encode": (
         "1b. load tokenizer + encode_batch",
         1,
-        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch", with_load=True),
-    ),
-    "encode-fast": (
-        "1c. encode_batch_fast alone (no offsets)",
-        1,
-        lambda a: ceiling(a.train, a.tokenizer_dir, "encode_batch_fast", with_load=False),
+        lambda a: ceiling(a.train, a.tokenizer_dir, with_load=True),
     ),
     "prepare": (
         "2. megasft prepare --workers 1",
