@@ -29,8 +29,10 @@ prefix renders above.
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 import numpy as np
 
@@ -38,6 +40,9 @@ from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
+
+_UNBUILT = object()
+"""A sequence of roles whose skeleton has not been built yet (None: none can be)."""
 
 LOSS_ON_CHOICES = ("all-assistant", "last-assistant")
 OVERLONG_CHOICES = ("drop", "truncate-oldest")
@@ -120,14 +125,15 @@ class _Skeleton:
     """Template text between contents: pieces[0] + content[order[0]] + pieces[1] + ..."""
     order: tuple[int, ...]
     """Message index of each content slot, in text order."""
-    trained_spans: dict[int, tuple[int, int] | None]
-    """Assistant index -> its trained span in skeleton positions (see `_real_position`), or
-    None when the turn does not end in a special token, so that where the span ends depends
-    on the real content's trailing whitespace and is worked out on the real text."""
-    turn_bounds: dict[int, tuple[int, int]]
-    """Assistant index -> (generation prompt end, turn end) in skeleton positions."""
-    slot_starts: tuple[int, ...]
-    """Skeleton position where each content slot (in text order) starts."""
+    placeholder_lengths: tuple[int, ...]
+    """Length of the placeholder in each slot, in text order."""
+    turns: dict[int, tuple[bool, int, int, int, int]]
+    """Assistant index -> (ends_in_special, start, slots_before_start, end, slots_before_end),
+    positions in the skeleton, each with the number of content slots before it (a real
+    position is the skeleton one plus the growth of those slots). With ends_in_special,
+    [start, end) is the trained span; else it is (generation prompt end, turn end), and where
+    the span ends depends on the real content's trailing whitespace, worked out on the real
+    text."""
 
 
 def _placeholder(index: int) -> str:
@@ -431,43 +437,33 @@ class ConversationMasker:
     def _spans_from_skeleton(
         self, messages: list[Message], text: str, turns: list[int]
     ) -> list[tuple[int, int]] | None:
-        roles = tuple(m.role for m in messages)
-        if roles not in self._skeletons:
-            self._skeletons[roles] = self._build_skeleton(messages)
-        skeleton = self._skeletons[roles]
+        roles = tuple([m.role for m in messages])
+        skeleton = self._skeletons.get(roles, _UNBUILT)
+        if skeleton is _UNBUILT:
+            skeleton = self._skeletons[roles] = self._build_skeleton(messages)
         if skeleton is None:
             return None
         # Put the real contents back and check that this is exactly what the template made.
-        parts = [skeleton.pieces[0]]
-        for slot, index in enumerate(skeleton.order):
-            parts.append(messages[index].content)
-            parts.append(skeleton.pieces[slot + 1])
+        contents = [messages[index].content for index in skeleton.order]
+        parts = [""] * (2 * len(contents) + 1)
+        parts[0::2] = skeleton.pieces
+        parts[1::2] = contents
         if "".join(parts) != text:
             return None
+        # growth[k]: how much longer the real text is than the skeleton after k slots.
         growth = [
-            len(messages[index].content) - len(_placeholder(index)) for index in skeleton.order
+            0,
+            *accumulate(map(operator.sub, map(len, contents), skeleton.placeholder_lengths)),
         ]
         spans = []
         for i in turns:
-            if i not in skeleton.turn_bounds:
+            turn = skeleton.turns.get(i)
+            if turn is None:
                 return None
-            span = skeleton.trained_spans[i]
-            if span is None:
-                gen_end, turn_end = skeleton.turn_bounds[i]
-                span = self._trained_span(
-                    text,
-                    _real_position(gen_end, skeleton.slot_starts, growth),
-                    _real_position(turn_end, skeleton.slot_starts, growth),
-                )
-                spans.append(span)
-                continue
-            start, end = span
-            spans.append(
-                (
-                    _real_position(start, skeleton.slot_starts, growth),
-                    _real_position(end, skeleton.slot_starts, growth),
-                )
-            )
+            ends_in_special, start, slots_before_start, end, slots_before_end = turn
+            start += growth[slots_before_start]
+            end += growth[slots_before_end]
+            spans.append((start, end) if ends_in_special else self._trained_span(text, start, end))
         return spans
 
     def _build_skeleton(self, messages: list[Message]) -> _Skeleton | None:
@@ -494,8 +490,7 @@ class ConversationMasker:
             cursor = at + len(_placeholder(index))
         pieces.append(full[cursor:])
 
-        turn_bounds: dict[int, tuple[int, int]] = {}
-        trained_spans: dict[int, tuple[int, int] | None] = {}
+        turns: dict[int, tuple[bool, int, int, int, int]] = {}
         for i, message in enumerate(placeholders):
             if message.role != "assistant":
                 continue
@@ -506,11 +501,17 @@ class ConversationMasker:
                 continue
             if full.startswith(prompt) and full.startswith(through) and len(through) >= len(prompt):
                 self._check_no_header(message, through[len(prompt) :])
-                turn_bounds[i] = (len(prompt), len(through))
-                trained_spans[i] = self._span_if_special_end(full, len(prompt), len(through))
-        return _Skeleton(
-            tuple(pieces), tuple(order), trained_spans, turn_bounds, tuple(slot_starts)
-        )
+                span = self._span_if_special_end(full, len(prompt), len(through))
+                start, end = span if span is not None else (len(prompt), len(through))
+                turns[i] = (
+                    span is not None,
+                    start,
+                    bisect_left(slot_starts, start),  # slots that start before it
+                    end,
+                    bisect_left(slot_starts, end),
+                )
+        placeholder_lengths = tuple(len(_placeholder(index)) for index in order)
+        return _Skeleton(tuple(pieces), tuple(order), placeholder_lengths, turns)
 
 
 # Character -> token lookups go through the encoding (Rust, ~0.2 us each) instead of building
@@ -567,16 +568,6 @@ def _trained_token_ranges(
         ranges.append((first, last))
         boundary += straddles_start + straddles_end
     return ranges, boundary
-
-
-def _real_position(position: int, slot_starts: tuple[int, ...], growth: list[int]) -> int:
-    """Maps a skeleton position to the real text: add the growth of every slot before it."""
-    shift = 0
-    for start, delta in zip(slot_starts, growth, strict=True):
-        if start >= position:
-            break
-        shift += delta
-    return position + shift
 
 
 def _drop_oldest_turn(messages: list[Message]) -> list[Message] | None:
