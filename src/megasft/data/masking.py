@@ -530,7 +530,7 @@ def _first_token_at_or_after(encoding, span_start: int, span_end: int) -> tuple[
             return token, False
         # The token covering the span's first characters began in the prompt.
         following = token + 1
-        if following < len(encoding.ids) and encoding.token_to_chars(following)[0] < span_end:
+        if following < len(encoding) and encoding.token_to_chars(following)[0] < span_end:
             return following, True
         return None, True
     return None, False
@@ -544,7 +544,7 @@ def _last_token_before(encoding, span_start: int, span_end: int) -> tuple[int | 
         if token is None:
             continue
         # Byte-level tokens of one multi-byte character share its offsets; take the last.
-        while token + 1 < len(encoding.ids) and encoding.token_to_chars(token + 1)[0] <= char:
+        while token + 1 < len(encoding) and encoding.token_to_chars(token + 1)[0] <= char:
             token += 1
         token_start, token_end = encoding.token_to_chars(token)
         if token_start < span_start:
@@ -560,7 +560,23 @@ def _trained_token_ranges(
     tokens straddle a span's edge (see the module docstring)."""
     ranges = []
     boundary = 0
+    tokens = len(encoding)
     for span_start, span_end in spans:
+        # The usual case, asked of the encoding directly: a token starts at the span's start,
+        # one ends at its end, and the next starts after it. Else the helpers below decide.
+        first = encoding.char_to_token(span_start) if span_end > span_start else None
+        last = encoding.char_to_token(span_end - 1) if first is not None else None
+        if last is not None and first <= last:
+            first_start = encoding.token_to_chars(first)[0]
+            last_start, last_end = encoding.token_to_chars(last)
+            if (
+                first_start == span_start
+                and last_start >= span_start
+                and last_end == span_end
+                and (last + 1 == tokens or encoding.token_to_chars(last + 1)[0] >= span_end)
+            ):
+                ranges.append((first, last))
+                continue
         first, straddles_start = _first_token_at_or_after(encoding, span_start, span_end)
         last, straddles_end = _last_token_before(encoding, span_start, span_end)
         if first is None or last is None or last < first:

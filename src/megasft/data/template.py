@@ -105,14 +105,11 @@ class ChatTemplate:
         """`bos_token`, `eos_token`, ... as strings, passed to every render."""
         self.sha256 = hashlib.sha256(source.encode("utf-8")).hexdigest()
         self._template = _compile(source)
-        # What `jinja2.Template.render` puts under every render's own variables, merged once:
-        # rebuilding it from the template's ChainMap of globals was a third of a render.
-        self._parent = {
-            **self._template.globals,
-            "tools": None,
-            "documents": None,
-            **self.variables,
-        }
+        # What `jinja2.Template.render` builds for every render from the template's ChainMap of
+        # globals (a third of a render), built once: the globals as a plain dict, and them
+        # merged under the variables every render passes.
+        self._globals = dict(self._template.globals)
+        self._parent = {**self._globals, "tools": None, "documents": None, **self.variables}
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         message_dicts = [{"role": m.role, "content": m.content} for m in messages]
@@ -120,13 +117,18 @@ class ChatTemplate:
 
     def render_dicts(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         template = self._template
-        context = template.new_context(
+        environment = template.environment
+        # The context `Template.render` makes (jinja2.runtime.new_context), from the same parts.
+        context = environment.context_class(
+            environment,
             {**self._parent, "messages": messages, "add_generation_prompt": add_generation_prompt},
-            shared=True,
+            template.name,
+            template.blocks,
+            globals=self._globals,
         )
         try:
-            # `Template.render` is these two lines after building the same context.
-            return template.environment.concat(template.root_render_func(context))
+            # And what `Template.render` does with it.
+            return environment.concat(template.root_render_func(context))
         except TemplateError:
             raise
         except jinja2.TemplateError as error:
