@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from megasft.data.conversation import Message
-from megasft.data.masking import MaskingError, TemplateLayoutError
+from megasft.data.masking import (
+    MaskingError,
+    TemplateLayoutError,
+    _first_token_at_or_after,
+    _last_token_before,
+    _trained_token_ranges,
+)
 from megasft.data.tokenizer import load_chat_tokenizer
 from megasft.demo.tokenizer import build_tokenizer
 from tests.data.conftest import assert_batch_matches_single, make_masker, trained_segments
@@ -422,3 +428,37 @@ def test_batch_path_truncates_and_rejects_as_single(chat_tokenizers, overlong):
     assert_batch_matches_single(masker, conversations, max_length, overlong)
     # A batch in which nothing survives.
     assert_batch_matches_single(masker, conversations[2:], 5, overlong)
+
+
+def _ranges_by_the_helpers(encoding, spans):
+    """The trained token ranges as the edge helpers alone find them (no shortcut)."""
+    ranges, boundary = [], 0
+    for start, end in spans:
+        first, straddles_start = _first_token_at_or_after(encoding, start, end)
+        last, straddles_end = _last_token_before(encoding, start, end)
+        if first is not None and last is not None and first <= last:
+            ranges.append((first, last))
+            boundary += straddles_start + straddles_end
+    return ranges, boundary
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_the_usual_span_shortcut_finds_what_the_helpers_find(chat_tokenizers, style):
+    chat = chat_tokenizers[style]
+    masker = make_masker(chat)
+    texts = [
+        masker.template.render([Message("user", "q"), Message("assistant", a)])
+        for a in TRICKY_CONTENTS
+    ]
+    for text in texts:
+        encoding = chat.tokenizer.encode(text, add_special_tokens=False)
+        # Every span edge at every character, not only the template's: straddles included.
+        spans_to_try = [
+            [(start, end)]
+            for start in range(len(text))
+            for end in range(start, min(len(text), start + 12) + 1)
+        ]
+        for spans in spans_to_try:
+            assert _trained_token_ranges(encoding, spans) == _ranges_by_the_helpers(
+                encoding, spans
+            ), (text, spans)
