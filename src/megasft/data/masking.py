@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate, chain
 
 import numpy as np
@@ -252,30 +252,19 @@ class ConversationMasker:
         batch = self._mask_rendered(texts, spans)
         if max_length is not None and (np.diff(batch.offsets) > max_length).any():
             # Rare: redo those rows one by one, which knows how to truncate or reject.
-            examples = []
+            examples: list[MaskedExample | MaskingError] = []
             for position, outcome in zip(positions, batch.outcomes, strict=True):
-                if (
-                    not isinstance(outcome, MaskingError)
-                    and len(batch.example(outcome).input_ids) > max_length
-                ):
+                example = outcome if isinstance(outcome, MaskingError) else batch.example(outcome)
+                if isinstance(example, MaskedExample) and len(example.input_ids) > max_length:
                     try:
-                        outcome = self.mask(conversations[position], max_length, overlong)
+                        example = self.mask(conversations[position], max_length, overlong)
                     except MaskingError as error:
-                        outcome = error
-                elif not isinstance(outcome, MaskingError):
-                    outcome = batch.example(outcome)
-                examples.append(outcome)
+                        example = error
+                examples.append(example)
             batch = _gathered(examples)
         for position, outcome in zip(positions, batch.outcomes, strict=True):
             outcomes[position] = outcome
-        return MaskedBatch(
-            batch.input_ids,
-            batch.loss_mask,
-            batch.offsets,
-            batch.boundary_tokens,
-            batch.dropped_turns,
-            outcomes,
-        )
+        return replace(batch, outcomes=outcomes)
 
     def _mask_once(self, messages: list[Message]) -> MaskedExample:
         text, spans = self._render_and_locate(messages)
