@@ -406,7 +406,8 @@ TRICKY_CONTENTS = [
 
 @pytest.mark.parametrize("style", sorted(STYLES))
 @pytest.mark.parametrize("policy", [{}, {"train_on_eos": False, "loss_on": "last-assistant"}])
-def test_batch_path_gives_exactly_what_offsets_give(chat_tokenizers, style, policy):
+@pytest.mark.parametrize("byte_positions", [True, False])
+def test_batch_path_gives_exactly_what_offsets_give(chat_tokenizers, style, policy, byte_positions):
     conversations = [
         [Message("user", question), Message("assistant", answer)]
         for question in TRICKY_CONTENTS[:5]
@@ -416,7 +417,10 @@ def test_batch_path_gives_exactly_what_offsets_give(chat_tokenizers, style, poli
         [Message("system", answer), *TWO_TURNS[1:3], Message("user", answer), TWO_TURNS[4]]
         for answer in TRICKY_CONTENTS
     ]
-    assert_batch_matches_single(make_masker(chat_tokenizers[style], **policy), conversations)
+    masker = make_masker(chat_tokenizers[style], **policy)
+    if not byte_positions:  # as for a tokenizer that is not byte-level BPE
+        masker._token_bytes = None
+    assert_batch_matches_single(masker, conversations)
 
 
 @pytest.mark.parametrize("overlong", ["drop", "truncate-oldest"])

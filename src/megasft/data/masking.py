@@ -38,6 +38,7 @@ import numpy as np
 
 from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
+from megasft.data.token_bytes import TokenBytes
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
 
@@ -159,6 +160,10 @@ class ConversationMasker:
         self._prefix_ids = list(chat_tokenizer.prefix_ids)
         self._prefix_text = self.tokenizer.decode(self._prefix_ids, skip_special_tokens=False)
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
+        # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
+        # tokenizer allows it; else `encode_batch` with offsets.
+        self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
+        self._encode_without_offsets = getattr(self.tokenizer, "encode_batch_fast", None)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -307,9 +312,112 @@ class ConversationMasker:
     def _mask_rendered(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> MaskedBatch:
         """Tokenizes rendered texts in one batch and masks their trained character spans.
 
-        Exactly what `_masked` gives for each text, with the ids of all texts end to end in
-        one array and the masks set with numpy, not one small array per text.
+        Exactly what `_masked` gives for each text, without per-token offsets where the ids
+        spell the text out (`TokenBytes.locate`) and every span edge falls between two tokens:
+        the token starting at a span's start is its first trained token, the one ending at its
+        end its last, and no token straddles an edge. Any other text goes through `_masked`.
         """
+        if self._token_bytes is None or self._encode_without_offsets is None:
+            return self._mask_with_offsets(texts, spans)
+        id_lists = [e.ids for e in self._encode_without_offsets(texts, add_special_tokens=False)]
+        counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
+        encoded = [text.encode("utf-8") for text in texts]
+        lengths, spelled = self._token_bytes.locate(ids, counts, encoded)  # [tokens], [texts]
+        ends = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ends[1:])
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        starts = ends[:-1] - np.repeat(ends[bounds[:-1]], counts)  # [tokens], in its own text
+
+        # Every span, in bytes from the start of the whole batch of texts.
+        text_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(text) for text in encoded], out=text_offsets[1:])
+        span_rows, span_starts, span_ends = [], [], []
+        for row, (text, text_spans) in enumerate(zip(texts, spans, strict=True)):
+            is_ascii = len(encoded[row]) == len(text)
+            for start, end in text_spans:
+                if end <= start:
+                    continue  # no characters, no tokens: `_masked` skips it too
+                if not is_ascii:
+                    start, end = len(text[:start].encode()), len(text[:end].encode())
+                span_rows.append(row)
+                span_starts.append(start)
+                span_ends.append(end)
+        span_rows = np.asarray(span_rows, dtype=np.int64)
+        span_starts = np.asarray(span_starts, dtype=np.int64) + text_offsets[span_rows]
+        span_ends = np.asarray(span_ends, dtype=np.int64) + text_offsets[span_rows]
+
+        # Token starts and ends of the spelled texts, in the same coordinates: increasing,
+        # since each text's tokens tile its own stretch of bytes.
+        kept = np.repeat(spelled, counts)
+        token_index = np.flatnonzero(kept)
+        token_starts = (starts + np.repeat(text_offsets[:-1], counts))[kept]
+        token_ends = token_starts + lengths[kept]
+        first = np.searchsorted(token_starts, span_starts)
+        last = np.searchsorted(token_ends, span_ends)
+        on_edges = spelled[span_rows] & (first < len(token_starts)) & (last < len(token_ends))
+        on_edges[on_edges] &= (token_starts[first[on_edges]] == span_starts[on_edges]) & (
+            token_ends[last[on_edges]] == span_ends[on_edges]
+        )
+        fast = spelled.copy()
+        fast[span_rows[~on_edges]] = False  # a span edge inside a token: `_masked` decides
+
+        first = token_index[first[on_edges]]
+        last = token_index[last[on_edges]]
+        change = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(change, first, 1)
+        np.add.at(change, last + 1, -1)
+        mask = (np.cumsum(change[:-1]) > 0).astype(np.int8)  # [tokens]
+        trained = np.bincount(
+            span_rows[on_edges], weights=last + 1 - first, minlength=len(texts)
+        ).astype(np.int64)
+
+        prefixed = (
+            np.fromiter(
+                (not text.startswith(self._prefix_text) for text in texts),
+                dtype=bool,
+                count=len(texts),
+            )
+            if self._prefix_ids
+            else np.zeros(len(texts), dtype=bool)
+        )
+        if fast.all() and trained.all() and not prefixed.any():
+            # Every text as it is in the arrays: the usual case, no per-text work.
+            return MaskedBatch(
+                ids,
+                mask,
+                bounds,
+                np.zeros(len(texts), np.int64),
+                np.zeros(len(texts), np.int64),
+                list(range(len(texts))),
+            )
+        results: list[MaskedExample | MaskingError] = []
+        for row, text in enumerate(texts):
+            if not fast[row]:
+                try:
+                    encoding = self.tokenizer.encode(text, add_special_tokens=False)
+                    results.append(self._masked(text, spans[row], encoding))
+                except MaskingError as error:
+                    results.append(error)
+                continue
+            if not trained[row]:
+                results.append(_no_trained_tokens())
+                continue
+            row_ids = ids[bounds[row] : bounds[row + 1]]
+            row_mask = mask[bounds[row] : bounds[row + 1]]
+            if prefixed[row]:
+                row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
+                row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
+            results.append(MaskedExample(row_ids, row_mask, 0))
+        return _gathered(results)
+
+    def _mask_with_offsets(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> MaskedBatch:
+        """`_mask_rendered` for a tokenizer whose ids cannot give token positions: with the
+        encodings' offsets, the ids of all texts end to end in one array and the masks set
+        with numpy, not one small array per text."""
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         id_lists = [encoding.ids for encoding in encodings]
         counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
