@@ -1,6 +1,6 @@
 """Benchmark of `megasft prepare` on GSM8K train with the Qwen2.5 tokenizer.
 
-    python bench/prepare.py [--repeats 3] [--shared ../shared]
+    python bench/prepare.py [--repeats 5] [--shared ../shared]
 
 Prints, side by side from one run:
 1. throughput, tokens/s per core: the tokenizer alone on the already-rendered texts (the
@@ -328,7 +328,7 @@ def packing(train: Path, tokenizer_dir: Path, scratch: Path, cores: int) -> None
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-reference", action="store_true", help="skip the datasets.map run")
     parser.add_argument(
         "--only-throughput", action="store_true", help="skip the packing and memory sections"

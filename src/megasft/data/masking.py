@@ -38,7 +38,7 @@ import numpy as np
 
 from megasft.data.conversation import Message
 from megasft.data.template import TemplateError
-from megasft.data.token_bytes import TokenBytes
+from megasft.data.token_bytes import TokenBytes, ids_encoder
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
 
@@ -163,7 +163,7 @@ class ConversationMasker:
         # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
         # tokenizer allows it; else `encode_batch` with offsets.
         self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
-        self._encode_without_offsets = getattr(self.tokenizer, "encode_batch_fast", None)
+        self._encode_ids = ids_encoder(self.tokenizer)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -317,9 +317,9 @@ class ConversationMasker:
         the token starting at a span's start is its first trained token, the one ending at its
         end its last, and no token straddles an edge. Any other text goes through `_masked`.
         """
-        if self._token_bytes is None or self._encode_without_offsets is None:
+        if self._token_bytes is None:
             return self._mask_with_offsets(texts, spans)
-        id_lists = [e.ids for e in self._encode_without_offsets(texts, add_special_tokens=False)]
+        id_lists = self._encode_ids(texts)
         counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
         encoded = [text.encode("utf-8") for text in texts]

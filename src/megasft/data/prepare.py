@@ -207,10 +207,14 @@ class _RowProcessor:
 _worker: _RowProcessor | None = None
 
 
-def _init_worker(config: PrepareConfig, chat_tokenizer: ChatTokenizer) -> None:
-    # One process per core already: keep the tokenizer's own thread pool to one thread.
+def _init_worker(config: PrepareConfig, chat_tokenizer: ChatTokenizer | None) -> None:
+    # One process per core already: the tokenizer's own batch parallelism stays off (and so
+    # a forked worker never touches a thread pool it did not start).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _worker
+    if chat_tokenizer is None:
+        chat_tokenizer = load_chat_tokenizer(config.tokenizer)
     _worker = _RowProcessor(config, chat_tokenizer)
 
 
@@ -252,10 +256,16 @@ def _processed_chunks(
 
     import multiprocessing
 
-    # spawn, not fork: the parent may already have started the tokenizer's threads.
-    context = multiprocessing.get_context("spawn")
+    if _can_fork():
+        # The workers start as copies of this process, the tokenizer loaded and the modules
+        # imported (loading Qwen2.5's tokenizer alone takes half a second).
+        context, inherited = multiprocessing.get_context("fork"), chat_tokenizer
+    else:
+        # Each worker imports megasft and loads the tokenizer from its directory, which is
+        # cheaper than pickling the loaded one (its whole JSON) into every worker.
+        context, inherited = multiprocessing.get_context("spawn"), None
     with context.Pool(
-        config.workers, initializer=_init_worker, initargs=(config, chat_tokenizer)
+        config.workers, initializer=_init_worker, initargs=(config, inherited)
     ) as pool:
         # A bounded window of chunks in flight: Pool.imap would read the whole input ahead.
         in_flight: deque = deque()
@@ -268,6 +278,19 @@ def _processed_chunks(
                 yield _resolve(in_flight.popleft())
         while in_flight:
             yield _resolve(in_flight.popleft())
+
+
+def _can_fork() -> bool:
+    """Whether forking the workers is safe: on Linux, from a process with no other thread.
+
+    A thread of the parent (a tracking client, a progress monitor) may hold a lock at the
+    moment of the fork that no thread of the child would ever release. The tokenizer's own
+    thread pool is no such thread in a worker: tokenizers turns its parallelism off in a
+    forked child, and `_init_worker` keeps it off.
+    """
+    import threading
+
+    return sys.platform == "linux" and threading.active_count() == 1
 
 
 def _resolve(item) -> _Chunk | RowError:
@@ -338,6 +361,13 @@ class _Tally:
     boundary_tokens: int = 0
     truncated_examples: int = 0
     per_source: dict = field(default_factory=dict)
+
+
+class _Progress(tqdm):
+    """tqdm without its monitor thread (it only retunes the refresh of stalled bars), so that
+    the workers can still be forked (`_can_fork`)."""
+
+    monitor_interval = 0
 
 
 # --- phase 3: pack ---------------------------------------------------------------------------
@@ -423,7 +453,7 @@ def _prepare_into(
     tally = _Tally()
     file_formats: dict[str, str] = {}
     preview: list[MaskedExample] = []
-    progress = tqdm(
+    progress = _Progress(
         unit=" rows", desc="prepare", file=sys.stderr, disable=not config.progress, mininterval=1.0
     )
     with open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejects:

@@ -17,6 +17,8 @@ Byte positions are character positions for ASCII text; for other text the caller
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Callable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers
@@ -26,14 +28,15 @@ _UNSEEN = -2
 _NO_FIXED_BYTES = -1
 """Length of an id that stands for no fixed byte string: texts holding it are not spelled."""
 
-_IDENTITY_ON_NORMALIZED_TEXT = (
-    normalizers.NFC,
-    normalizers.NFD,
-    normalizers.NFKC,
-    normalizers.NFKD,
-)
+_NORMAL_FORMS = {
+    normalizers.NFC: "NFC",
+    normalizers.NFD: "NFD",
+    normalizers.NFKC: "NFKC",
+    normalizers.NFKD: "NFKD",
+}
 """Normalizers that leave a text alone when it is already in their form, so that a text its
 tokens spell out exactly was not changed by them, and its offsets are the byte positions."""
+_IDENTITY_ON_NORMALIZED_TEXT = tuple(_NORMAL_FORMS)
 
 
 def _byte_level_alphabet() -> dict[int, int]:
@@ -172,3 +175,31 @@ def _byte_level_bytes(token: str) -> bytes | None:
     if _NOT_BYTE_LEVEL.search(token):
         return None
     return token.translate(_TO_LATIN1).encode("latin-1")
+
+
+def ids_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """A function giving the ids `tokenizer.encode_batch(texts, add_special_tokens=False)`
+    gives, at less cost: no offsets, and no normalization pass where it would change nothing.
+
+    A Unicode normalizer (Qwen2's NFC, say) is about a tenth of encoding time on GSM8K, and
+    leaves every text already in its form exactly as it is; the tokenizer's added-token
+    matching and pre-tokenization then see the same characters with it or without it. So a
+    batch whose texts are all in that form (all ASCII text is, in every form) is encoded with
+    the normalizer set aside for the call and put back after, and any other batch with it.
+    """
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    form = _NORMAL_FORMS.get(type(tokenizer.normalizer))
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        if form is None or not all(
+            text.isascii() or unicodedata.is_normalized(form, text) for text in texts
+        ):
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+        normalizer = tokenizer.normalizer
+        tokenizer.normalizer = None
+        try:
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+        finally:
+            tokenizer.normalizer = normalizer
+
+    return ids
