@@ -6,7 +6,8 @@ Prints, side by side from one run:
 1. throughput, tokens/s per core: the tokenizer alone on the already-rendered texts (the
    ceiling), `megasft prepare`, and the usual `datasets.map` + `apply_chat_template` +
    prompt-prefix masking. Each runs on one core (RAYON_NUM_THREADS=1), so the numbers are per
-   core; prepare with all workers is shown too.
+   core; prepare with all workers is shown too. Then the ceiling and prepare again on four
+   copies of the rows, which shows how much of the gap is fixed cost.
 2. packing efficiency: megasft's best-fit-decreasing over the whole dataset vs padding to the
    longest of each batch of 8 vs best-fit over 1,000-row chunks.
 3. peak memory of prepare on 1x and 4x the rows, to show it streams.
@@ -158,7 +159,19 @@ PHASES = {
         1,
         lambda a: datasets_reference(a.train, a.tokenizer_dir, a.scratch),
     ),
+    # The same two on four copies of the rows, where fixed costs weigh a quarter as much.
+    "encode-x4": (
+        "1. encode_batch alone (ceiling)",
+        1,
+        lambda a: ceiling(a.scratch / "train-x4.jsonl", a.tokenizer_dir, with_load=False),
+    ),
+    "prepare-x4": (
+        "2. megasft prepare --workers 1",
+        1,
+        lambda a: megasft_prepare(a.scratch / "train-x4.jsonl", a.tokenizer_dir, 1, a.scratch),
+    ),
 }
+SCALED = ("encode-x4", "prepare-x4")
 
 
 def cpu_seconds() -> float:
@@ -205,8 +218,7 @@ def peak_rss_of_prepare(
     source = scratch / f"train-x{copies}.jsonl"
     text = train.read_text(encoding="utf-8")
     source.write_text(text * copies, encoding="utf-8")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -227,18 +239,25 @@ def peak_rss_of_prepare(
             "--quiet",
             "--overwrite",
         ],
-        check=True,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # This child's own peak (wait4), not the largest of every child this bench has run.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
     rows = len(text.splitlines()) * copies
-    # ru_maxrss of children is the max over all waited-for children; runs go smallest first.
-    return max(after, before) / 1024, rows
+    return usage.ru_maxrss / 1024, rows
 
 
 def throughput(args: argparse.Namespace, cores: int) -> dict[str, float]:
     """Prints the throughput table; returns tokens/s per core by phase."""
-    phases = [name for name in PHASES if not (name == "datasets" and args.skip_reference)]
+    phases = [
+        name
+        for name in PHASES
+        if name not in SCALED and not (name == "datasets" and args.skip_reference)
+    ]
     if cores == 1:
         phases.remove("prepare-all")
     runs: dict[str, list[dict]] = {phase: [] for phase in phases}
@@ -287,6 +306,32 @@ def throughput(args: argparse.Namespace, cores: int) -> dict[str, float]:
             f"goal {goal}"
         )
     return per_core
+
+
+def scaled(args: argparse.Namespace) -> None:
+    """Prints ceiling and prepare on four copies of GSM8K train: how much of the gap on one
+    copy is fixed cost (loading the tokenizer, hashing the inputs, writing the outputs)."""
+    copies = 4
+    text = args.train.read_text(encoding="utf-8")
+    (args.scratch / "train-x4.jsonl").write_text(text * copies, encoding="utf-8")
+    rounds = max(1, args.repeats // 2)
+    runs: dict[str, list[dict]] = {phase: [] for phase in SCALED}
+    for _ in range(rounds):
+        for phase in SCALED:
+            runs[phase].append(timed_in_fresh_process(phase, args))
+    print(f"\nthe same on GSM8K train x{copies}, best of {rounds} fresh processes\n")
+    print(f"{'path':46s} {'tokens/s/core':>14s} {'seconds':>8s}")
+    for phase in SCALED:
+        best = min(runs[phase], key=lambda r: r["seconds"])
+        print(f"{PHASES[phase][0]:46s} {_rate(best):14.0f} {best['seconds']:8.2f}")
+    ratios = sorted(
+        _rate(mine) / _rate(theirs)
+        for mine, theirs in zip(runs["prepare-x4"], runs["encode-x4"], strict=True)
+    )
+    print(
+        f"{'prepare / ceiling (encode alone)':36s} rounds {np.median(ratios):5.2f} "
+        f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]"
+    )
 
 
 def _rate(result: dict) -> float:
@@ -367,6 +412,7 @@ def main() -> int:
         throughput(args, cores)
         if args.only_throughput:
             return 0
+        scaled(args)
         packing(args.train, args.tokenizer_dir, args.scratch, cores)
         print("\npeak memory of one `megasft prepare --workers 1` process\n")
         print(f"{'input':20s} {'rows':>8s} {'peak RSS MiB':>13s}")

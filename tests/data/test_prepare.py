@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megasft.cli import main
+from megasft.data import prepare as prepare_module
 from megasft.data import read_examples, read_manifest
 from megasft.data.conversation import Message
 from megasft.data.prepare import PrepareConfig, prepare
@@ -111,12 +112,35 @@ def test_packed_rows_are_their_examples_concatenated(tmp_path, chatml):
     assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (stats["rows"] * 256))
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_write_batches_split_the_arrow_file_not_the_rows(tmp_path, chatml, monkeypatch, pack):
+    """Rows are written a bounded number of tokens at a time (memory stays flat however large
+    the dataset): smaller batches, even smaller than one row, change nothing read back."""
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(60))
+    settings = dict(
+        pack=pack,
+        seq_length=256,
+        val_fraction=0.0,
+        column_map=(("prompt", "question"), ("response", "answer")),
+    )
+    _, whole = run(tmp_path, [data], chatml, "whole", **settings)
+    monkeypatch.setattr(prepare_module, "WRITE_BATCH_TOKENS", 100)
+    _, small = run(tmp_path, [data], chatml, "small", **settings)
+    assert list(read_examples(small)) == list(read_examples(whole))
+    rows = open_split(small, "train").num_rows
+    with pa.memory_map(str(small / "train.arrow")) as source:
+        assert pa.ipc.open_file(source).num_record_batches == rows  # every row alone
+    with pa.memory_map(str(whole / "train.arrow")) as source:
+        assert pa.ipc.open_file(source).num_record_batches == 1
+
+
 def test_outputs_are_deterministic_and_independent_of_workers(tmp_path, chatml):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(300))
     mapping = (("prompt", "question"), ("response", "answer"))
     _, one = run(
         tmp_path, [data], chatml, "one", seq_length=512, val_fraction=0.2, column_map=mapping
     )
+    assert prepare_module._can_fork(), "the forked path is what runs by default here"
     _, two = run(
         tmp_path,
         [data],
@@ -127,8 +151,22 @@ def test_outputs_are_deterministic_and_independent_of_workers(tmp_path, chatml):
         column_map=mapping,
         workers=2,
     )
+    with pytest.MonkeyPatch.context() as patch:
+        # Workers started fresh (what a parent with other threads gets), not forked.
+        patch.setattr(prepare_module, "_can_fork", lambda: False)
+        _, spawned = run(
+            tmp_path,
+            [data],
+            chatml,
+            "spawned",
+            seq_length=512,
+            val_fraction=0.2,
+            column_map=mapping,
+            workers=2,
+        )
     for split in ("train", "val"):
         assert list(read_examples(one, split)) == list(read_examples(two, split))
+        assert list(read_examples(one, split)) == list(read_examples(spawned, split))
     manifest = read_manifest(one)
     assert 0 < manifest["splits"]["val"]["examples"] < 300 * 0.35
 

@@ -11,7 +11,7 @@ Four phases:
    spool the examples to two temporary flat files per split (token ids, loss mask), keeping
    only their lengths in memory.
 3. Pack each split with best-fit-decreasing over all its examples, reading the spool
-   memory-mapped, and write the final Arrow files.
+   a batch at a time, and write the final Arrow files.
 4. Write the manifest, the rejects and the preview, then move the directory into place.
 """
 
@@ -26,6 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
 from megasft.errors import ConfigError, InputError, MegasftError
 
 CHUNK_ROWS = 256
-WRITE_BATCH_ROWS = 1024
+WRITE_BATCH_TOKENS = 1 << 20
+"""About this many tokens per Arrow record batch written (whole rows)."""
 PREVIEW_EXAMPLES = 8
 
 
@@ -302,7 +304,7 @@ def _resolve(item) -> _Chunk | RowError:
 
 class _SplitSpool:
     """Unpacked examples of one split, end to end in two flat files (token ids, loss mask),
-    their lengths in memory. Packing reads them back memory-mapped."""
+    their lengths in memory. Packing reads them back a write batch at a time."""
 
     def __init__(self, directory: Path, split: str):
         self.ids_path = directory / f".spool-{split}.ids"
@@ -340,14 +342,26 @@ class _SplitSpool:
         """[examples] int64, in the order they were added."""
         return np.concatenate([np.zeros(0, np.int64), *self._lengths])
 
-    def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids [tokens], loss_mask [tokens], lengths [examples]) of what was added."""
-        lengths = self.lengths()
-        if not lengths.sum():  # numpy cannot map an empty file
-            return np.zeros(0, np.int32), np.zeros(0, np.int8), lengths
-        ids = np.memmap(self.ids_path, dtype=np.int32, mode="r")
-        masks = np.memmap(self.mask_path, dtype=np.int8, mode="r")
-        return ids, masks, lengths
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, loss_mask) of the examples at token positions `starts` with `lengths`,
+        end to end in that order.
+
+        Read with one read per example, not through a memory map: the members of a packed
+        batch come from all over the spool, and every page a map touches counts in the
+        process's memory until it is unmapped, which made peak memory grow with the dataset.
+        """
+        total = int(lengths.sum())
+        ids, masks = np.empty(total, np.int32), np.empty(total, np.int8)
+        for path, out in ((self.ids_path, ids), (self.mask_path, masks)):
+            size = out.itemsize
+            view = memoryview(out).cast("B")
+            with open(path, "rb", buffering=0) as spool:
+                at = 0
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    spool.seek(start * size)
+                    spool.readinto(view[at : at + length * size])
+                    at += length * size
+        return ids, masks
 
     def remove(self) -> None:
         self.ids_path.unlink()
@@ -373,43 +387,54 @@ class _Progress(tqdm):
 # --- phase 3: pack ---------------------------------------------------------------------------
 
 
+def _write_batches(row_tokens: np.ndarray) -> Iterator[slice]:
+    """Consecutive rows in groups of about WRITE_BATCH_TOKENS tokens (at least one row each),
+    so that the memory a write batch takes does not grow with --seq-length or the dataset."""
+    ends = np.cumsum(row_tokens)
+    start = 0
+    while start < len(row_tokens):
+        done = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + WRITE_BATCH_TOKENS, "right")))
+        yield slice(start, stop)
+        start = stop
+
+
 def _write_unpacked(spool: _SplitSpool, out: Path) -> int:
     """Writes the spooled examples to `out` as they are, one per row; returns the rows."""
-    ids, masks, lengths = spool.read()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    lengths = spool.lengths()
+    starts = np.cumsum(lengths) - lengths
     writer = SplitWriter(out)
-    for start in range(0, len(lengths), WRITE_BATCH_ROWS):
-        end = min(start + WRITE_BATCH_ROWS, len(lengths))
-        tokens = slice(offsets[start], offsets[end])
-        writer.write(flat_example_batch(ids[tokens], masks[tokens], lengths[start:end]))
+    for rows in _write_batches(lengths):
+        ids, masks = spool.gather(
+            starts[rows.start : rows.start + 1], lengths[rows].sum(keepdims=True)
+        )
+        writer.write(flat_example_batch(ids, masks, lengths[rows]))
     writer.close()
     return len(lengths)
 
 
 def _write_packed(spool: _SplitSpool, config: PrepareConfig, out: Path) -> int:
     """Packs the spooled examples into `out`; returns the number of packed rows."""
-    ids, masks, lengths = spool.read()
+    lengths = spool.lengths()
     example_starts = np.cumsum(lengths) - lengths
     rows = pack_best_fit_decreasing(lengths, config.seq_length, seed=config.seed)
+    # The members of every row in order, rows end to end, and where each row's members begin.
+    members = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    member_bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(members, out=member_bounds[1:])
+    order = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(member_bounds[-1]))
+    member_lengths = lengths[order]
+    row_tokens = np.add.reduceat(member_lengths, member_bounds[:-1]) if rows else members
     writer = SplitWriter(out)
-    for start in range(0, len(rows), WRITE_BATCH_ROWS):
-        group = rows[start : start + WRITE_BATCH_ROWS]
-        order = np.fromiter((index for row in group for index in row), dtype=np.int64)
-        # The members of each row in order, their tokens end to end: exactly the
-        # concatenation of the packed rows; only the row offsets remain to be set.
-        member_lengths = lengths[order]
-        member_ends = np.cumsum(member_lengths)
-        positions = np.repeat(
-            example_starts[order] - (member_ends - member_lengths), member_lengths
-        ) + np.arange(member_ends[-1], dtype=np.int64)  # token k of the group: spool position
-        members = np.fromiter((len(row) for row in group), dtype=np.int64, count=len(group))
-        totals = np.add.reduceat(member_lengths, np.cumsum(members) - members)
+    for batch_rows in _write_batches(row_tokens):
+        chosen = slice(member_bounds[batch_rows.start], member_bounds[batch_rows.stop])
+        # Their tokens end to end are exactly the concatenation of the batch's packed rows.
+        ids, masks = spool.gather(example_starts[order[chosen]], member_lengths[chosen])
         batch = pa.RecordBatch.from_arrays(
             [
-                list_array(totals, ids[positions], pa.int32()),
-                list_array(totals, masks[positions], pa.int8()),
-                list_array(members, member_lengths, pa.int32()),
+                list_array(row_tokens[batch_rows], ids, pa.int32()),
+                list_array(row_tokens[batch_rows], masks, pa.int8()),
+                list_array(members[batch_rows], member_lengths[chosen], pa.int32()),
             ],
             schema=EXAMPLE_SCHEMA,
         )
