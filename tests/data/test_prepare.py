@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -140,17 +142,14 @@ def test_outputs_are_deterministic_and_independent_of_workers(tmp_path, chatml):
     _, one = run(
         tmp_path, [data], chatml, "one", seq_length=512, val_fraction=0.2, column_map=mapping
     )
-    assert prepare_module._can_fork(), "the forked path is what runs by default here"
-    _, two = run(
-        tmp_path,
-        [data],
-        chatml,
-        "two",
-        seq_length=512,
-        val_fraction=0.2,
-        column_map=mapping,
-        workers=2,
-    )
+    # The command in a process of its own, as users run it: its workers are forked.
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "megasft", "prepare", "--input", str(data)]
+    command += ["--tokenizer", str(chatml), "--output", str(two), "--seq-length", "512"]
+    command += ["--val-fraction", "0.2", "--map", "prompt=question,response=answer"]
+    subprocess.run([*command, "--workers", "2", "--quiet"], check=True, capture_output=True)
+    fresh = "from megasft.data.prepare import _can_fork; assert _can_fork()"
+    subprocess.run([sys.executable, "-c", fresh], check=True)
     with pytest.MonkeyPatch.context() as patch:
         # Workers started fresh (what a parent with other threads gets), not forked.
         patch.setattr(prepare_module, "_can_fork", lambda: False)
