@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from megasft.data.token_bytes import TokenBytes, ids_encoder
+from megasft.data.token_bytes import TokenBytes
 from megasft.demo.tokenizer import CHATML_SPECIAL_TOKENS, DEFAULT_CORPUS, train_bpe
-from tests.conftest import shared_path
 
 TEXTS = [
     "<|im_start|>user\nHow many apples? 3 + 5 = 8<|im_end|>\n",
@@ -99,51 +98,3 @@ def test_only_byte_level_bpe_and_normalizers_that_keep_normalized_text(tokenizer
     word_level.decoder = decoders.ByteLevel()
     assert TokenBytes.for_tokenizer(word_level) is None
     assert TokenBytes.for_tokenizer(tokenizer) is not None
-
-
-MIXED_FORMS = [
-    "plain ASCII <|im_end|>",
-    "caf\u00e9 composed, \u00c5ngstr\u00f6m",  # NFC, not NFD
-    "cafe\u0301 decomposed",  # NFD, not NFC
-    "\ufb01ne ligature \u2460",  # changed by NFKC and NFKD only
-    "\u212b the angstrom sign",  # changed by every form
-]
-
-
-@pytest.mark.parametrize("normalizer", [None, "NFC", "NFD", "NFKC", "NFKD", "Lowercase"])
-def test_ids_encoder_gives_the_ids_of_encode_batch(tokenizer, normalizer):
-    """With or without the normalizer set aside, batch by batch: the same ids as the
-    tokenizer's own encode_batch, and the normalizer back in place after."""
-    normalized = Tokenizer.from_str(tokenizer.to_str())
-    if normalizer is not None:
-        normalized.normalizer = getattr(normalizers, normalizer)()
-    before = normalized.to_str()
-    encode = ids_encoder(normalized)
-    batches = [MIXED_FORMS[:1], MIXED_FORMS[:2], MIXED_FORMS, *[[text] for text in MIXED_FORMS]]
-    for batch in batches:
-        expected = [e.ids for e in normalized.encode_batch(batch, add_special_tokens=False)]
-        assert encode(batch) == expected, batch
-    assert normalized.to_str() == before
-
-
-def test_ids_encoder_restores_the_normalizer_when_encoding_fails(tokenizer):
-    nfc = Tokenizer.from_str(tokenizer.to_str())
-    nfc.normalizer = normalizers.NFC()
-    with pytest.raises(TypeError):
-        ids_encoder(nfc)(["fine", "a lone surrogate \ud800"])  # NFC, but no valid UTF-8
-    assert isinstance(nfc.normalizer, normalizers.NFC)
-
-
-def test_ids_encoder_on_the_real_qwen_tokenizer():
-    """Qwen2.5's NFC normalizer set aside on GSM8K and on multilingual text: the same ids."""
-    directory = shared_path("data", "tokenizers", "qwen2.5")
-    qwen = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    assert isinstance(qwen.normalizer, normalizers.NFC)
-    gsm8k = shared_path("data", "gsm8k", "test.jsonl")
-    texts = [*MIXED_FORMS, "日本語のテキスト、한국어 텍스트, Ελληνικά, العربية"]
-    texts += gsm8k.read_text(encoding="utf-8").splitlines()[:200]
-    expected = [e.ids for e in qwen.encode_batch(texts, add_special_tokens=False)]
-    encode = ids_encoder(qwen)
-    assert [encode([text])[0] for text in texts] == expected
-    ascii_or_nfc = [text for text in texts if "\u0301" not in text and "\u212b" not in text]
-    assert encode(ascii_or_nfc) == [expected[texts.index(text)] for text in ascii_or_nfc]

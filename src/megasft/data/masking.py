@@ -37,8 +37,9 @@ from itertools import accumulate, chain
 import numpy as np
 
 from megasft.data.conversation import Message
+from megasft.data.encode import IdsEncoder
 from megasft.data.template import TemplateError
-from megasft.data.token_bytes import TokenBytes, ids_encoder
+from megasft.data.token_bytes import TokenBytes
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import ConfigError
 
@@ -163,7 +164,7 @@ class ConversationMasker:
         # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
         # tokenizer allows it; else `encode_batch` with offsets.
         self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
-        self._encode_ids = ids_encoder(self.tokenizer)
+        self._encode_ids = IdsEncoder(self.tokenizer)
 
     # -- public -------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ Masking needs to know where every token starts in the rendered text. `encode_bat
 that for each token (character offsets through normalization and pre-tokenization), and the
 bookkeeping is about a fifth of its time when texts are encoded chunk after chunk, as
 `prepare` does (their allocations are freed and reused each chunk; measured 0.78 on GSM8K in
-chunks of 256); `encode_batch_fast` returns the same ids without it. With byte-level BPE (GPT-2, Llama 3, Qwen) every id stands for a fixed byte string, so a
-token starts at the sum of the byte lengths of the tokens before it, provided those byte
+chunks of 256); `encode_batch_fast` returns the same ids without it (see encode.py). With
+byte-level BPE (GPT-2, Llama 3, Qwen) every id stands for a fixed byte string, so a token starts at the sum of the byte lengths of the tokens before it, provided those byte
 strings, laid end to end, are exactly the text's UTF-8 bytes. `TokenBytes.locate` checks that
 byte for byte for every text; a text whose tokens do not spell it out (a normalizer changed
 it, a token is not byte-level, an added token stripped whitespace) is reported, and the
@@ -17,8 +17,6 @@ Byte positions are character positions for ASCII text; for other text the caller
 from __future__ import annotations
 
 import re
-import unicodedata
-from collections.abc import Callable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers
@@ -28,7 +26,7 @@ _UNSEEN = -2
 _NO_FIXED_BYTES = -1
 """Length of an id that stands for no fixed byte string: texts holding it are not spelled."""
 
-_NORMAL_FORMS = {
+NORMAL_FORMS = {
     normalizers.NFC: "NFC",
     normalizers.NFD: "NFD",
     normalizers.NFKC: "NFKC",
@@ -36,7 +34,7 @@ _NORMAL_FORMS = {
 }
 """Normalizers that leave a text alone when it is already in their form, so that a text its
 tokens spell out exactly was not changed by them, and its offsets are the byte positions."""
-_IDENTITY_ON_NORMALIZED_TEXT = tuple(_NORMAL_FORMS)
+_IDENTITY_ON_NORMALIZED_TEXT = tuple(NORMAL_FORMS)
 
 
 def _byte_level_alphabet() -> dict[int, int]:
@@ -175,31 +173,3 @@ def _byte_level_bytes(token: str) -> bytes | None:
     if _NOT_BYTE_LEVEL.search(token):
         return None
     return token.translate(_TO_LATIN1).encode("latin-1")
-
-
-def ids_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """A function giving the ids `tokenizer.encode_batch(texts, add_special_tokens=False)`
-    gives, at less cost: no offsets, and no normalization pass where it would change nothing.
-
-    A Unicode normalizer (Qwen2's NFC, say) is about a tenth of encoding time on GSM8K, and
-    leaves every text already in its form exactly as it is; the tokenizer's added-token
-    matching and pre-tokenization then see the same characters with it or without it. So a
-    batch whose texts are all in that form (all ASCII text is, in every form) is encoded with
-    the normalizer set aside for the call and put back after, and any other batch with it.
-    """
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    form = _NORMAL_FORMS.get(type(tokenizer.normalizer))
-
-    def ids(texts: list[str]) -> list[list[int]]:
-        if form is None or not all(
-            text.isascii() or unicodedata.is_normalized(form, text) for text in texts
-        ):
-            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-        normalizer = tokenizer.normalizer
-        tokenizer.normalizer = None
-        try:
-            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-        finally:
-            tokenizer.normalizer = normalizer
-
-    return ids
