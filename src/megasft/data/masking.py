@@ -366,33 +366,14 @@ class ConversationMasker:
 
         first = token_index[first[on_edges]]
         last = token_index[last[on_edges]]
-        change = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.add.at(change, first, 1)
-        np.add.at(change, last + 1, -1)
-        mask = (np.cumsum(change[:-1]) > 0).astype(np.int8)  # [tokens]
+        mask = _mask_of_ranges(len(ids), first, last)
         trained = np.bincount(
             span_rows[on_edges], weights=last + 1 - first, minlength=len(texts)
         ).astype(np.int64)
 
-        prefixed = (
-            np.fromiter(
-                (not text.startswith(self._prefix_text) for text in texts),
-                dtype=bool,
-                count=len(texts),
-            )
-            if self._prefix_ids
-            else np.zeros(len(texts), dtype=bool)
-        )
+        prefixed = self._lacking_prefix(texts)
         if fast.all() and trained.all() and not prefixed.any():
-            # Every text as it is in the arrays: the usual case, no per-text work.
-            return MaskedBatch(
-                ids,
-                mask,
-                bounds,
-                np.zeros(len(texts), np.int64),
-                np.zeros(len(texts), np.int64),
-                list(range(len(texts))),
-            )
+            return _whole_batch(ids, mask, bounds, np.zeros(len(texts), np.int64))
         results: list[MaskedExample | MaskingError] = []
         for row, text in enumerate(texts):
             if not fast[row]:
@@ -405,12 +386,8 @@ class ConversationMasker:
             if not trained[row]:
                 results.append(_no_trained_tokens())
                 continue
-            row_ids = ids[bounds[row] : bounds[row + 1]]
-            row_mask = mask[bounds[row] : bounds[row + 1]]
-            if prefixed[row]:
-                row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
-                row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
-            results.append(MaskedExample(row_ids, row_mask, 0))
+            rows = slice(bounds[row], bounds[row + 1])
+            results.append(self._example(ids[rows], mask[rows], prefixed[row], 0))
         return _gathered(results)
 
     def _mask_with_offsets(
@@ -437,42 +414,42 @@ class ConversationMasker:
             for first, last in ranges:
                 firsts.append(base + first)
                 lasts.append(base + last)
-        change = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.add.at(change, np.asarray(firsts, dtype=np.int64), 1)
-        np.add.at(change, np.asarray(lasts, dtype=np.int64) + 1, -1)
-        mask = (np.cumsum(change[:-1]) > 0).astype(np.int8)  # [tokens]
-
-        prefixed = (
-            np.fromiter(
-                (not text.startswith(self._prefix_text) for text in texts),
-                dtype=bool,
-                count=len(texts),
-            )
-            if self._prefix_ids
-            else np.zeros(len(texts), dtype=bool)
+        mask = _mask_of_ranges(
+            len(ids), np.asarray(firsts, dtype=np.int64), np.asarray(lasts, dtype=np.int64)
         )
+
+        prefixed = self._lacking_prefix(texts)
         if trained.all() and not prefixed.any():
-            # Every text as it is in the arrays: the usual case, no per-text work.
-            return MaskedBatch(
-                ids,
-                mask,
-                bounds,
-                boundary,
-                np.zeros(len(texts), np.int64),
-                list(range(len(texts))),
-            )
+            return _whole_batch(ids, mask, bounds, boundary)
         results: list[MaskedExample | MaskingError] = []
         for row in range(len(texts)):
             if not trained[row]:
                 results.append(_no_trained_tokens())
                 continue
-            row_ids = ids[bounds[row] : bounds[row + 1]]
-            row_mask = mask[bounds[row] : bounds[row + 1]]
-            if prefixed[row]:
-                row_ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), row_ids])
-                row_mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), row_mask])
-            results.append(MaskedExample(row_ids, row_mask, int(boundary[row])))
+            rows = slice(bounds[row], bounds[row + 1])
+            results.append(self._example(ids[rows], mask[rows], prefixed[row], int(boundary[row])))
         return _gathered(results)
+
+    def _lacking_prefix(self, texts: list[str]) -> np.ndarray:
+        """[texts] bool: which texts need the tokenizer's own prefix (a BOS) put before them,
+        because the template did not already start them with it."""
+        if not self._prefix_ids:
+            return np.zeros(len(texts), dtype=bool)
+        return np.fromiter(
+            (not text.startswith(self._prefix_text) for text in texts),
+            dtype=bool,
+            count=len(texts),
+        )
+
+    def _example(
+        self, ids: np.ndarray, mask: np.ndarray, prefixed: bool, boundary: int
+    ) -> MaskedExample:
+        """One text's example from its stretch of a batch's arrays, its prefix put before it
+        (untrained) where it lacks one."""
+        if prefixed:
+            ids = np.concatenate([np.asarray(self._prefix_ids, np.int32), ids])
+            mask = np.concatenate([np.zeros(len(self._prefix_ids), np.int8), mask])
+        return MaskedExample(ids, mask, boundary)
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         try:
@@ -702,6 +679,22 @@ def _drop_oldest_turn(messages: list[Message]) -> list[Message] | None:
     if not any(m.role == "assistant" for m in shorter):
         return None
     return shorter
+
+
+def _mask_of_ranges(tokens: int, firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
+    """[tokens] int8: 1 on every token of the inclusive ranges firsts[k]..lasts[k]."""
+    change = np.zeros(tokens + 1, dtype=np.int64)
+    np.add.at(change, firsts, 1)
+    np.add.at(change, lasts + 1, -1)
+    return (np.cumsum(change[:-1]) > 0).astype(np.int8)
+
+
+def _whole_batch(
+    ids: np.ndarray, mask: np.ndarray, bounds: np.ndarray, boundary: np.ndarray
+) -> MaskedBatch:
+    """Every text as it lies in the arrays, none dropped: the usual case, no per-text work."""
+    count = len(bounds) - 1
+    return MaskedBatch(ids, mask, bounds, boundary, np.zeros(count, np.int64), list(range(count)))
 
 
 def _no_trained_tokens() -> MaskingError:
