@@ -6,7 +6,7 @@ nothing are left out:
 
 - offsets: `encode_batch_fast` returns the same ids without tracking where each token came
   from (masking finds token positions from the ids, see token_bytes.py);
-- a Unicode normalization pass over text already in the normal form (see `_encode`);
+- a Unicode normalization pass over text already in the normal form (see `IdsEncoder._encode_ids`);
 - encoding the same opening again and again: chat templates put the same text before every
   conversation (Qwen's injected default system prompt, say); see `_shared_opening`.
 """
