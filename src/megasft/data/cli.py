@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from megasft.data.encode import ENCODER_CHOICES
 from megasft.data.formats import FORMATS, parse_column_map
 from megasft.data.masking import LOSS_ON_CHOICES, OVERLONG_CHOICES
 from megasft.data.store import PREVIEW_FILE
@@ -106,6 +107,14 @@ def add_prepare_command(subparsers) -> None:
         "--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="tokenizer processes"
     )
     parser.add_argument(
+        "--encoder",
+        default="auto",
+        choices=ENCODER_CHOICES,
+        help="auto: tiktoken's BPE core where it gives the tokenizer's ids (byte-level BPE such "
+        "as Qwen and Llama 3; about 3x faster), else the tokenizer; tokenizers: always the "
+        "tokenizer",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace the output directory if it exists"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -131,6 +140,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         workers=args.workers,
         overlong=args.overlong,
+        encoder=args.encoder,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

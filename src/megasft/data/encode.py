@@ -1,36 +1,54 @@
 """Token ids of many texts: exactly what `encode_batch(texts, add_special_tokens=False)` gives,
 at less cost.
 
-`prepare` spends most of its time here, so three kinds of work the tokenizer would do for
-nothing are left out:
+`prepare` spends most of its time here. Where the tokenizer is a byte-level BPE that
+tiktoken's core reproduces (Qwen, Llama 3; see fast_bpe.py), that core encodes the texts, in
+about a third of the time. Otherwise, or where it ever differs, the tokenizer does, and three
+kinds of work it would do for nothing are left out:
 
 - offsets: `encode_batch_fast` returns the same ids without tracking where each token came
   from (masking finds token positions from the ids, see token_bytes.py);
-- a Unicode normalization pass over text already in the normal form (see `IdsEncoder._encode_ids`);
+- a Unicode normalization pass over text already in the normal form (`IdsEncoder._left_alone`);
 - encoding the same opening again and again: chat templates put the same text before every
   conversation (Qwen's injected default system prompt, say); see `_shared_opening`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 
 from tokenizers import Tokenizer
 
+from megasft.data.fast_bpe import FastBPE, may_hold_one_another
 from megasft.data.token_bytes import NORMAL_FORMS
+
+logger = logging.getLogger(__name__)
+
+ENCODER_CHOICES = ("auto", "tokenizers")
+"""auto: tiktoken's BPE core where it reproduces the tokenizer; tokenizers: never."""
 
 MIN_TEXTS_TO_SHARE = 8
 """Fewer texts than this are encoded whole: the opening would be encoded for little gain."""
 
 
 class IdsEncoder:
-    """`encoder(texts)` -> the ids of each text, as `tokenizer.encode_batch` gives them."""
+    """`encoder(texts)` -> the ids of each text, as `tokenizer.encode_batch` gives them.
 
-    def __init__(self, tokenizer: Tokenizer):
+    With `fast` (tiktoken's BPE core for this tokenizer, see fast_bpe.py), the texts the
+    normalizer leaves alone are encoded by it instead. The first of them in every call is
+    also encoded by the tokenizer, and at the first difference `fast` is given up for good.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, fast: FastBPE | None = None):
         self.tokenizer = tokenizer
+        self.fast = fast
         self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        self._form = NORMAL_FORMS.get(type(tokenizer.normalizer))
+        normalizer = tokenizer.normalizer
+        self._form = NORMAL_FORMS.get(type(normalizer))
+        self._normalizes = normalizer is not None
+        """Whether there is a normalizer; only one putting text in `_form` can be set aside."""
         self._boundaries = _boundary_tokens(tokenizer)
         """Added tokens after which a text can be cut and its two parts encoded apart."""
 
@@ -66,26 +84,78 @@ class IdsEncoder:
         return common[:end], boundary
 
     def _encode_ids(self, texts: list[str]) -> list[list[int]]:
-        """A normalizer that only puts text in a Unicode normal form (Qwen2's NFC) leaves text
-        already in that form as it is, and costs about a tenth of encoding on GSM8K. A batch
-        whose texts are all in the form (ASCII text is, in every form) is encoded with the
-        normalizer set aside for the call: added-token matching and pre-tokenization then see
-        the same characters, so the ids are the same."""
-        form = self._form
-        if form is None or not all(
-            text.isascii() or unicodedata.is_normalized(form, text) for text in texts
-        ):
-            return [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        """Texts the normalizer leaves as they are go to `_encode_as_is`, the rest to the
+        tokenizer whole; the ids come back in the order of `texts`."""
+        as_is = self._left_alone(texts)
+        if all(as_is):
+            return self._encode_as_is(texts)
+        if not any(as_is):
+            return self._encode_whole(texts)
+        plain = iter(
+            self._encode_as_is([t for t, alone in zip(texts, as_is, strict=True) if alone])
+        )
+        other = iter(
+            self._encode_whole([t for t, alone in zip(texts, as_is, strict=True) if not alone])
+        )
+        return [next(plain) if alone else next(other) for alone in as_is]
+
+    def _left_alone(self, texts: list[str]) -> list[bool]:
+        """Which texts are valid UTF-8 that the normalizer would not change.
+
+        A normalizer that only puts text in a Unicode normal form (Qwen2's NFC) leaves text
+        already in that form as it is (ASCII is, in every form), and costs about a tenth of
+        encoding on GSM8K. With it set aside, added-token matching and pre-tokenization see
+        the same characters, so the ids are the same.
+        """
+        if self._normalizes and self._form is None:
+            return [False] * len(texts)
+        return [
+            text.isascii()
+            or (
+                _is_utf8(text)
+                and (self._form is None or unicodedata.is_normalized(self._form, text))
+            )
+            for text in texts
+        ]
+
+    def _encode_as_is(self, texts: list[str]) -> list[list[int]]:
+        fast = self.fast
+        if fast is None:
+            return self._encode_unnormalized(texts)
+        ids = fast.encode(texts)
+        if ids[:1] == self._encode_unnormalized(texts[:1]):
+            return ids
+        self.fast = None
+        logger.warning(
+            "tiktoken's BPE gave other ids than the tokenizer for %r; encoding with the "
+            "tokenizer from now on",
+            texts[0][:200],
+        )
+        return self._encode_unnormalized(texts)
+
+    def _encode_unnormalized(self, texts: list[str]) -> list[list[int]]:
+        """The tokenizer's ids for texts its normalizer would leave as they are, with the
+        normalizer set aside for the call."""
+        if not self._normalizes:
+            return self._encode_whole(texts)
         normalizer = self.tokenizer.normalizer
         self.tokenizer.normalizer = None
         try:
-            return [e.ids for e in self._encode(texts, add_special_tokens=False)]
+            return self._encode_whole(texts)
         finally:
             self.tokenizer.normalizer = normalizer
 
+    def _encode_whole(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._encode(texts, add_special_tokens=False)]
 
-MAX_ADDED_TOKENS_CHECKED = 1024
-"""Above this many added tokens, `_boundary_tokens` does not compare them pair by pair."""
+
+def _is_utf8(text: str) -> bool:
+    """False for a str holding lone surrogates, which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _boundary_tokens(tokenizer: Tokenizer) -> dict[str, int]:
@@ -99,10 +169,7 @@ def _boundary_tokens(tokenizer: Tokenizer) -> dict[str, int]:
     is caught by the check in `IdsEncoder.__call__`.
     """
     added = tokenizer.get_added_tokens_decoder()
-    contents = [token.content for token in added.values()]
-    if len(contents) > MAX_ADDED_TOKENS_CHECKED or any(
-        inner != outer and inner in outer for inner in contents for outer in contents
-    ):
+    if may_hold_one_another([token.content for token in added.values()]):
         return {}
     return {
         token.content: index

@@ -37,7 +37,8 @@ from itertools import accumulate, chain
 import numpy as np
 
 from megasft.data.conversation import Message
-from megasft.data.encode import IdsEncoder
+from megasft.data.encode import ENCODER_CHOICES, IdsEncoder
+from megasft.data.fast_bpe import FastBPE
 from megasft.data.template import TemplateError
 from megasft.data.token_bytes import TokenBytes
 from megasft.data.tokenizer import ChatTokenizer
@@ -149,7 +150,11 @@ class ConversationMasker:
     Holds a per-process cache of skeletons keyed by the sequence of roles.
     """
 
-    def __init__(self, chat_tokenizer: ChatTokenizer, policy: MaskPolicy):
+    def __init__(self, chat_tokenizer: ChatTokenizer, policy: MaskPolicy, encoder: str = "auto"):
+        """`encoder`: "auto" encodes with tiktoken's BPE core where it reproduces the
+        tokenizer (see fast_bpe.py), "tokenizers" always with the tokenizer."""
+        if encoder not in ENCODER_CHOICES:
+            raise ValueError(f"encoder must be one of {ENCODER_CHOICES}, got {encoder!r}")
         self.chat_tokenizer = chat_tokenizer
         self.template = chat_tokenizer.template
         self.tokenizer = chat_tokenizer.tokenizer
@@ -164,7 +169,8 @@ class ConversationMasker:
         # Ids without offsets, positions from the tokens' bytes (see token_bytes.py), where the
         # tokenizer allows it; else `encode_batch` with offsets.
         self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
-        self._encode_ids = IdsEncoder(self.tokenizer)
+        fast = chat_tokenizer.fast_bpe() if encoder == "auto" else None
+        self._encode_ids = IdsEncoder(self.tokenizer, fast if isinstance(fast, FastBPE) else None)
 
     # -- public -------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data.conversation import Message, RowError
+from megasft.data.encode import ENCODER_CHOICES
 from megasft.data.formats import FORMATS, detect_format, to_messages, unknown_format_error
 from megasft.data.formats import mixed_formats_error as _mixed_formats_error
 from megasft.data.masking import (
@@ -100,6 +101,8 @@ class PrepareConfig:
     """Worker processes for tokenization; 1 works in-process."""
     overlong: str = "drop"
     """drop: reject examples above seq_length; truncate-oldest: drop the oldest turns."""
+    encoder: str = "auto"
+    """auto: tiktoken's BPE core where it reproduces the tokenizer (fast_bpe.py); tokenizers."""
     overwrite: bool = False
     """Replace an existing output directory."""
     progress: bool = True
@@ -118,6 +121,8 @@ class PrepareConfig:
             raise ConfigError("--on-error must be skip or fail")
         if self.overlong not in OVERLONG_CHOICES:
             raise ConfigError(f"--overlong must be one of {', '.join(OVERLONG_CHOICES)}")
+        if self.encoder not in ENCODER_CHOICES:
+            raise ConfigError(f"--encoder must be one of {', '.join(ENCODER_CHOICES)}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         MaskPolicy(self.loss_on, self.train_on_eos)  # validates loss_on
@@ -157,7 +162,7 @@ class _RowProcessor:
         self.val_fraction = config.val_fraction
         self.seed_bytes = f"megasft-split-{config.seed}\0".encode()
         self.masker = ConversationMasker(
-            chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos)
+            chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos), config.encoder
         )
 
     def process(self, chunk: list[RawRow]) -> _Chunk:
@@ -451,6 +456,8 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.monotonic()
     check_inputs(config.inputs)
     chat_tokenizer = load_chat_tokenizer(config.tokenizer)
+    if config.encoder == "auto":
+        chat_tokenizer.fast_bpe()  # built once here, before the workers are forked
     output = Path(config.output)
     if output.exists() and not config.overwrite:
         raise InputError(
@@ -586,6 +593,7 @@ def _manifest(
             "vocab_size": chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True),
             "bos_token": chat_tokenizer.bos_token,
             "eos_token": chat_tokenizer.eos_token,
+            "encoder": _encoder_record(config, chat_tokenizer),
         },
         "chat_template": {
             "origin": chat_tokenizer.template.origin,
@@ -602,6 +610,17 @@ def _manifest(
         "truncated_examples": tally.truncated_examples,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _encoder_record(config: PrepareConfig, chat_tokenizer: ChatTokenizer) -> dict:
+    """Which library was to encode, and why not tiktoken where it was not. A worker that
+    finds a difference switches to the tokenizer and says so on stderr."""
+    if config.encoder == "tokenizers":
+        return {"library": "tokenizers", "reason": "--encoder tokenizers"}
+    fast = chat_tokenizer.fast_bpe()
+    if isinstance(fast, str):
+        return {"library": "tokenizers", "reason": f"tiktoken's BPE not used: {fast}"}
+    return {"library": "tiktoken", "reason": "byte-level BPE with merges ranked by token id"}
 
 
 def _file_sha256(path: str) -> str:

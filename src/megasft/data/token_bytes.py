@@ -173,3 +173,19 @@ def _byte_level_bytes(token: str) -> bytes | None:
     if _NOT_BYTE_LEVEL.search(token):
         return None
     return token.translate(_TO_LATIN1).encode("latin-1")
+
+
+def byte_level_vocabulary(vocab: dict[str, int]) -> dict[bytes, int] | None:
+    """The bytes each token of a byte-level vocabulary stands for -> its id; None if some
+    token has a character outside the byte-level alphabet."""
+    tokens = "".join(vocab)
+    if _NOT_BYTE_LEVEL.search(tokens):
+        return None
+    # One translation of all tokens end to end, then cut: each character is one byte.
+    spelled = tokens.translate(_TO_LATIN1).encode("latin-1")
+    ends = np.cumsum(np.fromiter(map(len, vocab), dtype=np.int64, count=len(vocab))).tolist()
+    starts = [0, *ends[:-1]]
+    return {
+        spelled[start:end]: index
+        for start, end, index in zip(starts, ends, vocab.values(), strict=True)
+    }

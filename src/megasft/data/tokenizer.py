@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from megasft.data.fast_bpe import FastBPE, fast_bpe_for
 from megasft.data.template import CHATML_TEMPLATE, ChatTemplate
 from megasft.errors import InputError
 
@@ -43,6 +44,14 @@ class ChatTokenizer:
     sha256: str
     """Hash of the tokenizer files, recorded in the dataset manifest."""
     special_token_ids: frozenset[int] = field(default_factory=frozenset)
+    _fast_bpe: FastBPE | str | None = field(default=None, repr=False, compare=False)
+
+    def fast_bpe(self) -> FastBPE | str:
+        """tiktoken's BPE core for this tokenizer, or why it has none (see fast_bpe.py);
+        built on first use (a second or so for Qwen2.5), then kept, and never pickled."""
+        if self._fast_bpe is None:
+            self._fast_bpe = fast_bpe_for(json.loads(self.tokenizer.to_str()))
+        return self._fast_bpe
 
     @property
     def bos_token(self) -> str | None:
@@ -55,6 +64,7 @@ class ChatTokenizer:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["tokenizer"] = self.tokenizer.to_str()
+        state["_fast_bpe"] = None
         return state
 
     def __setstate__(self, state):
