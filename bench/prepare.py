@@ -4,7 +4,9 @@
 
 Prints, side by side from one run:
 1. throughput, tokens/s per core: the tokenizer alone on the already-rendered texts (the
-   ceiling), `megasft prepare`, and the usual `datasets.map` + `apply_chat_template` +
+   ceiling: `tokenizers`' encode_batch), `megasft prepare` (which encodes with tiktoken's BPE
+   core where it gives the tokenizer's ids, see src/megasft/data/fast_bpe.py), the same with
+   `--encoder tokenizers`, and the usual `datasets.map` + `apply_chat_template` +
    prompt-prefix masking. Each runs on one core (RAYON_NUM_THREADS=1), so the numbers are per
    core; prepare with all workers is shown too. Then the ceiling and prepare again on four
    copies of the rows, which shows how much of the gap is fixed cost.
@@ -73,7 +75,9 @@ def ceiling(train: Path, tokenizer_dir: Path, with_load: bool):
     return run
 
 
-def megasft_prepare(train: Path, tokenizer_dir: Path, workers: int, scratch: Path):
+def megasft_prepare(
+    train: Path, tokenizer_dir: Path, workers: int, scratch: Path, encoder: str = "auto"
+):
     from megasft.data.prepare import PrepareConfig, prepare
 
     def run() -> int:
@@ -81,11 +85,12 @@ def megasft_prepare(train: Path, tokenizer_dir: Path, workers: int, scratch: Pat
             PrepareConfig(
                 inputs=(str(train),),
                 tokenizer=str(tokenizer_dir),
-                output=str(scratch / f"prepare-{workers}"),
+                output=str(scratch / f"prepare-{workers}-{encoder}"),
                 column_map=MAPPING,
                 seq_length=4096,
                 val_fraction=0.0,
                 workers=workers,
+                encoder=encoder,
                 overwrite=True,
                 progress=False,
             )
@@ -148,6 +153,11 @@ PHASES = {
         "2. megasft prepare --workers 1",
         1,
         lambda a: megasft_prepare(a.train, a.tokenizer_dir, 1, a.scratch),
+    ),
+    "prepare-tokenizers": (
+        "   megasft prepare --encoder tokenizers",
+        1,
+        lambda a: megasft_prepare(a.train, a.tokenizer_dir, 1, a.scratch, "tokenizers"),
     ),
     "prepare-all": (
         "   megasft prepare --workers {cores}",
@@ -289,21 +299,22 @@ def throughput(args: argparse.Namespace, cores: int) -> dict[str, float]:
         "\nratios within each round (the runs of a round are seconds apart, so they share the"
         "\nmachine's mood; this machine's speed drifts by a third from minute to minute)"
     )
-    for name, reference, goal in (
-        ("prepare / ceiling (encode alone)", "encode", ">= 0.80"),
-        ("prepare / ceiling (load + encode)", "load-encode", ">= 0.80"),
-        ("prepare / datasets.map", "datasets", ">= 2"),
+    for name, mine, reference, goal in (
+        ("prepare / ceiling (encode alone)", "prepare", "encode", ">= 0.80"),
+        ("prepare / ceiling (load + encode)", "prepare", "load-encode", ">= 0.80"),
+        ("prepare / datasets.map", "prepare", "datasets", ">= 2"),
+        ("  --encoder tokenizers / ceiling", "prepare-tokenizers", "encode", ""),
     ):
-        if reference not in runs:
+        if reference not in runs or mine not in runs:
             continue
         rounds = sorted(
-            _rate(mine) / _rate(theirs)
-            for mine, theirs in zip(runs["prepare"], runs[reference], strict=True)
+            _rate(own) / _rate(theirs)
+            for own, theirs in zip(runs[mine], runs[reference], strict=True)
         )
         print(
-            f"{name:36s} best {per_core['prepare'] / per_core[reference]:5.2f}   "
+            f"{name:36s} best {per_core[mine] / per_core[reference]:5.2f}   "
             f"rounds {np.median(rounds):5.2f} [{rounds[0]:.2f}, {rounds[-1]:.2f}]   "
-            f"goal {goal}"
+            + (f"goal {goal}" if goal else "(tiktoken's BPE core off, for comparison)")
         )
     return per_core
 
