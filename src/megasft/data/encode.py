@@ -37,7 +37,7 @@ class IdsEncoder:
     """`encoder(texts)` -> the ids of each text, as `tokenizer.encode_batch` gives them.
 
     With `fast` (tiktoken's BPE core for this tokenizer, see fast_bpe.py), the texts the
-    normalizer leaves alone are encoded by it instead. The first of them in every call is
+    normalizer leaves alone are encoded by it instead. The longest of them in every call is
     also encoded by the tokenizer, and at the first difference `fast` is given up for good.
     """
 
@@ -123,13 +123,15 @@ class IdsEncoder:
         if fast is None:
             return self._encode_unnormalized(texts)
         ids = fast.encode(texts)
-        if ids[:1] == self._encode_unnormalized(texts[:1]):
+        # The longest text (it has the most to differ on) through the tokenizer as well.
+        probe = max(range(len(texts)), key=lambda i: len(texts[i]))
+        if self._encode_unnormalized([texts[probe]]) == ids[probe : probe + 1]:
             return ids
         self.fast = None
         logger.warning(
             "tiktoken's BPE gave other ids than the tokenizer for %r; encoding with the "
             "tokenizer from now on",
-            texts[0][:200],
+            texts[probe][:200],
         )
         return self._encode_unnormalized(texts)
 

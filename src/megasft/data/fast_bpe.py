@@ -18,7 +18,7 @@ as far as the file shows:
 - added tokens matched on the raw text as they are: not normalized, stripping no whitespace,
   needing no word boundary, none inside another.
 
-What the file cannot show is checked as the encoder runs: `IdsEncoder` compares the first
+What the file cannot show is checked as the encoder runs: `IdsEncoder` compares the longest
 text of every batch with `tokenizers`' ids and gives this encoder up for good at the first
 difference, and masking checks byte for byte that every text's tokens spell it out
 (token_bytes.py), so a regex that skipped characters would be caught there. The tests compare
