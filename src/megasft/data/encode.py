@@ -120,7 +120,7 @@ class IdsEncoder:
 
     def _encode_as_is(self, texts: list[str]) -> list[list[int]]:
         fast = self.fast
-        if fast is None:
+        if fast is None or not texts:
             return self._encode_unnormalized(texts)
         ids = fast.encode(texts)
         # The longest text (it has the most to differ on) through the tokenizer as well.
