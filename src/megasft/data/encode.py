@@ -85,17 +85,17 @@ class IdsEncoder:
 
     def _encode_ids(self, texts: list[str]) -> list[list[int]]:
         """Texts the normalizer leaves as they are go to `_encode_as_is`, the rest to the
-        tokenizer whole; the ids come back in the order of `texts`."""
+        tokenizer as it is; the ids come back in the order of `texts`."""
         as_is = self._left_alone(texts)
         if all(as_is):
             return self._encode_as_is(texts)
         if not any(as_is):
-            return self._encode_whole(texts)
+            return self._tokenizer_ids(texts)
         plain = iter(
             self._encode_as_is([t for t, alone in zip(texts, as_is, strict=True) if alone])
         )
         other = iter(
-            self._encode_whole([t for t, alone in zip(texts, as_is, strict=True) if not alone])
+            self._tokenizer_ids([t for t, alone in zip(texts, as_is, strict=True) if not alone])
         )
         return [next(plain) if alone else next(other) for alone in as_is]
 
@@ -139,15 +139,16 @@ class IdsEncoder:
         """The tokenizer's ids for texts its normalizer would leave as they are, with the
         normalizer set aside for the call."""
         if not self._normalizes:
-            return self._encode_whole(texts)
+            return self._tokenizer_ids(texts)
         normalizer = self.tokenizer.normalizer
         self.tokenizer.normalizer = None
         try:
-            return self._encode_whole(texts)
+            return self._tokenizer_ids(texts)
         finally:
             self.tokenizer.normalizer = normalizer
 
-    def _encode_whole(self, texts: list[str]) -> list[list[int]]:
+    def _tokenizer_ids(self, texts: list[str]) -> list[list[int]]:
+        """The tokenizer's ids, normalizer and all."""
         return [e.ids for e in self._encode(texts, add_special_tokens=False)]
 
 
