@@ -287,6 +287,19 @@ INELIGIBLE = {
 }
 
 
+def test_a_text_tiktoken_gives_up_on_goes_to_the_tokenizer(qwen_style):
+    """A million spaces overflow the backtracking stack of tiktoken's regex engine (the
+    lookahead in `\\s+(?!\\S)`): that text alone is encoded by the tokenizer, and tiktoken
+    stays in use for the others."""
+    fast = _eligible(qwen_style)
+    spaces = " " * 1_000_000 + "x"
+    assert fast.encode([spaces, "fine"])[0] is None
+    texts = ["<|im_start|>user\nhello there<|im_end|>", spaces, "and the rest"]
+    encoder = IdsEncoder(qwen_style, fast)
+    assert encoder(texts) == _expected(qwen_style, texts)
+    assert encoder.fast is fast
+
+
 @pytest.mark.parametrize("spec_of, cause", INELIGIBLE.values(), ids=INELIGIBLE.keys())
 def test_ineligible_tokenizers_get_a_reason(gpt2_style, spec_of, cause):
     reason = fast_bpe_for(spec_of(gpt2_style))

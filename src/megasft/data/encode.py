@@ -123,8 +123,18 @@ class IdsEncoder:
         if fast is None or not texts:
             return self._encode_unnormalized(texts)
         ids = fast.encode(texts)
-        # The longest text (it has the most to differ on) through the tokenizer as well.
-        probe = max(range(len(texts)), key=lambda i: len(texts[i]))
+        # Texts tiktoken gave up on (see FastBPE.encode) are the tokenizer's to encode.
+        given_up = [i for i, text_ids in enumerate(ids) if text_ids is None]
+        if given_up:
+            redone = self._encode_unnormalized([texts[i] for i in given_up])
+            for i, text_ids in zip(given_up, redone, strict=True):
+                ids[i] = text_ids
+        skipped = set(given_up)
+        encoded = [i for i in range(len(texts)) if i not in skipped]
+        if not encoded:
+            return ids
+        # The longest text tiktoken encoded (it has the most to differ on), by the tokenizer.
+        probe = max(encoded, key=lambda i: len(texts[i]))
         if self._encode_unnormalized([texts[probe]]) == ids[probe : probe + 1]:
             return ids
         self.fast = None

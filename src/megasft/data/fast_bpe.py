@@ -55,10 +55,19 @@ class FastBPE:
     """A `tiktoken.Encoding`."""
     added_tokens: frozenset[str]
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        encode = self.encoding.encode
-        allowed = self.added_tokens
-        return [encode(text, allowed_special=allowed, disallowed_special=()) for text in texts]
+    def encode(self, texts: list[str]) -> list[list[int] | None]:
+        """The ids of each text; None for a text tiktoken's regex engine gives up on (a run
+        of a million spaces overflows its backtracking stack), for the caller to encode
+        another way."""
+        return [self._encode_one(text) for text in texts]
+
+    def _encode_one(self, text: str) -> list[int] | None:
+        try:
+            return self.encoding.encode(
+                text, allowed_special=self.added_tokens, disallowed_special=()
+            )
+        except ValueError:
+            return None
 
 
 def fast_bpe_for(spec: dict) -> FastBPE | str:
