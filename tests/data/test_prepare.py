@@ -439,3 +439,49 @@ def test_exact_trained_tokens_for_every_format_and_template_style(
     leading = " " if style == "mistral" else ""  # [INST] ... [/INST] puts a space before answers
     expected = [leading + answer + STYLES[style].end_of_turn for answer in answers]
     assert trained_segments(as_example(example), chat.tokenizer) == expected
+
+
+def _tokenizer_with_an_unreachable_token(directory: Path) -> Path:
+    """A byte-level BPE whose merges are ranked by token id (so tiktoken's core is built for
+    it), but whose "abc" the merges never make: they join "b"+"c" first, and "a"+"bc" is no
+    merge. tokenizers spells "abc" as a, bc; tiktoken takes the whole piece as one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: index for index, char in enumerate(alphabet)}
+    vocab.update({"bc": 256, "ab": 257, "abc": 258})
+    tokenizer = Tokenizer(models.BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    directory.mkdir()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_manifest_says_which_library_encoded(tmp_path, chatml):
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}"} for i in range(20)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    manifest, _ = run(tmp_path, [data], chatml, name="auto")
+    assert manifest["tokenizer"]["encoder"]["library"] == "tiktoken"
+    manifest, _ = run(tmp_path, [data], chatml, name="tok", encoder="tokenizers")
+    assert manifest["tokenizer"]["encoder"] == {
+        "library": "tokenizers",
+        "reason": "--encoder tokenizers",
+    }
+
+
+def test_where_tiktoken_differs_prepare_writes_the_tokenizers_ids_and_says_so(tmp_path, caplog):
+    tokenizer = _tokenizer_with_an_unreachable_token(tmp_path / "unreachable")
+    rows = [{"prompt": f"say it {i}", "response": "abc"} for i in range(12)]
+    data = write_jsonl(tmp_path / "abc.jsonl", rows)
+    settings = {"val_fraction": 0.0, "pack": False}
+    with caplog.at_level("WARNING"):
+        manifest, auto = run(tmp_path, [data], tokenizer, name="auto", **settings)
+    assert manifest["tokenizer"]["encoder"]["library"] == "tiktoken, then tokenizers"
+    assert "other ids than the tokenizer" in caplog.text
+    _, reference = run(tmp_path, [data], tokenizer, name="ref", encoder="tokenizers", **settings)
+    got = [row["input_ids"] for row in read_examples(auto, split="train")]
+    expected = [row["input_ids"] for row in read_examples(reference, split="train")]
+    assert got == expected
+    assert all(256 in ids and 258 not in ids for ids in got), "a, bc as tokenizers spells it"

@@ -148,6 +148,8 @@ class _Chunk:
 
     outcomes: list[_Accepted | RowError]
     examples: MaskedBatch
+    tiktoken_given_up: bool = False
+    """Whether this worker's encoder has given tiktoken's BPE up (see encode.IdsEncoder)."""
 
 
 class _RowProcessor:
@@ -195,7 +197,7 @@ class _RowProcessor:
                 outcomes[position] = _Accepted(
                     raw.source, raw.row, fmt, self._split_of(messages), result
                 )
-        return _Chunk(outcomes, examples)
+        return _Chunk(outcomes, examples, self.masker.tiktoken_given_up)
 
     def _split_of(self, messages: list[Message]) -> str:
         """train or val from a hash of the content, so adding data never moves an example."""
@@ -379,6 +381,7 @@ class _Tally:
     rejected: Counter = field(default_factory=Counter)
     boundary_tokens: int = 0
     truncated_examples: int = 0
+    tiktoken_given_up: bool = False
     per_source: dict = field(default_factory=dict)
 
 
@@ -523,6 +526,7 @@ def _prepare_into(
             progress.update(rows)
             if isinstance(chunk, RowError):
                 continue
+            tally.tiktoken_given_up |= chunk.tiktoken_given_up
             examples = chunk.examples
             for split, indices in chosen.items():
                 spools[split].add(examples, indices)
@@ -593,7 +597,7 @@ def _manifest(
             "vocab_size": chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True),
             "bos_token": chat_tokenizer.bos_token,
             "eos_token": chat_tokenizer.eos_token,
-            "encoder": _encoder_record(config, chat_tokenizer),
+            "encoder": _encoder_record(config, chat_tokenizer, tally.tiktoken_given_up),
         },
         "chat_template": {
             "origin": chat_tokenizer.template.origin,
@@ -612,14 +616,19 @@ def _manifest(
     }
 
 
-def _encoder_record(config: PrepareConfig, chat_tokenizer: ChatTokenizer) -> dict:
-    """Which library was to encode, and why not tiktoken where it was not. A worker that
-    finds a difference switches to the tokenizer and says so on stderr."""
+def _encoder_record(config: PrepareConfig, chat_tokenizer: ChatTokenizer, given_up: bool) -> dict:
+    """Which library encoded, and why not tiktoken where it did not."""
     if config.encoder == "tokenizers":
         return {"library": "tokenizers", "reason": "--encoder tokenizers"}
     fast = chat_tokenizer.fast_bpe()
     if isinstance(fast, str):
         return {"library": "tokenizers", "reason": f"tiktoken's BPE not used: {fast}"}
+    if given_up:
+        return {
+            "library": "tiktoken, then tokenizers",
+            "reason": "tiktoken's BPE gave other ids than the tokenizer on a text; from then "
+            "on that worker encoded with the tokenizer (every batch before was checked)",
+        }
     return {"library": "tiktoken", "reason": "byte-level BPE with merges ranked by token id"}
 
 
