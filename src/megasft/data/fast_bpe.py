@@ -43,7 +43,7 @@ from megasft.data.token_bytes import NORMAL_FORMS, byte_level_vocabulary
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The regex of `ByteLevel(use_regex=True)`: GPT-2's, as `tokenizers` spells it."""
 
-_NORMAL_FORM_TYPES = {name for name in NORMAL_FORMS.values()}
+_NORMAL_FORM_TYPES = set(NORMAL_FORMS.values())
 
 
 @dataclass(frozen=True)
