@@ -44,6 +44,8 @@ class IdsEncoder:
     def __init__(self, tokenizer: Tokenizer, fast: FastBPE | None = None):
         self.tokenizer = tokenizer
         self.fast = fast
+        self.fast_given_up = False
+        """Whether `fast` differed from the tokenizer once and was dropped."""
         self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         normalizer = tokenizer.normalizer
         self._form = NORMAL_FORMS.get(type(normalizer))
@@ -137,7 +139,7 @@ class IdsEncoder:
         probe = max(encoded, key=lambda i: len(texts[i]))
         if self._encode_unnormalized([texts[probe]]) == ids[probe : probe + 1]:
             return ids
-        self.fast = None
+        self.fast, self.fast_given_up = None, True
         logger.warning(
             "tiktoken's BPE gave other ids than the tokenizer for %r; encoding with the "
             "tokenizer from now on",

@@ -171,14 +171,13 @@ class ConversationMasker:
         self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
         fast = chat_tokenizer.fast_bpe() if encoder == "auto" else None
         self._encode_ids = IdsEncoder(self.tokenizer, fast if isinstance(fast, FastBPE) else None)
-        self._tiktoken_wanted = self._encode_ids.fast is not None
 
     # -- public -------------------------------------------------------------------------------
 
     @property
     def tiktoken_given_up(self) -> bool:
         """Whether tiktoken's BPE was to encode and has been given up (it differed once)."""
-        return self._tiktoken_wanted and self._encode_ids.fast is None
+        return self._encode_ids.fast_given_up
 
     def mask(
         self,
