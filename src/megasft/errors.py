@@ -16,3 +16,7 @@ class ConfigError(MegasftError):
 
 class InputError(MegasftError):
     """An input file or directory that cannot be used at all (missing, unreadable, empty)."""
+
+
+class LaunchError(MegasftError):
+    """A launched training job failed; the message says where and ends with its last lines."""

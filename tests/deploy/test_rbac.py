@@ -1,8 +1,9 @@
 """The manifests grant the launcher, and the retraining job, what they need and nothing more.
 
 "What they need" is read off the code, not restated: the Kubernetes client calls in
-src/megasft/launch/pytorchjob.py, and the requests `megasft pipeline submit` sends (the real
-kfp.Client against the KFP API stub of tests/pipeline), each mapped to the rule it needs.
+src/megasft/launch (for each job kind a registered launcher runs), and the requests `megasft
+pipeline submit` sends (the real kfp.Client against the KFP API stub of tests/pipeline), each
+mapped to the rule it needs.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ LAUNCHER_NEEDS = {
     ("kubeflow.org", "pytorchjobs", "delete"),  # cancel it when the pipeline run is stopped
     ("", "pods/log", "get"),  # stream <job>-master-0's log, explain a failure
 }
-# The rule each kubernetes-client method the launcher calls needs (GROUP and PLURAL are checked).
-LAUNCHER_CALLS = {
-    "get_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "get"),
-    "create_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "create"),
-    "delete_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "delete"),
-    "read_namespaced_pod_log": ("", "pods/log", "get"),
+# The verb each kubernetes-client method on custom objects needs, on the resource of every job
+# kind the launchers run; and the rule each other method the launcher calls needs.
+CUSTOM_OBJECT_VERBS = {
+    "get_namespaced_custom_object": "get",
+    "create_namespaced_custom_object": "create",
+    "delete_namespaced_custom_object": "delete",
 }
+LAUNCHER_CALLS = {"read_namespaced_pod_log": ("", "pods/log", "get")}
 # What `megasft pipeline submit` asks of the KFP API, which checks it against RBAC.
 RETRAIN_NEEDS = {
     ("pipelines.kubeflow.org", "pipelines", "get"),  # find the pipeline, its versions (older KFP)
@@ -98,20 +100,29 @@ def holders(documents: list[dict], role: str) -> set[str]:
 
 
 def test_the_launcher_role_is_exactly_what_the_launcher_calls():
-    from megasft.launch import pytorchjob
+    from megasft.launch.registry import launcher_classes
 
-    assert (pytorchjob.GROUP, pytorchjob.PLURAL) == ("kubeflow.org", "pytorchjobs")
-    source = (REPO / "src/megasft/launch/pytorchjob.py").read_text()
+    kinds = {cls.job_kind for cls in launcher_classes().values() if getattr(cls, "job_kind", None)}
+    sources = [path.read_text() for path in sorted((REPO / "src/megasft/launch").rglob("*.py"))]
     called = {
         node.func.attr
+        for source in sources
         for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and re.search(r"_namespaced_|^(list|watch|patch|replace)_", node.func.attr)
     }
-    assert called <= set(LAUNCHER_CALLS), f"list the rule of {called - set(LAUNCHER_CALLS)}"
-    assert {LAUNCHER_CALLS[method] for method in called} == LAUNCHER_NEEDS
-    assert "Watch(" not in source and "watch=" not in source  # the job is polled, not watched
+    known = set(CUSTOM_OBJECT_VERBS) | set(LAUNCHER_CALLS)
+    assert called <= known, f"list the rule of {called - known}"
+    needs = {LAUNCHER_CALLS[method] for method in called & set(LAUNCHER_CALLS)}
+    needs |= {
+        (kind.group, kind.plural, CUSTOM_OBJECT_VERBS[method])
+        for kind in kinds
+        for method in called & set(CUSTOM_OBJECT_VERBS)
+    }
+    assert needs == LAUNCHER_NEEDS
+    for source in sources:  # the job is polled, not watched
+        assert "Watch(" not in source and "watch=" not in source
 
 
 # -- the retraining job ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""A stub of the Kubernetes API server for the PyTorchJob launcher's tests: no cluster, no operator.
+"""A stub of the Kubernetes API server for the cluster launchers' tests: no cluster, no operator.
 
-`KubernetesStub` is an `http.server` in a thread that answers the handful of requests
-`megasft.launch.pytorchjob` makes, the way the API server answers them, from scripted state:
+`KubernetesStub` is an `http.server` in a thread that answers the handful of requests the
+launcher machinery (`megasft.launch.job_api`) makes, the way the API server answers them, from
+scripted state. The job resource is its `job_kind`'s (PyTorchJobs unless told otherwise):
 
     POST   /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs          create (409 if it exists)
     GET    /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME     get: each GET serves the next
@@ -36,7 +37,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-JOBS_PREFIX = "/apis/kubeflow.org/v1/namespaces/"
+from megasft.launch.job_api import JobKind
+from megasft.launch.pytorchjob import PYTORCHJOB
+
 PODS_PREFIX = "/api/v1/namespaces/"
 
 
@@ -113,11 +116,16 @@ class KubernetesStub:
     deleted: list[tuple[str, dict]] = field(default_factory=list)
     """(name, query) of every DELETE."""
     unexpected: list[str] = field(default_factory=list)
+    job_kind: JobKind = PYTORCHJOB
+    """The kind of job served, under /apis/GROUP/VERSION/namespaces/NS/PLURAL."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._released = threading.Event()  # set when a job is deleted or the stub stops
         self._log_runs: dict[str, int] = {}
+        # Container runs in the order they first ran, over all pods: a later run, of any pod,
+        # has later timestamps (as a restarted job's new primary pod has).
+        self._run_order: dict[tuple[str, int], int] = {}
         self._log_streams = 0
         self._epoch = time.time() - 50  # log timestamps start 50 s ago, so sinceSeconds applies
 
@@ -168,15 +176,19 @@ class KubernetesStub:
         """(API group, resource, verb) of every request, as RBAC names them."""
         found = set()
         for method, path, _ in self.requests:
-            if path.startswith(JOBS_PREFIX):
+            if path.startswith(self.jobs_prefix):
                 verb = {"POST": "create", "GET": "get", "DELETE": "delete"}[method]
-                found.add(("kubeflow.org", "pytorchjobs", verb))
+                found.add((self.job_kind.group, self.job_kind.plural, verb))
             elif path.endswith("/log"):
                 found.add(("", "pods/log", "get"))
         return found
 
-    def _timestamp(self, run: int, index: int) -> float:
-        return self._epoch + run * 10 + (index // 2) * 0.001
+    @property
+    def jobs_prefix(self) -> str:
+        return f"/apis/{self.job_kind.group}/{self.job_kind.version}/namespaces/"
+
+    def _timestamp(self, order: int, index: int) -> float:
+        return self._epoch + order * 10 + (index // 2) * 0.001
 
     # Each method below runs in a server thread and answers one request.
 
@@ -188,7 +200,7 @@ class KubernetesStub:
                 self.jobs[name] = StubJob(body, self.scripts.pop(name, None) or [{}])
             if name in self.jobs:
                 return 409, _status_body(
-                    409, "AlreadyExists", f'pytorchjobs "{name}" already exists'
+                    409, "AlreadyExists", f'{self.job_kind.plural} "{name}" already exists'
                 )
             stored = json.loads(json.dumps(body))
             stored["metadata"].update(
@@ -207,7 +219,9 @@ class KubernetesStub:
                 return code, _status_body(code, "InternalError", f"scripted failure {code}")
             job = self.jobs.get(name)
             if job is None:
-                return 404, _status_body(404, "NotFound", f'pytorchjobs "{name}" not found')
+                return 404, _status_body(
+                    404, "NotFound", f'{self.job_kind.plural} "{name}" not found'
+                )
             if job.deleting:  # foreground deletion: found once more, then gone
                 del self.jobs[name]
                 body = dict(job.body, metadata={**job.body["metadata"], "deletionTimestamp": "x"})
@@ -223,7 +237,9 @@ class KubernetesStub:
             self.deleted.append((name, query))
             job = self.jobs.get(name)
             if job is None:
-                return 404, _status_body(404, "NotFound", f'pytorchjobs "{name}" not found')
+                return 404, _status_body(
+                    404, "NotFound", f'{self.job_kind.plural} "{name}" not found'
+                )
             job.deleting = True
             self._released.set()
             return 200, _status_body(200, "", "", status="Success")
@@ -240,6 +256,7 @@ class KubernetesStub:
             if runs is None:
                 return 404, _status_body(404, "NotFound", f'pods "{pod}" not found')
             run = self._log_runs.get(pod, 0)
+            order = self._run_order.setdefault((pod, run), len(self._run_order))
             self._log_streams += 1
             lines = list(enumerate(runs[run]))
             if self._log_streams == 1 and self.drop_first_stream_after is not None:
@@ -251,7 +268,7 @@ class KubernetesStub:
         stamped = _flag(query, "timestamps")
         out = []
         for index, text in lines:
-            when = self._timestamp(run, index)
+            when = self._timestamp(order, index)
             if when >= oldest:
                 out.append(f"{_rfc3339_nano(when)} {text}" if stamped else text)
         return 200, out
@@ -283,8 +300,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"null") if length else None
         segments = parts.path.strip("/").split("/")
-        # apis/kubeflow.org/v1/namespaces/NS/pytorchjobs[/NAME], api/v1/namespaces/NS/pods/POD/log
-        if parts.path.startswith(JOBS_PREFIX) and segments[5:6] == ["pytorchjobs"]:
+        # apis/GROUP/VERSION/namespaces/NS/PLURAL[/NAME], api/v1/namespaces/NS/pods/POD/log
+        if parts.path.startswith(stub.jobs_prefix) and segments[5:6] == [stub.job_kind.plural]:
             name = segments[6] if len(segments) > 6 else None
             if method == "POST" and name is None:
                 return self._answer(*stub.create(body))

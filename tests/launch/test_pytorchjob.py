@@ -16,13 +16,9 @@ import pytest
 import yaml
 
 from megasft.errors import ConfigError
-from megasft.launch.pytorchjob import (
-    MAX_NAME_LENGTH,
-    PyTorchJobRequest,
-    build_pytorchjob,
-    job_name,
-    load_template,
-)
+from megasft.launch.job_api import load_template
+from megasft.launch.job_request import MAX_NAME_LENGTH, JobRequest, job_name
+from megasft.launch.pytorchjob import PYTORCHJOB, build_pytorchjob
 from tests.conftest import REPO, shared_path
 from tests.deploy.rendering import find_kustomize, only, render
 from tests.deploy.test_manifests import admission_errors, strict, training_container
@@ -56,11 +52,11 @@ def rendered_template(tmp_path_factory) -> dict:
 @pytest.fixture(params=["base", "mi300x"])
 def template(request) -> dict:
     if request.param == "base":
-        return load_template(BASE_TEMPLATE)
+        return load_template(PYTORCHJOB, BASE_TEMPLATE)
     return request.getfixturevalue("rendered_template")
 
 
-def make_request(**overrides) -> PyTorchJobRequest:
+def make_request(**overrides) -> JobRequest:
     settings = {
         "name": "megasft-train-0123456789ab",
         "namespace": "megasft",
@@ -68,7 +64,7 @@ def make_request(**overrides) -> PyTorchJobRequest:
         "owner_name": None,
         "owner_uid": None,
     }
-    return PyTorchJobRequest(**{**settings, **overrides})
+    return JobRequest(**{**settings, **overrides})
 
 
 def worker_flags(container: dict) -> argparse.Namespace:
@@ -143,7 +139,7 @@ def test_metadata_is_the_runs_and_the_owner_comes_from_the_downward_api(
     template["status"] = {"conditions": [{"type": "Suspended", "status": "True"}]}
     monkeypatch.setenv("POD_NAME", "sft-pipeline-abc-system-container-impl-123")
     monkeypatch.setenv("POD_UID", "6f0b7f5c-0000-4000-8000-000000000001")
-    request = PyTorchJobRequest(
+    request = JobRequest(
         name="megasft-train-0123456789ab",
         namespace="team-a",
         train_args=TRAIN_ARGS,
@@ -180,16 +176,16 @@ def test_kfp_pod_variables_name_the_owner_when_ours_are_absent(monkeypatch):
     monkeypatch.setenv("KFP_POD_NAME", "step-pod")
     monkeypatch.setenv("KFP_POD_UID", "uid-1")
     monkeypatch.setenv("KFP_NAMESPACE", "team-b")
-    request = PyTorchJobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
+    request = JobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
     assert (request.owner_name, request.owner_uid, request.namespace) == (
         "step-pod",
         "uid-1",
         "team-b",
     )
     monkeypatch.delenv("KFP_POD_UID")
-    request = PyTorchJobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
+    request = JobRequest(name="megasft-train-x", train_args=TRAIN_ARGS)
     assert request.owner_name is None  # a name without a uid cannot make an owner reference
-    job = build_pytorchjob(load_template(BASE_TEMPLATE), request)
+    job = build_pytorchjob(load_template(PYTORCHJOB, BASE_TEMPLATE), request)
     assert "ownerReferences" not in job["metadata"]
 
 
@@ -263,11 +259,11 @@ def test_save_must_be_on_a_writable_claim(save):
     with pytest.raises(
         ConfigError, match=f"--save={save} is not on a writable PersistentVolumeClaim"
     ):
-        build_pytorchjob(load_template(BASE_TEMPLATE), request)
+        build_pytorchjob(load_template(PYTORCHJOB, BASE_TEMPLATE), request)
 
 
 def test_templates_that_cannot_be_used_are_refused(tmp_path):
-    template = load_template(BASE_TEMPLATE)
+    template = load_template(PYTORCHJOB, BASE_TEMPLATE)
     broken = copy.deepcopy(template)
     broken["kind"] = "TFJob"
     with pytest.raises(ConfigError, match="not a kubeflow.org/v1 PyTorchJob"):
@@ -287,7 +283,7 @@ def test_templates_that_cannot_be_used_are_refused(tmp_path):
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump_all([template, template]))
     with pytest.raises(ConfigError, match="holds 2 PyTorchJobs"):
-        load_template(two)
+        load_template(PYTORCHJOB, two)
 
 
 def test_a_rendered_overlay_file_is_a_template(rendered_template, tmp_path):
@@ -295,7 +291,7 @@ def test_a_rendered_overlay_file_is_a_template(rendered_template, tmp_path):
     rendered.write_text(
         yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace"}, rendered_template])
     )
-    assert load_template(rendered) == rendered_template
+    assert load_template(PYTORCHJOB, rendered) == rendered_template
 
 
 def test_an_owner_in_another_namespace_is_refused(monkeypatch):
@@ -304,8 +300,6 @@ def test_an_owner_in_another_namespace_is_refused(monkeypatch):
     monkeypatch.setenv("POD_UID", "6f0b7f5c-0000-4000-8000-000000000002")
     monkeypatch.setenv("POD_NAMESPACE", "team-a")
     with pytest.raises(ConfigError, match="owner reference cannot cross namespaces"):
-        PyTorchJobRequest(
-            name="megasft-train-0123456789ab", namespace="megasft", train_args=TRAIN_ARGS
-        )
-    same = PyTorchJobRequest(name="megasft-train-0123456789ab", train_args=TRAIN_ARGS)
+        JobRequest(name="megasft-train-0123456789ab", namespace="megasft", train_args=TRAIN_ARGS)
+    same = JobRequest(name="megasft-train-0123456789ab", train_args=TRAIN_ARGS)
     assert same.namespace == "team-a" and same.owner_name == "step-pod"

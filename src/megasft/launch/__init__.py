@@ -1,1 +1,6 @@
-"""Where training runs: local torchrun processes, or a Kubeflow PyTorchJob in a cluster."""
+"""Where training runs: launchers picked by `launcher.kind` (`megasft.launch.registry`).
+
+`local` trains in the step's process (torchrun); `pytorchjob` runs a Kubeflow PyTorchJob through
+the shared Kubernetes job machinery (`job_*.py`, `cluster.py`). docs/architecture.md says how to
+add one.
+"""

@@ -9,7 +9,7 @@ stage as it stands, so its keys are that stage's own settings (the `megasft prep
     data:       path (the raw data file) + PrepareConfig settings (format, column_map, ...)
     model:      path (the Hugging Face base model) [+ tokenizer, when not the model's own]
     train:      TrainConfig settings (tensor_parallel, global_batch_size, lr, train_iters, ...)
-    launcher:   kind (local | pytorchjob) + the PyTorchJob settings for a cluster
+    launcher:   kind (local | pytorchjob) + that launcher's settings (megasft.launch)
     evaluate:   data (the held-out prompts) + EvaluateConfig settings (task, gate, limit, ...)
     tracking:   uri, experiment, registered_model, alias
     notify:     webhook (a URL that receives the final status; optional)
@@ -34,8 +34,7 @@ from typing import Any
 import yaml
 
 from megasft.errors import ConfigError, InputError
-
-LAUNCHERS = ("local", "pytorchjob")
+from megasft.launch.registry import Launcher, launcher_from_settings, launcher_section
 
 # Settings each section owns beside its stage's own, and stage settings the pipeline sets itself
 # (inputs and outputs are artifacts, wired by the pipeline).
@@ -45,16 +44,6 @@ _MODEL_KEYS = {"path", "tokenizer"}
 _TRAIN_WIRED = {"data", "load", "save"}
 _EVALUATE_OWN = {"data"}
 _EVALUATE_WIRED = {"model", "output", "baseline", "val_data", "tokenizer", "convert_base"}
-_LAUNCHER_KEYS = {
-    "kind",
-    "namespace",
-    "nodes",
-    "gpus_per_node",
-    "gpu_resource",
-    "template",
-    "workspace",
-    "timeout_s",
-}
 _TRACKING_KEYS = {"uri", "experiment", "registered_model", "alias"}
 _NOTIFY_KEYS = {"webhook"}
 
@@ -71,8 +60,9 @@ class PipelineConfig:
     """`path`: the Hugging Face base model directory; `tokenizer`: another tokenizer dir."""
     train: dict[str, Any] = field(default_factory=dict)
     """`megasft train` settings; `recipe` names a recipe YAML whose values come first."""
-    launcher: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
-    """Where training runs: `kind: local` (torchrun in the step) or `pytorchjob`."""
+    launcher: Launcher = field(default_factory=lambda: launcher_from_settings({}))
+    """Where training runs: `kind: local` (torchrun in the step) or `pytorchjob`, and that
+    launcher's settings; given as a mapping (the saved form), kept as the launcher."""
     evaluate: dict[str, Any] = field(default_factory=dict)
     """`data`: held-out prompts with references; the rest are `megasft evaluate` settings."""
     tracking: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +80,8 @@ class PipelineConfig:
                 f"name {self.name!r}: use 1 to 40 lower-case letters, digits and '-' "
                 "(it names Kubernetes objects and MLflow runs)"
             )
-        for section in ("data", "model", "train", "launcher", "evaluate", "tracking", "notify"):
+        object.__setattr__(self, "launcher", launcher_from_settings(self.launcher))
+        for section in ("data", "model", "train", "evaluate", "tracking", "notify"):
             if not isinstance(getattr(self, section), dict):
                 raise ConfigError(f"{section}: expected a mapping of settings")
         if not self.data.get("path"):
@@ -98,12 +89,8 @@ class PipelineConfig:
         if not self.model.get("path"):
             raise ConfigError("model.path: give the Hugging Face base model directory")
         _check_keys("model", self.model, _MODEL_KEYS)
-        _check_keys("launcher", self.launcher, _LAUNCHER_KEYS)
         _check_keys("tracking", self.tracking, _TRACKING_KEYS)
         _check_keys("notify", self.notify, _NOTIFY_KEYS)
-        kind = self.launcher.get("kind", "local")
-        if kind not in LAUNCHERS:
-            raise ConfigError(f"launcher.kind {kind!r}: use one of {', '.join(LAUNCHERS)}")
         # Each stage's own config class names the keys its section may hold. A training recipe
         # file is read later (it may live where the steps run, not here).
         self.prepare_settings()
@@ -134,7 +121,7 @@ class PipelineConfig:
             "data": dict(self.data),
             "model": dict(self.model),
             "train": dict(self.train),
-            "launcher": dict(self.launcher),
+            "launcher": launcher_section(self.launcher),
             "evaluate": dict(self.evaluate),
             "tracking": dict(self.tracking),
             "notify": dict(self.notify),

@@ -50,9 +50,9 @@ def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output"
 
     from pipelines.sft_pipeline import sft_pipeline
 
-    if config.launcher.get("kind", "local") != "local":
+    if not config.launcher.runs_in_step:
         raise ConfigError(
-            f"config {config.name}: launcher.kind is {config.launcher['kind']}; run-local trains "
+            f"config {config.name}: launcher.kind is {config.launcher.kind}; run-local trains "
             "on this machine: add --set launcher.kind=local (and point data.path and model.path "
             "at local files)"
         )

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
+from megasft.launch.registry import TrainingPlan, launcher_from_settings, launcher_section
 from megasft.pipeline.config import (
     PipelineConfig,
     check_inputs,
@@ -93,7 +94,7 @@ def _typed_sections(config: PipelineConfig) -> dict[str, Any]:
         "data": {"path": config.data["path"], **config.prepare_settings()},
         "model": config.model,
         "train": config.train_settings(),
-        "launcher": config.launcher,
+        "launcher": launcher_section(config.launcher),
         "evaluate": config.evaluate_settings(),
     }
 
@@ -284,14 +285,13 @@ def train(
     checkpoints: ArtifactLike,
     metrics: Any,
 ) -> dict[str, Any]:
-    """SFT on megatron-core: torchrun in this step (`local`) or a PyTorchJob (`pytorchjob`).
+    """SFT on megatron-core, where the `launcher` section says (megasft.launch.registry).
 
-    Checkpoints go to the Model artifact (local) or to the shared workspace volume
-    (pytorchjob), so a retried step resumes from the newest checkpoint instead of starting
-    over. Returns the training summary.
+    Checkpoints go where the launcher keeps them across attempts (the Model artifact, or the
+    cluster's workspace volume), so a retried step resumes from the newest checkpoint instead
+    of starting over. Returns the training summary.
     """
     from megasft import tracking
-    from megasft.train.config import TrainConfig
 
     values = train_settings(train_section)
     uri = tracking_section.get("uri")
@@ -302,25 +302,14 @@ def train(
         values.update(
             tracking_uri=uri, experiment=experiment_name_from(tracking_section, config_name)
         )
-        kind = launcher.get("kind", "local")
-        if kind == "local":
-            from megasft.train.stage import run_training
-
-            config = TrainConfig(
-                data=dataset.path, load=base_checkpoint.path, save=checkpoints.path, **values
-            )
-            summary = run_training(config)
-        else:
-            from megasft.pipeline.cluster import train_on_cluster
-
-            summary = train_on_cluster(
-                values,
-                launcher,
-                run_id=kfp_run_id,
-                dataset=Path(dataset.path),
-                base_checkpoint=Path(base_checkpoint.path),
-                output=Path(checkpoints.path),
-            )
+        plan = TrainingPlan(
+            settings=values,
+            dataset=Path(dataset.path),
+            base_checkpoint=Path(base_checkpoint.path),
+            output=Path(checkpoints.path),
+            run_id=kfp_run_id,
+        )
+        summary = launcher_from_settings(launcher).run(plan)
         figures = train_figures(summary)
         run.log_metrics({k: v for k, v in figures.items() if isinstance(v, int | float)})
         for name in ("summary.json", "metrics.jsonl"):

@@ -58,7 +58,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 def _launch(config: TrainConfig) -> dict[str, Any]:
-    from megasft.launch.local import LaunchError, run_torchrun
+    from megasft.errors import LaunchError
+    from megasft.train.torchrun import run_torchrun
 
     save = Path(config.save)
     # The ranks get the settings as a recipe of all of them: flags after torchrun's module

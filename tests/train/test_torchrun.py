@@ -1,4 +1,4 @@
-"""The local launcher against the real torchrun, with two processes."""
+"""Running torchrun (`megasft train --nproc N`) for real, with two processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from megasft.launch.local import LaunchError, run_torchrun
+from megasft.errors import LaunchError
+from megasft.train.torchrun import run_torchrun
 
 WORKER = """
 import os

@@ -1,4 +1,5 @@
-"""Running a PyTorchJob: waiting, the master's log, failures, timeouts, cancellation and retries.
+"""Running a cluster job (`run_job`, through the PyTorchJob kind): waiting, the master's log,
+failures, timeouts, cancellation and retries.
 
 No cluster exists here: the real `kubernetes.client` talks to `KubernetesStub`
 (tests/launch/kubernetes_stub.py), a stub of the API server in a thread that serves scripted job
@@ -16,7 +17,10 @@ import time
 import pytest
 import yaml
 
-from megasft.launch.pytorchjob import PyTorchJobError, PyTorchJobRequest, run_pytorchjob
+from megasft.launch.job_api import JobError
+from megasft.launch.job_request import JobRequest
+from megasft.launch.job_run import run_job
+from megasft.launch.pytorchjob import PYTORCHJOB
 from tests.conftest import REPO
 from tests.launch.kubernetes_stub import KubernetesStub, status
 
@@ -26,7 +30,7 @@ TEMPLATE = REPO / "manifests/base/pytorchjob-template.yaml"
 POLL_S = 0.02
 
 
-def make_request(**overrides) -> PyTorchJobRequest:
+def make_request(**overrides) -> JobRequest:
     settings = {
         "name": NAME,
         "namespace": "megasft",
@@ -40,7 +44,7 @@ def make_request(**overrides) -> PyTorchJobRequest:
         "owner_uid": "uid-1",
         "nodes": 2,
     }
-    return PyTorchJobRequest(**{**settings, **overrides})
+    return JobRequest(**{**settings, **overrides})
 
 
 @pytest.fixture
@@ -50,11 +54,12 @@ def stub():
     assert not server.unexpected, "the launcher called what the stub does not serve"
 
 
-def launch(stub: KubernetesStub, request: PyTorchJobRequest | None = None, **options):
+def launch(stub: KubernetesStub, request: JobRequest | None = None, **options):
     log = io.StringIO()
     options.setdefault("template", TEMPLATE)
     try:
-        result = run_pytorchjob(
+        result = run_job(
+            PYTORCHJOB,
             request or make_request(),
             api_client=stub.api_client(),
             poll_s=POLL_S,
@@ -120,9 +125,7 @@ def test_the_template_is_read_from_the_cluster_by_default(stub):
 
 
 def test_a_missing_template_says_to_apply_the_manifests(stub):
-    with pytest.raises(
-        PyTorchJobError, match="no PyTorchJob template megasft/megasft-train-template"
-    ):
+    with pytest.raises(JobError, match="no PyTorchJob template megasft/megasft-train-template"):
         launch(stub, template=None)
     assert not stub.created
 
@@ -140,7 +143,7 @@ def test_failure_raises_with_the_condition_and_the_masters_last_lines(stub):
         status("Running", at=2),
         status("Failed", message, at=3),
     )
-    with pytest.raises(PyTorchJobError) as caught:
+    with pytest.raises(JobError) as caught:
         launch(stub)
     error = caught.value
     assert error.reason == "failed"
@@ -158,7 +161,7 @@ def test_a_timeout_deletes_the_job(stub):
     stub.hold_log_open = True  # the container keeps running
     stub.script(NAME, status("Running"))
     started = time.monotonic()
-    with pytest.raises(PyTorchJobError, match="did not finish within timeout_s=0.3") as caught:
+    with pytest.raises(JobError, match="did not finish within timeout_s=0.3") as caught:
         launch(stub, make_request(timeout_s=0.3))
     assert time.monotonic() - started < 1.5  # a log stream still open does not hold it up
     assert caught.value.reason == "timeout"
@@ -171,7 +174,7 @@ def test_sigterm_deletes_the_job_and_restores_the_handler(stub):
     stub.script(NAME, status("Running"))
     stub.on_get = lambda name, gets: gets == 3 and signal.raise_signal(signal.SIGTERM)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(PyTorchJobError, match="cancelled by SIGTERM") as caught:
+    with pytest.raises(JobError, match="cancelled by SIGTERM") as caught:
         launch(stub)
     assert caught.value.reason == "cancelled"
     assert [name for name, _ in stub.deleted] == [NAME]
@@ -240,7 +243,7 @@ def test_server_errors_are_ridden_out_and_a_refusal_names_the_role(stub):
     result, _ = launch(stub)
     assert result.origin == "created"
     stub.failing_gets = [403]
-    with pytest.raises(PyTorchJobError, match="refused .403.*needs the megasft-launcher Role"):
+    with pytest.raises(JobError, match="refused .403.*needs the megasft-launcher Role"):
         launch(stub)
 
 
@@ -248,6 +251,6 @@ def test_a_job_deleted_by_someone_else_is_reported(stub):
     stub.logs[MASTER] = [["step 0"]]
     stub.script(NAME, status("Running"))
     stub.on_get = lambda name, gets: gets == 2 and stub.jobs.pop(name)
-    with pytest.raises(PyTorchJobError, match="was deleted while it ran") as caught:
+    with pytest.raises(JobError, match="was deleted while it ran") as caught:
         launch(stub)
     assert caught.value.reason == "deleted"

@@ -1,0 +1,170 @@
+"""The train step on a cluster, for any job kind: stage the inputs on the workspace volume, run
+the job, bring the result back as the step's artifact.
+
+KFP hands a step its input artifacts as local copies in the step's own pod, which the training
+pods cannot see. So the step copies the dataset and the base checkpoint to the workspace volume
+(`launcher.workspace`, on the claim the job template mounts at the same path), trains there, and
+copies the final checkpoint, summary.json and metrics.jsonl into its output. The workspace is
+named after the job, the job after the run and the task: a retried step reuses the staged
+inputs and finds its earlier attempt's job. A job kind's launcher subclasses `ClusterLauncher`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+import yaml
+
+from megasft.errors import ConfigError
+from megasft.launch.job_api import JobKind
+from megasft.launch.job_request import DNS_1123_LABEL, GPU_RESOURCE, JobRequest, job_name
+from megasft.launch.registry import TrainingPlan
+
+DEFAULT_WORKSPACE = "/checkpoints/runs"
+STAGED = ".staged"  # written last: a copy without it is incomplete and is made again
+
+
+@dataclass(frozen=True)
+class ClusterLauncher:
+    """Training as a job on the cluster; the settings every job kind shares."""
+
+    job_kind: ClassVar[JobKind]
+    """The kind of job this launcher creates (set by each subclass)."""
+    runs_in_step: ClassVar[bool] = False
+    poll_s: ClassVar[float] = 10.0
+    """Seconds between two polls of the job."""
+
+    namespace: str | None = None
+    """Where the job runs; None: the launching pod's namespace (see `default_namespace`)."""
+    nodes: int = 1
+    """Nodes (pods) of the job."""
+    gpus_per_node: int = 8
+    """GPUs, and training processes, per node."""
+    gpu_resource: str = "amd.com/gpu"
+    """The device plugin's resource name: `amd.com/gpu` or `nvidia.com/gpu`."""
+    template: str | None = None
+    """A YAML file holding the job template; None: the template in the cluster."""
+    workspace: str = DEFAULT_WORKSPACE
+    """The directory on the checkpoint volume where each run stages its inputs and trains."""
+    timeout_s: float | None = None
+    """Seconds until the job is deleted and the step fails; None: no limit of ours."""
+
+    def __post_init__(self) -> None:
+        # An empty value is an unset one, as it always was for these two.
+        if self.namespace == "":
+            object.__setattr__(self, "namespace", None)
+        if self.workspace == "":
+            object.__setattr__(self, "workspace", DEFAULT_WORKSPACE)
+        if self.namespace is not None and not (
+            isinstance(self.namespace, str)
+            and DNS_1123_LABEL.fullmatch(self.namespace)
+            and len(self.namespace) <= 63
+        ):
+            raise ConfigError(
+                f"launcher.namespace {self.namespace!r} is not a valid namespace name"
+            )
+        for setting in ("nodes", "gpus_per_node"):
+            value = getattr(self, setting)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"launcher.{setting} must be a whole number of at least 1, got {value!r}"
+                )
+        if not isinstance(self.gpu_resource, str) or not GPU_RESOURCE.fullmatch(self.gpu_resource):
+            raise ConfigError(
+                f"launcher.gpu_resource {self.gpu_resource!r} is not an extended resource name "
+                "such as amd.com/gpu or nvidia.com/gpu"
+            )
+        if self.template is not None and not isinstance(self.template, str):
+            raise ConfigError(f"launcher.template {self.template!r}: give the path of a YAML file")
+        if not isinstance(self.workspace, str) or not PurePosixPath(self.workspace).is_absolute():
+            raise ConfigError(
+                f"launcher.workspace {self.workspace!r}: give an absolute directory on the "
+                f"checkpoint volume (default {DEFAULT_WORKSPACE})"
+            )
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, int | float)
+            or self.timeout_s <= 0
+        ):
+            raise ConfigError(
+                f"launcher.timeout_s must be a positive number, got {self.timeout_s!r}"
+            )
+
+    def run(self, plan: TrainingPlan) -> dict[str, Any]:
+        """Trains `plan` as a job of `job_kind`, resuming an earlier attempt's.
+
+        Args:
+            plan: the run; `plan.settings["nproc"]`, when set, must equal `gpus_per_node`.
+
+        Returns:
+            The training summary, also copied with the final checkpoint to `plan.output`.
+
+        Raises:
+            ConfigError: for settings that do not fit, or a job that left no checkpoint.
+            JobError: when the job fails, times out or is cancelled.
+        """
+        from megasft.launch.job_run import run_job
+        from megasft.train.checkpointing import LATEST_FILE, latest_checkpoint
+
+        kind = self.job_kind
+        name = job_name(plan.run_id, "train")
+        workspace = Path(self.workspace) / name
+        settings = dict(plan.settings)
+        if settings.get("nproc") not in (None, self.gpus_per_node):
+            raise ConfigError(
+                f"train.nproc {settings['nproc']} differs from launcher.gpus_per_node "
+                f"{self.gpus_per_node}; on a cluster there is one training process per GPU"
+            )
+        staged_data = _stage(plan.dataset, workspace / "dataset")
+        staged_base = _stage(plan.base_checkpoint, workspace / "base")
+        save = workspace / "checkpoints"
+        recipe = workspace / "train.yaml"
+        recipe.write_text(
+            yaml.safe_dump({k: v for k, v in settings.items() if k not in ("nproc", "nodes")}),
+            encoding="utf-8",
+        )
+        request = JobRequest(
+            name=name,
+            train_args=[
+                f"--config={recipe}",
+                f"--data={staged_data}",
+                f"--load={staged_base}",
+                f"--save={save}",
+            ],
+            nodes=self.nodes,
+            gpus_per_node=self.gpus_per_node,
+            gpu_resource=self.gpu_resource,
+            labels={"megasft/run": name},
+            timeout_s=self.timeout_s,
+            **({"namespace": self.namespace} if self.namespace else {}),
+        )
+        result = run_job(kind, request, template=self.template, poll_s=self.poll_s, log=sys.stdout)
+        print(f"megasft train: {kind.kind} {result.name} {result.origin}, done", file=sys.stderr)
+
+        final = latest_checkpoint(save)
+        if final is None:
+            raise ConfigError(f"the {kind.kind} succeeded but left no checkpoint in {save}")
+        output = plan.output
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(final, output / final.name, dirs_exist_ok=True)
+        (output / LATEST_FILE).write_text((save / LATEST_FILE).read_text())
+        for file in ("summary.json", "metrics.jsonl"):
+            if (save / file).is_file():
+                shutil.copyfile(save / file, output / file)
+        return json.loads((output / "summary.json").read_text())
+
+
+def _stage(source: Path, destination: Path) -> Path:
+    """Copy `source` to `destination` unless a complete copy is already there."""
+    if (destination / STAGED).is_file():
+        return destination
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.copytree(source, destination)
+    (destination / STAGED).write_text(str(source))
+    return destination

@@ -1,0 +1,128 @@
+"""Launchers: where a pipeline's training runs, picked by `launcher.kind` from a registry.
+
+A launcher is a frozen dataclass of its settings (the pipeline config's `launcher` section, less
+`kind`), checked on construction, with `run(plan) -> summary`. Each lives in a module of
+`megasft.launch` and registers itself with `@register_launcher`; the registry imports those
+modules on first use, so a new launcher is one new module (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from megasft.errors import ConfigError
+
+DEFAULT_KIND = "local"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training run of the pipeline, as its train step hands it to the launcher."""
+
+    settings: Mapping[str, Any]
+    """TrainConfig keyword arguments, less the wired inputs and output (data, load, save)."""
+    dataset: Path
+    """The prepared dataset (`megasft prepare`'s output)."""
+    base_checkpoint: Path
+    """The converted megatron checkpoint to start from."""
+    output: Path
+    """Where the final checkpoint, summary.json and metrics.jsonl end up."""
+    run_id: str
+    """The pipeline run's id: a retried step finds what its earlier attempt left."""
+
+
+class Launcher(Protocol):
+    """Runs a TrainingPlan somewhere; its dataclass fields are its settings."""
+
+    kind: ClassVar[str]
+    """The `launcher.kind` that picks it."""
+    runs_in_step: ClassVar[bool]
+    """True when training runs in the step's own process (what `pipeline run-local` needs)."""
+
+    def run(self, plan: TrainingPlan) -> dict[str, Any]:
+        """Trains (or resumes) `plan`; returns the training summary (summary.json)."""
+        ...
+
+
+_LAUNCHERS: dict[str, type] = {}
+_discovered = False
+LauncherType = TypeVar("LauncherType", bound=type)
+
+
+def register_launcher(cls: LauncherType) -> LauncherType:
+    """Class decorator: makes `cls` the launcher of `launcher.kind: cls.kind`."""
+    if cls.kind in _LAUNCHERS and _LAUNCHERS[cls.kind] is not cls:
+        raise ValueError(f"two launchers of kind {cls.kind!r}: {_LAUNCHERS[cls.kind]} and {cls}")
+    _LAUNCHERS[cls.kind] = cls
+    return cls
+
+
+def launcher_classes() -> dict[str, type]:
+    """Every registered launcher by kind, in the order of their names."""
+    global _discovered
+    if not _discovered:
+        import megasft.launch
+
+        for module in pkgutil.iter_modules(megasft.launch.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"megasft.launch.{module.name}")
+        _discovered = True
+    return dict(sorted(_LAUNCHERS.items()))
+
+
+def launcher_from_settings(section: Mapping[str, Any] | Launcher) -> Launcher:
+    """The launcher that a pipeline config's `launcher` section describes.
+
+    Args:
+        section: `kind` (default "local") and that launcher's settings. Settings of the other
+            launchers are accepted and left unused, so that `--set launcher.kind=local` runs a
+            cluster configuration on this machine. Whole-number floats (as KFP passes every
+            number of a dict parameter) become integers where the setting is one. A launcher
+            is returned as it is.
+
+    Returns:
+        The launcher, its settings checked.
+
+    Raises:
+        ConfigError: for an unknown kind or setting, or a setting the launcher refuses.
+    """
+    classes = launcher_classes()
+    if isinstance(section, tuple(classes.values())):
+        return section
+    if not isinstance(section, Mapping):
+        raise ConfigError("launcher: expected a mapping of settings")
+    known = {"kind"}.union(*({f.name for f in dataclasses.fields(c)} for c in classes.values()))
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"launcher: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    kind = section.get("kind", DEFAULT_KIND)
+    if kind not in classes:
+        raise ConfigError(f"launcher.kind {kind!r}: use one of {', '.join(classes)}")
+    cls = classes[kind]
+    hints = typing.get_type_hints(cls)
+    settings = {}
+    for field in dataclasses.fields(cls):
+        if field.name in section:
+            value = section[field.name]
+            if hints[field.name] in (int, int | None) and isinstance(value, float):
+                value = int(value) if value.is_integer() else value
+            settings[field.name] = value
+    return cls(**settings)
+
+
+def launcher_section(launcher: Launcher) -> dict[str, Any]:
+    """The saved form of a launcher: `kind` and the settings that are set (not None)."""
+    values = {field.name: getattr(launcher, field.name) for field in dataclasses.fields(launcher)}
+    return {
+        "kind": launcher.kind,
+        **{key: value for key, value in values.items() if value is not None},
+    }
