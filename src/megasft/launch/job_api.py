@@ -37,7 +37,8 @@ class JobKind:
     plural: str
     """The resource, e.g. `pytorchjobs` (what the Role grants)."""
     kind: str
-    """The kind, e.g. `PyTorchJob`; messages name jobs by it, log lines start with it in lower case."""
+    """The kind, e.g. `PyTorchJob`: messages name jobs by it, the launcher's log lines start with
+    it in lower case."""
     operator: str
     """What serves the kind, named when the API does not know it, e.g. `the Kubeflow training
     operator`."""

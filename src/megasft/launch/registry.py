@@ -3,7 +3,7 @@
 A launcher is a frozen dataclass of its settings (the pipeline config's `launcher` section, less
 `kind`), checked on construction, with `run(plan) -> summary`. Each lives in a module of
 `megasft.launch` and registers itself with `@register_launcher`; the registry imports those
-modules on first use, so a new launcher is one new module (docs/architecture.md).
+modules on first use, so a new launcher is one new module (docs/train.md, "Launchers").
 """
 
 from __future__ import annotations
