@@ -356,7 +356,7 @@ def test_the_retraining_command_is_one_the_cli_accepts(rendered):
         pytest.fail(f"megasft does not accept the CronJob's command: {' '.join(arguments)}")
     # The production configuration (one that exists), into its own experiment, in this profile.
     assert parsed.config == "qwen2.5-gsm8k"
-    assert load_pipeline_config(parsed.config).launcher["kind"] == "pytorchjob"
+    assert load_pipeline_config(parsed.config).launcher.kind == "pytorchjob"
     assert parsed.experiment == "megasft-retrain"
     assert parsed.namespace == NAMESPACE
     assert not parsed.wait  # the run is KFP's; the pod only submits it
