@@ -24,7 +24,8 @@ def test_generation_metrics_on_crafted_samples():
         format_ok=[True, True, False, False],
         response_tokens=[10, 20, 30, 41],
         stopped=[True, True, True, False],
-        methods=["hash", "answer_tag", "last_number", "none"],
+        methods=["none", "last_number", "answer_tag", "hash"],
+        method_order=("hash", "answer_tag", "last_number", "none"),
     )
     assert metrics["accuracy"] == 0.5
     assert metrics["format_accuracy"] == 0.5
@@ -36,6 +37,19 @@ def test_generation_metrics_on_crafted_samples():
         "last_number": 1,
         "none": 1,
     }
+    assert list(metrics["answer_extraction"]) == ["hash", "answer_tag", "last_number", "none"]
+
+
+def test_answer_extraction_counts_methods_the_task_did_not_list_last():
+    metrics = generation_metrics(
+        correct=[True, True, False],
+        format_ok=[True, True, True],
+        response_tokens=[1, 1, 1],
+        stopped=[True, True, True],
+        methods=["new", "hash", "new"],
+        method_order=("hash", "none"),
+    )
+    assert list(metrics["answer_extraction"].items()) == [("hash", 1), ("new", 2)]
 
 
 def test_deltas_are_tuned_minus_base_for_metrics_both_have():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megasft.data.formats import FORMATS, parse_column_map
 from megasft.evaluate.metrics import known_gate_metrics
-from megasft.evaluate.tasks import TASKS
+from megasft.evaluate.tasks import task_names
 
 GATE_FAILED_EXIT_CODE = 1
 # megasft.evaluate.model.DTYPES, spelled out so that building the CLI does not import torch.
@@ -45,7 +45,7 @@ def add_evaluate_command(subparsers) -> None:
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
-        "--task", default="exact-match", choices=TASKS, help="how answers are scored"
+        "--task", default="exact-match", choices=task_names(), help="how answers are scored"
     )
     parser.add_argument("--baseline", metavar="DIR", help="the base model to compare with")
     parser.add_argument(

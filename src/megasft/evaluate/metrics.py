@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from megasft.errors import ConfigError
-from megasft.evaluate.extract import METHODS
+from megasft.evaluate.tasks import metric_names
 
-GENERATION_METRICS = ("accuracy", "format_accuracy", "mean_response_tokens")
-"""Metrics that need generation (a data file of prompts)."""
+GENERATION_METRICS = metric_names()
+"""Metrics that need generation (a data file of prompts): those the tasks give."""
 LOSS_METRICS = ("val_loss", "perplexity")
 """Metrics that need a prepared dataset (`--val-data`, or a prepare output as `--data`)."""
 GATE_METRICS = GENERATION_METRICS + LOSS_METRICS
@@ -120,12 +120,28 @@ def generation_metrics(
     response_tokens: Sequence[int],
     stopped: Sequence[bool],
     methods: Sequence[str],
+    method_order: Sequence[str],
 ) -> dict:
-    """accuracy, format_accuracy, mean_response_tokens and the counts that explain them."""
+    """accuracy, format_accuracy, mean_response_tokens and the counts that explain them.
+
+    Args:
+        correct, format_ok, response_tokens, stopped, methods: per sample, whether its
+            answer is correct, whether it is well-formed, its length in tokens, whether it
+            ended before `--max-new-tokens`, and how its answer was found.
+        method_order: the task's extraction methods, in the order `answer_extraction` lists
+            them (a method not among them is counted after them).
+
+    Returns:
+        The metrics of one model, as metrics.json holds them under `tuned` or `base`.
+
+    Raises:
+        ValueError: when there are no samples.
+    """
     count = len(correct)
     if count == 0:
         raise ValueError("no samples to compute metrics on")
     by_method = Counter(methods)
+    order = [*method_order, *(method for method in by_method if method not in method_order)]
     return {
         "accuracy": sum(correct) / count,
         "format_accuracy": sum(format_ok) / count,
@@ -133,7 +149,7 @@ def generation_metrics(
         "samples": count,
         "correct": sum(correct),
         "truncated": count - sum(stopped),
-        "answer_extraction": {method: by_method[method] for method in METHODS if by_method[method]},
+        "answer_extraction": {method: by_method[method] for method in order if by_method[method]},
     }
 
 

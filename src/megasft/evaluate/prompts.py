@@ -7,13 +7,14 @@ the `--reference-field` column of the row when one is named.
 
 A row may leave out its answer (a prompt-only row) when the reference comes from
 `--reference-field` or the task needs none (`format`). Any other bad row stops the run: a
-skipped row would silently change what the accuracy is measured on.
+skipped row would silently change what the accuracy is measured on. `read_task_prompts` adds
+what the task makes of each row: the prompt it poses and the reference's answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megasft.data.conversation import Message, RowError
@@ -22,6 +23,7 @@ from megasft.data.readers import check_inputs, iter_raw_rows, parse_payload
 from megasft.data.template import TemplateError
 from megasft.data.tokenizer import ChatTokenizer
 from megasft.errors import InputError
+from megasft.evaluate.tasks import Task
 
 # Conversion failures that mean only "this row has no answer".
 _NO_ANSWER_REASONS = ("missing_field", "no_assistant_turn")
@@ -38,6 +40,67 @@ class EvalExample:
     """The conversation up to the answer; rendered with the generation prompt."""
     reference: str | None
     """The reference answer text, or None (a `format` task row without an answer)."""
+
+
+@dataclass(frozen=True)
+class TaskPrompts:
+    examples: list[EvalExample]
+    """The rows, each with the prompt the task poses."""
+    expected: list[str | None]
+    """The normalised reference answer of each example (None where the task needs none)."""
+
+
+def read_task_prompts(
+    task: Task,
+    path: str | Path,
+    fmt: str = "auto",
+    column_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    reference_field: str | None = None,
+    limit: int | None = None,
+) -> TaskPrompts:
+    """The examples of a data file as `task` poses and scores them.
+
+    Args:
+        task: the task (its prompt, whether it needs references, how it reads them).
+        path, fmt, column_map, system_prompt, reference_field, limit: as for
+            `read_eval_examples`.
+
+    Returns:
+        The examples with the task's prompts, and each reference's answer.
+
+    Raises:
+        InputError: naming the bad rows, or the references the task finds no answer in.
+    """
+    examples = read_eval_examples(
+        path,
+        fmt=fmt,
+        column_map=column_map,
+        system_prompt=system_prompt,
+        reference_field=reference_field,
+        reference_required=task.needs_reference,
+        limit=limit,
+    )
+    examples = [replace(example, prompt=task.prompt(example)) for example in examples]
+    expected = [
+        task.reference_answer(example.reference) if example.reference is not None else None
+        for example in examples
+    ]
+    unreadable = [
+        example
+        for example, answer in zip(examples, expected, strict=True)
+        if task.needs_reference and answer is None
+    ]
+    if unreadable:
+        shown = "\n  ".join(
+            f"{example.source}, row {example.row}: {example.reference[-80:]!r}"
+            for example in unreadable[:_SHOWN_ERRORS]
+        )
+        raise InputError(
+            f"{len(unreadable)} reference(s) in {path} have no answer to compare with; "
+            f"{task.reference_hint}:\n  {shown}"
+        )
+    return TaskPrompts(examples, expected)
 
 
 def read_eval_examples(

@@ -26,21 +26,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data import open_split, read_manifest
 from megasft.data.formats import FORMATS
 from megasft.errors import ConfigError, InputError
-from megasft.evaluate.generate import GenerationSettings, generate_greedy
-from megasft.evaluate.metrics import (
-    check_gate_is_computable,
-    deltas,
-    evaluate_gate,
-    generation_metrics,
-    parse_gate,
-)
+from megasft.evaluate.answers import answer_prompts
+from megasft.evaluate.generate import GenerationSettings
+from megasft.evaluate.metrics import check_gate_is_computable, deltas, evaluate_gate, parse_gate
 from megasft.evaluate.model import (
     DTYPES,
     LoadedModel,
@@ -50,9 +43,9 @@ from megasft.evaluate.model import (
     resolve_device,
     resolve_dtype,
 )
-from megasft.evaluate.prompts import EvalExample, read_eval_examples, render_prompt
+from megasft.evaluate.prompts import TaskPrompts, read_task_prompts
 from megasft.evaluate.report import read_training_log, write_report
-from megasft.evaluate.tasks import DEFAULT_FORMATS, TASKS, needs_reference, reference_answer, score
+from megasft.evaluate.tasks import Task, get_task
 from megasft.evaluate.val_loss import validation_loss
 
 METRICS_FILE = "metrics.json"
@@ -70,7 +63,8 @@ class EvaluateConfig:
     output: str
     """The output directory (metrics.json, samples.jsonl, report.html)."""
     task: str = "exact-match"
-    """How answers are scored: gsm8k, exact-match or format (see `megasft.evaluate.tasks`)."""
+    """How answers are scored: a name from `megasft.evaluate.tasks` (exact-match, format,
+    gsm8k)."""
     baseline: str | None = None
     """The base model to compare with (HF directory or megatron checkpoint)."""
     max_new_tokens: int = 512
@@ -120,8 +114,7 @@ class EvaluateConfig:
     """Progress bars on stderr."""
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        task = get_task(self.task)
         if self.format != "auto" and self.format not in FORMATS:
             raise ConfigError(f"--format must be auto or one of {', '.join(FORMATS)}")
         if self.max_new_tokens < 1:
@@ -138,8 +131,8 @@ class EvaluateConfig:
             raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        if self.task == "format" and not self.format_pattern:
-            raise ConfigError("--task format scores answers by --format-pattern; give one")
+        if task.default_format_pattern is None and not self.format_pattern:
+            raise ConfigError(f"--task {task.name} scores answers by --format-pattern; give one")
         try:
             re.compile(self.resolved_format_pattern)
         except re.error as error:
@@ -170,14 +163,7 @@ class EvaluateConfig:
 
     @property
     def resolved_format_pattern(self) -> str:
-        return self.format_pattern or DEFAULT_FORMATS.get(self.task, "")
-
-
-@dataclass(frozen=True)
-class _Prompts:
-    examples: list[EvalExample]
-    expected: list[str | None]
-    """The normalised reference answer of each example."""
+        return self.format_pattern or get_task(self.task).default_format_pattern or ""
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -188,7 +174,18 @@ def evaluate(config: EvaluateConfig) -> dict:
         raise InputError(
             f"output directory {output} already exists; pass --overwrite to replace it"
         )
-    prompts = None if config.data_is_prepared else _read_prompts(config)
+    task = get_task(config.task)
+    prompts = None
+    if not config.data_is_prepared:
+        prompts = read_task_prompts(
+            task,
+            config.data,
+            fmt=config.format,
+            column_map=dict(config.column_map),
+            system_prompt=config.system_prompt,
+            reference_field=config.reference_field,
+            limit=config.limit,
+        )
     val_manifest = _check_val_data(config) if config.val_directory else None
     training_log = read_training_log(config.training_log) if config.training_log else None
     gate = parse_gate(config.gate) if config.gate else None
@@ -229,7 +226,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             descriptions[role] = loaded.description
             templates[role] = loaded.chat_tokenizer.template.sha256
             results[role], role_samples = _evaluate_model(
-                loaded, role, config, prompts, val_manifest, warnings
+                loaded, role, config, task, prompts, val_manifest, warnings
             )
             samples += role_samples
             free(loaded)
@@ -262,86 +259,21 @@ def _check_val_data(config: EvaluateConfig) -> dict:
     return manifest
 
 
-def _read_prompts(config: EvaluateConfig) -> _Prompts:
-    examples = read_eval_examples(
-        config.data,
-        fmt=config.format,
-        column_map=dict(config.column_map),
-        system_prompt=config.system_prompt,
-        reference_field=config.reference_field,
-        reference_required=needs_reference(config.task),
-        limit=config.limit,
-    )
-    expected = [
-        reference_answer(config.task, example.reference) if example.reference is not None else None
-        for example in examples
-    ]
-    unreadable = [
-        example
-        for example, answer in zip(examples, expected, strict=True)
-        if needs_reference(config.task) and answer is None
-    ]
-    if unreadable:
-        shown = "\n  ".join(
-            f"{example.source}, row {example.row}: {example.reference[-80:]!r}"
-            for example in unreadable[:5]
-        )
-        hint = (
-            "a gsm8k reference needs its answer after '####' (or in <answer>...</answer>)"
-            if config.task == "gsm8k"
-            else "an exact-match reference must not be empty"
-        )
-        raise InputError(
-            f"{len(unreadable)} reference(s) in {config.data} have no answer to compare with; "
-            f"{hint}:\n  {shown}"
-        )
-    return _Prompts(examples, expected)
-
-
 def _evaluate_model(
     loaded: LoadedModel,
     role: str,
     config: EvaluateConfig,
-    prompts: _Prompts | None,
+    task: Task,
+    prompts: TaskPrompts | None,
     val_manifest: dict | None,
     warnings: list[str],
 ) -> tuple[dict, list[dict]]:
+    """One model's metrics and samples: its validation loss, its scored answers."""
     result: dict = {}
-    samples: list[dict] = []
     if val_manifest is not None:
-        _check_tokenizer_matches(loaded, role, val_manifest, config, warnings)
-        loss = validation_loss(
-            loaded.model,
-            config.val_directory,
-            split=config.val_split,
-            batch_tokens=config.val_batch_tokens,
-            progress=config.progress,
-            description=f"val loss ({role})",
-        )
-        if not math.isfinite(loss.loss):
-            warnings.append(
-                f"the {role} model's validation loss is {loss.loss} (its logits overflow in "
-                f"{loaded.description['dtype']}?); try --dtype float32"
-            )
-        result.update(
-            val_loss=loss.loss if math.isfinite(loss.loss) else None,
-            perplexity=loss.perplexity if math.isfinite(loss.perplexity) else None,
-            val_target_tokens=loss.target_tokens,
-            val_documents=loss.documents,
-        )
+        result.update(_validation_loss(loaded, role, config, val_manifest, warnings))
     if prompts is None:
-        return result, samples
-
-    rendered = [render_prompt(loaded.chat_tokenizer, example) for example in prompts.examples]
-    context = loaded.description.get("max_position_embeddings")
-    too_long = (
-        sum(len(ids) + config.max_new_tokens > context for _, ids in rendered) if context else 0
-    )
-    if too_long:
-        warnings.append(
-            f"{too_long} prompt(s) plus --max-new-tokens {config.max_new_tokens} run past the "
-            f"{role} model's max_position_embeddings ({context}); their answers may be garbage"
-        )
+        return result, []
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens,
         stop_token_ids=loaded.stop_token_ids,
@@ -350,48 +282,37 @@ def _evaluate_model(
         progress=config.progress,
         description=f"generate ({role})",
     )
-    torch.manual_seed(config.seed)
-    run = generate_greedy(loaded.model, [ids for _, ids in rendered], settings)
-    format_pattern = re.compile(config.resolved_format_pattern)
-    decode = loaded.chat_tokenizer.tokenizer.decode
-    for index, (example, expected, (prompt_text, _), generation) in enumerate(
-        zip(prompts.examples, prompts.expected, rendered, run.generations, strict=True)
-    ):
-        prediction = decode(list(generation.token_ids), skip_special_tokens=False)
-        scored = score(config.task, prediction, expected, format_pattern)
-        samples.append(
-            {
-                "index": index,
-                "model": role,
-                "source": example.source,
-                "row": example.row,
-                "prompt": prompt_text,
-                "reference": example.reference,
-                "reference_answer": expected,
-                "prediction": prediction,
-                "extracted_answer": scored.answer,
-                "extraction_method": scored.method,
-                "correct": scored.correct,
-                "format_ok": scored.format_ok,
-                "response_tokens": len(generation.token_ids),
-                "stopped": generation.stopped,
-            }
-        )
-    result.update(
-        generation_metrics(
-            correct=[sample["correct"] for sample in samples],
-            format_ok=[sample["format_ok"] for sample in samples],
-            response_tokens=[sample["response_tokens"] for sample in samples],
-            stopped=[sample["stopped"] for sample in samples],
-            methods=[sample["extraction_method"] for sample in samples],
-        )
+    answered, samples = answer_prompts(
+        loaded, role, task, prompts, config.resolved_format_pattern, settings, config.seed, warnings
     )
-    result.update(
-        generation_seconds=round(run.seconds, 3),
-        generated_tokens=run.generated_tokens,
-        generated_tokens_per_second=round(run.tokens_per_second, 2),
-    )
+    result.update(answered)
     return result, samples
+
+
+def _validation_loss(
+    loaded: LoadedModel, role: str, config: EvaluateConfig, manifest: dict, warnings: list[str]
+) -> dict:
+    """The model's validation loss and perplexity (None where they are not finite)."""
+    _check_tokenizer_matches(loaded, role, manifest, config, warnings)
+    loss = validation_loss(
+        loaded.model,
+        config.val_directory,
+        split=config.val_split,
+        batch_tokens=config.val_batch_tokens,
+        progress=config.progress,
+        description=f"val loss ({role})",
+    )
+    if not math.isfinite(loss.loss):
+        warnings.append(
+            f"the {role} model's validation loss is {loss.loss} (its logits overflow in "
+            f"{loaded.description['dtype']}?); try --dtype float32"
+        )
+    return {
+        "val_loss": loss.loss if math.isfinite(loss.loss) else None,
+        "perplexity": loss.perplexity if math.isfinite(loss.perplexity) else None,
+        "val_target_tokens": loss.target_tokens,
+        "val_documents": loss.documents,
+    }
 
 
 def _check_tokenizer_matches(
@@ -418,7 +339,7 @@ def _metrics(
     config: EvaluateConfig,
     results: dict,
     descriptions: dict,
-    prompts: _Prompts | None,
+    prompts: TaskPrompts | None,
     gate,
     warnings: list[str],
     started: float,
