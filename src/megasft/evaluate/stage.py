@@ -28,7 +28,7 @@ from pathlib import Path
 
 from megasft import __version__
 from megasft.atomic import move_into_place
-from megasft.data import open_split, read_manifest
+from megasft.data import read_manifest
 from megasft.data.formats import FORMATS
 from megasft.errors import ConfigError, InputError
 from megasft.evaluate.answers import answer_prompts
@@ -46,7 +46,7 @@ from megasft.evaluate.model import (
 from megasft.evaluate.prompts import TaskPrompts, read_task_prompts
 from megasft.evaluate.report import read_training_log, write_report
 from megasft.evaluate.tasks import Task, get_task
-from megasft.evaluate.val_loss import validation_loss
+from megasft.evaluate.val_loss import open_val_split, validation_loss
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -251,11 +251,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 def _check_val_data(config: EvaluateConfig) -> dict:
     """The prepared dataset's manifest, after checking that its split has rows."""
     manifest = read_manifest(config.val_directory)
-    if open_split(config.val_directory, config.val_split).num_rows == 0:
-        raise InputError(
-            f"the {config.val_split} split of {config.val_directory} is empty; prepare the "
-            "data with --val-fraction above 0, or evaluate on --val-split train"
-        )
+    open_val_split(config.val_directory, config.val_split)
     return manifest
 
 

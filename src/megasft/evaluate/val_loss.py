@@ -19,6 +19,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,9 @@ from tqdm import tqdm
 from megasft.data import open_split
 from megasft.errors import InputError
 from megasft.train.loss import masked_token_loss
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,21 @@ class ValidationLoss:
     documents: int
     rows: int
     """Rows of the split (a packed row holds several documents)."""
+
+
+def open_val_split(data_dir: str | Path, split: str) -> pa.Table:
+    """A split of a prepared dataset, as an Arrow table with rows to compute a loss on.
+
+    Raises:
+        InputError: when `data_dir` is not a prepared dataset or the split has no rows.
+    """
+    table = open_split(data_dir, split)
+    if table.num_rows == 0:
+        raise InputError(
+            f"the {split} split of {data_dir} is empty; prepare the data with --val-fraction "
+            "above 0, or evaluate on --val-split train"
+        )
+    return table
 
 
 def split_documents(table) -> list[tuple[list[int], list[int]]]:
@@ -67,12 +86,7 @@ def validation_loss(
     description: str = "val loss",
 ) -> ValidationLoss:
     """Mean masked token loss of `model` on a split of a prepared dataset."""
-    table = open_split(data_dir, split)
-    if table.num_rows == 0:
-        raise InputError(
-            f"the {split} split of {data_dir} is empty; prepare the data with --val-fraction "
-            "above 0, or evaluate on --val-split train"
-        )
+    table = open_val_split(data_dir, split)
     documents = split_documents(table)
     documents.sort(key=lambda document: len(document[0]), reverse=True)
     device = next(model.parameters()).device
