@@ -58,11 +58,22 @@ class GateCondition:
 
 
 def known_gate_metrics() -> list[str]:
+    """The metric names a gate condition may use: GATE_METRICS, then each as `delta_`."""
     return [*GATE_METRICS, *(DELTA_PREFIX + metric for metric in GATE_METRICS)]
 
 
 def parse_gate(text: str) -> tuple[GateCondition, ...]:
-    """Parses `--gate` text; raises ConfigError naming the bad condition and what is allowed."""
+    """Parses `--gate` text.
+
+    Args:
+        text: comma-separated conditions `METRIC OP NUMBER`.
+
+    Returns:
+        The conditions, in the order given.
+
+    Raises:
+        ConfigError: naming the bad condition and what is allowed.
+    """
     conditions = []
     for part in text.split(","):
         if not part.strip():
@@ -94,7 +105,16 @@ def parse_gate(text: str) -> tuple[GateCondition, ...]:
 def check_gate_is_computable(
     conditions: Sequence[GateCondition], has_baseline: bool, has_generation: bool, has_val: bool
 ) -> None:
-    """Refuses, before any model is loaded, a gate on a metric this run will not compute."""
+    """Refuses, before any model is loaded, a gate on a metric this run will not compute.
+
+    Args:
+        conditions: the parsed gate.
+        has_baseline, has_generation, has_val: whether the run has a base model, a data file
+            of prompts, and a prepared dataset for the validation loss.
+
+    Raises:
+        ConfigError: naming the condition and the setting it needs.
+    """
     for condition in conditions:
         if condition.is_delta and not has_baseline:
             raise ConfigError(
@@ -154,7 +174,14 @@ def generation_metrics(
 
 
 def deltas(tuned: Mapping, base: Mapping) -> dict:
-    """`delta_<metric>` = tuned minus base, for each gate metric both have."""
+    """Tuned minus base.
+
+    Args:
+        tuned, base: the two models' metrics.
+
+    Returns:
+        `delta_<metric>` for each gate metric both have.
+    """
     return {
         DELTA_PREFIX + metric: tuned[metric] - base[metric]
         for metric in GATE_METRICS
@@ -163,7 +190,15 @@ def deltas(tuned: Mapping, base: Mapping) -> dict:
 
 
 def evaluate_gate(conditions: Sequence[GateCondition], values: Mapping[str, float]) -> dict:
-    """The verdict: `passed`, a one-line `reason`, and each condition with its value."""
+    """Checks the gate.
+
+    Args:
+        conditions: the parsed gate.
+        values: the flat metrics (`summary` in metrics.json); a missing or NaN value fails.
+
+    Returns:
+        The verdict: `passed`, a one-line `reason`, and each condition with its value.
+    """
     results = []
     for condition in conditions:
         value = values.get(condition.metric)

@@ -112,8 +112,21 @@ def read_eval_examples(
     reference_required: bool = True,
     limit: int | None = None,
 ) -> list[EvalExample]:
-    """The first `limit` (all when None) examples of a data file; raises InputError naming
-    the bad rows (file, row, field) if any row cannot be used."""
+    """The examples of a data file.
+
+    Args:
+        path: the data file (any `prepare` input format).
+        fmt, column_map, system_prompt: as `prepare`'s `--format`, `--map`, `--system-prompt`.
+        reference_field: the column the reference comes from, instead of the final answer.
+        reference_required: whether a row without a reference is an error.
+        limit: how many examples to read (all when None).
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        InputError: naming the bad rows (file, row, field) if any row cannot be used.
+    """
     check_inputs([path])
     examples: list[EvalExample] = []
     errors: list[str] = []
@@ -249,8 +262,19 @@ def _with_placeholder_answer(
 
 
 def render_prompt(chat_tokenizer: ChatTokenizer, example: EvalExample) -> tuple[str, list[int]]:
-    """The prompt text as the chat template renders it with the generation prompt, and its ids
-    (with the tokenizer's BOS in front when the template did not write one, as in `prepare`)."""
+    """Renders an example's prompt with the chat template and its generation prompt.
+
+    Args:
+        chat_tokenizer: the model's tokenizer and template.
+        example: the example to render.
+
+    Returns:
+        The prompt text and its ids (with the tokenizer's BOS in front when the template did
+        not write one, as in `prepare`).
+
+    Raises:
+        InputError: when the template refuses the prompt or it renders to no tokens.
+    """
     try:
         text = chat_tokenizer.template.render(list(example.prompt), add_generation_prompt=True)
     except TemplateError as error:

@@ -3,15 +3,11 @@
     evaluate(EvaluateConfig(model="tuned-hf/", data="gsm8k_test.jsonl", output="eval/",
                             task="gsm8k", baseline="base-hf/", gate="delta_accuracy>0"))
 
-Phases:
-1. Check everything that can be checked without a model: the settings, the prompts (every
-   row must be usable and have a reference answer), the prepared validation data, the
-   training log. A mistake there costs seconds, not a generation run.
-2. For the tuned model, then the base model: load it (converting a megatron checkpoint),
-   compute the validation loss, generate greedy answers to every prompt, score them. One
-   model is in memory at a time.
-3. Metrics, deltas and the gate verdict; write metrics.json, samples.jsonl and report.html
-   into a staging directory that is renamed into place at the end.
+First everything that can be checked without a model (settings, prompts and references,
+validation data, training log): a mistake there costs seconds, not a generation run. Then, one
+model in memory at a time, the tuned and the base model: validation loss, greedy answers scored
+by the task (`answers.py`). Last, deltas and the gate; metrics.json, samples.jsonl and
+report.html are written to a staging directory renamed into place (docs/evaluate.md).
 """
 
 from __future__ import annotations
@@ -166,8 +162,31 @@ class EvaluateConfig:
         return self.format_pattern or get_task(self.task).default_format_pattern or ""
 
 
+@dataclass(frozen=True)
+class _Model:
+    role: str
+    """"tuned" or "base": the key of its metrics and samples."""
+    path: str
+    tokenizer: str | None
+    fallback_tokenizer: str | None
+    """The tokenizer to use when the model directory has none."""
+    convert_base: str | None
+    """For a megatron checkpoint: the HF model it came from."""
+
+
 def evaluate(config: EvaluateConfig) -> dict:
-    """Runs the evaluation; returns the metrics (also written to `output/metrics.json`)."""
+    """Runs the evaluation stage.
+
+    Args:
+        config: the settings, checked on construction.
+
+    Returns:
+        The metrics, also written to `output/metrics.json` (docs/evaluate.md, Outputs).
+
+    Raises:
+        InputError, ConfigError: for data, models or settings that cannot be used, naming
+            what to do; raised before any model is loaded where they can be found then.
+    """
     started = time.monotonic()
     output = Path(config.output)
     if output.exists() and not config.overwrite:
@@ -191,12 +210,18 @@ def evaluate(config: EvaluateConfig) -> dict:
     gate = parse_gate(config.gate) if config.gate else None
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    # (role, path, tokenizer, tokenizer when the model has none, HF base of a megatron model)
-    roles = [("tuned", config.model, config.tokenizer, None, config.convert_base)]
+    models = [_Model("tuned", config.model, config.tokenizer, None, config.convert_base)]
     if config.baseline:
-        roles.append(("base", config.baseline, None, config.tokenizer, None))
-    for _, path, tokenizer, fallback, convert_base in roles:
-        check_model(path, tokenizer, config.chatml_fallback, fallback, convert_base)
+        # A baseline without tokenizer files borrows the tuned model's --tokenizer.
+        models.append(_Model("base", config.baseline, None, config.tokenizer, None))
+    for model in models:
+        check_model(
+            model.path,
+            model.tokenizer,
+            config.chatml_fallback,
+            model.fallback_tokenizer,
+            model.convert_base,
+        )
     if not config.progress:
         from transformers.utils import logging as transformers_logging
 
@@ -212,16 +237,17 @@ def evaluate(config: EvaluateConfig) -> dict:
     try:
         warnings: list[str] = []
         results, descriptions, samples, templates = {}, {}, [], {}
-        for role, path, tokenizer, fallback, convert_base in roles:
+        for model in models:
+            role = model.role
             loaded = load_model(
-                path,
-                tokenizer,
+                model.path,
+                model.tokenizer,
                 device,
                 dtype,
                 config.chatml_fallback,
                 scratch / role,
-                convert_base=convert_base,
-                fallback_tokenizer=fallback,
+                convert_base=model.convert_base,
+                fallback_tokenizer=model.fallback_tokenizer,
             )
             descriptions[role] = loaded.description
             templates[role] = loaded.chat_tokenizer.template.sha256
@@ -392,7 +418,15 @@ def _write_samples(path: Path, samples: list[dict]) -> None:
 
 
 def summarize(metrics: dict, output: Path) -> str:
-    """A few lines for the terminal: the metrics side by side and the gate verdict."""
+    """A few lines for the terminal: the metrics side by side and the gate verdict.
+
+    Args:
+        metrics: what `evaluate` returned.
+        output: the output directory, whose report the last line names.
+
+    Returns:
+        The lines, joined.
+    """
     tuned, base, difference = metrics["tuned"], metrics["base"], metrics["deltas"] or {}
     lines = [f"evaluated {metrics['model']['path']} ({metrics['task']}) -> {output}"]
     for metric in ("accuracy", "format_accuracy", "mean_response_tokens", "val_loss", "perplexity"):

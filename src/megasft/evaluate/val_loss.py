@@ -1,16 +1,11 @@
 """Validation loss and perplexity of a Hugging Face model on a `megasft prepare` output.
 
-The loss is `megasft.train.loss.masked_token_loss`, the trainer's own: the sum of the token
-cross entropies over target tokens, divided once by the number of target tokens of the whole
-split (not a mean of batch means).
-
-Packed rows are split back into their documents (`seq_lengths`) and the documents are run on
-their own. The trainer runs the packed row with a block-diagonal causal mask and position ids
-that restart per document, which computes exactly this (tests/train/test_loss.py checks it),
-while running documents apart needs no 4D mask, whose conventions differ between attention
-implementations. Documents are sorted by length and batched up to a token budget, padded on
-the right: causal attention never lets a real token see the padding after it, and padded
-positions are never targets.
+The loss is the trainer's own (`megasft.train.loss.masked_token_loss`): summed over the target
+tokens of the whole split, divided once by their count. Packed rows are split back into their
+documents, each run on its own, which computes what the trainer's block-diagonal mask does
+(docs/evaluate.md, "Validation data"). Documents are sorted by length and batched up to a token
+budget, padded on the right: causal attention never lets a real token see the padding after
+it, and padded positions are never targets.
 """
 
 from __future__ import annotations
@@ -60,7 +55,17 @@ def open_val_split(data_dir: str | Path, split: str) -> pa.Table:
 
 
 def split_documents(table) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, loss_mask) of every document of every row, packed rows split apart."""
+    """Splits packed rows back into their documents.
+
+    Args:
+        table: rows of a prepared split (`input_ids`, `loss_mask`, `seq_lengths`).
+
+    Returns:
+        (input_ids, loss_mask) of every document of every row, in order.
+
+    Raises:
+        InputError: when a row's `seq_lengths` do not add up to its length.
+    """
     documents = []
     for row in table.to_pylist():
         start = 0
@@ -85,7 +90,21 @@ def validation_loss(
     progress: bool = False,
     description: str = "val loss",
 ) -> ValidationLoss:
-    """Mean masked token loss of `model` on a split of a prepared dataset."""
+    """Mean masked token loss of `model` on a split of a prepared dataset.
+
+    Args:
+        model: a Hugging Face causal LM.
+        data_dir: a `prepare` output directory.
+        split: "val" or "train".
+        batch_tokens: token budget of one forward pass (documents x longest length).
+        progress: show a progress bar on stderr, labelled `description`.
+
+    Returns:
+        The loss, its perplexity and what they were computed on.
+
+    Raises:
+        InputError: for an empty split or one without target tokens.
+    """
     table = open_val_split(data_dir, split)
     documents = split_documents(table)
     documents.sort(key=lambda document: len(document[0]), reverse=True)
