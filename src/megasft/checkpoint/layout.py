@@ -11,7 +11,8 @@ MCORE_DIR/
 The directory is itself the `dist_checkpointing` checkpoint, so megatron-core's
 `dist_checkpointing.load(model.sharded_state_dict(), MCORE_DIR)` reads it directly. A training
 run that saves checkpoints in this layout (architecture.json and hf/ copied along) can be
-exported with `megasft convert --from megatron`.
+exported with `megasft convert --from megatron`. The names every layer needs live in
+`megasft.constants`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,25 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from megasft.constants import ARCHITECTURE_FILE, HF_CONFIG_FILE, HF_FILES_DIR
+
+__all__ = [
+    "ARCHITECTURE_FILE",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "FORMATS",
+    "GENERATION_CONFIG_FILE",
+    "HF_CONFIG_FILE",
+    "HF_FILES_DIR",
+    "HF_METADATA_FILES",
+    "TOKENIZER_FILES",
+    "copy_hf_metadata_files",
+]
+
 FORMATS = ("hf", "megatron")
 """The two sides of a conversion."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """The size above which exported safetensors are sharded."""
 
-ARCHITECTURE_FILE = "architecture.json"
-HF_FILES_DIR = "hf"
-HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 TOKENIZER_FILES = (

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
+from megasft.constants import ARCHITECTURE_FILE, HF_FILES_DIR
 from megasft.errors import ConfigError
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -106,43 +106,6 @@ def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict[st
         state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
     )
     return state
-
-
-def load_model_weights(model_chunks: list[torch.nn.Module], checkpoint: Path) -> None:
-    """Load the weights of every model chunk of this rank from a megatron checkpoint.
-
-    With one chunk this is `megasft.megatron.weights.load_weights`. With virtual pipeline
-    stages the chunks of all ranks together cover the layers, so they must be read in one
-    `dist_checkpointing.load` call (each chunk alone leaves layers uncovered, which
-    megatron-core's validation refuses); the same filtering as `load_weights` applies.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megasft.megatron.weights import load_weights
-
-    if len(model_chunks) == 1:
-        load_weights(model_chunks[0], checkpoint)
-        return
-    sharded = {
-        f"model{index}": {
-            name: value
-            for name, value in _unwrapped(chunk).sharded_state_dict().items()
-            if not (isinstance(value, ShardedObject) or name.endswith("_extra_state"))
-        }
-        for index, chunk in enumerate(model_chunks)
-    }
-    state = dist_checkpointing.load(sharded, str(checkpoint))
-    for index, chunk in enumerate(model_chunks):
-        missing, unexpected = _unwrapped(chunk).load_state_dict(
-            state[f"model{index}"], strict=False
-        )
-        missing = [name for name in missing if not name.endswith("_extra_state")]
-        if missing or unexpected:
-            raise ConfigError(
-                f"{checkpoint}: the checkpoint does not fit the model (missing: {missing[:3]}, "
-                f"unexpected: {unexpected[:3]})"
-            )
 
 
 def rng_state() -> dict[str, Any]:

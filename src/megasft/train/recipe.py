@@ -155,10 +155,10 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
         transformer_config,
         transformer_engine_available,
     )
+    from megasft.megatron.weights import load_weights
     from megasft.train.checkpointing import (
         check_resumable,
         load_checkpoint,
-        load_model_weights,
         remove_partial_checkpoints,
     )
 
@@ -219,7 +219,7 @@ def setup(plan: RunPlan, parallel: Parallel) -> Run:
                 if parameter.dtype == torch.float32:
                     parameter.data = parameter.data.to(torch.bfloat16)
     if plan.resume_from is None:  # weights only: a fine-tuning start
-        load_model_weights(chunks, Path(config.load))
+        load_weights(chunks, Path(config.load))
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
