@@ -16,13 +16,18 @@ from megasft.checkpoint import mappings
 from megasft.checkpoint.dist_checkpoint_io import ChunkToWrite, write_dist_checkpoint
 from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR, copy_hf_metadata_files
-from megasft.checkpoint.mappings import FusedGateUp, FusedQKV, TensorMapping
 from megasft.checkpoint.safetensors_io import HFWeightsReader
 from megasft.checkpoint.tensor_bytes import ByteSource, ZeroBytes, byte_count
 from megasft.megatron.architecture import (
     ModelArchitecture,
     architecture_from_hf_config,
     read_hf_config,
+)
+from megasft.megatron.families.weight_mapping import (
+    VOCAB_PADDED,
+    FusedGateUp,
+    FusedQKV,
+    TensorMapping,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,7 +167,7 @@ def _row_blocks(
     info = weights.tensors[name]
     rows = info.shape[0]
     blocks: list[RowBlock] = [(0, rows, lambda: (weights.read(name),))]
-    if mapping.megatron in mappings.VOCAB_PADDED and architecture.padded_vocab_size > rows:
+    if mapping.megatron in VOCAB_PADDED and architecture.padded_vocab_size > rows:
         padding = ZeroBytes(
             byte_count((architecture.padded_vocab_size - rows, *info.shape[1:]), info.dtype)
         )

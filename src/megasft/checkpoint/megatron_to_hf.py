@@ -26,7 +26,6 @@ from megasft.checkpoint.layout import (
     TOKENIZER_FILES,
     copy_hf_metadata_files,
 )
-from megasft.checkpoint.mappings import FusedGateUp, FusedQKV, TensorMapping
 from megasft.checkpoint.safetensors_io import TensorToWrite, write_hf_weights
 from megasft.checkpoint.tensor_bytes import DTYPES, ByteSource, byte_count
 from megasft.errors import ConfigError
@@ -35,6 +34,12 @@ from megasft.megatron.architecture import (
     architecture_from_hf_config,
     hf_config_from_architecture,
     read_hf_config,
+)
+from megasft.megatron.families.weight_mapping import (
+    EMBEDDING,
+    FusedGateUp,
+    FusedQKV,
+    TensorMapping,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ def plan_hf_tensors(
     layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
     global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
 
-    tensors = _hf_tensors(global_table.pop(mappings.EMBEDDING), architecture, reader, None)
+    tensors = _hf_tensors(global_table.pop(EMBEDDING), architecture, reader, None)
     for layer in range(architecture.num_layers):
         for mapping in layer_table:
             tensors += _hf_tensors(mapping, architecture, reader, layer)

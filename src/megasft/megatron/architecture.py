@@ -2,8 +2,9 @@
 
 `ModelArchitecture` is what megasft needs to know to build the megatron-core model and to map
 its weights: one frozen dataclass, saved as JSON next to every megatron checkpoint megasft
-writes. `architecture_from_hf_config` reads it from a `config.json` dict and refuses anything
-the megatron-core model could not reproduce exactly, naming the config field.
+writes. `architecture_from_hf_config` reads it from a `config.json` dict, with the help of the
+model's family (`megasft.megatron.families`), and refuses anything the megatron-core model
+could not reproduce exactly, naming the config field.
 """
 
 from __future__ import annotations
@@ -14,17 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megasft.constants import HF_CONFIG_FILE
 from megasft.errors import ConfigError
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-"""Model families megasft converts and builds, by their Hugging Face `model_type`."""
-
-HF_ARCHITECTURE_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from megasft.megatron import families
+from megasft.megatron.hf_config import ConfigReader, Llama3RopeScaling
 
 VOCAB_PADDING_MULTIPLE = 128
 """The embedding and output layer are padded to a multiple of this many rows. Megatron-core
@@ -35,25 +29,11 @@ TP size)."""
 
 
 @dataclass(frozen=True)
-class Llama3RopeScaling:
-    """Llama 3.1-style frequency-dependent RoPE scaling (`rope_type: llama3`)."""
-
-    factor: float
-    """How much the low frequencies are slowed down."""
-    low_freq_factor: float
-    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
-    high_freq_factor: float
-    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
-    original_max_position_embeddings: int
-    """The context length the model was pre-trained with before scaling."""
-
-
-@dataclass(frozen=True)
 class ModelArchitecture:
     """A decoder-only transformer of one of the supported families, as megasft builds it."""
 
     family: str
-    """Hugging Face `model_type`: llama, mistral, qwen2 or qwen3."""
+    """Hugging Face `model_type`, naming a registered family (`megasft.megatron.families`)."""
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -81,8 +61,8 @@ class ModelArchitecture:
     """Each token attends to at most this many tokens, itself included (Mistral); None: all."""
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.family not in families.names():
+            raise ConfigError(f"family {self.family!r} is not one of {', '.join(families.names())}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
@@ -92,10 +72,6 @@ class ModelArchitecture:
             raise ConfigError("padded_vocab_size is smaller than vocab_size")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
-
-    @property
-    def hf_architecture_class(self) -> str:
-        return HF_ARCHITECTURE_CLASSES[self.family]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -129,7 +105,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PADDING_MULTIPLE) -
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
     """The parsed `config.json` of a Hugging Face model directory."""
-    path = Path(directory) / "config.json"
+    path = Path(directory) / HF_CONFIG_FILE
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError as error:
@@ -142,53 +118,41 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 
 
 def architecture_from_hf_config(
-    config: dict[str, Any], source: str = "config.json"
+    config: dict[str, Any], source: str = HF_CONFIG_FILE
 ) -> ModelArchitecture:
-    """Read the architecture from a Hugging Face config dict; `source` names it in errors."""
-    reader = _ConfigReader(config, source)
-    family = reader.get("model_type", str)
-    if family not in FAMILIES:
+    """Read the architecture from a Hugging Face config dict.
+
+    Args:
+        config: the parsed config.json.
+        source: what to call it in errors (its path, usually).
+
+    Returns:
+        The architecture, its family's settings read by the family (`megasft.megatron.families`).
+
+    Raises:
+        ConfigError: an unsupported model_type, architectures entry or setting, or a missing
+            or mistyped field; the message names the field.
+    """
+    reader = ConfigReader(config, source)
+    model_type = reader.get("model_type", str)
+    if model_type not in families.names():
         raise ConfigError(
-            f"{source}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}"
+            f"{source}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(families.names())}"
         )
-    architectures = config.get("architectures") or [HF_ARCHITECTURE_CLASSES[family]]
-    if architectures != [HF_ARCHITECTURE_CLASSES[family]]:
+    family = families.family_named(model_type)
+    architectures = config.get("architectures") or [family.hf_architecture_class]
+    if architectures != [family.hf_architecture_class]:
         raise ConfigError(
             f"{source}: architectures is {architectures}; megasft converts causal language "
-            f"models only ({HF_ARCHITECTURE_CLASSES[family]})"
+            f"models only ({family.hf_architecture_class})"
         )
-    if reader.get("hidden_act", str, default="silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act must be 'silu' for {family}")
-    for field in ("attention_bias", "mlp_bias"):
-        if family != "qwen2" and reader.get(field, bool, default=False):
-            raise ConfigError(
-                f"{source}: {field} is true; megatron-core's GPTModel cannot add biases to "
-                "these projections alone, so such models are not supported"
-            )
-    _refuse_sliding_layers(reader, family)
-
-    hidden_size = reader.get("hidden_size", int)
-    num_attention_heads = reader.get("num_attention_heads", int)
-    vocab_size = reader.get("vocab_size", int)
-    rope_theta, rope_scaling = _rope(reader)
+    family.check_config(reader)
+    fields = family.architecture_fields(reader)
     return ModelArchitecture(
-        family=family,
-        num_layers=reader.get("num_hidden_layers", int),
-        hidden_size=hidden_size,
-        ffn_hidden_size=reader.get("intermediate_size", int),
-        num_attention_heads=num_attention_heads,
-        num_query_groups=reader.get("num_key_value_heads", int, default=num_attention_heads),
-        head_dim=reader.get("head_dim", int, default=hidden_size // num_attention_heads),
-        vocab_size=vocab_size,
-        padded_vocab_size=padded_vocab_size(vocab_size),
-        max_position_embeddings=reader.get("max_position_embeddings", int),
-        norm_epsilon=reader.get("rms_norm_eps", float, default=1e-6),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        qkv_bias=family == "qwen2",
-        qk_layernorm=family == "qwen3",
-        tied_embeddings=reader.get("tie_word_embeddings", bool, default=False),
-        sliding_window=_sliding_window(reader, family),
+        family=model_type,
+        padded_vocab_size=padded_vocab_size(fields["vocab_size"]),
+        **fields,
     )
 
 
@@ -196,9 +160,17 @@ def hf_config_from_architecture(architecture: ModelArchitecture) -> dict[str, An
     """A minimal `config.json` for the architecture, readable by transformers 4.x and 5.x.
 
     Used only when neither the converted checkpoint nor `--base` carries the original
-    config.json (which is always preferred, since it keeps token ids and other fields)."""
+    config.json (which is always preferred, since it keeps token ids and other fields).
+
+    Args:
+        architecture: the model's architecture.
+
+    Returns:
+        The config.json fields, in the order they are written.
+    """
+    family = families.family_named(architecture.family)
     config: dict[str, Any] = {
-        "architectures": [architecture.hf_architecture_class],
+        "architectures": [family.hf_architecture_class],
         "model_type": architecture.family,
         "vocab_size": architecture.vocab_size,
         "hidden_size": architecture.hidden_size,
@@ -207,7 +179,7 @@ def hf_config_from_architecture(architecture: ModelArchitecture) -> dict[str, An
         "num_attention_heads": architecture.num_attention_heads,
         "num_key_value_heads": architecture.num_query_groups,
         "head_dim": architecture.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": family.hidden_act,
         "max_position_embeddings": architecture.max_position_embeddings,
         "rms_norm_eps": architecture.norm_epsilon,
         "rope_theta": architecture.rope_theta,
@@ -218,88 +190,4 @@ def hf_config_from_architecture(architecture: ModelArchitecture) -> dict[str, An
             "rope_type": "llama3",
             **dataclasses.asdict(architecture.rope_scaling),
         }
-    if architecture.family == "mistral":
-        config["sliding_window"] = architecture.sliding_window
-    if architecture.family in ("llama", "qwen3"):
-        config["attention_bias"] = False
-    return config
-
-
-class _ConfigReader:
-    """Typed access to config fields, with errors that name the field."""
-
-    _MISSING = object()
-
-    def __init__(self, config: dict[str, Any], source: str) -> None:
-        self.config = config
-        self.source = source
-
-    def get(self, field: str, kind: type, default: Any = _MISSING) -> Any:
-        value = self.config.get(field)
-        if value is None:
-            if default is self._MISSING:
-                raise ConfigError(f"{self.source}: required field {field!r} is missing")
-            return default
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(
-                f"{self.source}: field {field!r} must be {kind.__name__}, got {value!r}"
-            )
-        return value
-
-
-def _rope(reader: _ConfigReader) -> tuple[float, Llama3RopeScaling | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); older configs write `rope_theta`
-    # and `rope_scaling`.
-    parameters = reader.config.get("rope_parameters")
-    field = "rope_parameters"
-    if parameters is None:
-        parameters = reader.config.get("rope_scaling")
-        field = "rope_scaling"
-    parameters = dict(parameters or {})
-    theta = parameters.get("rope_theta", reader.get("rope_theta", float, default=10000.0))
-    if parameters.get("partial_rotary_factor", 1.0) != 1.0 or reader.config.get(
-        "partial_rotary_factor", 1.0
-    ) not in (None, 1.0):
-        raise ConfigError(f"{reader.source}: partial_rotary_factor other than 1.0 is not supported")
-    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type != "llama3":
-        raise ConfigError(
-            f"{reader.source}: {field}.rope_type {rope_type!r} is not supported "
-            "(supported: default, llama3)"
-        )
-    try:
-        scaling = Llama3RopeScaling(
-            factor=float(parameters["factor"]),
-            low_freq_factor=float(parameters["low_freq_factor"]),
-            high_freq_factor=float(parameters["high_freq_factor"]),
-            original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
-        )
-    except KeyError as error:
-        raise ConfigError(f"{reader.source}: {field} needs {error.args[0]!r} for llama3") from error
-    return float(theta), scaling
-
-
-def _refuse_sliding_layers(reader: _ConfigReader, family: str) -> None:
-    if family in ("qwen2", "qwen3") and reader.get("use_sliding_window", bool, default=False):
-        raise ConfigError(
-            f"{reader.source}: use_sliding_window is true; sliding-window layers of {family} "
-            "(max_window_layers) are not supported"
-        )
-    layer_types = reader.config.get("layer_types") or []
-    if any(layer_type != "full_attention" for layer_type in layer_types):
-        raise ConfigError(
-            f"{reader.source}: layer_types has layers other than full_attention; not supported"
-        )
-
-
-def _sliding_window(reader: _ConfigReader, family: str) -> int | None:
-    if family != "mistral":
-        return None
-    window = reader.get("sliding_window", int, default=None)
-    if window is not None and window >= reader.get("max_position_embeddings", int):
-        return None  # a window covering every position changes nothing
-    return window
+    return config | family.hf_config_fields(architecture)

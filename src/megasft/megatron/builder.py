@@ -1,11 +1,11 @@
 """Build the megatron-core `TransformerConfig` and `GPTModel` of a `ModelArchitecture`.
 
-The model reproduces the Hugging Face one exactly (the tests check logits): RMSNorm with the
-HF epsilon, SwiGLU MLP, grouped-query attention with per-head RoPE (theta and Llama-3
-scaling), QKV biases (Qwen2), per-head query/key RMSNorm (Qwen3), Mistral's sliding window,
-tied or untied embeddings. Transformer Engine layers are used when TE is importable and an
-accelerator is present; megatron-core's local layers otherwise (CPU, tests). Both specs save
-the same checkpoint keys, so either loads a checkpoint written by the other.
+The model reproduces the Hugging Face one exactly (the tests check logits): the model's family
+(`megasft.megatron.families`) gives its norms, activation, biases, QK norm, sliding window and
+layer spec; this module adds the sizes, parallelism, precision, RoPE (theta and Llama-3
+scaling) and tied or untied embeddings. Transformer Engine layers are used when TE is
+importable and an accelerator is present; megatron-core's local layers otherwise (CPU, tests).
+Both specs save the same checkpoint keys, so either loads a checkpoint written by the other.
 
 Megatron-core must be initialised (`megasft.megatron.parallel.initialize_parallel`) before a
 model is built: the layers read their TP/PP ranks from `parallel_state`.
@@ -17,17 +17,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megasft.errors import ConfigError
+from megasft.megatron import families
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.cpu import accelerator_present
 from megasft.megatron.rope import llama3_inverse_frequencies
@@ -67,16 +63,7 @@ def transformer_config(
         num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups,
         kv_channels=a.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=a.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        bias_activation_fusion=False,
-        add_bias_linear=False,
-        add_qkv_bias=a.qkv_bias,
-        qk_layernorm=a.qk_layernorm,
-        # HF window W covers W tokens, the query included: keys at distance 0 .. W-1.
-        window_size=(a.sliding_window - 1, 0) if a.sliding_window is not None else None,
+        **families.family_named(a.family).transformer_config_fields(a),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel_size,
@@ -96,12 +83,12 @@ def transformer_config(
 def layer_spec(
     architecture: ModelArchitecture, *, transformer_engine: bool | None = None
 ) -> ModuleSpec:
-    """The transformer layer spec: Transformer Engine when available (or asked), else local."""
+    """The family's transformer layer spec: Transformer Engine when available (or asked), else
+    megatron-core's local layers."""
     if transformer_engine is None:
         transformer_engine = transformer_engine_available()
-    if transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=architecture.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=architecture.qk_layernorm, normalization="RMSNorm")
+    family = families.family_named(architecture.family)
+    return family.layer_spec(architecture, transformer_engine=transformer_engine)
 
 
 def build_model(
