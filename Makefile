@@ -74,7 +74,7 @@ bench: setup
 	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 # The container images under docker/, named by src/megasft/images.py (MEGASFT_IMAGE_REGISTRY,
-# MEGASFT_IMAGE_TAG). IMAGES picks families (make images IMAGES="cpu mlflow"); PUSH=1 pushes them.
+# MEGASFT_IMAGE_TAG). IMAGES picks images (make images IMAGES="cpu mlflow"); PUSH=1 pushes them.
 # Exits 2, saying what it found, where neither docker nor podman can build (docs/deploy.md).
 IMAGES ?=
 images: setup

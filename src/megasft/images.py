@@ -1,19 +1,19 @@
 """Container image references: the one place the components, the manifests and `make images` read them.
 
-Each image family is built from one Dockerfile under docker/ and named
+Each image is built from one Dockerfile under docker/ and named
 REGISTRY/REPOSITORY:TAG (or REGISTRY/REPOSITORY@sha256:DIGEST). The defaults live here; a
 deployment overrides them with environment variables:
 
     MEGASFT_IMAGE_REGISTRY     registry and path of every image (default registry.example.com/megasft)
     MEGASFT_IMAGE_TAG          tag of every image (default: the package version)
-    MEGASFT_IMAGE_TRAIN_ROCM   a full reference for one family, e.g. ghcr.io/acme/train@sha256:...
+    MEGASFT_IMAGE_TRAIN_ROCM   a full reference for one image, e.g. ghcr.io/acme/train@sha256:...
                                (likewise MEGASFT_IMAGE_TRAIN_CUDA, MEGASFT_IMAGE_CPU, MEGASFT_IMAGE_MLFLOW)
 
 The default registry is under example.com, a domain reserved for examples: a cluster that was not
 told where its images are fails to pull them, loudly, instead of pulling somebody else's.
 
-    python -m megasft.images --list            FAMILY<TAB>DOCKERFILE<TAB>REFERENCE, one line per family
-    python -m megasft.images build [FAMILY ...] [--push]
+    python -m megasft.images --list            IMAGE<TAB>DOCKERFILE<TAB>REFERENCE, one line per image
+    python -m megasft.images build [IMAGE ...] [--push]
                                                builds them with docker or podman (`make images`)
 
 `build` exits 2 when neither docker nor podman can build here (a client without a running
@@ -49,7 +49,7 @@ _REGISTRY_HOST = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]+)?")
 
 
 class ImageError(MegasftError):
-    """An image reference or an override of one is malformed, or a family is unknown."""
+    """An image reference or an override of one is malformed, or an image name is unknown."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class ImageFamily:
+class Image:
     """One image that `make images` builds: where its Dockerfile is and what it is for."""
 
     name: str
@@ -125,29 +125,29 @@ class ImageFamily:
         return "MEGASFT_IMAGE_" + self.name.upper().replace("-", "_")
 
 
-FAMILIES: dict[str, ImageFamily] = {
-    family.name: family
-    for family in (
-        ImageFamily(
+IMAGES: dict[str, Image] = {
+    image.name: image
+    for image in (
+        Image(
             "train-rocm",
             "docker/Dockerfile.train-rocm",
             "linux/amd64",
             "training on AMD MI300X (gfx942): ROCm PyTorch, Transformer Engine, megatron-core",
         ),
-        ImageFamily(
+        Image(
             "train-cuda",
             "docker/Dockerfile.train-cuda",
             "linux/amd64",
             "training on NVIDIA GPUs: NGC PyTorch, megatron-core",
         ),
-        ImageFamily(
+        Image(
             "cpu",
             # megatron-core publishes x86_64 wheels only, so the CPU image is amd64 as well.
             "docker/Dockerfile.cpu",
             "linux/amd64",
             "tokenize-and-mask, conversion, evaluation and the pipeline CLI, on CPU",
         ),
-        ImageFamily(
+        Image(
             "mlflow",
             "docker/Dockerfile.mlflow",
             None,
@@ -157,12 +157,13 @@ FAMILIES: dict[str, ImageFamily] = {
 }
 
 
-def image_for(family: str, environ: Mapping[str, str] | None = None) -> ImageRef:
-    """The image of `family`, after the MEGASFT_IMAGE_* overrides in `environ` (os.environ)."""
+def image_for(name: str, environ: Mapping[str, str] | None = None) -> ImageRef:
+    """The reference of image `name`, after the MEGASFT_IMAGE_* overrides in `environ`
+    (os.environ)."""
     environ = os.environ if environ is None else environ
-    if family not in FAMILIES:
-        raise ImageError(f"unknown image family {family!r}; known: {', '.join(FAMILIES)}")
-    variable = FAMILIES[family].override_variable
+    if name not in IMAGES:
+        raise ImageError(f"unknown image {name!r}; known: {', '.join(IMAGES)}")
+    variable = IMAGES[name].override_variable
     override = environ.get(variable, "").strip()
     if override:
         try:
@@ -172,7 +173,7 @@ def image_for(family: str, environ: Mapping[str, str] | None = None) -> ImageRef
     registry = environ.get(REGISTRY_VARIABLE, "").strip().rstrip("/") or DEFAULT_REGISTRY
     tag = environ.get(TAG_VARIABLE, "").strip() or __version__
     try:
-        return ImageRef(registry, family, tag=tag)
+        return ImageRef(registry, name, tag=tag)
     except ImageError as error:
         raise ImageError(f"{REGISTRY_VARIABLE}/{TAG_VARIABLE}: {error}") from None
 
@@ -206,11 +207,11 @@ def find_container_engine(
     return None, "; ".join(findings)
 
 
-def build_command(engine: str, family: ImageFamily, image: ImageRef, revision: str) -> list[str]:
+def build_command(engine: str, spec: Image, image: ImageRef, revision: str) -> list[str]:
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    command = [engine, "build", "--file", family.dockerfile, "--tag", image.reference]
-    if family.platform:
-        command += ["--platform", family.platform]
+    command = [engine, "build", "--file", spec.dockerfile, "--tag", image.reference]
+    if spec.platform:
+        command += ["--platform", spec.platform]
     for name, value in (("VERSION", __version__), ("REVISION", revision), ("CREATED", created)):
         command += ["--build-arg", f"{name}={value}"]  # the OCI labels of every image
     return [*command, "."]
@@ -226,10 +227,10 @@ def _git_revision() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def build(families: Sequence[str], push: bool = False) -> int:
-    """Builds (and pushes) `families` from the repository root; returns the exit code."""
-    images = {name: image_for(name) for name in families}  # bad names and overrides fail first
-    dockerfiles = [FAMILIES[name].dockerfile for name in families]
+def build(names: Sequence[str], push: bool = False) -> int:
+    """Builds (and pushes) the images `names` from the repository root; returns the exit code."""
+    images = {name: image_for(name) for name in names}  # bad names and overrides fail first
+    dockerfiles = [IMAGES[name].dockerfile for name in names]
     missing = [path for path in dockerfiles if not os.path.isfile(path)]
     if missing:
         raise ImageError(f"{missing[0]} not found; run this from the repository root")
@@ -245,7 +246,7 @@ def build(families: Sequence[str], push: bool = False) -> int:
         return NO_ENGINE_EXIT_CODE
     revision = _git_revision()
     for name, image in images.items():
-        commands = [build_command(engine, FAMILIES[name], image, revision)]
+        commands = [build_command(engine, IMAGES[name], image, revision)]
         if push:
             commands.append([engine, "push", image.reference])
         for command in commands:
@@ -261,21 +262,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m megasft.images", description="The container images of megasft."
     )
     parser.add_argument(
-        "--list", action="store_true", help="print FAMILY<TAB>DOCKERFILE<TAB>REFERENCE per family"
+        "--list", action="store_true", help="print IMAGE<TAB>DOCKERFILE<TAB>REFERENCE per image"
     )
     subcommands = parser.add_subparsers(dest="command")
     build_parser = subcommands.add_parser("build", help="build the images with docker or podman")
     build_parser.add_argument(
-        "families", nargs="*", metavar="FAMILY", help=f"default: all ({', '.join(FAMILIES)})"
+        "images", nargs="*", metavar="IMAGE", help=f"default: all ({', '.join(IMAGES)})"
     )
     build_parser.add_argument("--push", action="store_true", help="push each image after its build")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            return build(args.families or list(FAMILIES), push=args.push)
+            return build(args.images or list(IMAGES), push=args.push)
         if args.list:
-            for family in FAMILIES.values():
-                print(f"{family.name}\t{family.dockerfile}\t{image_for(family.name).reference}")
+            for spec in IMAGES.values():
+                print(f"{spec.name}\t{spec.dockerfile}\t{image_for(spec.name).reference}")
             return 0
     except ImageError as error:
         print(f"megasft images: error: {error}", file=sys.stderr)

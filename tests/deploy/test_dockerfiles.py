@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from megasft.images import FAMILIES
+from megasft.images import IMAGES
 from tests.conftest import REPO
 from tests.deploy.dockerfiles import (
     DOCKERFILES,
@@ -49,8 +49,8 @@ def relative(path) -> str:
     return str(path.relative_to(REPO))
 
 
-def test_every_image_family_has_its_dockerfile_and_no_other_exists():
-    assert {family.dockerfile for family in FAMILIES.values()} == {
+def test_every_image_has_its_dockerfile_and_no_other_exists():
+    assert {image.dockerfile for image in IMAGES.values()} == {
         relative(path) for path in DOCKERFILES
     }
 

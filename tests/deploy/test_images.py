@@ -12,7 +12,7 @@ import pytest
 from megasft import __version__
 from megasft.images import (
     DEFAULT_REGISTRY,
-    FAMILIES,
+    IMAGES,
     NO_ENGINE_EXIT_CODE,
     ImageError,
     ImageRef,
@@ -25,17 +25,17 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 def test_defaults_are_the_example_registry_and_the_package_version():
-    for name in FAMILIES:
+    for name in IMAGES:
         assert image_for(name, {}).reference == f"{DEFAULT_REGISTRY}/{name}:{__version__}"
 
 
-def test_registry_and_tag_apply_to_every_family():
+def test_registry_and_tag_apply_to_every_image():
     environ = {"MEGASFT_IMAGE_REGISTRY": "ghcr.io/acme/ml/", "MEGASFT_IMAGE_TAG": "2024.06.1"}
     assert image_for("cpu", environ).reference == "ghcr.io/acme/ml/cpu:2024.06.1"
     assert image_for("train-rocm", environ).reference == "ghcr.io/acme/ml/train-rocm:2024.06.1"
 
 
-def test_a_family_override_is_taken_whole_and_wins():
+def test_an_image_override_is_taken_whole_and_wins():
     environ = {
         "MEGASFT_IMAGE_REGISTRY": "ghcr.io/acme",
         "MEGASFT_IMAGE_TAG": "1.0",
@@ -77,21 +77,21 @@ def test_a_malformed_override_is_refused_naming_the_variable(variable, value, me
     assert variable in str(caught.value)
 
 
-def test_an_unknown_family_is_refused_with_the_known_ones():
+def test_an_unknown_image_is_refused_with_the_known_ones():
     with pytest.raises(ImageError, match="known: train-rocm, train-cuda, cpu, mlflow"):
         image_for("train-tpu", {})
 
 
-def test_list_prints_family_dockerfile_and_reference(capsys, monkeypatch):
+def test_list_prints_image_dockerfile_and_reference(capsys, monkeypatch):
     for name in ("MEGASFT_IMAGE_REGISTRY", "MEGASFT_IMAGE_TAG", "MEGASFT_IMAGE_CPU"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MEGASFT_IMAGE_CPU", f"ghcr.io/acme/cpu@{DIGEST}")
     assert main(["--list"]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
-    assert [row[0] for row in rows] == list(FAMILIES)
-    for family, dockerfile, reference in rows:
+    assert [row[0] for row in rows] == list(IMAGES)
+    for name, dockerfile, reference in rows:
         assert (REPO / dockerfile).is_file()
-        assert reference == image_for(family).reference
+        assert reference == image_for(name).reference
     assert rows[2][2] == f"ghcr.io/acme/cpu@{DIGEST}"
 
 

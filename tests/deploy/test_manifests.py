@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from megasft.images import FAMILIES, image_for
+from megasft.images import IMAGES, image_for
 from megasft.pipeline.config import load_pipeline_config
 from tests.conftest import REPO, shared_path
 from tests.deploy.commands import megasft_subcommands
@@ -321,7 +321,7 @@ def test_collective_settings_match_the_image_and_are_documented(rendered, overla
         variable["name"]: variable.get("value")
         for variable in training_container(only(rendered[overlay], "PyTorchJob"))["env"]
     }
-    image_defaults = parse(REPO / FAMILIES[TRAINING_IMAGES[overlay]].dockerfile).parser.envs
+    image_defaults = parse(REPO / IMAGES[TRAINING_IMAGES[overlay]].dockerfile).parser.envs
     for name in environment.keys() & image_defaults.keys():
         assert environment[name] == image_defaults[name], name
     deploy_guide = (REPO / "docs/deploy.md").read_text()
