@@ -19,7 +19,7 @@ from megasft.launch.job_request import WORKER_MODULE, JobRequest
 
 TEMPLATE_LABEL = "megasft/template"
 # Where each accelerator's training image comes from when the template names no usable image.
-TRAINING_IMAGE_FAMILIES = {"amd.com/gpu": "train-rocm", "nvidia.com/gpu": "train-cuda"}
+TRAINING_IMAGES = {"amd.com/gpu": "train-rocm", "nvidia.com/gpu": "train-cuda"}
 
 
 def check_template_kind(template: Mapping[str, Any], kind: JobKind) -> None:
@@ -107,13 +107,13 @@ def _template_image(image: str | None, request: JobRequest) -> str:
     # No registry in the name: kustomize's placeholder (`megasft-train`) of an unrendered template.
     from megasft.images import image_for
 
-    family = TRAINING_IMAGE_FAMILIES.get(request.gpu_resource)
-    if family is None:
+    name = TRAINING_IMAGES.get(request.gpu_resource)
+    if name is None:
         raise ConfigError(
             f"the template's image {image!r} is a placeholder and {request.gpu_resource} has no "
             "training image of its own; pass JobRequest(image=...)"
         )
-    return image_for(family).reference
+    return image_for(name).reference
 
 
 def check_save_is_on_a_claim(
