@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components._images import CPU_IMAGE
+from megasft._components._images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

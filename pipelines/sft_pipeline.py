@@ -15,14 +15,14 @@ tracking server); a retried train step resumes from its newest checkpoint.
 
 from kfp import dsl, kubernetes
 
-from components.checkpoint_convert import checkpoint_convert
-from components.evaluate import evaluate as evaluate_component
-from components.finish import finish
-from components.record_inputs import record_inputs
-from components.register import register
-from components.tokenize_and_mask import tokenize_and_mask
-from components.train import train as train_component
-from components.validate import validate
+from megasft._components.checkpoint_convert import checkpoint_convert
+from megasft._components.evaluate import evaluate as evaluate_component
+from megasft._components.finish import finish
+from megasft._components.record_inputs import record_inputs
+from megasft._components.register import register
+from megasft._components.tokenize_and_mask import tokenize_and_mask
+from megasft._components.train import train as train_component
+from megasft._components.validate import validate
 from megasft.pipeline.steps import PIPELINE_NAME
 
 # The claims from manifests/base/storage.yaml, mounted where the PyTorchJob template mounts them,

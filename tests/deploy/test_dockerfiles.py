@@ -43,6 +43,8 @@ BUILD_TOOLS = {
 INSTALL = re.compile(r"\b(?:apt-get|apt|dnf|yum|microdnf|apk|pip|pip3|conda)\b[^;&|]*?\binstall\b")
 
 IDS = [path.name for path in DOCKERFILES]
+# The images that install megasft itself (the MLflow server's does not).
+MEGASFT_DOCKERFILES = [path for path in DOCKERFILES if path.name != "Dockerfile.mlflow"]
 
 
 def relative(path) -> str:
@@ -113,18 +115,20 @@ def test_dockerignore_keeps_the_context_small():
         assert not dockerignore_excludes(path, patterns), path
 
 
-def test_the_cpu_image_gets_the_pipeline_that_submit_compiles():
-    # pyproject.toml installs them from the repository root (packages.find where = ["src", "."]).
+@pytest.mark.parametrize("path", MEGASFT_DOCKERFILES, ids=lambda path: path.name)
+def test_every_megasft_image_gets_what_setup_py_installs(path):
+    # setup.py maps components/ and pipelines/ to megasft._components and megasft._pipelines: a
+    # build without them fails, and the CPU image's `megasft pipeline submit` compiles them.
     patterns = dockerignore_patterns()
     copied = {
         source.rstrip("/")
-        for stage in parse(REPO / "docker/Dockerfile.cpu").stages
+        for stage in parse(path).stages
         for value in stage.values("COPY")
         for source in copy_sources(value) or []
     }
-    for package in ("pipelines", "components"):
-        assert package in copied, f"Dockerfile.cpu does not copy {package}/"
-        assert not dockerignore_excludes(f"{package}/__init__.py", patterns), package
+    for source in ("setup.py", "pyproject.toml", "src", "pipelines", "components"):
+        assert source in copied, f"{path.name} does not copy {source}"
+        assert not dockerignore_excludes(source, patterns), source
 
 
 def test_the_cpu_image_installs_the_torch_the_makefile_pins():

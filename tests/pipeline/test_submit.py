@@ -160,7 +160,7 @@ def test_a_changed_pipeline_uploads_a_new_version(stub, config, monkeypatch):
     # The image tag is read when the components are imported; compile from a fresh import.
     monkeypatch.setenv("MEGASFT_IMAGE_TAG", "retrained-1")
     for name in list(sys.modules):
-        if name == "pipelines.sft_pipeline" or name.startswith("components."):
+        if name == "megasft._pipelines.sft_pipeline" or name.startswith("megasft._components."):
             monkeypatch.delitem(sys.modules, name)
     submit(config, stub)
 

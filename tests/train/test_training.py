@@ -38,8 +38,9 @@ TOLERANCE = 1e-5
 
 def _env() -> dict[str, str]:
     # One thread per process: the two cores are shared by two ranks, and the same thread
-    # count in every run keeps the floating-point sums in the same order.
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # count in every run keeps the floating-point sums in the same order. PYTHONPATH, with the
+    # checkout's src/ first, comes from tests/conftest.py.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _launch(command: list[str], timeout: int) -> None:

@@ -12,9 +12,9 @@ def compile_pipeline(output: str | Path) -> Path:
     """
     from kfp import compiler
 
-    from pipelines.sft_pipeline import sft_pipeline
+    from megasft.pipeline.sources import sft_pipeline
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(sft_pipeline, package_path=str(output))
+    compiler.Compiler().compile(sft_pipeline(), package_path=str(output))
     return output

@@ -235,9 +235,9 @@ def _with_column_map_pairs(settings: dict[str, Any]) -> dict[str, Any]:
 
 def config_directory() -> Path:
     """pipelines/configs, where the named configurations live (installed with the package)."""
-    import importlib.resources
+    from megasft.pipeline.sources import configs_directory
 
-    return Path(str(importlib.resources.files("pipelines") / "configs"))
+    return configs_directory()
 
 
 def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:

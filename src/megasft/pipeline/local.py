@@ -48,7 +48,7 @@ def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output"
     """
     from kfp import local
 
-    from pipelines.sft_pipeline import sft_pipeline
+    from megasft.pipeline.sources import sft_pipeline
 
     if not config.launcher.runs_in_step:
         raise ConfigError(
@@ -82,7 +82,7 @@ def run_local(config: PipelineConfig, *, workdir: str | Path = "pipeline-output"
     )
     error = None
     try:
-        sft_pipeline(**config.arguments())
+        sft_pipeline()(**config.arguments())
     except Exception as failure:  # kfp.local raises RuntimeError for a failed task
         error = str(failure)
     new_runs = sorted(set(root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
