@@ -37,7 +37,7 @@ setup: $(STAMP)
 		echo "note: no kubectl; tests/deploy's manifest tests will skip (install kubectl $(KUBECTL_MIN)+, see docs/deploy.md)"; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -61,8 +61,9 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# One line per step; VERBOSE=1 streams everything the steps print (python -m megasft.demo --verbose).
 demo: setup
-	$(BIN)/python -m megasft.demo
+	$(BIN)/python -m megasft.demo $(if $(VERBOSE),--verbose)
 
 # The pipeline's KFP YAML, compiled from source (never committed); CI checks that it compiles.
 compile: setup

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from megasft.demo.__main__ import main
 
+# kfp.local's task names: a second use of a component is NAME-2 (the export).
+STEPS = (
+    "validate",
+    "checkpoint-convert",
+    "tokenize-and-mask",
+    "train",
+    "checkpoint-convert-2",
+    "evaluate",
+    "record-inputs",
+    "finish",
+)
+
 
 def test_demo_runs_the_pipeline_into_an_embedded_mlflow(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
@@ -12,10 +24,23 @@ def test_demo_runs_the_pipeline_into_an_embedded_mlflow(tmp_path, capsys):
     arguments = ["--train-problems", "200", "--test-problems", "16", "--train-iters", "4"]
     assert main(["--output", str(output), *arguments]) == 0
     assert (output / "inputs" / "base-hf" / "config.json").is_file()
-    printed = capsys.readouterr().err
+    captured = capsys.readouterr()
+    printed = captured.err
     assert "megasft pipeline: demo succeeded" in printed
     assert "base accuracy" in printed and "tuned accuracy" in printed
     assert f"mlflow ui --backend-store-uri sqlite:///{output / 'mlflow.db'}" in printed
+
+    # Quiet: a line as each step starts and one as it ends; everything else is in its log.
+    assert captured.out == ""
+    assert len(printed.splitlines()) <= 200
+    assert "KFP Executor" not in printed and "executor_input" not in printed
+    for step in STEPS:
+        assert f"  {step} started\n" in printed
+        assert f"  {step} done in " in printed
+        assert "finished with status SUCCESS" in (output / "logs" / f"{step}.log").read_text()
+    assert "train done in " in printed and "steps 4, final_loss " in printed
+    assert "megasft train: checkpoint" in (output / "logs" / "train.log").read_text()
+    assert f"  logs: {output / 'logs'}/ (validate.log, " in printed
 
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("megasft-demo")

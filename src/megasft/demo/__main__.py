@@ -6,7 +6,8 @@ Llama-architecture Hugging Face model. Then it runs the pipeline (pipelines/conf
 with kfp.local: validate, tokenize-and-mask and hf -> megatron conversion, training with
 megatron-core on 2 CPU processes (torchrun, the emulation layer, gloo), export to Hugging Face,
 evaluation of tuned vs base, and registration in MLflow when the gate passes. Everything is
-tracked in an embedded MLflow store (sqlite) in the output directory.
+tracked in an embedded MLflow store (sqlite) in the output directory. It prints a line as each
+step starts and ends; each step's full output is in OUTPUT/logs (--verbose streams it all).
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-problems", type=int, default=2000)
     parser.add_argument("--test-problems", type=int, default=200)
     parser.add_argument("--train-iters", type=int, default=None, help="default: the demo config's")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream everything the steps and kfp.local print (default: one line as each step "
+        "starts and ends; each step's full output goes to OUTPUT/logs/STEP.log)",
+    )
     args = parser.parse_args(argv)
 
     root = Path(args.output).resolve()
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root)
     inputs = build_inputs(root / "inputs", args.train_problems, args.test_problems)
     config = demo_config(root, inputs, args.train_iters)
-    result = run_local(config, workdir=root)
+    result = run_local(config, workdir=root, quiet=not args.verbose)
     return 0 if result.succeeded else 1
 
 

@@ -40,6 +40,12 @@ def add_pipeline_command(subparsers: argparse._SubParsersAction) -> None:
         help="where the run's artifacts, logs and (for a sqlite tracking URI) MLflow store go "
         "(default: %(default)s)",
     )
+    local.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print one line as each step starts and ends; each step's full output goes to "
+        "WORKDIR/logs/STEP.log (default: stream everything the steps and kfp.local print)",
+    )
     local.set_defaults(handler=_run_local)
 
     submit = actions.add_parser(
@@ -103,7 +109,7 @@ def _compile(args: argparse.Namespace) -> int:
 def _run_local(args: argparse.Namespace) -> int:
     from megasft.pipeline.local import run_local
 
-    result = run_local(_load(args), workdir=args.workdir)
+    result = run_local(_load(args), workdir=args.workdir, quiet=args.quiet)
     return 0 if result.succeeded else 1
 
 
