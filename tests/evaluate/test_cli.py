@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from megasft.cli import main
-from megasft.evaluate.cli import DTYPE_CHOICES
+from megasft.evaluate.config import DTYPE_CHOICES
 from megasft.evaluate.model import DTYPES
 
 

@@ -50,6 +50,16 @@ def test_bad_settings_fail_with_the_flag_named(settings, message):
         TrainConfig(**values)
 
 
+def test_every_bad_setting_is_named_in_one_error():
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig(**REQUIRED, micro_batch_size=0, precision="fp8", lr=0.0)
+    assert str(caught.value) == (
+        "4 problems: --micro-batch-size must be at least 1, got 0; --lr must be positive, "
+        "got 0.0; --precision must be one of bf16, fp32, not 'fp8'; give exactly one of "
+        "--train-iters and --epochs"
+    )
+
+
 def test_model_dependent_checks():
     config = TrainConfig(**REQUIRED, train_iters=1, nproc=2, tensor_parallel=2)
     hf = {

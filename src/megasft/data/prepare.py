@@ -35,12 +35,11 @@ from tqdm import tqdm
 
 from megasft import __version__
 from megasft.atomic import move_into_place
+from megasft.data.config import PrepareConfig
 from megasft.data.conversation import Message, RowError
-from megasft.data.encode import ENCODER_CHOICES
-from megasft.data.formats import FORMATS, detect_format, to_messages, unknown_format_error
+from megasft.data.formats import detect_format, to_messages, unknown_format_error
 from megasft.data.formats import mixed_formats_error as _mixed_formats_error
 from megasft.data.masking import (
-    OVERLONG_CHOICES,
     ConversationMasker,
     MaskedBatch,
     MaskedExample,
@@ -61,71 +60,12 @@ from megasft.data.store import (
     split_file,
 )
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
-from megasft.errors import ConfigError, InputError, MegasftError
+from megasft.errors import InputError, MegasftError
 
 CHUNK_ROWS = 256
 WRITE_BATCH_TOKENS = 1 << 20
 """About this many tokens per Arrow record batch written (whole rows)."""
 PREVIEW_EXAMPLES = 8
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    inputs: tuple[str, ...]
-    """Input files: JSONL, JSON arrays or Parquet, optionally gzip'd."""
-    tokenizer: str
-    """A Hugging Face tokenizer directory with tokenizer.json (and its chat template)."""
-    output: str
-    """The output directory; must not exist unless `overwrite`."""
-    format: str = "auto"
-    """alpaca, prompt-response, messages, sharegpt, or auto (detected per file)."""
-    column_map: tuple[tuple[str, str], ...] = ()
-    """(canonical field, input column) pairs, e.g. (("prompt", "question"),)."""
-    seq_length: int = 4096
-    """Longest sequence in tokens; longer examples are dropped or truncated (`overlong`)."""
-    pack: bool = True
-    """Pack examples into rows of `seq_length` tokens (best-fit-decreasing)."""
-    loss_on: str = "all-assistant"
-    """all-assistant or last-assistant."""
-    train_on_eos: bool = True
-    """Train the end-of-turn token after each trained answer."""
-    system_prompt: str | None = None
-    """Added as the system message of conversations that have none."""
-    val_fraction: float = 0.01
-    """Share of examples in the val split, chosen by a hash of each example's content."""
-    seed: int = 0
-    """Seeds the split hash and the packing order."""
-    on_error: str = "skip"
-    """skip: reject bad rows to rejects.jsonl and go on; fail: stop at the first."""
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Worker processes for tokenization; 1 works in-process."""
-    overlong: str = "drop"
-    """drop: reject examples above seq_length; truncate-oldest: drop the oldest turns."""
-    encoder: str = "auto"
-    """auto: tiktoken's BPE core where it reproduces the tokenizer (fast_bpe.py); tokenizers."""
-    overwrite: bool = False
-    """Replace an existing output directory."""
-    progress: bool = True
-    """Show a progress bar on stderr."""
-
-    def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ConfigError("give at least one --input file")
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ConfigError(f"--format must be auto or one of {', '.join(FORMATS)}")
-        if self.seq_length < 2:
-            raise ConfigError(f"--seq-length must be at least 2, got {self.seq_length}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.on_error not in ("skip", "fail"):
-            raise ConfigError("--on-error must be skip or fail")
-        if self.overlong not in OVERLONG_CHOICES:
-            raise ConfigError(f"--overlong must be one of {', '.join(OVERLONG_CHOICES)}")
-        if self.encoder not in ENCODER_CHOICES:
-            raise ConfigError(f"--encoder must be one of {', '.join(ENCODER_CHOICES)}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        MaskPolicy(self.loss_on, self.train_on_eos)  # validates loss_on
 
 
 # --- phase 1: workers ------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,13 +24,12 @@ from pathlib import Path
 from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data import read_manifest
-from megasft.data.formats import FORMATS
-from megasft.errors import ConfigError, InputError
+from megasft.errors import InputError
 from megasft.evaluate.answers import answer_prompts
+from megasft.evaluate.config import EvaluateConfig
 from megasft.evaluate.generate import GenerationSettings
-from megasft.evaluate.metrics import check_gate_is_computable, deltas, evaluate_gate, parse_gate
+from megasft.evaluate.metrics import deltas, evaluate_gate, parse_gate
 from megasft.evaluate.model import (
-    DTYPES,
     LoadedModel,
     check_model,
     free,
@@ -47,119 +45,6 @@ from megasft.evaluate.val_loss import open_val_split, validation_loss
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    model: str
-    """The model to evaluate: a Hugging Face directory or a megatron checkpoint."""
-    data: str
-    """Prompts to answer: a data file in any `prepare` input format. Or a `prepare` output
-    directory: then only the validation loss is computed (no generation)."""
-    output: str
-    """The output directory (metrics.json, samples.jsonl, report.html)."""
-    task: str = "exact-match"
-    """How answers are scored: a name from `megasft.evaluate.tasks` (exact-match, format,
-    gsm8k)."""
-    baseline: str | None = None
-    """The base model to compare with (HF directory or megatron checkpoint)."""
-    max_new_tokens: int = 512
-    """Most tokens generated per answer, the end-of-turn token included."""
-    val_data: str | None = None
-    """A `prepare` output directory to compute the validation loss on, beside generation."""
-    val_split: str = "val"
-    """Which split of the prepared data the validation loss is computed on."""
-    tokenizer: str | None = None
-    """Tokenizer directory for the model, instead of the model directory's own."""
-    convert_base: str | None = None
-    """For a megatron `model`: the HF model it came from, whose config and tokenizer go with
-    the converted weights (`convert --base`); by default the copies the checkpoint carries."""
-    format: str = "auto"
-    """The data file's format: auto, alpaca, prompt-response, messages or sharegpt."""
-    column_map: tuple[tuple[str, str], ...] = ()
-    """(canonical field, column) pairs, like `prepare --map`."""
-    system_prompt: str | None = None
-    """System message for prompts that have none (use the one training used)."""
-    reference_field: str | None = None
-    """Read the reference from this column instead of the final assistant turn."""
-    format_pattern: str | None = None
-    """Regex (re.search) a well-formed answer matches; each task has a default; `format`
-    needs one."""
-    gate: str | None = None
-    """Pass/fail conditions, e.g. "accuracy>=0.5,delta_accuracy>0" (`metrics.parse_gate`)."""
-    limit: int | None = None
-    """Evaluate only the first N prompts."""
-    batch_size: int = 8
-    """Prompts generated together."""
-    val_batch_tokens: int = 4096
-    """Token budget of one validation forward pass (documents x longest length)."""
-    seed: int = 0
-    """Seeds torch before each model's generation (greedy decoding draws nothing, but a
-    model's custom code might)."""
-    device: str = "auto"
-    """auto (an accelerator if present, else CPU), cpu, cuda or cuda:N."""
-    dtype: str = "auto"
-    """auto (bfloat16 on an accelerator, float32 on CPU), float32, bfloat16 or float16."""
-    chatml_fallback: bool = False
-    """Evaluate a tokenizer that has no chat template with ChatML (prepare's fallback)."""
-    training_log: str | None = None
-    """JSON Lines of per-step training metrics (`step`, `loss`) for the report's loss curve."""
-    overwrite: bool = False
-    """Replace an existing output directory."""
-    progress: bool = True
-    """Progress bars on stderr."""
-
-    def __post_init__(self) -> None:
-        task = get_task(self.task)
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ConfigError(f"--format must be auto or one of {', '.join(FORMATS)}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.val_batch_tokens < 1:
-            raise ConfigError(f"--val-batch-tokens must be at least 1, got {self.val_batch_tokens}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
-        if self.val_split not in ("train", "val"):
-            raise ConfigError(f"--val-split must be train or val, not {self.val_split!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        if task.default_format_pattern is None and not self.format_pattern:
-            raise ConfigError(f"--task {task.name} scores answers by --format-pattern; give one")
-        try:
-            re.compile(self.resolved_format_pattern)
-        except re.error as error:
-            raise ConfigError(
-                f"--format-pattern {self.format_pattern!r} is not a valid regex: {error}"
-            ) from None
-        if self.data_is_prepared and self.val_data:
-            raise ConfigError(
-                f"--data {self.data} is a prepared dataset, which is used for the validation "
-                "loss; give either that or --val-data, not both"
-            )
-        if self.gate:
-            check_gate_is_computable(
-                parse_gate(self.gate),
-                has_baseline=self.baseline is not None,
-                has_generation=not self.data_is_prepared,
-                has_val=self.val_directory is not None,
-            )
-
-    @property
-    def data_is_prepared(self) -> bool:
-        """True when --data is a `prepare` output directory (val loss only)."""
-        return Path(self.data).is_dir()
-
-    @property
-    def val_directory(self) -> str | None:
-        return self.data if self.data_is_prepared else self.val_data
-
-    @property
-    def resolved_format_pattern(self) -> str:
-        return self.format_pattern or get_task(self.task).default_format_pattern or ""
 
 
 @dataclass(frozen=True)

@@ -14,34 +14,34 @@ Exit codes: 0 done; 2 a usage, input or configuration error, or a run stopped as
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
-from megasft.train.config import TrainConfig, build_config, field_docs, flag_name
+from megasft.settings import add_options, given_settings
+from megasft.train.config import TrainConfig, build_config
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config and one flag per TrainConfig field, all defaulting to "not given"."""
+    """`--config` and one flag per TrainConfig setting, all defaulting to "not given".
+
+    Args:
+        parser: the parser of `megasft train` or of a rank (`python -m megasft.train.worker`).
+    """
     parser.add_argument("--config", metavar="RECIPE.yaml", help="a recipe: settings as YAML")
-    docs = field_docs()
-    for field in fields(TrainConfig):
-        flag = flag_name(field.name)
-        kind = str(field.type)
-        help_text = docs.get(field.name, "")
-        if kind.startswith("bool"):
-            parser.add_argument(
-                flag, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text
-            )
-            continue
-        value_type = int if kind.startswith("int") else float if kind.startswith("float") else str
-        metavar = {int: "N", float: "X", str: "VALUE"}[value_type]
-        if field.name in ("data", "load", "save"):
-            metavar = "DIR"
-        parser.add_argument(flag, dest=field.name, type=value_type, metavar=metavar, help=help_text)
+    add_options(parser, TrainConfig, layered=True)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {field.name: getattr(args, field.name) for field in fields(TrainConfig)}
-    return build_config(args.config, **overrides)
+    """The settings: defaults, then the `--config` recipe, then the flags given.
+
+    Args:
+        args: what a parser set up by `add_train_arguments` parsed.
+
+    Returns:
+        The validated TrainConfig.
+
+    Raises:
+        ConfigError: a bad setting, a bad recipe, or a required setting missing.
+    """
+    return build_config(args.config, **given_settings(TrainConfig, args))
 
 
 def add_train_command(subparsers) -> None:
