@@ -11,6 +11,7 @@ from megasft.checkpoint.cli import ConvertConfig
 from megasft.data.config import PrepareConfig
 from megasft.errors import ConfigError
 from megasft.evaluate.config import EvaluateConfig
+from megasft.pipeline.sections import NotifyConfig, TrackingConfig
 from megasft.settings import (
     add_options,
     flag_of,
@@ -139,7 +140,7 @@ def test_a_setting_needs_help_and_every_field_needs_to_be_a_setting():
 
 @pytest.mark.parametrize(
     "config_class",
-    [PrepareConfig, ConvertConfig, TrainConfig, EvaluateConfig],
+    [PrepareConfig, ConvertConfig, TrainConfig, EvaluateConfig, TrackingConfig, NotifyConfig],
 )
 def test_every_stage_setting_is_documented(config_class):
     for field in dataclasses.fields(config_class):

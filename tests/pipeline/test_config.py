@@ -96,7 +96,7 @@ def test_overrides_parse_values_as_yaml():
 def test_relative_paths_resolve_against_the_given_directory(tmp_path):
     config = load_pipeline_config("demo").with_paths_resolved(tmp_path)
     assert config.data["path"] == str(tmp_path / "demo-output/inputs/train.jsonl")
-    assert config.tracking["uri"] == f"sqlite:///{tmp_path}/demo-output/mlflow.db"
+    assert config.tracking.uri == f"sqlite:///{tmp_path}/demo-output/mlflow.db"
 
 
 def test_good_inputs_pass(tiny_config):
@@ -189,3 +189,34 @@ def test_kfp_doubles_become_integers_again():
     assert prepare_settings({"path": "x", "seq_length": 512.0})["seq_length"] == 512
     assert evaluate_settings({"limit": 3.0})["limit"] == 3
     assert isinstance(train_settings({"nproc": 2.0})["nproc"], int)
+
+
+def test_tracking_and_notify_are_typed_and_checked_by_name(tmp_path):
+    config = load_pipeline_config("qwen2.5-gsm8k")
+    assert config.tracking.registered_model == "qwen2.5-1.5b-gsm8k"
+    assert config.tracking.alias == "champion"
+    assert load_pipeline_config("llama2-7b-mi300x").notify.webhook is None  # `webhook: ""`
+    path = tmp_path / "bad.yaml"
+    base = "name: x\ndata: {path: a}\nmodel: {path: b}\n"
+    for section, message in [
+        ("tracking: {url: http://x}", r"tracking: unknown setting\(s\) url; known: alias, "),
+        ("tracking: {uri: 5000}", "tracking.uri must be text, not 5000"),
+        ("tracking: [uri]", "tracking: expected a mapping"),
+        ("notify: {webhook: hooks.example.com}", "notify.webhook 'hooks.example.com': give an"),
+        ("notify: {email: a@b}", r"notify: unknown setting\(s\) email"),
+    ]:
+        path.write_text(base + section + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline_config(path)
+
+
+def test_typed_sections_travel_as_the_settings_that_are_set():
+    config = load_pipeline_config("demo").with_overrides(["tracking.alias=staging"])
+    assert config.tracking.alias == "staging"
+    assert config.arguments()["notify"] == {}
+    assert config.arguments()["tracking"] == {
+        "uri": "sqlite:///demo-output/mlflow.db",
+        "experiment": "megasft-demo",
+        "registered_model": "megasft-demo",
+        "alias": "staging",
+    }

@@ -54,7 +54,9 @@ def demo_config(root: Path, inputs: dict[str, Path], train_iters: int | None) ->
         model={**config.model, "path": str(inputs["model"])},
         train=train,
         evaluate={**config.evaluate, "data": str(inputs["test"])},
-        tracking={**config.tracking, "uri": f"sqlite:///{(root / 'mlflow.db').resolve()}"},
+        tracking=dataclasses.replace(
+            config.tracking, uri=f"sqlite:///{(root / 'mlflow.db').resolve()}"
+        ),
     )
 
 

@@ -11,8 +11,8 @@ stage as it stands, so its keys are that stage's own settings (the `megasft prep
     train:      TrainConfig settings (tensor_parallel, global_batch_size, lr, train_iters, ...)
     launcher:   kind (local | pytorchjob) + that launcher's settings (megasft.launch)
     evaluate:   data (the held-out prompts) + EvaluateConfig settings (task, gate, limit, ...)
-    tracking:   uri, experiment, registered_model, alias
-    notify:     webhook (a URL that receives the final status; optional)
+    tracking:   TrackingConfig settings: uri, experiment, registered_model, alias
+    notify:     NotifyConfig settings: webhook (a URL that receives the final status; optional)
 
 The pipeline takes the sections as its parameters (one dict each, rather than thirty flat
 parameters), so `kfp run create` and the Kubeflow UI show the same grouping as the file.
@@ -27,6 +27,7 @@ work) and in `megasft pipeline run-local` before the pipeline starts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import yaml
 
 from megasft.errors import ConfigError, InputError
 from megasft.launch.registry import Launcher, launcher_from_settings, launcher_section
+from megasft.pipeline.sections import NotifyConfig, TrackingConfig
 
 # Settings each section owns beside its stage's own, and stage settings the pipeline sets itself
 # (inputs and outputs are artifacts, wired by the pipeline).
@@ -44,8 +46,36 @@ _MODEL_KEYS = {"path", "tokenizer"}
 _TRAIN_WIRED = {"data", "load", "save"}
 _EVALUATE_OWN = {"data"}
 _EVALUATE_WIRED = {"model", "output", "baseline", "val_data", "tokenizer", "convert_base"}
-_TRACKING_KEYS = {"uri", "experiment", "registered_model", "alias"}
-_NOTIFY_KEYS = {"webhook"}
+
+
+def tracking_config(section: Mapping[str, Any] | TrackingConfig) -> TrackingConfig:
+    """The `tracking` section, typed and checked.
+
+    Args:
+        section: its settings as the YAML file or the pipeline parameter has them.
+
+    Returns:
+        The TrackingConfig.
+
+    Raises:
+        ConfigError: not a mapping, an unknown key or a bad value; the message names it.
+    """
+    return _typed_section(TrackingConfig, "tracking", section)
+
+
+def notify_config(section: Mapping[str, Any] | NotifyConfig) -> NotifyConfig:
+    """The `notify` section, typed and checked.
+
+    Args:
+        section: its settings as the YAML file or the pipeline parameter has them.
+
+    Returns:
+        The NotifyConfig.
+
+    Raises:
+        ConfigError: not a mapping, an unknown key or a bad value; the message names it.
+    """
+    return _typed_section(NotifyConfig, "notify", section)
 
 
 @dataclass(frozen=True)
@@ -65,10 +95,11 @@ class PipelineConfig:
     launcher's settings; given as a mapping (the saved form), kept as the launcher."""
     evaluate: dict[str, Any] = field(default_factory=dict)
     """`data`: held-out prompts with references; the rest are `megasft evaluate` settings."""
-    tracking: dict[str, Any] = field(default_factory=dict)
-    """MLflow: `uri` (none: no tracking), `experiment`, `registered_model`, `alias`."""
-    notify: dict[str, Any] = field(default_factory=dict)
-    """`webhook`: a URL that receives the run's final status as JSON."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow: `uri` (none: no tracking), `experiment`, `registered_model`, `alias`. A mapping
+    of these settings (the YAML form) is accepted and typed on construction."""
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    """`webhook`: a URL that receives the run's final status as JSON. A mapping is accepted."""
     description: str = ""
     """One line on what this configuration is for."""
 
@@ -81,16 +112,17 @@ class PipelineConfig:
                 "(it names Kubernetes objects and MLflow runs)"
             )
         object.__setattr__(self, "launcher", launcher_from_settings(self.launcher))
-        for section in ("data", "model", "train", "evaluate", "tracking", "notify"):
+        for section in ("data", "model", "train", "evaluate"):
             if not isinstance(getattr(self, section), dict):
                 raise ConfigError(f"{section}: expected a mapping of settings")
+        # Frozen: the typed sections replace the mappings they were given as.
+        object.__setattr__(self, "tracking", tracking_config(self.tracking))
+        object.__setattr__(self, "notify", notify_config(self.notify))
         if not self.data.get("path"):
             raise ConfigError("data.path: give the raw data file to fine-tune on")
         if not self.model.get("path"):
             raise ConfigError("model.path: give the Hugging Face base model directory")
         _check_keys("model", self.model, _MODEL_KEYS)
-        _check_keys("tracking", self.tracking, _TRACKING_KEYS)
-        _check_keys("notify", self.notify, _NOTIFY_KEYS)
         # Each stage's own config class names the keys its section may hold. A training recipe
         # file is read later (it may live where the steps run, not here).
         self.prepare_settings()
@@ -123,8 +155,8 @@ class PipelineConfig:
             "train": dict(self.train),
             "launcher": launcher_section(self.launcher),
             "evaluate": dict(self.evaluate),
-            "tracking": dict(self.tracking),
-            "notify": dict(self.notify),
+            "tracking": _section_values(self.tracking),
+            "notify": _section_values(self.notify),
         }
 
     @classmethod
@@ -149,14 +181,11 @@ class PipelineConfig:
         evaluate = dict(self.evaluate)
         if evaluate.get("data"):
             evaluate["data"] = resolve(evaluate["data"])
-        tracking = dict(self.tracking)
-        uri = tracking.get("uri")
-        if (
-            isinstance(uri, str)
-            and uri.startswith("sqlite:///")
-            and not uri.startswith("sqlite:////")
-        ):
-            tracking["uri"] = "sqlite:///" + resolve(uri.removeprefix("sqlite:///"))
+        tracking = self.tracking
+        uri = tracking.uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + resolve(uri.removeprefix("sqlite:///"))
+            tracking = dataclasses.replace(tracking, uri=uri)
         return dataclasses.replace(
             self, data=data, model=model, train=train, evaluate=evaluate, tracking=tracking
         )
@@ -183,7 +212,7 @@ class PipelineConfig:
 
 def prepare_settings(data: dict[str, Any]) -> dict[str, Any]:
     """The `data` section as PrepareConfig keyword arguments (inputs and outputs are wired)."""
-    from megasft.data.prepare import PrepareConfig
+    from megasft.data.config import PrepareConfig
 
     settings = {key: value for key, value in data.items() if key not in _DATA_OWN}
     _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
@@ -278,7 +307,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     Raises InputError for a missing data file or model, ConfigError for a model family
     megasft does not convert or a training layout that does not fit the model.
     """
-    from megasft.data.prepare import PrepareConfig
+    from megasft.data.config import PrepareConfig
     from megasft.megatron.architecture import architecture_from_hf_config, read_hf_config
     from megasft.train.config import TrainConfig, check_against_model
 
@@ -329,6 +358,20 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _typed_section(config_class: type, section: str, values: Any) -> Any:
+    if isinstance(values, config_class):
+        return values
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of settings")
+    _check_keys(section, dict(values), _field_names(config_class))
+    return config_class(**values)
+
+
+def _section_values(config: Any) -> dict[str, Any]:
+    """A typed section as the pipeline parameter carries it: the settings that are set."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if value is not None}
 
 
 def _field_names(config_class: type) -> set[str]:

@@ -93,7 +93,7 @@ def run_local(
     config = config.with_paths_resolved(Path.cwd())
     check_inputs(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    uri = config.tracking.get("uri")
+    uri = config.tracking.uri
     if uri and uri.startswith("sqlite:"):
         _create_experiment(uri, experiment_name(config), workdir / "mlartifacts")
 
@@ -234,7 +234,7 @@ def summarize(result: LocalRun, config: PipelineConfig) -> str:
         directory = next(iter(result.logs.values())).parent
         names = ", ".join(path.name for path in result.logs.values())
         lines.append(f"  logs: {directory}/ ({names})")
-    uri = config.tracking.get("uri")
+    uri = config.tracking.uri
     if uri:
         lines.append(
             f"  MLflow: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"

@@ -29,6 +29,7 @@ from megasft.pipeline.config import (
     check_inputs,
     evaluate_settings,
     prepare_settings,
+    tracking_config,
     train_settings,
 )
 
@@ -62,7 +63,7 @@ def validate(
     if config.model.get("tokenizer"):
         model_digest = _combine(model_digest, content_digest(config.model["tokenizer"]))
     parent = tracking.start_pipeline_run(
-        config.tracking.get("uri"),
+        config.tracking.uri,
         experiment_name(config),
         run_name=f"{config.name}-{kfp_run_id[:8]}",
         tags={
@@ -421,9 +422,10 @@ def register(
     when the evaluation gate passed. Returns the model version ("" when not registered)."""
     from megasft import tracking
 
-    uri = tracking_section.get("uri")
-    name = tracking_section.get("registered_model") or config_name
-    alias = tracking_section.get("alias") or "champion"
+    settings = tracking_config(tracking_section)
+    uri = settings.uri
+    name = settings.registered_model or config_name
+    alias = settings.alias
     with tracking.step_run(uri, parent_run_id or None, "register") as run:
         version = run.log_hf_model(tuned.path, registered_name=name, alias=alias)
         problems = run.unlogged
@@ -499,7 +501,7 @@ def post_json(url: str, payload: dict[str, Any], timeout_s: float = 10.0) -> str
 
 
 def experiment_name(config: PipelineConfig) -> str:
-    return experiment_name_from(config.tracking, config.name)
+    return experiment_name_from(config.arguments()["tracking"], config.name)
 
 
 def experiment_name_from(tracking_section: dict[str, Any], config_name: str) -> str:

@@ -441,9 +441,7 @@ def mlflow_link(config: PipelineConfig, kfp_run_id: str) -> str | None:
     """
     from megasft.pipeline.steps import experiment_name
 
-    base = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or str(
-        config.tracking.get("uri") or ""
-    )
+    base = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or str(config.tracking.uri or "")
     if not base.startswith(("http://", "https://")):
         return None
     base = base.rstrip("/")
