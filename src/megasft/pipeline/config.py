@@ -235,7 +235,7 @@ def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str,
 def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
     """The `evaluate` section as EvaluateConfig keyword arguments, its own `data` (the
     prompts) included (the models and outputs are wired)."""
-    from megasft.evaluate import EvaluateConfig
+    from megasft.evaluate.config import EvaluateConfig
 
     settings = dict(evaluate)
     _check_keys("evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN)
