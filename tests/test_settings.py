@@ -153,3 +153,22 @@ def test_flags_keep_their_names():
     assert flag_of(PrepareConfig, "column_map") == "--map"
     assert flag_of(ConvertConfig, "max_shard_bytes") == "--max-shard-size"
     assert flag_of(EvaluateConfig, "max_new_tokens") == "--max-new-tokens"
+
+
+def test_choices_from_a_registry_are_read_when_needed():
+    registry = ["a"]
+
+    @dataclasses.dataclass(frozen=True)
+    class Pick:
+        name: str = setting("a", "A registered name.", choices=lambda: registry)
+
+        def __post_init__(self) -> None:
+            raise_problems(setting_problems(self))
+
+    registry.append("b")  # registered after the class was defined
+    assert Pick(name="b").name == "b"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_options(parser, Pick)
+    assert given_settings(Pick, parser.parse_args(["--name", "b"])) == {"name": "b"}
+    with pytest.raises(ConfigError, match="--name must be one of a, b, not 'c'"):
+        Pick(name="c")

@@ -28,7 +28,7 @@ class _Declaration:
     help: str
     flag: str | None
     metavar: str | None
-    choices: tuple | None
+    choices: tuple | Callable[[], Sequence[Any]] | None
     at_least: float | None
     above: float | None
     parse: Callable[[str], Any] | None
@@ -42,7 +42,7 @@ def setting(
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
     flag: str | None = None,
     metavar: str | None = None,
-    choices: Sequence[Any] | None = None,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
     at_least: float | None = None,
     above: float | None = None,
     parse: Callable[[str], Any] | None = None,
@@ -56,7 +56,9 @@ def setting(
         default_factory: as for `dataclasses.field`, for a default computed on construction.
         flag: the option's name when it is not the field's name with dashes (`--tp`).
         metavar: the placeholder in --help (N, DIR, FILE, ...).
-        choices: the allowed values; the option refuses others, `setting_problems` too.
+        choices: the allowed values, or a function that returns them when they are needed
+            (a registry that may grow after import); the option refuses others, and
+            `setting_problems` too.
         at_least: the smallest allowed number (checked by `setting_problems`).
         above: a number the value must exceed (checked by `setting_problems`).
         parse: turns the option's text into the value, e.g. "a=b,c=d" into pairs; a
@@ -75,7 +77,7 @@ def setting(
         help=" ".join(help.split()),
         flag=flag,
         metavar=metavar,
-        choices=tuple(choices) if choices is not None else None,
+        choices=choices if choices is None or callable(choices) else tuple(choices),
         at_least=at_least,
         above=above,
         parse=parse,
@@ -147,7 +149,7 @@ def add_options(
             options["type"] = str if declaration.parse else kind
             options["metavar"] = declaration.metavar or _METAVARS.get(kind, "VALUE")
             if declaration.choices is not None:
-                options["choices"] = declaration.choices
+                options["choices"] = _choices(declaration)
                 options["metavar"] = declaration.metavar
             options["required"] = required and not layered
         parser.add_argument(flag, help=_help_text(field), **options)
@@ -211,8 +213,8 @@ def setting_problems(config: Any, section: str | None = None) -> list[str]:
         if declaration is None or value is None:
             continue
         name = f"{section}.{field.name}" if section else _flag(field)
-        if declaration.choices is not None and value not in declaration.choices:
-            known = ", ".join(str(choice) for choice in declaration.choices)
+        if declaration.choices is not None and value not in _choices(declaration):
+            known = ", ".join(str(choice) for choice in _choices(declaration))
             problems.append(f"{name} must be one of {known}, not {value!r}")
         limits = (declaration.at_least, declaration.above)
         if all(limit is None for limit in limits):
@@ -249,6 +251,11 @@ def _declaration(field: dataclasses.Field) -> _Declaration:
         return field.metadata[_KEY]
     except KeyError:
         raise TypeError(f"{field.name}: declare it with megasft.settings.setting") from None
+
+
+def _choices(declaration: _Declaration) -> tuple:
+    choices = declaration.choices
+    return tuple(choices() if callable(choices) else choices)
 
 
 def _flag(field: dataclasses.Field) -> str:

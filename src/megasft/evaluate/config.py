@@ -38,7 +38,7 @@ class EvaluateConfig:
     task: str = setting(
         "exact-match",
         "How answers are scored: a task of megasft.evaluate.tasks.",
-        choices=task_names(),
+        choices=task_names,  # read when needed: a task may be registered after import
     )
     baseline: str | None = setting(
         None,
