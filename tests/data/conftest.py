@@ -53,12 +53,23 @@ def trained_segments(example, tokenizer) -> list[str]:
     return segments
 
 
+def mask_each(
+    masker: ConversationMasker, conversations, max_length=None, overlong="drop"
+) -> list[MaskedExample | MaskingError]:
+    """`mask_many` (one encode call, masks set in flat arrays), one result per conversation."""
+    batch = masker.mask_many(conversations, max_length, overlong)
+    return [
+        outcome if isinstance(outcome, MaskingError) else batch.example(outcome)
+        for outcome in batch.outcomes
+    ]
+
+
 def assert_batch_matches_single(
     masker: ConversationMasker, conversations, max_length=None, overlong="drop"
 ) -> None:
-    """`mask_batch` (one encode_batch, masks set in flat arrays) gives, row for row, exactly
-    what `mask` gives: ids, mask, boundary count, dropped turns, or the same rejection."""
-    batch = masker.mask_batch(conversations, max_length, overlong)
+    """`mask_many` gives, row for row, exactly what `mask` gives: ids, mask, boundary count,
+    dropped turns, or the same rejection."""
+    batch = mask_each(masker, conversations, max_length, overlong)
     for conversation, batched in zip(conversations, batch, strict=True):
         try:
             single = masker.mask(conversation, max_length, overlong)

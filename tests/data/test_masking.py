@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 
 from megasft.data.conversation import Message
-from megasft.data.masking import (
-    MaskingError,
-    TemplateLayoutError,
-    _first_token_at_or_after,
-    _last_token_before,
-    _trained_token_ranges,
+from megasft.data.masking import MaskingError, TemplateLayoutError
+from megasft.data.token_ranges import (
+    first_token_at_or_after,
+    last_token_before,
+    trained_token_ranges,
 )
 from megasft.data.tokenizer import load_chat_tokenizer
 from megasft.demo.tokenizer import build_tokenizer
-from tests.data.conftest import assert_batch_matches_single, make_masker, trained_segments
+from tests.data.conftest import (
+    assert_batch_matches_single,
+    make_masker,
+    mask_each,
+    trained_segments,
+)
 from tests.data.styles import STYLES
 
 TWO_TURNS = [
@@ -161,11 +165,11 @@ def test_fast_and_prefix_paths_agree(chat_tokenizers):
     for name in ("chatml", "llama3", "mistral"):
         masker = make_masker(chat_tokenizers[name])
         text = masker.template.render(TWO_TURNS)
-        turns = masker.trained_turns(TWO_TURNS)
-        fast = masker._spans_from_skeleton(TWO_TURNS, text, turns)
+        turns = masker.turns.trained_turns(TWO_TURNS)
+        fast = masker.turns._spans_from_skeleton(TWO_TURNS, text, turns)
         slow = [
-            masker._trained_span(text, gen_end, turn_end)
-            for gen_end, turn_end in masker._bounds_from_prefixes(TWO_TURNS, text, turns)
+            masker.turns._trained_span(text, gen_end, turn_end)
+            for gen_end, turn_end in masker.turns._bounds_from_prefixes(TWO_TURNS, text, turns)
         ]
         assert fast is not None and fast == slow, name
 
@@ -318,7 +322,7 @@ def test_truncate_oldest_gives_up_when_the_last_exchange_alone_is_too_long(chat_
 def test_batch_and_single_give_the_same_result(chat_tokenizers):
     masker = make_masker(chat_tokenizers["llama3"])
     conversations = [TWO_TURNS, [Message("user", "x"), Message("assistant", "y")], TWO_TURNS[1:3]]
-    batch = masker.mask_batch(conversations)
+    batch = mask_each(masker, conversations)
     for conversation, batched in zip(conversations, batch, strict=True):
         single = masker.mask(conversation)
         assert batched.input_ids.tolist() == single.input_ids.tolist()
@@ -348,8 +352,8 @@ def test_every_style_round_trips_the_rendered_text(chat_tokenizers, style):
 
 def test_lone_surrogate_is_a_row_rejection_not_a_crash(chat_tokenizers):
     masker = make_masker(chat_tokenizers["chatml"])
-    results = masker.mask_batch(
-        [[Message("user", "bad \ud800"), Message("assistant", "x")], TWO_TURNS]
+    results = mask_each(
+        masker, [[Message("user", "bad \ud800"), Message("assistant", "x")], TWO_TURNS]
     )
     assert isinstance(results[0], MaskingError) and results[0].reason == "invalid_utf8"
     assert results[1].loss_mask.sum() > 0
@@ -378,10 +382,10 @@ def test_turn_without_special_end_strips_trailing_whitespace_on_both_paths(tmp_p
     masker = make_masker(chat)
     messages = [Message("user", "q"), Message("assistant", "the answer  ")]
     text = masker.template.render(messages)
-    fast = masker._spans_from_skeleton(messages, text, [1])
+    fast = masker.turns._spans_from_skeleton(messages, text, [1])
     slow = [
-        masker._trained_span(text, *bounds)
-        for bounds in masker._bounds_from_prefixes(messages, text, [1])
+        masker.turns._trained_span(text, *bounds)
+        for bounds in masker.turns._bounds_from_prefixes(messages, text, [1])
     ]
     assert fast == slow
     assert text[fast[0][0] : fast[0][1]] == "the answer"
@@ -438,8 +442,8 @@ def _ranges_by_the_helpers(encoding, spans):
     """The trained token ranges as the edge helpers alone find them (no shortcut)."""
     ranges, boundary = [], 0
     for start, end in spans:
-        first, straddles_start = _first_token_at_or_after(encoding, start, end)
-        last, straddles_end = _last_token_before(encoding, start, end)
+        first, straddles_start = first_token_at_or_after(encoding, start, end)
+        last, straddles_end = last_token_before(encoding, start, end)
         if first is not None and last is not None and first <= last:
             ranges.append((first, last))
             boundary += straddles_start + straddles_end
@@ -463,6 +467,6 @@ def test_the_usual_span_shortcut_finds_what_the_helpers_find(chat_tokenizers, st
             for end in range(start, min(len(text), start + 12) + 1)
         ]
         for spans in spans_to_try:
-            assert _trained_token_ranges(encoding, spans) == _ranges_by_the_helpers(
+            assert trained_token_ranges(encoding, spans) == _ranges_by_the_helpers(
                 encoding, spans
             ), (text, spans)
