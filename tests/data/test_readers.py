@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megasft.data import readers
+from megasft.data import json_stream, readers
 from megasft.data.conversation import RowError
 from megasft.data.readers import RawRow, check_inputs, iter_raw_rows, parse_payload
 from megasft.errors import InputError
@@ -93,7 +93,7 @@ RECORDS = [{"id": index, "text": "héllo ✓ " * index, "n": [1.5, None, True]} 
 @pytest.mark.parametrize("read_bytes", [1, 2, 3, 7, 64, 1 << 20])
 def test_json_array_elements_split_across_reads(tmp_path, monkeypatch, read_bytes):
     # Small reads split elements, numbers and multi-byte characters at every possible place.
-    monkeypatch.setattr(readers, "_JSON_READ_BYTES", read_bytes)
+    monkeypatch.setattr(json_stream, "JSON_READ_BYTES", read_bytes)
     data = b"\xef\xbb\xbf " + json.dumps(RECORDS, ensure_ascii=False, indent=1).encode()
     path = write(tmp_path, "data.json", data)
     items = list(iter_raw_rows(path))
@@ -102,7 +102,7 @@ def test_json_array_elements_split_across_reads(tmp_path, monkeypatch, read_byte
 
 @pytest.mark.parametrize("read_bytes", [1, 1 << 20])
 def test_json_array_number_split_across_reads(tmp_path, monkeypatch, read_bytes):
-    monkeypatch.setattr(readers, "_JSON_READ_BYTES", read_bytes)
+    monkeypatch.setattr(json_stream, "JSON_READ_BYTES", read_bytes)
     path = write(tmp_path, "data.json", b'[12345, {"a": 1}, 67890]')
     assert [(item.row, item.reason, item.message) for item in error_items(path)] == [
         (1, "not_an_object", "a record must be a JSON object {...}, got a number"),
@@ -127,7 +127,7 @@ def test_json_array_is_decoded_lazily(monkeypatch):
             yield ("[" if index == 0 else ",") + json.dumps({"id": index})
         yield "]"
 
-    scanner = readers._JsonArrayScanner(chunks())
+    scanner = json_stream.JsonArrayScanner(chunks())
     assert scanner.next_char() == "["
     scanner.advance()
     assert scanner.decode_value() == {"id": 0}
@@ -343,7 +343,7 @@ def test_a_utf16_file_is_one_error_not_one_per_line(tmp_path, name):
 
 
 def test_invalid_utf8_in_a_json_array_names_the_byte_offset(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "_JSON_READ_BYTES", 4)
+    monkeypatch.setattr(json_stream, "JSON_READ_BYTES", 4)
     path = write(tmp_path, "data.json", b'\xef\xbb\xbf[{"a": "\xc3\xa9\xff"}]')
     (error,) = error_items(path)
     assert (error.row, error.reason) == (1, "invalid_utf8")

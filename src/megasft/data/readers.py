@@ -1,17 +1,10 @@
 """Stream raw rows out of input files: JSON Lines, JSON arrays and Parquet, optionally gzip'd.
 
-This module only splits files into rows; it does not look at what a row contains. A JSONL row
-stays as its raw line bytes so that the JSON decoding (`parse_payload`) runs in the worker
-processes, not in the one process that reads the file.
-
-Nothing here holds a whole file in memory: JSONL (gzip'd or not) is read line by line, JSON
-arrays element by element, Parquet one record batch at a time.
-
-Problems with one row become a `RowError` for that row. Problems with the whole file that still
-let the run go on (an empty file, a truncated gzip, a JSON file that is not an array) become a
-`RowError` with `row=0`, yielded after every valid row that could be read before it. Files that
-cannot be used at all (missing, a directory, no permission) are refused up front by
-`check_inputs`, with an `InputError`.
+Files are only split into rows here, never held whole in memory; a JSONL row stays as its line
+bytes so that JSON decoding (`parse_payload`) runs in the worker processes. A bad row becomes a
+`RowError` for that row; a whole-file problem that lets the run go on (an empty file, a
+truncated gzip, a JSON file that is no array) a `RowError` with `row=0`, after every row read
+before it. Files that cannot be read at all are refused up front by `check_inputs`.
 """
 
 from __future__ import annotations
@@ -20,13 +13,13 @@ import gzip
 import io
 import json
 import os
-import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from megasft.data.conversation import RowError
+from megasft.data.json_stream import InvalidUtf8, JsonArrayScanner, decode_utf8_chunks
 from megasft.errors import InputError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -36,13 +29,8 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 _BUFFER_BYTES = 1 << 20
 """Read buffer for input files; large reads keep the per-line cost low."""
-_JSON_READ_BYTES = 1 << 20
-"""How much of a JSON array file is decoded at a time."""
 _SNIFF_BYTES = 1 << 16
 _PARQUET_BATCH_ROWS = 1024
-_NON_SPACE = re.compile(r"[^ \t\r\n]")
-"""JSON's own whitespace; anything else starts a value or is a syntax error."""
-_JSON_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +162,6 @@ class _UnreadableFile(Exception):
     """The file cannot be read further; turned into an "unreadable_file" row error."""
 
 
-class _InvalidUtf8(Exception):
-    def __init__(self, offset: int):
-        super().__init__(offset)
-        self.offset = offset
-        """Byte offset of the first invalid byte in the (decompressed) file."""
-
-
 def _iter_file(path: Path, source: str) -> Iterator[RawRow | RowError]:
     with open(path, "rb", buffering=_BUFFER_BYTES) as raw_stream:
         gzipped = raw_stream.read(2) == _GZIP_MAGIC
@@ -270,8 +251,8 @@ def _iter_parquet(file: Path | io.BufferedIOBase, source: str) -> Iterator[RawRo
 
 
 def _iter_json_array(stream: io.BufferedIOBase, source: str) -> Iterator[RawRow | RowError]:
-    """Decode a top-level JSON array one element at a time (see `_JsonArrayScanner`)."""
-    scanner = _JsonArrayScanner(_decode_utf8_chunks(stream))
+    """Decode a top-level JSON array one element at a time (see `JsonArrayScanner`)."""
+    scanner = JsonArrayScanner(decode_utf8_chunks(stream))
     index = 0
     try:
         first = scanner.next_char()
@@ -338,7 +319,7 @@ def _iter_json_array(stream: io.BufferedIOBase, source: str) -> Iterator[RawRow 
             "were kept, the rest of the file could not be read. Fix the file, or convert it to "
             "JSON Lines so that one bad record does not hide the ones after it.",
         )
-    except _InvalidUtf8 as error:
+    except InvalidUtf8 as error:
         yield RowError(
             source,
             index + 1,
@@ -348,102 +329,6 @@ def _iter_json_array(stream: io.BufferedIOBase, source: str) -> Iterator[RawRow 
             f"{index + 1}); the elements before it were kept, the rest of the file could not "
             "be read. Re-encode the file as UTF-8.",
         )
-
-
-class _JsonArrayScanner:
-    """A cursor over text that arrives in chunks, decoding one JSON value at a time.
-
-    `json.JSONDecoder.raw_decode` needs the whole value in one string, so when it fails the
-    buffer is grown (at least doubled, to keep re-decoding linear overall) and the decode is
-    retried; only at the end of the input is a failure a real syntax error.
-    """
-
-    def __init__(self, chunks: Iterator[str]):
-        self.chunks = chunks
-        self.text = ""
-        self.pos = 0
-
-    def next_char(self) -> str:
-        """Skip whitespace; return the next character, or "" at the end of the input."""
-        while True:
-            match = _NON_SPACE.search(self.text, self.pos)
-            if match:
-                self.pos = match.start()
-                return self.text[self.pos]
-            self.pos = len(self.text)
-            if not self._read_more(1):
-                return ""
-
-    def advance(self) -> None:
-        self.pos += 1
-
-    def decode_value(self) -> object:
-        """Decode the value after any whitespace; JSONDecodeError if there is none."""
-        # raw_decode does not skip leading whitespace itself.
-        if self.next_char() == "":
-            raise json.JSONDecodeError("Expecting value", self.text, self.pos)
-        while True:
-            try:
-                value, end = _JSON_DECODER.raw_decode(self.text, self.pos)
-            except json.JSONDecodeError:
-                if self._read_more(2 * (len(self.text) - self.pos) + 1):
-                    continue
-                raise
-            # A number ending exactly at the buffer's end may go on in the next chunk.
-            if (
-                end == len(self.text)
-                and not isinstance(value, dict | list | str)
-                and self._read_more(1)
-            ):
-                continue
-            self.pos = end
-            return value
-
-    def _read_more(self, wanted_chars: int) -> bool:
-        """Append chunks until `wanted_chars` more are buffered; False at the end of input."""
-        pieces = []
-        wanted = wanted_chars
-        while wanted > 0:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                break
-            pieces.append(chunk)
-            wanted -= len(chunk)
-        if not pieces:
-            return False
-        self.text = self.text[self.pos :] + "".join(pieces)
-        self.pos = 0
-        return True
-
-
-def _decode_utf8_chunks(stream: io.BufferedIOBase) -> Iterator[str]:
-    """Decode a byte stream as strict UTF-8, one read at a time, dropping a leading BOM.
-
-    Raises `_InvalidUtf8` at the first invalid byte, after yielding the text before it, so
-    that the elements before the bad byte are still read.
-    """
-    pending = b""
-    offset = 0  # where `data` starts in the file
-    at_start = True
-    while chunk := stream.read(_JSON_READ_BYTES):
-        data = pending + chunk
-        try:
-            text = data.decode("utf-8")
-            pending = b""
-        except UnicodeDecodeError as error:
-            if error.reason != "unexpected end of data" or error.end != len(data):
-                yield data[: error.start].decode("utf-8").removeprefix("\ufeff")
-                raise _InvalidUtf8(offset + error.start) from None
-            # A character split between two reads: keep its first bytes for the next one.
-            text = data[: error.start].decode("utf-8")
-            pending = data[error.start :]
-        offset += len(data) - len(pending)
-        if at_start and text:
-            text = text.removeprefix("\ufeff")
-            at_start = False
-        yield text
-    if pending:
-        raise _InvalidUtf8(offset)
 
 
 def _empty_file(source: str) -> RowError:
