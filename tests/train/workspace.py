@@ -13,11 +13,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
 
 from megasft.checkpoint.convert import convert
 from megasft.data.prepare import PrepareConfig, prepare
-from megasft.data.store import SplitWriter, example_batch, open_split, split_file
+from megasft.data.store import EXAMPLE_SCHEMA, SplitWriter, open_split, split_file
 from megasft.demo.model import build_tiny_llama
 from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
@@ -127,11 +127,5 @@ def _rewrite_train_split(source: Path, destination: Path, change) -> None:
     shutil.copytree(source, destination)
     rows = change(open_split(source).to_pylist())
     writer = SplitWriter(split_file(destination, "train"))
-    writer.write(
-        example_batch(
-            [np.array(row["input_ids"], np.int32) for row in rows],
-            [np.array(row["loss_mask"], np.int8) for row in rows],
-            [row["seq_lengths"] for row in rows],
-        )
-    )
+    writer.write(pa.RecordBatch.from_pylist(rows, schema=EXAMPLE_SCHEMA))
     writer.close()

@@ -68,32 +68,12 @@ def list_array(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType)
     )
 
 
-def example_batch(
-    ids: list[np.ndarray], masks: list[np.ndarray], seq_lengths: list[list[int]] | None = None
-) -> pa.RecordBatch:
-    """A record batch of rows; `seq_lengths=None` means one example per row."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    flat_masks = np.concatenate(masks) if masks else np.zeros(0, np.int8)
-    if seq_lengths is None:
-        return flat_example_batch(flat_ids, flat_masks, lengths)
-    counts = np.fromiter((len(row) for row in seq_lengths), dtype=np.int64)
-    flat = np.fromiter((n for row in seq_lengths for n in row), dtype=np.int32)
-    return _record_batch(flat_ids, flat_masks, lengths, list_array(counts, flat, pa.int32()))
-
-
 def flat_example_batch(
     input_ids: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray
 ) -> pa.RecordBatch:
     """A record batch of one example per row, from the examples laid end to end: row i holds
     the next `lengths[i]` tokens."""
     seq_lengths = list_array(np.ones(len(lengths), np.int64), lengths, pa.int32())
-    return _record_batch(input_ids, loss_mask, lengths, seq_lengths)
-
-
-def _record_batch(
-    input_ids: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray, seq_lengths: pa.Array
-) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [
             list_array(lengths, input_ids, pa.int32()),
