@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from megasft.cli import main
-from megasft.data import prepare as prepare_module
 from megasft.data import read_examples, read_manifest
+from megasft.data import spool as spool_module
+from megasft.data import workers as workers_module
 from megasft.data.conversation import Message
 from megasft.data.prepare import PrepareConfig, prepare
 from megasft.data.store import EXAMPLE_SCHEMA, open_split
@@ -126,7 +127,7 @@ def test_write_batches_split_the_arrow_file_not_the_rows(tmp_path, chatml, monke
         column_map=(("prompt", "question"), ("response", "answer")),
     )
     _, whole = run(tmp_path, [data], chatml, "whole", **settings)
-    monkeypatch.setattr(prepare_module, "WRITE_BATCH_TOKENS", 100)
+    monkeypatch.setattr(spool_module, "WRITE_BATCH_TOKENS", 100)
     _, small = run(tmp_path, [data], chatml, "small", **settings)
     assert list(read_examples(small)) == list(read_examples(whole))
     rows = open_split(small, "train").num_rows
@@ -148,11 +149,11 @@ def test_outputs_are_deterministic_and_independent_of_workers(tmp_path, chatml):
     command += ["--tokenizer", str(chatml), "--output", str(two), "--seq-length", "512"]
     command += ["--val-fraction", "0.2", "--map", "prompt=question,response=answer"]
     subprocess.run([*command, "--workers", "2", "--quiet"], check=True, capture_output=True)
-    fresh = "from megasft.data.prepare import _can_fork; assert _can_fork()"
+    fresh = "from megasft.data.workers import can_fork; assert can_fork()"
     subprocess.run([sys.executable, "-c", fresh], check=True)
     with pytest.MonkeyPatch.context() as patch:
         # Workers started fresh (what a parent with other threads gets), not forked.
-        patch.setattr(prepare_module, "_can_fork", lambda: False)
+        patch.setattr(workers_module, "can_fork", lambda: False)
         _, spawned = run(
             tmp_path,
             [data],

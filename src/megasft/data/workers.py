@@ -1,0 +1,212 @@
+"""Phase 1 of `prepare`: worker processes turn chunks of raw rows into masked examples.
+
+Each row is parsed, converted (`formats.to_messages`), rendered, tokenized and masked, and
+assigned to train or val by a hash of its content; a chunk's examples come back end to end in
+flat arrays. At most a few chunks are in flight, so memory does not grow with the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from megasft.data.conversation import Message, RowError
+from megasft.data.formats import detect_format, to_messages, unknown_format_error
+from megasft.data.masking import ConversationMasker, MaskedBatch, MaskingError, MaskPolicy
+from megasft.data.readers import RawRow, iter_raw_rows, parse_payload
+from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
+
+if TYPE_CHECKING:
+    from megasft.data.config import PrepareConfig
+
+CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A row that became an example."""
+
+    source: str
+    row: int
+    format: str
+    split: str
+    index: int
+    """Which example of its chunk's MaskedBatch it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """What a worker makes of a chunk of rows: an outcome per row, in order, and the examples
+    of the accepted ones laid end to end."""
+
+    outcomes: list[Accepted | RowError]
+    examples: MaskedBatch
+    tiktoken_given_up: bool = False
+    """Whether this worker's encoder has given tiktoken's BPE up (see encode.IdsEncoder)."""
+
+
+class _RowProcessor:
+    """Everything a worker needs to turn raw rows into masked examples."""
+
+    def __init__(self, config: PrepareConfig, chat_tokenizer: ChatTokenizer):
+        self.format = config.format
+        self.column_map = dict(config.column_map) or None
+        self.system_prompt = config.system_prompt
+        self.seq_length = config.seq_length
+        self.overlong = config.overlong
+        self.val_fraction = config.val_fraction
+        self.seed_bytes = f"megasft-split-{config.seed}\0".encode()
+        self.masker = ConversationMasker(
+            chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos), config.encoder
+        )
+
+    def process(self, chunk: list[RawRow]) -> Chunk:
+        outcomes: list[Accepted | RowError | None] = [None] * len(chunk)
+        converted: list[tuple[int, str, list[Message]]] = []
+        for position, raw in enumerate(chunk):
+            try:
+                record = parse_payload(raw)
+                fmt = self.format
+                if fmt == "auto":
+                    fmt = detect_format(record, self.column_map)
+                    if fmt is None:
+                        raise unknown_format_error(record, raw.source, raw.row)
+                messages = to_messages(
+                    record, fmt, raw.source, raw.row, self.column_map, self.system_prompt
+                )
+                converted.append((position, fmt, messages))
+            except RowError as error:
+                outcomes[position] = error
+        examples = self.masker.mask_many(
+            [messages for _, _, messages in converted], self.seq_length, self.overlong
+        )
+        for (position, fmt, messages), result in zip(converted, examples.outcomes, strict=True):
+            raw = chunk[position]
+            if isinstance(result, MaskingError):
+                outcomes[position] = RowError(
+                    raw.source, raw.row, None, result.reason, result.message
+                )
+            else:
+                outcomes[position] = Accepted(
+                    raw.source, raw.row, fmt, self._split_of(messages), result
+                )
+        return Chunk(outcomes, examples, self.masker.tiktoken_given_up)
+
+    def _split_of(self, messages: list[Message]) -> str:
+        """train or val from a hash of the content, so adding data never moves an example."""
+        if self.val_fraction <= 0.0:
+            return "train"
+        digest = hashlib.blake2b(self.seed_bytes, digest_size=8)
+        for message in messages:
+            digest.update(message.role.encode())
+            digest.update(b"\0")
+            digest.update(message.content.encode("utf-8", "surrogatepass"))
+            digest.update(b"\1" if message.train else b"\2")
+        unit = int.from_bytes(digest.digest(), "big") / 2**64
+        return "val" if unit < self.val_fraction else "train"
+
+
+_worker: _RowProcessor | None = None
+
+
+def _init_worker(config: PrepareConfig, chat_tokenizer: ChatTokenizer | None) -> None:
+    # One process per core already: the tokenizer's own batch parallelism stays off (and so
+    # a forked worker never touches a thread pool it did not start).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _worker
+    if chat_tokenizer is None:
+        chat_tokenizer = load_chat_tokenizer(config.tokenizer)
+    _worker = _RowProcessor(config, chat_tokenizer)
+
+
+def _process_chunk(chunk: list[RawRow]) -> Chunk:
+    assert _worker is not None
+    return _worker.process(chunk)
+
+
+def _raw_row_chunks(inputs: Iterable[str]) -> Iterator[list[RawRow] | RowError]:
+    """Chunks of raw rows; file-level problems pass through as they come."""
+    chunk: list[RawRow] = []
+    for path in inputs:
+        for item in iter_raw_rows(path):
+            if isinstance(item, RowError):
+                if chunk:
+                    yield chunk
+                    chunk = []
+                yield item
+                continue
+            chunk.append(item)
+            if len(chunk) >= CHUNK_ROWS:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def processed_chunks(
+    config: PrepareConfig, chat_tokenizer: ChatTokenizer
+) -> Iterator[Chunk | RowError]:
+    """All chunks of the inputs, processed, and the reader's errors, in input order.
+
+    Args:
+        config: the stage's settings; `config.workers` processes do the work (1: this one).
+        chat_tokenizer: the loaded tokenizer, inherited by forked workers.
+
+    Returns:
+        An iterator of `Chunk`s and of the `RowError`s the readers yield between them (a bad
+        row that could not be split off, or a whole-file problem with row 0).
+    """
+    chunks = _raw_row_chunks(config.inputs)
+    if config.workers == 1:
+        processor = _RowProcessor(config, chat_tokenizer)
+        for chunk in chunks:
+            yield chunk if isinstance(chunk, RowError) else processor.process(chunk)
+        return
+
+    import multiprocessing
+
+    if can_fork():
+        # The workers start as copies of this process, the tokenizer loaded and the modules
+        # imported (loading Qwen2.5's tokenizer alone takes half a second).
+        context, inherited = multiprocessing.get_context("fork"), chat_tokenizer
+    else:
+        # Each worker imports megasft and loads the tokenizer from its directory, which is
+        # cheaper than pickling the loaded one (its whole JSON) into every worker.
+        context, inherited = multiprocessing.get_context("spawn"), None
+    with context.Pool(
+        config.workers, initializer=_init_worker, initargs=(config, inherited)
+    ) as pool:
+        # A bounded window of chunks in flight: Pool.imap would read the whole input ahead.
+        in_flight: deque = deque()
+        for chunk in chunks:
+            if isinstance(chunk, RowError):
+                in_flight.append(chunk)
+            else:
+                in_flight.append(pool.apply_async(_process_chunk, (chunk,)))
+            while len(in_flight) > 4 * config.workers:
+                yield _resolve(in_flight.popleft())
+        while in_flight:
+            yield _resolve(in_flight.popleft())
+
+
+def can_fork() -> bool:
+    """Whether forking the workers is safe: on Linux, from a process with no other thread.
+
+    A thread of the parent (a tracking client, a progress monitor) may hold a lock at the
+    moment of the fork that no thread of the child would ever release. The tokenizer's own
+    thread pool is no such thread in a worker: tokenizers turns its parallelism off in a
+    forked child, and `_init_worker` keeps it off.
+    """
+    import threading
+
+    return sys.platform == "linux" and threading.active_count() == 1
+
+
+def _resolve(item) -> Chunk | RowError:
+    return item if isinstance(item, RowError) else item.get()
