@@ -18,13 +18,16 @@ class Message:
     Only meaningful for assistant messages; the loss policy decides the rest."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Conversation:
-    messages: tuple[Message, ...]
-    source: str
-    """The input file the conversation came from."""
-    row: int
-    """1-based row number in that file (JSONL line, JSON array index, Parquet row)."""
+    """One input row as an input format reads it (`megasft.data.formats`)."""
+
+    format: str
+    """The name of the format the row was read in."""
+    messages: list[Message]
+    """The messages, in order (a `--system-prompt` already put in front where it applies).
+    Per-row values that a chat template takes beside the messages (issue 20: `tools`) belong
+    here as further fields, filled by the formats that read them."""
 
 
 @dataclass(frozen=True, slots=True)

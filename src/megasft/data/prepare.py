@@ -27,7 +27,7 @@ from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data.config import PrepareConfig
 from megasft.data.conversation import RowError
-from megasft.data.formats import mixed_formats_error
+from megasft.data.formats import FileFormats
 from megasft.data.masking import MaskedExample
 from megasft.data.preview import write_preview
 from megasft.data.readers import check_inputs
@@ -89,7 +89,7 @@ def _prepare_into(
 ) -> dict:
     spools = {split: SplitSpool(staging, split) for split in SPLITS}
     tally = _Tally()
-    file_formats: dict[str, str] = {}
+    file_formats = FileFormats()
     preview: list[MaskedExample] = []
     progress = _Progress(
         unit=" rows", desc="prepare", file=sys.stderr, disable=not config.progress, mininterval=1.0
@@ -103,11 +103,9 @@ def _prepare_into(
             rows = 0
             for outcome in outcomes:
                 if isinstance(outcome, Accepted):
-                    locked = file_formats.setdefault(outcome.source, outcome.format)
-                    if locked != outcome.format:
-                        outcome = mixed_formats_error(
-                            outcome.source, outcome.row, locked, outcome.format
-                        )
+                    outcome = (
+                        file_formats.check(outcome.source, outcome.row, outcome.format) or outcome
+                    )
                 source_stats = tally.per_source.setdefault(
                     outcome.source, {"rows": 0, "examples": 0, "rejected": 0}
                 )
@@ -168,7 +166,9 @@ def _prepare_into(
             "max_example_tokens": int(lengths.max()) if len(lengths) else 0,
         }
 
-    manifest = _manifest(config, chat_tokenizer, tally, split_stats, file_formats, started)
+    manifest = _manifest(
+        config, chat_tokenizer, tally, split_stats, file_formats.by_source, started
+    )
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     write_preview(staging, preview, chat_tokenizer, manifest)
     return manifest

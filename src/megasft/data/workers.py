@@ -1,6 +1,6 @@
 """Phase 1 of `prepare`: worker processes turn chunks of raw rows into masked examples.
 
-Each row is parsed, converted (`formats.to_messages`), rendered, tokenized and masked, and
+Each row is parsed, converted (`formats.RowConverter`), rendered, tokenized and masked, and
 assigned to train or val by a hash of its content; a chunk's examples come back end to end in
 flat arrays. At most a few chunks are in flight, so memory does not grow with the input.
 """
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megasft.data.conversation import Message, RowError
-from megasft.data.formats import detect_format, to_messages, unknown_format_error
+from megasft.data.conversation import Conversation, Message, RowError
+from megasft.data.formats import RowConverter
 from megasft.data.masking import ConversationMasker, MaskedBatch, MaskingError, MaskPolicy
 from megasft.data.readers import RawRow, iter_raw_rows, parse_payload
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
@@ -54,9 +54,9 @@ class _RowProcessor:
     """Everything a worker needs to turn raw rows into masked examples."""
 
     def __init__(self, config: PrepareConfig, chat_tokenizer: ChatTokenizer):
-        self.format = config.format
-        self.column_map = dict(config.column_map) or None
-        self.system_prompt = config.system_prompt
+        self.converter = RowConverter(
+            config.format, dict(config.column_map) or None, config.system_prompt
+        )
         self.seq_length = config.seq_length
         self.overlong = config.overlong
         self.val_fraction = config.val_fraction
@@ -67,33 +67,28 @@ class _RowProcessor:
 
     def process(self, chunk: list[RawRow]) -> Chunk:
         outcomes: list[Accepted | RowError | None] = [None] * len(chunk)
-        converted: list[tuple[int, str, list[Message]]] = []
+        converted: list[tuple[int, Conversation]] = []
+        convert = self.converter.convert
         for position, raw in enumerate(chunk):
             try:
-                record = parse_payload(raw)
-                fmt = self.format
-                if fmt == "auto":
-                    fmt = detect_format(record, self.column_map)
-                    if fmt is None:
-                        raise unknown_format_error(record, raw.source, raw.row)
-                messages = to_messages(
-                    record, fmt, raw.source, raw.row, self.column_map, self.system_prompt
-                )
-                converted.append((position, fmt, messages))
+                converted.append((position, convert(parse_payload(raw), raw.source, raw.row)))
             except RowError as error:
                 outcomes[position] = error
         examples = self.masker.mask_many(
-            [messages for _, _, messages in converted], self.seq_length, self.overlong
+            [conversation.messages for _, conversation in converted],
+            self.seq_length,
+            self.overlong,
         )
-        for (position, fmt, messages), result in zip(converted, examples.outcomes, strict=True):
+        for (position, conversation), result in zip(converted, examples.outcomes, strict=True):
             raw = chunk[position]
             if isinstance(result, MaskingError):
                 outcomes[position] = RowError(
                     raw.source, raw.row, None, result.reason, result.message
                 )
             else:
+                split = self._split_of(conversation.messages)
                 outcomes[position] = Accepted(
-                    raw.source, raw.row, fmt, self._split_of(messages), result
+                    raw.source, raw.row, conversation.format, split, result
                 )
         return Chunk(outcomes, examples, self.masker.tiktoken_given_up)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megasft.data.conversation import Message, RowError
-from megasft.data.formats import detect_format, to_messages
+from megasft.data.formats import RowConverter
 from megasft.data.readers import check_inputs, iter_raw_rows, parse_payload
 from megasft.data.template import TemplateError
 from megasft.data.tokenizer import ChatTokenizer
@@ -128,6 +128,7 @@ def read_eval_examples(
         InputError: naming the bad rows (file, row, field) if any row cannot be used.
     """
     check_inputs([path])
+    converter = RowConverter(fmt, column_map, system_prompt)
     examples: list[EvalExample] = []
     errors: list[str] = []
     for item in iter_raw_rows(path):
@@ -142,14 +143,7 @@ def read_eval_examples(
             record = parse_payload(item)
             examples.append(
                 _example(
-                    record,
-                    item.source,
-                    item.row,
-                    fmt,
-                    column_map,
-                    system_prompt,
-                    reference_field,
-                    reference_required,
+                    record, item.source, item.row, converter, reference_field, reference_required
                 )
             )
         except RowError as error:
@@ -172,26 +166,24 @@ def _example(
     record: dict,
     source: str,
     row: int,
-    fmt: str,
-    column_map: Mapping[str, str] | None,
-    system_prompt: str | None,
+    converter: RowConverter,
     reference_field: str | None,
     reference_required: bool,
 ) -> EvalExample:
     answer_optional = reference_field is not None or not reference_required
     try:
-        messages = to_messages(record, fmt, source, row, column_map, system_prompt)
+        messages = converter.convert(record, source, row).messages
         has_answer = True
     except RowError as error:
         if not answer_optional or error.reason not in _NO_ANSWER_REASONS:
             raise
         # A prompt-only row: convert it with a stand-in answer, which is then dropped. If that
         # still fails, something other than the answer is wrong, and the first error says what.
-        stand_in = _with_placeholder_answer(record, fmt, column_map)
+        stand_in = converter.with_answer(record, _PLACEHOLDER)
         if stand_in is None:
             raise
         try:
-            messages = to_messages(stand_in, fmt, source, row, column_map, system_prompt)
+            messages = converter.convert(stand_in, source, row).messages
         except RowError:
             raise error from None
         has_answer = False
@@ -230,35 +222,6 @@ def _reference_from_field(record: dict, field: str, source: str, row: int) -> st
             source, row, field, "wrong_type", f"a reference must be text or a number, not {value!r}"
         )
     return str(value)
-
-
-def _with_placeholder_answer(
-    record: dict, fmt: str, column_map: Mapping[str, str] | None
-) -> dict | None:
-    """A copy of `record` with a stand-in final assistant answer, or None if the format is
-    unknown."""
-    detected = detect_format(record, column_map) if fmt == "auto" else fmt
-    column_map = column_map or {}
-    stand_in = dict(record)
-    if detected == "alpaca":
-        stand_in[column_map.get("output", "output")] = _PLACEHOLDER
-    elif detected == "prompt-response":
-        stand_in[column_map.get("response", "response")] = _PLACEHOLDER
-    elif detected in ("messages", "sharegpt"):
-        canonical = "messages" if detected == "messages" else "conversations"
-        field = column_map.get(canonical, canonical)
-        turns = stand_in.get(field)
-        if type(turns) is not list:
-            return None
-        turn = (
-            {"role": "assistant", "content": _PLACEHOLDER}
-            if detected == "messages"
-            else {"from": "gpt", "value": _PLACEHOLDER}
-        )
-        stand_in[field] = [*turns, turn]
-    else:
-        return None
-    return stand_in
 
 
 def render_prompt(chat_tokenizer: ChatTokenizer, example: EvalExample) -> tuple[str, list[int]]:

@@ -1,0 +1,175 @@
+"""Lists of turns (OpenAI messages, ShareGPT conversations): the two differ only in their key
+names and role tables, so one reader serves both (docs/prepare.md, "Input formats")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from megasft.data.conversation import Message, RowError
+from megasft.data.formats.fields import empty_assistant, missing_or_wrong_type, wrong_type
+
+
+def read_turns(
+    record: dict,
+    list_field: str,
+    role_key: str,
+    content_key: str,
+    roles: Mapping[str, str],
+    source: str,
+    row: int,
+) -> list[Message]:
+    """The messages of the row's list of turns.
+
+    Args:
+        record: the row, column-mapped.
+        list_field: the field that holds the turns ("messages", "conversations").
+        role_key: each turn's role key ("role", "from").
+        content_key: each turn's content key ("content", "value").
+        roles: the turn's role value -> its role (one of `conversation.ROLES`).
+        source: the input file, for errors.
+        row: the row number, for errors.
+
+    Returns:
+        A new list of the messages, in order.
+
+    Raises:
+        RowError: for a turn list that is missing, no list or empty; a turn that is no object;
+            an unknown role; content that is missing or no text; an assistant turn with
+            `tool_calls` or nothing to train on; bad `train` / `loss_weight` flags; or no
+            assistant turn at all.
+    """
+    turns = record.get(list_field)
+    if type(turns) is not list:
+        raise missing_or_wrong_type(source, row, list_field, turns, "an array of messages")
+    if not turns:
+        raise RowError(
+            source, row, list_field, "empty_conversation", "the conversation has no messages"
+        )
+    messages = []
+    has_assistant = False
+    for index, turn in enumerate(turns):
+        if type(turn) is not dict:
+            raise wrong_type(source, row, f"{list_field}[{index}]", turn, "an object")
+        role_value = turn.get(role_key)
+        role = roles.get(role_value) if type(role_value) is str else None
+        if role is None:
+            raise _bad_role(source, row, f"{list_field}[{index}].{role_key}", role_value, roles)
+        content = turn.get(content_key)
+        if role == "assistant" and turn.get("tool_calls"):
+            raise RowError(
+                source,
+                row,
+                f"{list_field}[{index}].tool_calls",
+                "unsupported_tool_calls",
+                "assistant messages with tool_calls are not supported yet: the calls cannot be "
+                "rendered, and training without them would teach replies to calls never made. "
+                "Leave such rows out, or write the call into the content as text.",
+            )
+        if type(content) is not str:
+            content = _content_text(
+                content, role, f"{list_field}[{index}].{content_key}", source, row
+            )
+        if role == "assistant":
+            if not content or content.isspace():
+                raise empty_assistant(source, row, f"{list_field}[{index}].{content_key}")
+            has_assistant = True
+        train = True
+        if turn.get("train") is not None or turn.get("loss_weight") is not None:
+            train = _train_flag(turn, f"{list_field}[{index}]", source, row)
+        messages.append(Message(role, content, train))
+    if not has_assistant:
+        raise RowError(
+            source,
+            row,
+            list_field,
+            "no_assistant_turn",
+            "the conversation has no assistant message, so there is nothing to train on",
+        )
+    return messages
+
+
+def with_turn(record: dict, list_field: str, turn: dict) -> dict | None:
+    """A copy of `record` with `turn` appended to its list of turns (in `list_field`, the
+    column that holds it); None when that is no list."""
+    turns = record.get(list_field)
+    if type(turns) is not list:
+        return None
+    return {**record, list_field: [*turns, turn]}
+
+
+def _content_text(content: object, role: str, field: str, source: str, row: int) -> str:
+    """Content that is not a plain string: a list of text parts, or an error."""
+    if content is None and role == "assistant":
+        raise empty_assistant(source, row, field)
+    if type(content) is not list:
+        raise missing_or_wrong_type(source, row, field, content, "a string or a list of parts")
+    pieces = []
+    for index, part in enumerate(content):
+        if type(part) is not dict:
+            raise wrong_type(
+                source, row, f"{field}[{index}]", part, 'an object {"type": "text", ...}'
+            )
+        part_type = part.get("type")
+        if part_type != "text":
+            if type(part_type) is not str:
+                raise missing_or_wrong_type(
+                    source, row, f"{field}[{index}].type", part_type, "a string"
+                )
+            raise RowError(
+                source,
+                row,
+                f"{field}[{index}].type",
+                "unsupported_content",
+                f"content parts of type {part_type!r} are not supported, only 'text': "
+                "megasft trains on text. Leave such rows out.",
+            )
+        text = part.get("text")
+        if type(text) is not str:
+            raise missing_or_wrong_type(source, row, f"{field}[{index}].text", text, "a string")
+        pieces.append(text)
+    return "".join(pieces)
+
+
+def _train_flag(turn: dict, field: str, source: str, row: int) -> bool:
+    """The message's `train` / `loss_weight`, which must agree when both are given."""
+    train = turn.get("train")
+    if train is not None and type(train) is not bool:
+        raise wrong_type(source, row, f"{field}.train", train, "true or false")
+    weight = turn.get("loss_weight")
+    if weight is None:
+        return train
+    if type(weight) not in (int, float):
+        raise wrong_type(source, row, f"{field}.loss_weight", weight, "a number, 0 or 1")
+    if weight not in (0, 1):
+        raise RowError(
+            source,
+            row,
+            f"{field}.loss_weight",
+            "unsupported_loss_weight",
+            f"loss_weight {weight!r} is not supported: only 0 (do not train on this message) "
+            "and 1 (train on it) are",
+        )
+    if train is not None and train != (weight == 1):
+        raise RowError(
+            source,
+            row,
+            field,
+            "conflicting_train_flags",
+            f"train is {str(train).lower()} but loss_weight is {weight!r}; give one, or make "
+            "them agree",
+        )
+    return weight == 1
+
+
+def _bad_role(
+    source: str, row: int, field: str, value: object, roles: Mapping[str, str]
+) -> RowError:
+    if type(value) is not str:
+        return missing_or_wrong_type(source, row, field, value, "a string")
+    return RowError(
+        source,
+        row,
+        field,
+        "unknown_role",
+        f"unknown role {value!r}; allowed: {', '.join(roles)}",
+    )
