@@ -24,6 +24,7 @@ from megasft.tracking import (
     GIT_COMMIT_ENV,
     RUN_ID_ENV,
     TRACKING_URI_ENV,
+    MetricsTracker,
     end_pipeline_run,
     find_pipeline_run,
     mlflow_digest,
@@ -32,7 +33,6 @@ from megasft.tracking import (
     training_tracking,
     training_tracking_env,
 )
-from megasft.train.tracking import MetricsTracker
 from tests.mlflow_server import TcpRelay, free_port, mlflow_server  # noqa: F401
 
 SHA = "sha256:" + "ab" * 32  # the form `prepare` writes
@@ -93,7 +93,7 @@ def child_runs(client, parent_run_id: str) -> dict[str, object]:
 
 
 def test_importing_does_not_import_mlflow():
-    code = "import sys, megasft.tracking, megasft.train.tracking; print('mlflow' in sys.modules)"
+    code = "import sys, megasft.tracking; print('mlflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 

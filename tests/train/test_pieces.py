@@ -18,6 +18,7 @@ from megasft.data.store import SplitWriter
 from megasft.errors import ConfigError, InputError
 from megasft.megatron.architecture import ModelArchitecture, padded_vocab_size
 from megasft.settings import flag_of, help_of
+from megasft.tracking import MetricsTracker
 from megasft.train.checkpointing import (
     LATEST_FILE,
     TRAIN_STATE_FILE,
@@ -38,7 +39,6 @@ from megasft.train.metrics import (
     read_metrics,
 )
 from megasft.train.step import context_parallel_indices, shifted_targets, thd_inputs
-from megasft.train.tracking import MetricsTracker
 
 
 def _micro_batch(seq_lengths: list[list[int]], seq_len: int, seed: int = 0) -> MicroBatch:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from megasft.tracking import RUN_ID_ENV, TRACKING_URI_ENV, training_tracking_env
-from megasft.train.tracking import MetricsTracker
+from megasft.tracking import RUN_ID_ENV, TRACKING_URI_ENV, MetricsTracker, training_tracking_env
 from tests.mlflow_server import mlflow_server  # noqa: F401
 
 

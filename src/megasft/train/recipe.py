@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megasft.data.store import open_split
 from megasft.errors import MegasftError
 from megasft.megatron.architecture import ModelArchitecture
+from megasft.tracking import MetricsTracker
 from megasft.train.checks import RunPlan, plan_run
 from megasft.train.config import TrainConfig
 from megasft.train.data import MicroBatch, StepSampler, collate
@@ -45,7 +46,6 @@ from megasft.train.metrics import (
     peak_tflops,
 )
 from megasft.train.step import ModelInputs, bshd_inputs, forward_step, thd_inputs
-from megasft.train.tracking import MetricsTracker
 
 PAD_ID = 0
 """Token id of padding positions. Any id works: padding is never a target and sits in its own
