@@ -1,0 +1,176 @@
+"""The parts a run trains with, on megatron-core: the model, the optimizer, the LR schedule.
+
+Each `setup_*` function builds one of them from the checked settings (megasft.train.checks)
+and this rank's place in the process grid. Why each megatron-core setting is what it is is
+said beside it; docs/train.md has the whole picture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megasft.train.checks import RunPlan
+from megasft.train.config import TrainConfig
+from megasft.train.distributed import Parallel
+
+
+def uses_distributed_optimizer(config: TrainConfig, parallel: Parallel) -> bool:
+    """--distributed-optimizer, by default on accelerators only."""
+    if config.distributed_optimizer is None:
+        return parallel.on_accelerator
+    return config.distributed_optimizer
+
+
+def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torch.nn.Module]:
+    """This pipeline stage's model chunks, wrapped in megatron-core's DDP.
+
+    A fresh start loads the weights of --load here; a resumed run gets them (with the
+    optimizer's state) from its checkpoint later, in `restore`.
+
+    Args:
+        plan: the checked run (architecture, parallel layout, precision, --load).
+        parallel: this rank's place in the process grid and its device.
+        packed: Transformer Engine's layers and packed layout (else megatron-core's local ones).
+
+    Returns:
+        One chunk, or one per virtual pipeline stage.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megasft.megatron.builder import build_model, transformer_config
+    from megasft.megatron.weights import load_weights
+
+    config = plan.config
+    bf16 = config.precision == "bf16"
+    model_config = transformer_config(
+        plan.architecture,
+        tensor_parallel_size=config.tensor_parallel,
+        pipeline_parallel_size=config.pipeline_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Every weight is then loaded, but megatron-core marks tensor-parallel weights (the
+        # attribute its gradient norm and clipping read) only while initialising them.
+        perform_initialization=True,
+        overrides=dict(
+            context_parallel_size=config.context_parallel,
+            virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
+            sequence_parallel=parallel.on_accelerator and config.tensor_parallel > 1,
+            # loss_func returns (sum, count): megatron-core divides the gradients by the
+            # number of target tokens of the whole global batch (see step.py)
+            calculate_per_token_loss=True,
+            # Transformer Engine accumulates weight gradients into main_grad directly
+            gradient_accumulation_fusion=packed,
+            # Frees a stage's output once sent, keeping only what backward needs. Not on
+            # CPU: gloo may still be reading the freed memory of an asynchronous send.
+            deallocate_pipeline_outputs=parallel.on_accelerator,
+            # The interleaved schedule with separate, overlapped sends and receives (as
+            # Megatron-LM runs it): the batched form posts two messages to the same peer at
+            # PP=2 (its previous and next stage), which gloo matches the wrong way round.
+            overlap_p2p_comm=bool(config.virtual_pipeline_stages),
+            batch_p2p_comm=not config.virtual_pipeline_stages,
+        ),
+    )
+    chunks = [
+        build_model(
+            plan.architecture,
+            model_config,
+            vp_stage=stage if config.virtual_pipeline_stages else None,
+        ).to(parallel.device)
+        for stage in range(config.virtual_pipeline_stages or 1)
+    ]
+    if bf16:
+        for chunk in chunks:
+            # megatron-core's local norms (the CPU spec) keep fp32 weights in a bf16 model,
+            # which its bf16 optimizer cannot checkpoint; Megatron-LM casts every parameter
+            # (its Float16Module). Buffers, such as the RoPE frequencies, stay as they are.
+            for parameter in chunk.parameters():
+                if parameter.dtype == torch.float32:
+                    parameter.data = parameter.data.to(torch.bfloat16)
+    if plan.resume_from is None:  # weights only: a fine-tuning start
+        load_weights(chunks, Path(config.load))
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.on_accelerator,
+        use_distributed_optimizer=uses_distributed_optimizer(config, parallel),
+    )
+    model = [
+        DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+    # The schedule finds these hooks on the model's config.
+    model_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if ddp_config.overlap_grad_reduce and len(model) > 1:
+        model_config.grad_sync_func = [m.start_grad_sync for m in model]
+    model_config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def setup_optimizer(config: TrainConfig, parallel: Parallel, model: list[torch.nn.Module]) -> Any:
+    """AdamW over `model` with gradient clipping, as megatron-core's (mixed-precision,
+    optionally distributed) optimizer.
+
+    Args:
+        config: the learning rate, Adam's settings, clipping and precision.
+        parallel: this rank's place (the distributed optimizer is the accelerator default).
+        model: the DDP-wrapped chunks of `setup_model`.
+
+    Returns:
+        megatron-core's MegatronOptimizer (or ChainedOptimizer).
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    bf16 = config.precision == "bf16"
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=config.lr,
+            min_lr=config.min_lr,
+            # AdamW; megatron-core puts norms (1-D weights) and biases in a group without decay
+            weight_decay=config.weight_decay,
+            adam_beta1=config.adam_beta1,
+            adam_beta2=config.adam_beta2,
+            adam_eps=config.adam_eps,
+            clip_grad=config.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=uses_distributed_optimizer(config, parallel),
+        ),
+        model,
+    )
+
+
+def setup_scheduler(config: TrainConfig, optimizer: Any) -> Any:
+    """The learning rate of each step: linear warmup from 0, then cosine to min_lr at the last
+    step. Step s (0-based) trains at the rate for s + 1, so that the first step does not waste
+    a batch at rate 0 (the loop calls `scheduler.step(1)` before each step).
+
+    Args:
+        config: lr, min_lr, warmup_iters, train_iters, weight_decay.
+        optimizer: the optimizer whose rate it sets.
+
+    Returns:
+        megatron-core's OptimizerParamScheduler at step 0 (`setup` moves it to a resumed
+        run's step).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
+        lr_warmup_steps=config.warmup_iters,
+        lr_decay_steps=config.train_iters,
+        lr_decay_style="cosine",
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=config.train_iters,
+        wd_incr_style="constant",
+    )
