@@ -72,7 +72,7 @@ def validate(
             "kfp.pipeline_version": __version__,
             "megasft.config": config.name,
         },
-        params=_flatten(_typed_sections(config)),
+        params=_typed_sections(config),
     )
     _write(
         plan,
@@ -245,7 +245,7 @@ def record_inputs(
         uri,
         parent_run_id or None,
         "tokenize-and-mask",
-        params=_flatten({"data": manifest["settings"]}),
+        params={"data": manifest["settings"]},
         tags={"data.sha256": data_digest},
     ) as run:
         run.log_metrics(
@@ -297,9 +297,11 @@ def train(
     values = train_settings(train_section)
     uri = tracking_section.get("uri")
     # No params here: the training run logs its whole configuration into this run itself.
-    with tracking.step_run(uri, parent_run_id or None, "train") as run:
-        # Rank 0 of the training processes logs its per-step metrics into this nested run.
-        os.environ.update(tracking.training_tracking_env(uri, run.run_id))
+    # Rank 0 of the training processes logs its per-step metrics into this nested run.
+    with (
+        tracking.step_run(uri, parent_run_id or None, "train") as run,
+        tracking.training_tracking(uri, run.run_id),
+    ):
         values.update(
             tracking_uri=uri, experiment=experiment_name_from(tracking_section, config_name)
         )
@@ -371,7 +373,7 @@ def evaluate(
     output = Path(tempfile.mkdtemp(prefix="megasft-evaluate-")) / "evaluation"
     training_log = Path(checkpoints.path) / "metrics.jsonl"
     with tracking.step_run(
-        tracking_section.get("uri"), parent_run_id or None, "evaluate", params=_flatten(settings)
+        tracking_section.get("uri"), parent_run_id or None, "evaluate", params=settings
     ) as run:
         result = run_evaluation(
             EvaluateConfig(
@@ -524,18 +526,6 @@ def content_digest(path: str | os.PathLike) -> str:
 
 def _combine(*digests: str) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings as MLflow parameters: `train.lr` -> "0.002"."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def _yaml(values: dict[str, Any]) -> str:
