@@ -14,15 +14,27 @@ import yaml
 from tests.conftest import REPO
 
 MANIFESTS = REPO / "manifests"
-# What a cluster applies: the shipped overlays and the example of a cluster's own overlay.
-OVERLAYS = ("overlays/mi300x", "overlays/cuda", "examples/my-cluster")
+# What a cluster applies: the shipped overlays (Kubeflow Trainer v2), the example of a cluster's own
+# overlay, and the example for a cluster that runs the v1 training operator (PyTorchJob).
+OVERLAYS = (
+    "overlays/mi300x",
+    "overlays/cuda",
+    "examples/my-cluster",
+    "examples/training-operator-v1",
+)
+# The overlays with the PyTorchJob template (components/pytorchjob); the others ship a runtime.
+PYTORCHJOB_OVERLAYS = ("examples/training-operator-v1",)
+# Objects kustomize cannot tell are cluster-scoped (no namespace on the cluster), and custom kinds,
+# which the Kubernetes OpenAPI schemas do not know (their CRDs' schemas check them).
+CLUSTER_SCOPED = {"Namespace", "ClusterTrainingRuntime"}
+CUSTOM_KINDS = {"PyTorchJob", "ClusterTrainingRuntime"}
 # `replacements`, components and JSON patches with targets need kustomize v5 (kubectl >= 1.27).
 KUSTOMIZE_MAJOR = 5
 NAMESPACE = "megasft"
 # Standalone Kubeflow Pipelines: the MI300X overlay moved into KFP's namespace with the kfp-standalone
 # component, as docs/deploy.md (step 1) tells a cluster's own overlay to do.
 STANDALONE_NAMESPACE = "kubeflow"
-STANDALONE_COMPONENTS = ("components/kfp-standalone", "components/worker-from-master")
+STANDALONE_COMPONENTS = ("components/kfp-standalone",)
 # The uid and gid of the `megasft` user in every image (docker/Dockerfile.*), which the pods run as.
 IMAGE_UID = 10001
 
@@ -72,6 +84,24 @@ def render(command: list[str], directory: str) -> list[dict]:
 
 def render_standalone(command: list[str], directory: Path) -> list[dict]:
     """A standalone-KFP overlay written into `directory` (outside the repository), rendered."""
+    return render_composed(
+        command,
+        directory,
+        ["overlays/mi300x"],
+        list(STANDALONE_COMPONENTS),
+        namespace=STANDALONE_NAMESPACE,
+    )
+
+
+def render_composed(
+    command: list[str],
+    directory: Path,
+    resources: list[str],
+    components: list[str],
+    namespace: str | None = None,
+) -> list[dict]:
+    """An overlay of `resources` and `components` (paths under manifests/) written into
+    `directory` (outside the repository), as a cluster's own overlay would be; rendered."""
 
     def relative(path: str) -> str:
         return os.path.relpath(MANIFESTS / path, directory)
@@ -79,13 +109,13 @@ def render_standalone(command: list[str], directory: Path) -> list[dict]:
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "namespace": STANDALONE_NAMESPACE,
-        "resources": [relative("overlays/mi300x")],
-        "components": [relative(component) for component in STANDALONE_COMPONENTS],
+        **({"namespace": namespace} if namespace else {}),
+        "resources": [relative(resource) for resource in resources],
+        "components": [relative(component) for component in components],
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     result = subprocess.run([*command, str(directory)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"kustomize failed on the standalone overlay:\n{result.stderr}"
+    assert result.returncode == 0, f"kustomize failed on {kustomization}:\n{result.stderr}"
     return [document for document in yaml.safe_load_all(result.stdout) if document]
 
 
@@ -110,6 +140,11 @@ def pod_specs(document: dict) -> list[tuple[str, dict]]:
         return [
             (replica, replica_spec["template"]["spec"])
             for replica, replica_spec in spec["pytorchReplicaSpecs"].items()
+        ]
+    if kind == "ClusterTrainingRuntime":
+        return [
+            (replicated["name"], replicated["template"]["spec"]["template"]["spec"])
+            for replicated in spec["template"]["spec"]["replicatedJobs"]
         ]
     return []
 

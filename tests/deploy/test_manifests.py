@@ -1,8 +1,9 @@
 """Every overlay renders, and every object it renders is what a cluster would accept.
 
 Core kinds are checked against the Kubernetes OpenAPI schemas (bundled by kubernetes-validate, so
-no cluster or network is needed), the PyTorchJob against the training operator's CRD schema and its
-admission rules. Applying them to a cluster is the one step that is not exercised here.
+no cluster or network is needed), the ClusterTrainingRuntimes against Kubeflow Trainer v2.3.0's CRD
+schema and rules, the PyTorchJob against the training operator's CRD schema and its admission
+rules. Applying them to a cluster is the one step that is not exercised here.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from megasft.images import IMAGES, image_for
 from megasft.pipeline.config import load_pipeline_config
 from tests.conftest import REPO, shared_path
 from tests.deploy.commands import megasft_subcommands
+from tests.deploy.crds import schema_errors, strict, trainer_rule_errors, trainer_validator
 from tests.deploy.dockerfiles import parse
 from tests.deploy.rendering import (
+    CLUSTER_SCOPED,
+    CUSTOM_KINDS,
     IMAGE_UID,
     MANIFESTS,
     NAMESPACE,
     OVERLAYS,
+    PYTORCHJOB_OVERLAYS,
     container_arguments,
     find_kustomize,
     objects_of,
@@ -41,30 +46,16 @@ CORE_KINDS = {
     "PersistentVolumeClaim", "Deployment", "CronJob",
 }  # fmt: skip
 SHIPPED = ("overlays/mi300x", "overlays/cuda")
+RUNTIME_OVERLAYS = tuple(overlay for overlay in OVERLAYS if overlay not in PYTORCHJOB_OVERLAYS)
 ACCELERATORS = {"overlays/mi300x": "amd.com/gpu", "overlays/cuda": "nvidia.com/gpu"}
 TRAINING_IMAGES = {"overlays/mi300x": "train-rocm", "overlays/cuda": "train-cuda"}
+# The PyTorchJob overlays by accelerator: the example, and the same for NVIDIA nodes (conftest).
+PYTORCHJOB_ACCELERATORS = {
+    "examples/training-operator-v1": "overlays/mi300x",
+    "cuda": "overlays/cuda",
+}
 CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|CREDENTIAL|(^|_)TOKEN$|STORE_URI$")
 CREDENTIAL_IN_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
-
-
-def strict(schema: dict) -> dict:
-    """The CRD schema as `kubectl apply` enforces it (strict field validation): an unknown field
-    is an error wherever the schema does not keep unknown fields."""
-    schema = dict(schema)
-    if "properties" in schema:
-        schema["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
-        if "additionalProperties" not in schema and not schema.get(
-            "x-kubernetes-preserve-unknown-fields"
-        ):
-            schema["additionalProperties"] = False
-    if isinstance(schema.get("additionalProperties"), dict):
-        schema["additionalProperties"] = strict(schema["additionalProperties"])
-    if isinstance(schema.get("items"), dict):
-        schema["items"] = strict(schema["items"])
-    for combinator in ("allOf", "anyOf", "oneOf"):
-        if combinator in schema:
-            schema[combinator] = [strict(sub) for sub in schema[combinator]]
-    return schema
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +98,22 @@ def containers_of(document: dict) -> list[dict]:
 
 
 def training_container(job: dict) -> dict:
-    containers = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
-    (container,) = [container for container in containers if container["name"] == "pytorch"]
+    """The training container of a PyTorchJob's Master or a runtime's `node` job."""
+    (where, spec), *_ = pod_specs(job)
+    name = "node" if job["kind"] == "ClusterTrainingRuntime" else "pytorch"
+    (container,) = [container for container in spec["containers"] if container["name"] == name]
     return container
+
+
+@pytest.fixture
+def with_pytorchjob(rendered, cuda_pytorchjob) -> dict[str, list[dict]]:
+    """The overlays, and the v1-operator overlay for NVIDIA nodes as "cuda"."""
+    return {**rendered, "cuda": cuda_pytorchjob}
+
+
+def training_objects(documents: list[dict]) -> list[dict]:
+    """The training job objects an overlay ships: its runtime, or the PyTorchJob template."""
+    return [document for document in documents if document["kind"] in CUSTOM_KINDS]
 
 
 def walk_strings(value):
@@ -125,7 +129,7 @@ def walk_strings(value):
 
 def test_the_base_renders_on_its_own(kustomize):
     kinds = {document["kind"] for document in render(kustomize, "base")}
-    assert kinds == CORE_KINDS | {"PyTorchJob"}
+    assert kinds == CORE_KINDS  # the training jobs' objects are the overlays'
 
 
 def test_find_kustomize_explains_what_it_found_when_nothing_fits(monkeypatch, tmp_path):
@@ -138,10 +142,13 @@ def test_find_kustomize_explains_what_it_found_when_nothing_fits(monkeypatch, tm
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_renders_only_known_kinds_into_one_namespace(rendered, overlay):
     documents = rendered[overlay]
-    assert {document["kind"] for document in documents} == CORE_KINDS | {"PyTorchJob"}
+    job_kind = "PyTorchJob" if overlay in PYTORCHJOB_OVERLAYS else "ClusterTrainingRuntime"
+    assert {document["kind"] for document in documents} == CORE_KINDS | {job_kind}
     assert only(documents, "Namespace")["metadata"]["name"] == NAMESPACE
     for document in documents:
-        if document["kind"] != "Namespace":
+        if document["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in document["metadata"], document["metadata"]["name"]
+        else:
             assert document["metadata"]["namespace"] == NAMESPACE, document["metadata"]["name"]
 
 
@@ -149,7 +156,7 @@ def test_renders_only_known_kinds_into_one_namespace(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_core_objects_validate_against_the_kubernetes_schemas(rendered, overlay, version):
     for document in rendered[overlay]:
-        if document["kind"] == "PyTorchJob":
+        if document["kind"] in CUSTOM_KINDS:
             continue
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -164,19 +171,51 @@ def test_core_objects_validate_against_the_kubernetes_schemas(rendered, overlay,
 def test_the_standalone_kfp_objects_validate_too(standalone, version):
     # components/kfp-standalone patches the CronJob's environment and the launcher's RoleBinding.
     for document in standalone:
-        if document["kind"] != "PyTorchJob":
+        if document["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(document, version, strict=True)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_pytorchjob_validates_against_the_crd_and_the_operators_rules(
-    rendered, overlay, pytorchjob_schema
-):
-    job = only(rendered[overlay], "PyTorchJob")
-    errors = [
-        f"{'.'.join(str(part) for part in error.absolute_path)}: {error.message}"
-        for error in pytorchjob_schema.iter_errors(job)
+@pytest.mark.parametrize("overlay", RUNTIME_OVERLAYS)
+def test_the_runtime_validates_against_trainers_crd_and_rules(rendered, overlay):
+    runtime = only(rendered[overlay], "ClusterTrainingRuntime")
+    errors = schema_errors(trainer_validator("ClusterTrainingRuntime"), runtime)
+    assert not errors, "\n".join(errors)
+    assert not trainer_rule_errors(runtime)
+    # The CRD leaves metadata to the API server: check it as the ObjectMeta it is.
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": runtime["metadata"]}
+    kubernetes_validate.validate(carrier, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_the_runtime_checks_would_catch_a_broken_runtime(rendered):
+    runtime = only(rendered["overlays/mi300x"], "ClusterTrainingRuntime")
+    broken = yaml.safe_load(yaml.safe_dump(runtime))
+    broken["spec"]["mlPolicy"]["numProcPerNode"] = 8  # v2.3 moved it to the TrainJob
+    broken["spec"]["mlPolicy"]["mpi"] = {}
+    (job,) = broken["spec"]["template"]["spec"]["replicatedJobs"]
+    job["template"]["spec"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    messages = schema_errors(trainer_validator("ClusterTrainingRuntime"), broken)
+    assert messages == [
+        "spec.mlPolicy: Additional properties are not allowed ('numProcPerNode' was unexpected)"
     ]
+    assert trainer_rule_errors(broken) == [
+        "spec.mlPolicy: only one policy, got ['torch', 'mpi']",
+        "the node job has no container named node",
+    ]
+
+
+def test_standalone_kfp_stamps_its_namespace_on_the_runtime_which_the_api_server_drops(standalone):
+    # kustomize cannot know the kind is cluster-scoped; the API server clears the namespace of a
+    # cluster-scoped object on create. Everything else goes to KFP's namespace.
+    runtime = only(standalone, "ClusterTrainingRuntime")
+    assert not schema_errors(trainer_validator("ClusterTrainingRuntime"), runtime)
+
+
+@pytest.mark.parametrize("overlay", PYTORCHJOB_ACCELERATORS)
+def test_the_pytorchjob_validates_against_the_crd_and_the_operators_rules(
+    with_pytorchjob, overlay, pytorchjob_schema
+):
+    job = only(with_pytorchjob[overlay], "PyTorchJob")
+    errors = schema_errors(pytorchjob_schema, job)
     assert not errors, "\n".join(errors)
     assert not admission_errors(job)
     # The CRD leaves metadata to the API server: check it as the ObjectMeta it is.
@@ -185,7 +224,7 @@ def test_the_pytorchjob_validates_against_the_crd_and_the_operators_rules(
 
 
 def test_the_crd_checks_would_catch_a_broken_job(rendered, pytorchjob_schema):
-    job = only(rendered["overlays/mi300x"], "PyTorchJob")
+    job = only(rendered["examples/training-operator-v1"], "PyTorchJob")
     broken = yaml.safe_load(yaml.safe_dump(job))
     broken["spec"]["nprocPerNod"] = "8"  # a typo: strict field validation refuses it
     broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "one"
@@ -203,14 +242,17 @@ def test_the_crd_checks_would_catch_a_broken_job(rendered, pytorchjob_schema):
     ]
 
 
-@pytest.mark.parametrize("overlay", SHIPPED)
-def test_images_are_the_defaults_of_megasft_images(rendered, overlay):
-    documents = rendered[overlay]
+@pytest.mark.parametrize("overlay", [*SHIPPED, *PYTORCHJOB_ACCELERATORS])
+def test_images_are_the_defaults_of_megasft_images(with_pytorchjob, overlay):
+    documents = with_pytorchjob[overlay]
+    training = TRAINING_IMAGES[PYTORCHJOB_ACCELERATORS.get(overlay, overlay)]
     expected = {
-        "PyTorchJob": image_for(TRAINING_IMAGES[overlay], {}).reference,
+        "ClusterTrainingRuntime": image_for(training, {}).reference,
+        "PyTorchJob": image_for(training, {}).reference,
         "CronJob": image_for("cpu", {}).reference,
         "Deployment": image_for("mlflow", {}).reference,
     }
+    assert len(training_objects(documents)) == 1
     for kind, reference in expected.items():
         for document in objects_of(documents, kind):
             assert {container["image"] for container in containers_of(document)} == {reference}
@@ -246,7 +288,7 @@ def test_pods_run_as_the_images_unprivileged_user(rendered, overlay):
                 assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", PYTORCHJOB_OVERLAYS)
 def test_the_pytorchjob_is_a_suspended_template_with_bounded_retries(rendered, overlay):
     spec = only(rendered[overlay], "PyTorchJob")["spec"]
     run_policy = spec["runPolicy"]
@@ -262,7 +304,18 @@ def test_the_pytorchjob_is_a_suspended_template_with_bounded_retries(rendered, o
     assert replicas["Worker"]["template"] == replicas["Master"]["template"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RUNTIME_OVERLAYS)
+def test_the_runtime_bounds_retries_and_time_and_leaves_the_shape_to_the_job(rendered, overlay):
+    runtime = only(rendered[overlay], "ClusterTrainingRuntime")
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    job = node["template"]["spec"]
+    assert job["backoffLimit"] > 0 and job["activeDeadlineSeconds"] > 0
+    assert job["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert "parallelism" not in job and "completions" not in job  # Trainer sets them: numNodes
+
+
+@pytest.mark.parametrize("overlay", PYTORCHJOB_OVERLAYS)
 def test_the_training_command_matches_the_job_shape(rendered, overlay):
     from megasft.train.cli import add_train_arguments
 
@@ -282,22 +335,40 @@ def test_the_training_command_matches_the_job_shape(rendered, overlay):
     assert service["spec"]["ports"][0]["port"] == 5000
 
 
-@pytest.mark.parametrize("overlay", SHIPPED)
-def test_each_node_gets_all_its_gpus_of_the_right_kind(rendered, overlay):
-    job = only(rendered[overlay], "PyTorchJob")
-    gpus = ACCELERATORS[overlay]
+@pytest.mark.parametrize("overlay", RUNTIME_OVERLAYS)
+def test_the_runtime_runs_the_worker_under_torchrun(rendered, overlay):
+    # torchrun takes the shape from Trainer's PET_* variables; the launcher appends the flags.
+    container = training_container(only(rendered[overlay], "ClusterTrainingRuntime"))
+    assert container["command"] == ["torchrun"]
+    assert container["args"] == ["-m", "megasft.train.worker"]
+
+
+@pytest.mark.parametrize("overlay", [*SHIPPED, *PYTORCHJOB_ACCELERATORS])
+def test_each_node_gets_all_its_gpus_of_the_right_kind(with_pytorchjob, overlay):
+    (job,) = training_objects(with_pytorchjob[overlay])
+    gpus = ACCELERATORS[PYTORCHJOB_ACCELERATORS.get(overlay, overlay)]
     other = ({*ACCELERATORS.values()} - {gpus}).pop()
+    per_node = job["spec"].get("nprocPerNode", "8")  # a runtime's TrainJobs set their own
     for _, spec in pod_specs(job):
         resources = training_container(job)["resources"]
-        assert (
-            resources["limits"][gpus] == resources["requests"][gpus] == job["spec"]["nprocPerNode"]
-        )
+        assert resources["limits"][gpus] == resources["requests"][gpus] == per_node
         assert other not in yaml.safe_dump(spec)
         assert any(key.startswith(gpus.split("/")[0]) for key in spec["nodeSelector"])
         assert any(toleration["key"] == gpus for toleration in spec["tolerations"])
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RUNTIME_OVERLAYS)
+def test_the_runtime_gives_shared_memory_and_leaves_the_claims_to_the_job(rendered, overlay):
+    runtime = only(rendered[overlay], "ClusterTrainingRuntime")
+    ((_, spec),) = pod_specs(runtime)
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in training_container(runtime)["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    # The claims the step mounts come with each TrainJob (tests/launch/test_trainjob.py).
+    assert not any("persistentVolumeClaim" in volume for volume in spec["volumes"])
+
+
+@pytest.mark.parametrize("overlay", PYTORCHJOB_OVERLAYS)
 def test_volumes_shared_memory_and_claims(rendered, overlay):
     documents = rendered[overlay]
     claims = {
@@ -315,18 +386,31 @@ def test_volumes_shared_memory_and_claims(rendered, overlay):
             assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
 
 
-@pytest.mark.parametrize("overlay", SHIPPED)
-def test_collective_settings_match_the_image_and_are_documented(rendered, overlay):
+@pytest.mark.parametrize("overlay", [*SHIPPED, *PYTORCHJOB_ACCELERATORS])
+def test_collective_settings_match_the_image_and_are_documented(with_pytorchjob, overlay):
+    accelerator = PYTORCHJOB_ACCELERATORS.get(overlay, overlay)
+    (job,) = training_objects(with_pytorchjob[overlay])
     environment = {
-        variable["name"]: variable.get("value")
-        for variable in training_container(only(rendered[overlay], "PyTorchJob"))["env"]
+        variable["name"]: variable.get("value") for variable in training_container(job)["env"]
     }
-    image_defaults = parse(REPO / IMAGES[TRAINING_IMAGES[overlay]].dockerfile).parser.envs
+    image_defaults = parse(REPO / IMAGES[TRAINING_IMAGES[accelerator]].dockerfile).parser.envs
     for name in environment.keys() & image_defaults.keys():
         assert environment[name] == image_defaults[name], name
     deploy_guide = (REPO / "docs/deploy.md").read_text()
     for name in environment:
         assert f"`{name}`" in deploy_guide, f"docs/deploy.md does not explain {name}"
+
+
+def test_the_runtime_and_the_pytorchjob_template_set_the_same_collective_settings(
+    with_pytorchjob,
+):
+    for accelerator, overlay in (
+        ("overlays/mi300x", "examples/training-operator-v1"),
+        ("overlays/cuda", "cuda"),
+    ):
+        runtime = only(with_pytorchjob[accelerator], "ClusterTrainingRuntime")
+        job = only(with_pytorchjob[overlay], "PyTorchJob")
+        assert training_container(runtime)["env"] == training_container(job)["env"], accelerator
 
 
 def test_the_retraining_cronjob_ships_suspended_with_a_kfp_token(rendered):
@@ -356,7 +440,7 @@ def test_the_retraining_command_is_one_the_cli_accepts(rendered):
         pytest.fail(f"megasft does not accept the CronJob's command: {' '.join(arguments)}")
     # The production configuration (one that exists), into its own experiment, in this profile.
     assert parsed.config == "qwen2.5-gsm8k"
-    assert load_pipeline_config(parsed.config).launcher.kind == "pytorchjob"
+    assert load_pipeline_config(parsed.config).launcher.kind == "trainjob"
     assert parsed.experiment == "megasft-retrain"
     assert parsed.namespace == NAMESPACE
     assert not parsed.wait  # the run is KFP's; the pod only submits it
@@ -365,9 +449,15 @@ def test_the_retraining_command_is_one_the_cli_accepts(rendered):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_job_pods_get_no_istio_sidecar(rendered, overlay):
     # A Kubeflow profile namespace injects one; it would keep a finished pod, and its job, running.
-    job = only(rendered[overlay], "PyTorchJob")
+    (job,) = training_objects(rendered[overlay])
     cronjob = only(rendered[overlay], "CronJob")
-    templates = [replica["template"] for replica in job["spec"]["pytorchReplicaSpecs"].values()]
+    if job["kind"] == "PyTorchJob":
+        templates = [replica["template"] for replica in job["spec"]["pytorchReplicaSpecs"].values()]
+    else:
+        templates = [
+            replicated["template"]["spec"]["template"]
+            for replicated in job["spec"]["template"]["spec"]["replicatedJobs"]
+        ]
     templates.append(cronjob["spec"]["jobTemplate"]["spec"]["template"])
     for template in templates:
         assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
@@ -399,6 +489,7 @@ def test_the_deploy_guide_says_what_was_and_was_not_exercised():
         assert f"\n{heading}\n" in guide
     for prerequisite in (
         "Kubeflow Pipelines",
+        "Kubeflow Trainer",
         "training operator",
         "device plugin",
         "ReadWriteMany",

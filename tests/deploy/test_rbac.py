@@ -1,15 +1,17 @@
 """The manifests grant the launcher, and the retraining job, what they need and nothing more.
 
 "What they need" is read off the code, not restated: the Kubernetes client calls in
-src/megasft/launch (for each job kind a registered launcher runs), and the requests `megasft
-pipeline submit` sends (the real kfp.Client against the KFP API stub of tests/pipeline), each
-mapped to the rule it needs.
+src/megasft/launch (for each job kind a registered launcher runs: the calls of the shared modules
+and of the kind's own module), and the requests `megasft pipeline submit` sends (the real
+kfp.Client against the KFP API stub of tests/pipeline), each mapped to the rule it needs.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ from tests.conftest import REPO
 from tests.deploy.rendering import (
     NAMESPACE,
     OVERLAYS,
+    PYTORCHJOB_OVERLAYS,
     STANDALONE_NAMESPACE,
     container_arguments,
     objects_of,
@@ -26,12 +29,21 @@ from tests.deploy.rendering import (
 )
 from tests.pipeline.kfp_stub import API, KfpStub
 
-# What megasft.launch does with the Kubernetes API, one rule per action.
+# What megasft.launch does with the Kubernetes API, one rule per action, for each job kind.
 LAUNCHER_NEEDS = {
-    ("kubeflow.org", "pytorchjobs", "get"),  # read the template; poll a job until it ends
-    ("kubeflow.org", "pytorchjobs", "create"),  # start a run's job
-    ("kubeflow.org", "pytorchjobs", "delete"),  # cancel it when the pipeline run is stopped
-    ("", "pods/log", "get"),  # stream <job>-master-0's log, explain a failure
+    "TrainJob": {
+        ("trainer.kubeflow.org", "trainjobs", "get"),  # poll a job until it ends
+        ("trainer.kubeflow.org", "trainjobs", "create"),  # start a run's job
+        ("trainer.kubeflow.org", "trainjobs", "delete"),  # cancel it when the run is stopped
+        ("", "pods", "list"),  # find the first node's pod (and the first that failed) by label
+        ("", "pods/log", "get"),  # stream its log, explain a failure
+    },
+    "PyTorchJob": {
+        ("kubeflow.org", "pytorchjobs", "get"),  # read the template; poll a job until it ends
+        ("kubeflow.org", "pytorchjobs", "create"),  # start a run's job
+        ("kubeflow.org", "pytorchjobs", "delete"),  # cancel it when the pipeline run is stopped
+        ("", "pods/log", "get"),  # stream <job>-master-0's log, explain a failure
+    },
 }
 # The verb each kubernetes-client method on custom objects needs, on the resource of every job
 # kind the launchers run; and the rule each other method the launcher calls needs.
@@ -40,7 +52,10 @@ CUSTOM_OBJECT_VERBS = {
     "create_namespaced_custom_object": "create",
     "delete_namespaced_custom_object": "delete",
 }
-LAUNCHER_CALLS = {"read_namespaced_pod_log": ("", "pods/log", "get")}
+LAUNCHER_CALLS = {
+    "read_namespaced_pod_log": ("", "pods/log", "get"),
+    "list_namespaced_pod": ("", "pods", "list"),
+}
 # What `megasft pipeline submit` asks of the KFP API, which checks it against RBAC.
 RETRAIN_NEEDS = {
     ("pipelines.kubeflow.org", "pipelines", "get"),  # find the pipeline, its versions (older KFP)
@@ -66,7 +81,18 @@ KFP_CHECKS = {
     ("POST", "runs"): {(KFP, "runs", "create")},
     ("GET", "runs/ID"): {(KFP, "runs", "get")},
 }
-ROLES = {"megasft-launcher": LAUNCHER_NEEDS, "megasft-retrain": RETRAIN_NEEDS}
+# The base's launcher Role is for TrainJobs; components/pytorchjob adds PyTorchJobs' rules.
+TRAINJOB_ROLES = {"megasft-launcher": LAUNCHER_NEEDS["TrainJob"], "megasft-retrain": RETRAIN_NEEDS}
+PYTORCHJOB_ROLES = {
+    **TRAINJOB_ROLES,
+    "megasft-launcher": LAUNCHER_NEEDS["TrainJob"] | LAUNCHER_NEEDS["PyTorchJob"],
+}
+
+
+def roles_of(overlay: str) -> dict[str, set[tuple[str, str, str]]]:
+    return PYTORCHJOB_ROLES if overlay in PYTORCHJOB_OVERLAYS else TRAINJOB_ROLES
+
+
 # Who may hold each role: our ServiceAccounts, and the account Kubeflow Pipelines runs the pipeline's
 # steps as (the train step runs the launcher): default-editor in a Kubeflow profile.
 KFP_RUNNER = "default-editor"
@@ -99,29 +125,38 @@ def holders(documents: list[dict], role: str) -> set[str]:
 # -- the launcher ------------------------------------------------------------------------------
 
 
-def test_the_launcher_role_is_exactly_what_the_launcher_calls():
-    from megasft.launch.registry import launcher_classes
-
-    kinds = {cls.job_kind for cls in launcher_classes().values() if getattr(cls, "job_kind", None)}
-    sources = [path.read_text() for path in sorted((REPO / "src/megasft/launch").rglob("*.py"))]
-    called = {
+def kubernetes_calls(path: Path) -> set[str]:
+    """The Kubernetes client methods a module calls that act on objects (get, list, create...)."""
+    return {
         node.func.attr
-        for source in sources
-        for node in ast.walk(ast.parse(source))
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and re.search(r"_namespaced_|^(list|watch|patch|replace)_", node.func.attr)
     }
+
+
+def test_the_launcher_role_is_exactly_what_the_launcher_calls():
+    from megasft.launch.registry import launcher_classes
+
+    kinds = {cls.job_kind for cls in launcher_classes().values() if getattr(cls, "job_kind", None)}
+    modules = {kind.kind: Path(sys.modules[kind.build.__module__].__file__) for kind in kinds}
+    sources = sorted((REPO / "src/megasft/launch").rglob("*.py"))
+    shared = set().union(
+        *(kubernetes_calls(path) for path in sources if path not in modules.values())
+    )
     known = set(CUSTOM_OBJECT_VERBS) | set(LAUNCHER_CALLS)
-    assert called <= known, f"list the rule of {called - known}"
-    needs = {LAUNCHER_CALLS[method] for method in called & set(LAUNCHER_CALLS)}
-    needs |= {
-        (kind.group, kind.plural, CUSTOM_OBJECT_VERBS[method])
-        for kind in kinds
-        for method in called & set(CUSTOM_OBJECT_VERBS)
-    }
-    assert needs == LAUNCHER_NEEDS
-    for source in sources:  # the job is polled, not watched
+    for kind in kinds:
+        called = shared | kubernetes_calls(modules[kind.kind])
+        assert called <= known, f"list the rule of {called - known}"
+        needs = {LAUNCHER_CALLS[method] for method in called & set(LAUNCHER_CALLS)}
+        needs |= {
+            (kind.group, kind.plural, CUSTOM_OBJECT_VERBS[method])
+            for method in called & set(CUSTOM_OBJECT_VERBS)
+        }
+        assert needs == LAUNCHER_NEEDS[kind.kind], kind.kind
+    for path in sources:  # the job is polled, not watched
+        source = path.read_text()
         assert "Watch(" not in source and "watch=" not in source
 
 
@@ -186,8 +221,8 @@ def test_the_retrain_role_is_exactly_what_submit_asks_of_kfp(rendered, kfp, caps
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_role_grants_exactly_what_its_user_needs(rendered, overlay):
     roles = {role["metadata"]["name"]: role for role in objects_of(rendered[overlay], "Role")}
-    assert set(roles) == set(ROLES), "a new Role must be listed here with what it is for"
-    for name, needs in ROLES.items():
+    assert set(roles) == set(TRAINJOB_ROLES), "a new Role must be listed here with what it is for"
+    for name, needs in roles_of(overlay).items():
         assert grants(roles[name]) == needs, name
         for rule in roles[name]["rules"]:
             assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no URLs
@@ -210,7 +245,7 @@ def test_bindings_tie_each_role_to_its_holders_in_the_namespace(rendered, overla
         account["metadata"]["name"] for account in objects_of(rendered[overlay], "ServiceAccount")
     }
     bindings = objects_of(rendered[overlay], "RoleBinding")
-    assert {binding["roleRef"]["name"] for binding in bindings} == set(ROLES)
+    assert {binding["roleRef"]["name"] for binding in bindings} == set(TRAINJOB_ROLES)
     for binding in bindings:
         role = binding["roleRef"]["name"]
         assert binding["roleRef"]["kind"] == "Role"  # never a ClusterRole
@@ -250,7 +285,7 @@ def test_standalone_kfp_gives_the_launcher_role_to_its_runner_in_its_namespace(s
         for subject in binding["subjects"]:
             assert subject.get("namespace", STANDALONE_NAMESPACE) == STANDALONE_NAMESPACE
     roles = {role["metadata"]["name"]: grants(role) for role in objects_of(standalone, "Role")}
-    assert roles == ROLES
+    assert roles == TRAINJOB_ROLES
 
 
 def test_standalone_kfp_leaves_its_namespace_alone_and_submits_without_one(standalone):

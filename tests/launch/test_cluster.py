@@ -24,7 +24,7 @@ from megasft.launch.registry import TrainingPlan
 from tests.conftest import REPO
 from tests.launch.kubernetes_stub import KubernetesStub, status
 
-TEMPLATE = REPO / "manifests/base/pytorchjob-template.yaml"
+TEMPLATE = REPO / "manifests/components/pytorchjob/pytorchjob-template.yaml"
 RUN_ID = "6f0b7f5c-0000-4000-8000-000000000001"
 NAME = job_name(RUN_ID, "train")
 

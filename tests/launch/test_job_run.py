@@ -26,7 +26,7 @@ from tests.launch.kubernetes_stub import KubernetesStub, status
 
 NAME = "megasft-train-0123456789ab"
 MASTER = f"{NAME}-master-0"
-TEMPLATE = REPO / "manifests/base/pytorchjob-template.yaml"
+TEMPLATE = REPO / "manifests/components/pytorchjob/pytorchjob-template.yaml"
 POLL_S = 0.02
 
 
@@ -73,11 +73,17 @@ def launch(stub: KubernetesStub, request: JobRequest | None = None, **options):
 
 
 def launcher_role() -> set[tuple[str, str, str]]:
+    """The launcher's Role with the rule components/pytorchjob adds to it."""
     documents = yaml.safe_load_all((REPO / "manifests/base/launcher-rbac.yaml").read_text())
     (role,) = [document for document in documents if document["kind"] == "Role"]
+    component = yaml.safe_load(
+        (REPO / "manifests/components/pytorchjob/kustomization.yaml").read_text()
+    )
+    (patch,) = [entry for entry in component["patches"] if entry["target"]["kind"] == "Role"]
+    (added,) = yaml.safe_load(patch["patch"])
     return {
         (group, resource, verb)
-        for rule in role["rules"]
+        for rule in [*role["rules"], added["value"]]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
@@ -121,6 +127,7 @@ def test_the_template_is_read_from_the_cluster_by_default(stub):
     assert stub.created[0]["metadata"]["labels"] == {
         "app.kubernetes.io/name": "megasft-train",
         "app.kubernetes.io/component": "training",
+        "app.kubernetes.io/part-of": "megasft",
     }
 
 

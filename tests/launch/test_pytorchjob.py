@@ -1,8 +1,9 @@
 """The PyTorchJob the launcher builds: valid against the training operator's CRD and its admission
 rules, shaped as the request says, and everything else as the cluster's template has it.
 
-The templates are manifests/base/pytorchjob-template.yaml as it is and the MI300X overlay rendered
-by kustomize (skipped without kustomize v5); the CRD is ../shared/schemas (skipped without it).
+The templates are components/pytorchjob's template as it is and the overlay for the v1 operator
+(manifests/examples/training-operator-v1) rendered by kustomize (skipped without kustomize v5);
+the CRD is ../shared/schemas (skipped without it).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from megasft.launch.job_api import load_template
 from megasft.launch.job_request import MAX_NAME_LENGTH, JobRequest, job_name
 from megasft.launch.pytorchjob import PYTORCHJOB, build_pytorchjob
 from tests.conftest import REPO, shared_path
-from tests.deploy.rendering import find_kustomize, only, render
-from tests.deploy.test_manifests import admission_errors, strict, training_container
+from tests.deploy.crds import strict
+from tests.deploy.rendering import find_kustomize, only, render, render_composed
+from tests.deploy.test_manifests import admission_errors, training_container
 
-BASE_TEMPLATE = REPO / "manifests/base/pytorchjob-template.yaml"
+BASE_TEMPLATE = REPO / "manifests/components/pytorchjob/pytorchjob-template.yaml"
 TRAIN_ARGS = (
     "--data=/data/sft",
     "--load=/checkpoints/base-mcore",
@@ -46,7 +48,7 @@ def rendered_template(tmp_path_factory) -> dict:
     command, reason = find_kustomize()
     if command is None:
         pytest.skip(reason)
-    return only(render(command, "overlays/mi300x"), "PyTorchJob")
+    return only(render(command, "examples/training-operator-v1"), "PyTorchJob")
 
 
 @pytest.fixture(params=["base", "mi300x"])
@@ -189,11 +191,12 @@ def test_kfp_pod_variables_name_the_owner_when_ours_are_absent(monkeypatch):
     assert "ownerReferences" not in job["metadata"]
 
 
-def test_an_explicit_image_and_a_cuda_template(crd_schema):
+def test_an_explicit_image_and_a_cuda_template(crd_schema, tmp_path):
     command, reason = find_kustomize()
     if command is None:
         pytest.skip(reason)
-    template = only(render(command, "overlays/cuda"), "PyTorchJob")
+    components = ["components/pytorchjob", "components/cuda", "components/worker-from-master"]
+    template = only(render_composed(command, tmp_path, ["base"], components), "PyTorchJob")
     image = "ghcr.io/acme/megasft-train@sha256:" + "0" * 64
     request = make_request(gpu_resource="nvidia.com/gpu", image=image, nodes=2, gpus_per_node=2)
     job = build_pytorchjob(template, request)

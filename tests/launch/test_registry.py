@@ -9,6 +9,7 @@ from megasft.launch.cluster import DEFAULT_WORKSPACE
 from megasft.launch.local import LocalLauncher
 from megasft.launch.pytorchjob import PYTORCHJOB, PyTorchJobLauncher
 from megasft.launch.registry import launcher_classes, launcher_from_settings, launcher_section
+from megasft.launch.trainjob import TRAINJOB, TrainJobLauncher
 
 CLUSTER = {
     "kind": "pytorchjob",
@@ -22,8 +23,13 @@ CLUSTER = {
 
 
 def test_every_launcher_is_registered_by_its_kind():
-    assert launcher_classes() == {"local": LocalLauncher, "pytorchjob": PyTorchJobLauncher}
+    assert launcher_classes() == {
+        "local": LocalLauncher,
+        "pytorchjob": PyTorchJobLauncher,
+        "trainjob": TrainJobLauncher,
+    }
     assert PyTorchJobLauncher.job_kind is PYTORCHJOB
+    assert TrainJobLauncher.job_kind is TRAINJOB
 
 
 def test_no_kind_is_the_local_launcher():
@@ -71,8 +77,11 @@ def test_local_accepts_the_settings_of_a_cluster_launcher_and_leaves_them_unused
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"kind": "slurm"}, "launcher.kind 'slurm': use one of local, pytorchjob"),
-        ({"nodez": 2}, r"launcher: unknown setting\(s\) nodez; known: gpu_resource, gpus_per_node"),
+        ({"kind": "slurm"}, "launcher.kind 'slurm': use one of local, pytorchjob, trainjob"),
+        (
+            {"nodez": 2},
+            r"launcher: unknown setting\(s\) nodez; known: claims, env, gpu_resource, gpus_per_node",
+        ),
         ({"kind": "pytorchjob", "nodes": 0}, "launcher.nodes must be a whole number of at least 1"),
         ({"kind": "pytorchjob", "nodes": 1.5}, "launcher.nodes must be a whole number"),
         ({"kind": "pytorchjob", "gpus_per_node": "8"}, "launcher.gpus_per_node must be"),

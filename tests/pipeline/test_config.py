@@ -48,12 +48,15 @@ def test_every_shipped_configuration_is_tested():
     assert shipped == {"demo", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
 
 
-def test_cluster_configurations_train_as_pytorchjobs_on_mi300x():
+def test_cluster_configurations_train_as_trainjobs_on_mi300x():
     for name in ("llama2-7b-mi300x", "qwen2.5-gsm8k"):
         config = load_pipeline_config(name)
-        assert config.launcher.kind == "pytorchjob"
+        assert config.launcher.kind == "trainjob"  # Kubeflow Trainer v2
         assert config.launcher.gpu_resource == "amd.com/gpu"
         assert config.train["precision"] == "bf16"
+        # The v1 training operator stays selectable, with the same settings.
+        v1 = config.with_overrides(["launcher.kind=pytorchjob"])
+        assert (v1.launcher.kind, v1.launcher.nodes) == ("pytorchjob", config.launcher.nodes)
     llama = load_pipeline_config("llama2-7b-mi300x")
     assert 5e-6 <= llama.train["lr"] <= 2e-5 and llama.train["global_batch_size"] == 128
 

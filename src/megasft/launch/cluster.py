@@ -6,7 +6,8 @@ pods cannot see. So the step copies the dataset and the base checkpoint to the w
 (`launcher.workspace`, on the claim the job template mounts at the same path), trains there, and
 copies the final checkpoint, summary.json and metrics.jsonl into its output. The workspace is
 named after the job, the job after the run and the task: a retried step reuses the staged
-inputs and finds its earlier attempt's job. A job kind's launcher subclasses `ClusterLauncher`.
+inputs and finds its earlier attempt's job. A job kind's launcher subclasses `ClusterLauncher`;
+`render(plan)` builds the job the step would create, without staging or a cluster.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -21,12 +23,13 @@ from typing import Any, ClassVar
 import yaml
 
 from megasft.errors import ConfigError
-from megasft.launch.job_api import JobKind
+from megasft.launch.job_api import JobKind, load_template
 from megasft.launch.job_request import DNS_1123_LABEL, GPU_RESOURCE, JobRequest, job_name
-from megasft.launch.registry import TrainingPlan
+from megasft.launch.registry import Layout, TrainingPlan, check_layout
 
 DEFAULT_WORKSPACE = "/checkpoints/runs"
 STAGED = ".staged"  # written last: a copy without it is incomplete and is made again
+RECIPE = "train.yaml"  # the run's train settings, beside the staged inputs
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class ClusterLauncher:
     """The directory on the checkpoint volume where each run stages its inputs and trains."""
     timeout_s: float | None = None
     """Seconds until the job is deleted and the step fails; None: no limit of ours."""
+    image: str | None = None
+    """The training image; None: the one the cluster's manifests set (the PyTorchJob
+    template's, the training runtime's)."""
 
     def __post_init__(self) -> None:
         # An empty value is an unset one, as it always was for these two.
@@ -94,6 +100,62 @@ class ClusterLauncher:
             raise ConfigError(
                 f"launcher.timeout_s must be a positive number, got {self.timeout_s!r}"
             )
+        if self.image is not None and not (isinstance(self.image, str) and self.image.strip()):
+            raise ConfigError(
+                f"launcher.image {self.image!r}: give an image reference or leave it out"
+            )
+
+    def layout(self, settings: Mapping[str, Any]) -> Layout:
+        """`gpus_per_node` training processes on each of `nodes` nodes, whatever `settings` say."""
+        return Layout(self.gpus_per_node, self.nodes, "launcher.gpus_per_node", "launcher.nodes")
+
+    def job_template(self) -> Mapping[str, Any] | str | None:
+        """What the job is built from: the `template` file, None for the cluster's template."""
+        return self.template
+
+    def job_request(self, plan: TrainingPlan) -> JobRequest:
+        """The request for `plan`'s job: its name, its flags (on the staged inputs), its size.
+
+        Raises:
+            ConfigError: for train settings that do not fit the launcher's nodes and GPUs.
+        """
+        settings = check_layout(self, plan.settings)
+        name = job_name(plan.run_id, "train")
+        workspace = Path(self.workspace) / name
+        return JobRequest(
+            name=name,
+            train_args=[
+                f"--config={workspace / RECIPE}",
+                f"--data={workspace / 'dataset'}",
+                f"--load={workspace / 'base'}",
+                f"--save={workspace / 'checkpoints'}",
+            ],
+            nodes=settings["nodes"],
+            gpus_per_node=settings["nproc"],
+            gpu_resource=self.gpu_resource,
+            image=self.image,
+            labels={"megasft/run": name},
+            timeout_s=self.timeout_s,
+            **({"namespace": self.namespace} if self.namespace else {}),
+        )
+
+    def render(self, plan: TrainingPlan) -> dict:
+        """The job that `run(plan)` would create, built here: nothing is staged or called.
+
+        Raises:
+            ConfigError: for settings that do not fit, or when the job's template is the
+                cluster's (`template` unset), which only a cluster can give.
+        """
+        template = self.job_template()
+        if template is None:
+            raise ConfigError(
+                f"the {self.job_kind.kind} is built from the template in the cluster; to build it "
+                "here, give the template as a file: --set launcher.template=FILE (e.g. the "
+                "output of `kubectl kustomize` of your overlay)"
+            )
+        if not isinstance(template, Mapping):
+            template = load_template(self.job_kind, template)
+        return self.job_kind.build(template, self.job_request(plan))
 
     def run(self, plan: TrainingPlan) -> dict[str, Any]:
         """Trains `plan` as a job of `job_kind`, resuming an earlier attempt's.
@@ -112,38 +174,17 @@ class ClusterLauncher:
         from megasft.train.checkpointing import LATEST_FILE, latest_checkpoint
 
         kind = self.job_kind
-        name = job_name(plan.run_id, "train")
-        workspace = Path(self.workspace) / name
-        settings = dict(plan.settings)
-        if settings.get("nproc") not in (None, self.gpus_per_node):
-            raise ConfigError(
-                f"train.nproc {settings['nproc']} differs from launcher.gpus_per_node "
-                f"{self.gpus_per_node}; on a cluster there is one training process per GPU"
-            )
-        staged_data = _stage(plan.dataset, workspace / "dataset")
-        staged_base = _stage(plan.base_checkpoint, workspace / "base")
+        request = self.job_request(plan)
+        workspace = Path(self.workspace) / request.name
+        _stage(plan.dataset, workspace / "dataset")
+        _stage(plan.base_checkpoint, workspace / "base")
         save = workspace / "checkpoints"
-        recipe = workspace / "train.yaml"
-        recipe.write_text(
-            yaml.safe_dump({k: v for k, v in settings.items() if k not in ("nproc", "nodes")}),
+        (workspace / RECIPE).write_text(
+            yaml.safe_dump({k: v for k, v in plan.settings.items() if k not in ("nproc", "nodes")}),
             encoding="utf-8",
         )
-        request = JobRequest(
-            name=name,
-            train_args=[
-                f"--config={recipe}",
-                f"--data={staged_data}",
-                f"--load={staged_base}",
-                f"--save={save}",
-            ],
-            nodes=self.nodes,
-            gpus_per_node=self.gpus_per_node,
-            gpu_resource=self.gpu_resource,
-            labels={"megasft/run": name},
-            timeout_s=self.timeout_s,
-            **({"namespace": self.namespace} if self.namespace else {}),
-        )
-        result = run_job(kind, request, template=self.template, poll_s=self.poll_s, log=sys.stdout)
+        template = self.job_template()
+        result = run_job(kind, request, template=template, poll_s=self.poll_s, log=sys.stdout)
         print(f"megasft train: {kind.kind} {result.name} {result.origin}, done", file=sys.stderr)
 
         final = latest_checkpoint(save)

@@ -1,14 +1,16 @@
 """The Kubernetes API calls of the cluster launchers, for any job kind: `JobKind` and `JobApi`.
 
-`JobKind` describes what differs between job kinds (PyTorchJob, later TrainJob): the API
-resource, the training container, how to find the primary pod, the conditions that end a job,
-how to build the spec. `JobApi` makes the few calls the launcher's Role grants (get, create and
-delete jobs; read pod logs): tests/deploy/test_rbac.py derives the Role from the calls in
-src/megasft/launch. `kubernetes` is imported inside the functions, so `megasft --help` stays fast.
+`JobKind` describes what differs between job kinds (PyTorchJob, TrainJob): the API resource,
+the training container, how to find the primary pod, the conditions that end a job, how to
+build the spec. `JobApi` makes the few calls the launcher's Role grants (get, create and delete
+jobs; read pod logs); a kind's own calls (listing pods) are in its module:
+tests/deploy/test_rbac.py derives the Role from the calls in src/megasft/launch. `kubernetes` is imported inside the functions, so `megasft --help` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +59,14 @@ class JobKind:
     """The condition type of a job that succeeded."""
     failed: str = "Failed"
     """The condition type of a job that failed."""
+    failed_pod: Callable[[JobApi, str], str | None] | None = None
+    """(API, job name) -> the pod whose log explains a failure (the first that failed), None
+    when there is none to tell; unset: the primary pod's log explains it."""
+    status_line: Callable[[Mapping[str, Any]], str | None] | None = None
+    """A polled job -> a line on what its conditions do not say (progress), written to the
+    step's log when it changes; None: nothing to say."""
+    granted_in: str = "manifests/base/launcher-rbac.yaml"
+    """Where the manifests grant the launcher's Role this kind's rules, for a refusal's message."""
 
     @property
     def api_version(self) -> str:
@@ -87,8 +97,9 @@ def load_template(kind: JobKind, path: str | Path) -> dict:
 
     Args:
         kind: the job kind to look for.
-        path: a rendered overlay (`kubectl kustomize manifests/overlays/mi300x`, one of many
-            documents) or a template file itself (manifests/base/pytorchjob-template.yaml).
+        path: a rendered overlay (`kubectl kustomize manifests/examples/training-operator-v1`,
+            one of many documents) or a template file itself
+            (manifests/components/pytorchjob/pytorchjob-template.yaml).
 
     Returns:
         The job, as a dict.
@@ -118,16 +129,33 @@ def default_api_client() -> Any:
     return client.ApiClient()
 
 
-def api_error(error: Any, doing: str) -> JobError:
-    """A JobError for an ApiException met while `doing`; a refusal names the Role to bind."""
+def api_error(
+    error: Any, doing: str, permission: tuple[str, str] | None = None, granted_in: str = ""
+) -> JobError:
+    """A JobError for an ApiException met while `doing`.
+
+    Args:
+        error: the exception.
+        doing: what was being done, e.g. "creating TrainJob megasft/x".
+        permission: (verb, resource) that the call needs, e.g. ("create", "trainjobs.trainer.
+            kubeflow.org"): a refusal (401, 403) names it and the Role that grants it.
+        granted_in: where the manifests grant it (default: the base's launcher Role).
+
+    Returns:
+        The error to raise.
+    """
     status = getattr(error, "status", None)
     body = (getattr(error, "body", None) or str(error)).strip()
+    with contextlib.suppress(ValueError, AttributeError):  # a Status object: its message
+        body = json.loads(body).get("message") or body
     if status in (401, 403):
+        needs = f"`{permission[0]}` on `{permission[1]}`" if permission else "the call"
         return JobError(
-            f"{doing}: the API refused ({status}): {body}. The step's ServiceAccount needs the "
-            "megasft-launcher Role (manifests/base/launcher-rbac.yaml binds it to default-editor, "
-            "the pipeline runner of a Kubeflow profile; for standalone KFP use the "
-            "components/kfp-standalone kustomize component)",
+            f"{doing}: the API refused ({status}): {body}. Missing permission: {needs}. The "
+            "step's ServiceAccount needs the megasft-launcher Role, which grants it "
+            f"({granted_in or 'manifests/base/launcher-rbac.yaml'}; the base binds the Role to "
+            "default-editor, the pipeline runner of a Kubeflow profile; for standalone KFP use "
+            "the components/kfp-standalone kustomize component)",
             "api",
         )
     return JobError(f"{doing}: the Kubernetes API answered {status}: {body}", "api")
@@ -154,6 +182,11 @@ class JobApi:
     def _object(self) -> tuple[str, str, str, str]:
         return self.kind.group, self.kind.version, self.namespace, self.kind.plural
 
+    def _refused(self, error: Any, doing: str, verb: str) -> JobError:
+        kind = self.kind
+        resource = f"{kind.plural}.{kind.group}"
+        return api_error(error, doing, (verb, resource), kind.granted_in)
+
     def get(self) -> dict | None:
         """The job, None when there is none.
 
@@ -171,7 +204,9 @@ class JobApi:
                 if error.status == 404:
                     return None
                 if error.status is not None and error.status < 500 and error.status != 429:
-                    raise api_error(error, f"reading {self.kind.kind} {self.where}") from None
+                    raise self._refused(
+                        error, f"reading {self.kind.kind} {self.where}", "get"
+                    ) from None
                 problem: Any = error
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 problem = error
@@ -194,12 +229,14 @@ class JobApi:
         except ApiException as error:
             if error.status == 404:
                 raise JobError(
-                    f"no {kind.kind} template {self.namespace}/{name}: apply the manifests first "
-                    "(kubectl apply -k manifests/overlays/mi300x, docs/deploy.md), or, if the "
+                    f"no {kind.kind} template {self.namespace}/{name}: apply the manifests with "
+                    f"it first ({kind.granted_in} in your overlay, docs/deploy.md), or, if the "
                     f"{kind.kind} resource itself is unknown, install {kind.operator}",
                     "api",
                 ) from None
-            raise api_error(error, f"reading the template {self.namespace}/{name}") from None
+            raise self._refused(
+                error, f"reading the template {self.namespace}/{name}", "get"
+            ) from None
 
     def create(self, job: dict) -> bool:
         """Creates the job; False when one of its name exists already (409 Conflict)."""
@@ -219,7 +256,7 @@ class JobApi:
                     f"is {kind.operator} installed, and does the namespace exist?",
                     "api",
                 ) from None
-            raise api_error(error, f"creating {kind.kind} {self.where}") from None
+            raise self._refused(error, f"creating {kind.kind} {self.where}", "create") from None
 
     def delete(self, fresh_connection: bool = False) -> None:
         """Deletes the job and, first, its pods (foreground); a job that is gone already is fine.
@@ -240,7 +277,9 @@ class JobApi:
             )
         except client.ApiException as error:
             if error.status != 404:
-                raise api_error(error, f"deleting {self.kind.kind} {self.where}") from None
+                raise self._refused(
+                    error, f"deleting {self.kind.kind} {self.where}", "delete"
+                ) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise JobError(f"deleting {self.kind.kind} {self.where}: {error}", "api") from None
 
@@ -271,11 +310,29 @@ class JobApi:
         return str(text).splitlines()
 
     def primary_pod(self) -> str | None:
-        """The primary pod's name, as the kind finds it; None when it cannot be found now."""
+        """The primary pod's name, as the kind finds it; None when it cannot be found now.
+
+        Raises JobError when the API refuses the kind's calls (401, 403): retrying cannot help.
+        """
+        return self._find_pod(self.kind.primary_pod, f"the {self.kind.primary}'s pod")
+
+    def failed_pod(self) -> str | None:
+        """The pod whose log explains the job's failure, as the kind finds it; None when the
+        kind cannot tell (see `JobKind.failed_pod`). Raises JobError as `primary_pod` does."""
+        if self.kind.failed_pod is None:
+            return None
+        return self._find_pod(self.kind.failed_pod, "the pod that failed")
+
+    def _find_pod(self, find: Callable[[JobApi, str], str | None], what: str) -> str | None:
         import urllib3
         from kubernetes.client import ApiException
 
         try:
-            return self.kind.primary_pod(self, self.name)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError):
+            return find(self, self.name)
+        except ApiException as error:
+            if error.status in (401, 403):
+                doing = f"finding {what} of {self.kind.kind} {self.where}"
+                raise api_error(error, doing, granted_in=self.kind.granted_in) from None
+            return None
+        except (urllib3.exceptions.HTTPError, OSError):
             return None

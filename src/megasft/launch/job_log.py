@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any, TextIO
 
-from megasft.launch.job_api import JobApi
+from megasft.launch.job_api import JobApi, JobError, api_error
 
 TAIL_LINES = 30
 LOG_SKEW_MARGIN_S = 60  # reconnecting asks for this much more log than strictly needed
@@ -116,7 +116,11 @@ class LogFollower:
         import urllib3
         from kubernetes.client import ApiException
 
-        pod = self._api.primary_pod()
+        try:
+            pod = self._api.primary_pod()
+        except JobError as error:
+            self._give_up(error)
+            return
         if pod is None:
             return  # not created yet: retry later
         since = None
@@ -124,8 +128,13 @@ class LogFollower:
             since = max(1, int(time.time() - self._last[0]) + LOG_SKEW_MARGIN_S)
         try:
             response = self._api.open_log(pod, since)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError):
-            return  # no pod yet (404), container not started (400), or no connection: retry later
+        except ApiException as error:
+            if error.status in (401, 403):  # the Role lacks it: asking again cannot help
+                reading = f"reading the log of pod {pod}"
+                self._give_up(api_error(error, reading, ("get", "pods/log")))
+            return  # no pod yet (404), container not started (400): retry later
+        except (urllib3.exceptions.HTTPError, OSError):
+            return  # no connection: retry later
         self._response = response
         ended = False  # the server ended the stream; else its connection is closed, not reused
         try:
@@ -142,6 +151,11 @@ class LogFollower:
             if not ended:
                 response.close()
             response.release_conn()
+
+    def _give_up(self, error: JobError) -> None:
+        """Stops following for good, saying why in the step's log; the job is still waited for."""
+        self._output.note(f"not following the log: {error}")
+        self._stopped.set()
 
     def _take(self, raw: str) -> None:
         """Writes a line of the stream unless an earlier stream wrote it."""

@@ -170,6 +170,7 @@ def _wait(api: JobApi, poll_s: float, deadline: float | None, output: Output) ->
     Raises _DeadlinePassed at `deadline`, JobError when the job disappears.
     """
     reported: set[tuple[str, str]] = set()
+    last_status = None
     while True:
         job = api.get()
         if job is None:
@@ -184,6 +185,10 @@ def _wait(api: JobApi, poll_s: float, deadline: float | None, output: Output) ->
                 reported.add(key)
                 message = condition.get("message") or condition.get("reason") or ""
                 output.note(f"{condition['type']}: {message}")
+        status = api.kind.status_line(job) if api.kind.status_line else None
+        if status and status != last_status:
+            output.note(status)
+            last_status = status
         if api.kind.terminal_condition(job) is not None:
             return job
         if deadline is None:
@@ -222,13 +227,22 @@ def _failure_message(
     api: JobApi, request: JobRequest, condition: Mapping[str, Any], tail: Sequence[str]
 ) -> str:
     kind = api.kind
-    pod = api.primary_pod()
-    lines = list(tail) or (api.log_tail(pod, TAIL_LINES) if pod else [])
+    try:
+        primary, failed = api.primary_pod(), api.failed_pod()
+    except JobError:  # the Role lets the launcher find no pod: the log followed so far must do
+        primary, failed = None, None
+    # The first pod that failed explains it best; else the primary pod, whose log was followed.
+    lines = api.log_tail(failed, TAIL_LINES) if failed and failed != primary else []
+    if lines:
+        whose = f"log of {failed}, the first pod that failed"
+    else:
+        lines = list(tail) or (api.log_tail(primary, TAIL_LINES) if primary else [])
+        whose = f"{kind.primary}'s log ({primary or 'no pod found'})"
     reason = condition.get("reason", "")
     message = condition.get("message", "(no message)")
     return (
         f"{kind.kind} {api.where} failed: {reason + ': ' if reason else ''}{message}\n"
-        f"The end of the {kind.primary}'s log ({pod or 'no pod found'}):\n"
+        f"The end of the {whose}:\n"
         + ("\n".join(lines) if lines else "(empty)")
         + f"\nThe job is kept for inspection (kubectl -n {api.namespace} describe "
         f"{kind.kind.lower()} {api.name}); running the step again deletes it and resumes from "

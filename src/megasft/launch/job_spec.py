@@ -3,8 +3,8 @@
 A job is a copy of a suspended template job with only a few fields replaced: the metadata (name,
 labels, the owner pod), and in the training container the image, the args after
 `megasft.train.worker`, and the GPU request and limit. Everything else stays the cluster's. The
-job kinds (`megasft.launch.pytorchjob`) place these parts in their own spec; docs/deploy.md lists
-the fields.
+job kinds (`megasft.launch.pytorchjob`, `megasft.launch.trainjob`) place these parts in their own
+spec; docs/deploy.md lists the fields.
 """
 
 from __future__ import annotations
@@ -81,22 +81,34 @@ def set_training_container(where: str, container: dict, request: JobRequest) -> 
             for another GPU resource than the request.
     """
     container["image"] = request.image or _template_image(container.get("image"), request)
+    container["args"] = with_worker_args(f"the template's {where} container", container, request)
+    set_gpus(f"the template's {where}", container.setdefault("resources", {}), request)
+
+
+def with_worker_args(where: str, container: Mapping[str, Any], request: JobRequest) -> list[str]:
+    """The container's args up to `megasft.train.worker` (torchrun's), then the run's flags.
+
+    Raises ConfigError, naming `where`, for args that do not run megasft.train.worker.
+    """
     args = list(container.get("args") or [])
     if WORKER_MODULE not in args:
         raise ConfigError(
-            f"the template's {where} container args {args} do not run {WORKER_MODULE}; "
-            f"the launcher keeps the args up to it (torchrun's) and puts the run's flags after it"
+            f"{where} args {args} do not run {WORKER_MODULE}; the launcher keeps the args up to "
+            "it (torchrun's) and puts the run's flags after it"
         )
-    container["args"] = [*args[: args.index(WORKER_MODULE) + 1], *request.worker_args]
-    resources = container.setdefault("resources", {})
+    return [*args[: args.index(WORKER_MODULE) + 1], *request.worker_args]
+
+
+def set_gpus(where: str, resources: dict, request: JobRequest) -> None:
+    """Sets the request's GPUs per node as the request and the limit in `resources` (a container's
+    resources, changed in place); raises ConfigError, naming `where`, for another GPU resource."""
     for kind in ("requests", "limits"):
         amounts = resources.setdefault(kind, {})
         others = [key for key in amounts if key.endswith("/gpu") and key != request.gpu_resource]
         if others:
             raise ConfigError(
-                f"the template's {where} {kind} {others[0]}, but the request is for "
-                f"{request.gpu_resource}: use the template of the matching overlay, or set "
-                "gpu_resource to the template's"
+                f"{where} {kind} {others[0]}, but the request is for {request.gpu_resource}: "
+                "use the template of the matching overlay, or set gpu_resource to the template's"
             )
         amounts[request.gpu_resource] = str(request.gpus_per_node)
 

@@ -6,10 +6,11 @@ local ranks. Checkpoints go straight to the step's output, so a retried step res
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from megasft.launch.registry import TrainingPlan, register_launcher
+from megasft.launch.registry import Layout, TrainingPlan, register_launcher
 
 
 @register_launcher
@@ -19,6 +20,12 @@ class LocalLauncher:
 
     kind: ClassVar[str] = "local"
     runs_in_step: ClassVar[bool] = True
+
+    def layout(self, settings: Mapping[str, Any]) -> Layout:
+        """What the train settings ask for: `nproc` processes, on `nodes` nodes (default 1)."""
+        return Layout(
+            settings.get("nproc") or 1, settings.get("nodes") or 1, "train.nproc", "train.nodes"
+        )
 
     def run(self, plan: TrainingPlan) -> dict[str, Any]:
         """Trains `plan` with `megasft.train.stage.run_training`, saving into `plan.output`.

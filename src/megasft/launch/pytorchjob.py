@@ -99,6 +99,7 @@ PYTORCHJOB = JobKind(
     primary_pod=_master_pod,
     build=build_pytorchjob,
     image_of=_master_image,
+    granted_in="manifests/components/pytorchjob",
 )
 
 

@@ -38,6 +38,18 @@ class TrainingPlan:
     """The pipeline run's id: a retried step finds what its earlier attempt left."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The training processes a launcher runs, and the settings that say so (for messages)."""
+
+    per_node: int
+    """Processes (GPUs) on each node."""
+    nodes: int
+    per_node_setting: str
+    """E.g. `launcher.gpus_per_node`, or `train.nproc` where the train settings decide."""
+    nodes_setting: str
+
+
 class Launcher(Protocol):
     """Runs a TrainingPlan somewhere; its dataclass fields are its settings."""
 
@@ -45,6 +57,10 @@ class Launcher(Protocol):
     """The `launcher.kind` that picks it."""
     runs_in_step: ClassVar[bool]
     """True when training runs in the step's own process (what `pipeline run-local` needs)."""
+
+    def layout(self, settings: Mapping[str, Any]) -> Layout:
+        """The processes per node and nodes that a run of these train settings gets."""
+        ...
 
     def run(self, plan: TrainingPlan) -> dict[str, Any]:
         """Trains (or resumes) `plan`; returns the training summary (summary.json)."""
@@ -126,3 +142,52 @@ def launcher_section(launcher: Launcher) -> dict[str, Any]:
         "kind": launcher.kind,
         **{key: value for key, value in values.items() if value is not None},
     }
+
+
+def check_layout(launcher: Launcher, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The train settings with `nproc` and `nodes` as `launcher` runs them, checked against the
+    parallel sizes: the GPUs (per node x nodes) make the world size TP x PP x CP x DP, so TP x PP x
+    CP must divide them (DP is what is left; megasft has no expert parallelism, so no EP).
+
+    Args:
+        launcher: where the run trains.
+        settings: TrainConfig keyword arguments (the pipeline's `train` section).
+
+    Returns:
+        `settings` with `nproc` and `nodes` set from the launcher's layout.
+
+    Raises:
+        ConfigError: naming the settings, when `train.nproc` or `train.nodes` disagree with the
+            launcher's, or when the model-parallel sizes do not divide the GPUs.
+    """
+    from megasft.train.config import TrainConfig
+
+    layout = launcher.layout(settings)
+    for key, value, setting in (
+        ("nproc", layout.per_node, layout.per_node_setting),
+        ("nodes", layout.nodes, layout.nodes_setting),
+    ):
+        given = settings.get(key)
+        if given is not None and given != value and setting != f"train.{key}":
+            raise ConfigError(
+                f"train.{key} {given} differs from {setting} {value}; on a cluster there is one "
+                f"training process per GPU: leave train.{key} out (it is set from {setting})"
+            )
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    sizes = {
+        setting: settings.get(setting) or defaults[setting]
+        for setting in ("tensor_parallel", "pipeline_parallel", "context_parallel")
+    }
+    model_parallel = (
+        sizes["tensor_parallel"] * sizes["pipeline_parallel"] * sizes["context_parallel"]
+    )
+    world = layout.per_node * layout.nodes
+    if world % model_parallel:
+        product = " x ".join(f"train.{setting} {size}" for setting, size in sizes.items())
+        raise ConfigError(
+            f"{layout.per_node_setting} {layout.per_node} x {layout.nodes_setting} "
+            f"{layout.nodes} = {world} GPUs, but the world size must be TP x PP x CP x DP "
+            f"and {product} = {model_parallel} does not divide {world}: change the GPUs or the "
+            "parallel sizes so that it does (DP, data parallelism, is what is left)"
+        )
+    return {**settings, "nproc": layout.per_node, "nodes": layout.nodes}
