@@ -13,13 +13,16 @@ scripted state. The job resource is its `job_kind`'s (PyTorchJobs unless told ot
     GET    /api/v1/namespaces/NS/pods/POD/log                       the log of the pod's current
                                                                     container, chunked, as with
                                                                     follow=true
+    GET    /api/v1/namespaces/NS/pods?labelSelector=K=V,...         the pods in `pods` whose labels
+                                                                    match (a PodList)
 
 A pod's log is a list of container runs. A follow request serves the current run with the
 kubelet's timestamps (two lines per millisecond, so that some lines share one) and ends, and the
 next request gets the next run: the container restarted. The last run is served again on every
 later request (a finished container), or, with `hold_log_open`, the stream stays open until the
 job is deleted (a container still running). Anything else is answered 404 and kept in
-`unexpected`, so that a test sees a call the launcher's Role would not allow.
+`unexpected`, so that a test sees a call the launcher's Role would not allow; a request whose
+rule is in `forbidden` is answered 403 as RBAC answers it.
 
 The real `kubernetes.client` talks to it: `stub.api_client()`.
 """
@@ -41,6 +44,11 @@ from megasft.launch.job_api import JobKind
 from megasft.launch.pytorchjob import PYTORCHJOB
 
 PODS_PREFIX = "/api/v1/namespaces/"
+JOBSET_LABELS = (
+    "jobset.sigs.k8s.io/jobset-name",
+    "jobset.sigs.k8s.io/replicatedjob-name",
+    "jobset.sigs.k8s.io/job-index",
+)
 
 
 def status(phase: str, message: str = "", at: int = 0) -> dict:
@@ -74,6 +82,67 @@ def status(phase: str, message: str = "", at: int = 0) -> dict:
         "Failed": [created, condition("Running", "False"), condition("Failed", text=message)],
     }
     return {"conditions": phases[phase]}
+
+
+def trainjob_status(phase: str, message: str = "", at: int = 0, progress: dict | None = None):
+    """A TrainJob status as Kubeflow Trainer v2.3 writes it: `Created` once its JobSet exists,
+    then `Complete` or `Failed`; `progress` is a `trainerStatus` (where the trainer reports it)."""
+    stamp = f"2025-01-01T00:00:{at:02d}Z"
+
+    def condition(kind: str, reason: str, text: str, when: str = stamp) -> dict:
+        return {
+            "type": kind,
+            "status": "True",
+            "reason": reason,
+            "message": text,
+            "lastTransitionTime": when,
+        }
+
+    created = condition(
+        "Created", "JobsCreationSucceeded", "Succeeded to create Jobs", "2025-01-01T00:00:00Z"
+    )
+    ended = {
+        "Created": [],
+        "Complete": [condition("Complete", "JobSetCompleted", message or "jobset completed")],
+        "Failed": [condition("Failed", "JobSetFailed", message or "jobset failed")],
+    }
+    status = {"conditions": [created, *ended[phase]]}
+    if progress is not None:
+        status["trainerStatus"] = {"lastUpdatedTime": stamp, **progress}
+    return status
+
+
+def jobset_pod(
+    job: str,
+    node: int,
+    suffix: str,
+    created: int = 0,
+    exit_code: int | None = None,
+    finished_at: int = 0,
+) -> dict:
+    """A pod of a TrainJob's `node` job as JobSet and the Job controller label it; `exit_code`:
+    its `node` container has ended with it (at `finished_at`)."""
+    state = {"running": {}}
+    if exit_code is not None:
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "finishedAt": f"2025-01-01T01:00:{finished_at:02d}Z",
+            }
+        }
+    return {
+        "metadata": {
+            "name": f"{job}-node-0-{node}-{suffix}",
+            "labels": dict(zip(JOBSET_LABELS, (job, "node", "0"), strict=True))
+            | {"batch.kubernetes.io/job-completion-index": str(node)},
+            "creationTimestamp": f"2025-01-01T00:00:{created:02d}Z",
+        },
+        "spec": {"containers": [{"name": "node", "image": "trainer"}]},
+        "status": {
+            "phase": "Failed" if exit_code else "Running",
+            "containerStatuses": [{"name": "node", "state": state}],
+        },
+    }
 
 
 @dataclass
@@ -116,6 +185,10 @@ class KubernetesStub:
     deleted: list[tuple[str, dict]] = field(default_factory=list)
     """(name, query) of every DELETE."""
     unexpected: list[str] = field(default_factory=list)
+    pods: dict[str, dict] = field(default_factory=dict)
+    """Pod name -> pod (see `jobset_pod`), for pod listings."""
+    forbidden: set[tuple[str, str, str]] = field(default_factory=set)
+    """Rules (API group, resource, verb) the caller lacks: their requests are answered 403."""
     job_kind: JobKind = PYTORCHJOB
     """The kind of job served, under /apis/GROUP/VERSION/namespaces/NS/PLURAL."""
 
@@ -174,14 +247,18 @@ class KubernetesStub:
 
     def rbac_requests(self) -> set[tuple[str, str, str]]:
         """(API group, resource, verb) of every request, as RBAC names them."""
-        found = set()
-        for method, path, _ in self.requests:
-            if path.startswith(self.jobs_prefix):
-                verb = {"POST": "create", "GET": "get", "DELETE": "delete"}[method]
-                found.add((self.job_kind.group, self.job_kind.plural, verb))
-            elif path.endswith("/log"):
-                found.add(("", "pods/log", "get"))
-        return found
+        return {self.rule(method, path) for method, path, _ in self.requests} - {None}
+
+    def rule(self, method: str, path: str) -> tuple[str, str, str] | None:
+        """The RBAC rule a request needs; None for one the stub does not serve."""
+        if path.startswith(self.jobs_prefix):
+            verb = {"POST": "create", "GET": "get", "DELETE": "delete"}[method]
+            return (self.job_kind.group, self.job_kind.plural, verb)
+        if path.endswith("/log"):
+            return ("", "pods/log", "get")
+        if path.startswith(PODS_PREFIX) and path.endswith("/pods"):
+            return ("", "pods", "list")
+        return None
 
     @property
     def jobs_prefix(self) -> str:
@@ -273,6 +350,18 @@ class KubernetesStub:
                 out.append(f"{_rfc3339_nano(when)} {text}" if stamped else text)
         return 200, out
 
+    def pod_list(self, query: dict) -> dict:
+        selector = dict(
+            term.split("=", 1) for term in query.get("labelSelector", [""])[0].split(",") if term
+        )
+        with self._lock:
+            items = [
+                pod
+                for pod in self.pods.values()
+                if selector.items() <= pod["metadata"].get("labels", {}).items()
+            ]
+        return {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
+
     def wait_released(self) -> None:
         self._released.wait()
 
@@ -300,7 +389,17 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"null") if length else None
         segments = parts.path.strip("/").split("/")
-        # apis/GROUP/VERSION/namespaces/NS/PLURAL[/NAME], api/v1/namespaces/NS/pods/POD/log
+        rule = stub.rule(method, parts.path)
+        if rule in stub.forbidden:
+            group, resource, verb = rule
+            message = (
+                f"{resource}{'.' + group if group else ''} is forbidden: User "
+                '"system:serviceaccount:megasft:default-editor" cannot '
+                f'{verb} resource "{resource}" in API group "{group}" in the namespace '
+                f'"{segments[3]}"'
+            )
+            return self._answer(403, _status_body(403, "Forbidden", message))
+        # apis/GROUP/VERSION/namespaces/NS/PLURAL[/NAME], api/v1/namespaces/NS/pods[/POD/log]
         if parts.path.startswith(stub.jobs_prefix) and segments[5:6] == [stub.job_kind.plural]:
             name = segments[6] if len(segments) > 6 else None
             if method == "POST" and name is None:
@@ -319,6 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
             and method == "GET"
         ):
             return self._stream_log(segments[5], query)
+        if parts.path.startswith(PODS_PREFIX) and segments[4:] == ["pods"] and method == "GET":
+            return self._answer(200, stub.pod_list(query))
         stub.unexpected.append(f"{method} {self.path}")
         return self._answer(404, _status_body(404, "NotFound", "not served by the stub"))
 
