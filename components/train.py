@@ -1,4 +1,4 @@
-"""train: SFT on megatron-core, with torchrun in the step or as a Kubeflow PyTorchJob."""
+"""train: SFT on megatron-core, with torchrun in the step or as a Kubeflow TrainJob or PyTorchJob."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -20,8 +20,8 @@ def train(
     metrics: Output[Metrics],
 ):
     """`megasft train` of the `train` section from the converted base checkpoint. With
-    `launcher.kind: pytorchjob` this step only launches and watches the PyTorchJob on the GPU
-    nodes (streaming its master's log here); a retried step resumes from the newest
+    `launcher.kind: trainjob` (or `pytorchjob`) this step only launches and watches the job on
+    the GPU nodes (streaming its first node's log here); a retried step resumes from the newest
     checkpoint on the workspace volume."""
     from megasft.pipeline import steps
 

@@ -25,8 +25,9 @@ from megasft._components.train import train as train_component
 from megasft._components.validate import validate
 from megasft.pipeline.steps import PIPELINE_NAME
 
-# The claims from manifests/base/storage.yaml, mounted where the PyTorchJob template mounts them,
-# so a path means the same thing in a pipeline step and in a training pod. kfp.local ignores them.
+# The claims from manifests/base/storage.yaml, mounted where the training pods mount them (the
+# PyTorchJob template; the TrainJob's runtime patch, megasft.launch.trainjob.CLAIMS), so a path
+# means the same thing in a pipeline step and in a training pod. kfp.local ignores them.
 DATA_CLAIM = ("megasft-data", "/data")
 CHECKPOINT_CLAIM = ("megasft-checkpoints", "/checkpoints")
 
@@ -111,8 +112,8 @@ def sft_pipeline(
             base_checkpoint=base.outputs["output"],
         ).set_caching_options(False)
         _retry(_mount(trained, DATA_CLAIM, CHECKPOINT_CLAIM), 2)
-        # The PyTorchJob launcher makes this pod the job's owner (deleting the run deletes the
-        # job) and runs the job in this pod's namespace.
+        # A cluster launcher makes this pod the job's owner (deleting the run deletes the job)
+        # and runs the job in this pod's namespace.
         for variable, field_path in (
             ("POD_NAME", "metadata.name"),
             ("POD_UID", "metadata.uid"),

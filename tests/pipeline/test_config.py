@@ -139,6 +139,33 @@ def test_tensor_parallel_not_dividing_the_heads_fails(tiny_config):
         check_inputs(config)
 
 
+def test_the_gpus_must_be_the_world_size_the_parallel_settings_need(tiny_config):
+    """Two nodes of 8 GPUs: TP 2 x PP 1 x CP 1 x DP 8 = 16, however train.nproc is left."""
+    two_nodes = {"kind": "trainjob", "nodes": 2, "gpus_per_node": 8}
+    train = {key: value for key, value in tiny_config.train.items() if key != "nproc"}
+    train |= {"tensor_parallel": 2, "micro_batch_size": 1}
+    check_inputs(dataclasses.replace(tiny_config, launcher=two_nodes, train=train))
+    check_inputs(dataclasses.replace(tiny_config, launcher=two_nodes, train={**train, "nproc": 8}))
+    for changes, message in (
+        ({"nproc": 4}, "train.nproc 4 differs from launcher.gpus_per_node 8"),
+        ({"nodes": 1}, "train.nodes 1 differs from launcher.nodes 2"),
+        (
+            {"tensor_parallel": 3, "pipeline_parallel": 2},
+            r"launcher.gpus_per_node 8 x launcher.nodes 2 = 16 GPUs, but the world size must be "
+            r"TP x PP x CP x DP and train.tensor_parallel 3 x train.pipeline_parallel 2 x "
+            r"train.context_parallel 1 = 6 does not divide 16",
+        ),
+        # With 16 GPUs DP is 8: 8 rows per step (micro-batch 2 would need 16).
+        (
+            {"micro_batch_size": 4},
+            "--global-batch-size 16 is not divisible by --micro-batch-size 4",
+        ),
+    ):
+        config = dataclasses.replace(tiny_config, launcher=two_nodes, train={**train, **changes})
+        with pytest.raises(ConfigError, match=message):
+            check_inputs(config)
+
+
 def test_bad_gate_fails(tiny_config):
     config = dataclasses.replace(tiny_config, evaluate={**tiny_config.evaluate, "gate": "acc>>1"})
     with pytest.raises(ConfigError, match="evaluate.gate"):
@@ -148,7 +175,11 @@ def test_bad_gate_fails(tiny_config):
 def test_the_first_step_refuses_bad_configurations_before_heavy_work(tiny_config, tmp_path):
     """The pipeline's validate step runs the same checks where the pipeline runs."""
     bad = dataclasses.replace(tiny_config, train={**tiny_config.train, "tensor_parallel": 3})
-    with pytest.raises(ConfigError, match="not divisible by TP"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.nproc 2 x train.nodes 1 = 2 GPUs, but .* x "
+        r"train.context_parallel 1 = 3 does not divide 2",
+    ):
         validate(bad.arguments(), kfp_run_id="run-1", plan=Artifact(tmp_path / "plan.md"))
     assert not (tmp_path / "plan.md").exists()
 

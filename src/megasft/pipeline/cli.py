@@ -1,8 +1,10 @@
-"""`megasft pipeline compile | run-local | submit`: the Kubeflow pipeline from the command line.
+"""`megasft pipeline compile | run-local | submit | render-job`: the Kubeflow pipeline from the
+command line.
 
     megasft pipeline compile --output FILE.yaml
     megasft pipeline run-local [--config NAME|PATH] [--workdir DIR] [--set SECTION.KEY=VALUE ...]
     megasft pipeline submit --host URL [--config NAME|PATH] [--experiment NAME] [--wait]
+    megasft pipeline render-job --config NAME|PATH [--set SECTION.KEY=VALUE ...] [--run-id ID]
 
 A configuration is a name from pipelines/configs/ (demo, llama2-7b-mi300x, qwen2.5-gsm8k) or
 the path of a YAML file in the same form (megasft.pipeline.config).
@@ -75,12 +77,27 @@ def add_pipeline_command(subparsers: argparse._SubParsersAction) -> None:
     )
     submit.set_defaults(handler=_submit)
 
+    render = actions.add_parser(
+        "render-job",
+        help="print, as YAML, the training job (TrainJob or PyTorchJob) the train step would "
+        "create, without a cluster",
+    )
+    _add_config_arguments(render, default=None)
+    render.add_argument(
+        "--run-id",
+        default=None,
+        help="the KFP run's id, which names the job and its workspace (default: all zeros)",
+    )
+    render.set_defaults(handler=_render_job)
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+
+def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument(
         "--config",
         default=default,
-        help="a name from pipelines/configs/ or a YAML path (default: %(default)s)",
+        required=default is None,
+        help="a name from pipelines/configs/ or a YAML path"
+        + (" (default: %(default)s)" if default else ""),
     )
     parser.add_argument(
         "--set",
@@ -125,3 +142,18 @@ def _submit(args: argparse.Namespace) -> int:
         run_name=args.run_name,
         namespace=args.namespace,
     )
+
+
+def _render_job(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megasft.pipeline.render import EXAMPLE_RUN_ID, render_job
+
+    job = render_job(_load(args), run_id=args.run_id or EXAMPLE_RUN_ID)
+    sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
+    print(
+        f"megasft pipeline: the {job['kind']} of run {args.run_id or EXAMPLE_RUN_ID}; the train "
+        "step adds its own pod as the owner",
+        file=sys.stderr,
+    )
+    return 0

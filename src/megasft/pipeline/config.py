@@ -9,7 +9,7 @@ stage as it stands, so its keys are that stage's own settings (the `megasft prep
     data:       path (the raw data file) + PrepareConfig settings (format, column_map, ...)
     model:      path (the Hugging Face base model) [+ tokenizer, when not the model's own]
     train:      TrainConfig settings (tensor_parallel, global_batch_size, lr, train_iters, ...)
-    launcher:   kind (local | pytorchjob) + that launcher's settings (megasft.launch)
+    launcher:   kind (local | pytorchjob | trainjob) + that launcher's settings (megasft.launch)
     evaluate:   data (the held-out prompts) + EvaluateConfig settings (task, gate, limit, ...)
     tracking:   TrackingConfig settings: uri, experiment, registered_model, alias
     notify:     NotifyConfig settings: webhook (a URL that receives the final status; optional)
@@ -91,8 +91,8 @@ class PipelineConfig:
     train: dict[str, Any] = field(default_factory=dict)
     """`megasft train` settings; `recipe` names a recipe YAML whose values come first."""
     launcher: Launcher = field(default_factory=lambda: launcher_from_settings({}))
-    """Where training runs: `kind: local` (torchrun in the step) or `pytorchjob`, and that
-    launcher's settings; given as a mapping (the saved form), kept as the launcher."""
+    """Where training runs: `kind: local` (torchrun in the step), `trainjob` or `pytorchjob`, and
+    that launcher's settings; given as a mapping (the saved form), kept as the launcher."""
     evaluate: dict[str, Any] = field(default_factory=dict)
     """`data`: held-out prompts with references; the rest are `megasft evaluate` settings."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -305,9 +305,11 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     """What needs the files, before any heavy work; returns the base model's HF config.
 
     Raises InputError for a missing data file or model, ConfigError for a model family
-    megasft does not convert or a training layout that does not fit the model.
+    megasft does not convert, GPUs (per node x nodes) that are not the world size the parallel
+    settings need (naming the settings), or a training layout that does not fit the model.
     """
     from megasft.data.config import PrepareConfig
+    from megasft.launch.registry import check_layout
     from megasft.megatron.architecture import architecture_from_hf_config, read_hf_config
     from megasft.train.config import TrainConfig, check_against_model
 
@@ -339,8 +341,10 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     )
     seq_length = config.prepare_settings().get("seq_length", default_length)
     placeholders = {name: "." for name in _TRAIN_WIRED}  # the artifacts the pipeline wires in
+    # The processes as the launcher runs them: train.nproc and train.nodes say it only locally.
+    settings = check_layout(config.launcher, config.train_settings())
     try:
-        train = TrainConfig(**config.train_settings(), **placeholders)
+        train = TrainConfig(**settings, **placeholders)
         check_against_model(train, hf_config, seq_length)
     except TypeError as error:  # a wrong type, say a list for an int
         raise ConfigError(f"train: {error}") from error

@@ -294,7 +294,7 @@ def train(
     """
     from megasft import tracking
 
-    values = train_settings(train_section)
+    values = training_settings(train_section, tracking_section, config_name)
     uri = tracking_section.get("uri")
     # No params here: the training run logs its whole configuration into this run itself.
     # Rank 0 of the training processes logs its per-step metrics into this nested run.
@@ -302,9 +302,6 @@ def train(
         tracking.step_run(uri, parent_run_id or None, "train") as run,
         tracking.training_tracking(uri, run.run_id),
     ):
-        values.update(
-            tracking_uri=uri, experiment=experiment_name_from(tracking_section, config_name)
-        )
         plan = TrainingPlan(
             settings=values,
             dataset=Path(dataset.path),
@@ -330,6 +327,19 @@ def train(
             "from its latest checkpoint"
         )
     return summary
+
+
+def training_settings(
+    train_section: dict[str, Any], tracking_section: dict[str, Any], config_name: str
+) -> dict[str, Any]:
+    """The train step's TrainConfig settings (its plan's): the `train` section's, a recipe's
+    first, with the tracking server and experiment. `megasft pipeline render-job` uses them too."""
+    values = train_settings(train_section)
+    values.update(
+        tracking_uri=tracking_section.get("uri"),
+        experiment=experiment_name_from(tracking_section, config_name),
+    )
+    return values
 
 
 def train_figures(summary: dict[str, Any]) -> dict[str, Any]:
