@@ -202,7 +202,6 @@ def test_settings_are_saved_only_where_set():
         "gpus_per_node": 8,
         "gpu_resource": "amd.com/gpu",
         "workspace": "/checkpoints/runs",
-        "runtime_kind": "ClusterTrainingRuntime",
     }
     assert launcher_from_settings(launcher_section(launcher)) == launcher
 

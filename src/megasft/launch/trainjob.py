@@ -209,8 +209,8 @@ class TrainJobLauncher(ClusterLauncher):
 
     runtime: str | None = None
     """The training runtime; None: the overlay's for `gpu_resource` (RUNTIMES)."""
-    runtime_kind: str = "ClusterTrainingRuntime"
-    """`ClusterTrainingRuntime`, or `TrainingRuntime` for one in the job's namespace."""
+    runtime_kind: str | None = None
+    """`TrainingRuntime` for one in the job's namespace; None: `ClusterTrainingRuntime`."""
     claims: Mapping[str, str] | None = None
     """PersistentVolumeClaim -> mount path on the training pods; None: the step's (CLAIMS). All
     are mounted read-only but the one holding `workspace`."""
@@ -240,7 +240,7 @@ class TrainJobLauncher(ClusterLauncher):
             value = getattr(self, setting)
             if value is not None and not (isinstance(value, str) and _is_name(value)):
                 raise ConfigError(f"launcher.{setting} {value!r} is not a valid object name")
-        if self.runtime_kind not in RUNTIME_KINDS:
+        if self.runtime_kind is not None and self.runtime_kind not in RUNTIME_KINDS:
             raise ConfigError(
                 f"launcher.runtime_kind {self.runtime_kind!r}: use {' or '.join(RUNTIME_KINDS)}"
             )
@@ -343,7 +343,7 @@ class TrainJobLauncher(ClusterLauncher):
             "spec": {
                 "runtimeRef": {
                     "apiGroup": GROUP,
-                    "kind": self.runtime_kind,
+                    "kind": self.runtime_kind or RUNTIME_KINDS[0],
                     "name": self.runtime or RUNTIMES[self.gpu_resource],
                 },
                 "trainer": trainer,
