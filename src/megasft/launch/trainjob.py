@@ -215,7 +215,7 @@ class TrainJobLauncher(ClusterLauncher):
     """PersistentVolumeClaim -> mount path on the training pods; None: the step's (CLAIMS). All
     are mounted read-only but the one holding `workspace`."""
     node_selector: Mapping[str, str] | None = None
-    """Added to the runtime's node selector; None: the runtime's alone."""
+    """Patched onto the runtime's node selector (Trainer merges it); None: the runtime's alone."""
     tolerations: Sequence[Mapping[str, Any]] | None = None
     """The training pods' tolerations; None: the runtime's."""
     service_account: str | None = None
@@ -245,7 +245,7 @@ class TrainJobLauncher(ClusterLauncher):
                 f"launcher.runtime_kind {self.runtime_kind!r}: use {' or '.join(RUNTIME_KINDS)}"
             )
         self._check_claims()
-        _check_strings("node_selector", self.node_selector, lambda key: bool(key))
+        _check_strings("node_selector", self.node_selector, bool)
         _check_strings("env", self.env, ENV_NAME.fullmatch)
         object.__setattr__(self, "tolerations", _whole_numbers(self.tolerations))
         for toleration in self.tolerations or ():
