@@ -43,8 +43,11 @@ def test_it_prints_the_trainjob_of_a_cluster_configuration(capsys):
     assert f"--save=/checkpoints/runs/{name}/checkpoints" in job["spec"]["trainer"]["args"]
     # Exactly what the train step's launcher builds from the same configuration and run.
     config = load_pipeline_config("qwen2.5-gsm8k").with_overrides(["launcher.nodes=4"])
+    sections = config.arguments()
     plan = TrainingPlan(
-        settings=training_settings(config.train, config.tracking, config.name),
+        settings=training_settings(
+            sections["train"], sections["tracking"], sections["config_name"]
+        ),
         dataset=REPO / "elsewhere",
         base_checkpoint=REPO / "elsewhere",
         output=REPO / "elsewhere",

@@ -38,8 +38,12 @@ def render_job(config: PipelineConfig, run_id: str = EXAMPLE_RUN_ID) -> dict:
             f"config {config.name}: launcher.kind {launcher.kind} trains in the step itself and "
             "creates no job; add --set launcher.kind=trainjob (or pytorchjob)"
         )
+    # The sections as the pipeline hands them to its train step.
+    sections = config.arguments()
     plan = TrainingPlan(
-        settings=training_settings(config.train, config.tracking, config.name),
+        settings=training_settings(
+            sections["train"], sections["tracking"], sections["config_name"]
+        ),
         # The step stages its inputs into the workspace; where they came from is not in the job.
         dataset=Path("dataset"),
         base_checkpoint=Path("base-checkpoint"),
