@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml setup.py
 		echo "no GPU: installing the CPU build $(CPU_TORCH)"; \
 		$(BIN)/python -m pip install --quiet $(CPU_TORCH); \
 	fi
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,lmeval]"
 	touch $(STAMP)
 
 test: setup

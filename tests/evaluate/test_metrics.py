@@ -16,6 +16,7 @@ from megasft.evaluate.metrics import (
     known_gate_metrics,
     parse_gate,
 )
+from megasft.evaluate.tasks import get_task
 
 
 def test_generation_metrics_on_crafted_samples():
@@ -75,6 +76,19 @@ def test_deltas_are_tuned_minus_base_for_metrics_both_have():
         ("mean_response_tokens<1e3", [("mean_response_tokens", "<", 1000.0)]),
         ("format_accuracy==1", [("format_accuracy", "==", 1.0)]),
         ("accuracy>.5", [("accuracy", ">", 0.5)]),
+        (
+            "delta_accuracy_ci_low>0,mcnemar_p<0.05",
+            [("delta_accuracy_ci_low", ">", 0.0), ("mcnemar_p", "<", 0.05)],
+        ),
+        # A task's own NAME,FILTER metric keeps its comma; the next one starts a condition.
+        (
+            "exact_match,strict-match>=0.5,delta_exact_match,strict-match>0",
+            [("exact_match,strict-match", ">=", 0.5), ("delta_exact_match,strict-match", ">", 0)],
+        ),
+        (
+            "accuracy>=0.5, acc_norm,none > 0.25",
+            [("accuracy", ">=", 0.5), ("acc_norm,none", ">", 0.25)],
+        ),
     ],
 )
 def test_gate_grammar(text, expected):
@@ -102,6 +116,8 @@ def test_unknown_metric_is_named_with_the_known_ones():
         ("accuracy>=0.5,,delta_accuracy>0", "empty condition"),
         ("accuracy>=0.5,", "empty condition"),
         ("delta_speed>0", "unknown metric 'delta_speed'"),
+        ("accuracy>=0.5,exact_match", "'exact_match' is not METRIC OP NUMBER"),
+        ("exact_match,,strict-match>0", "'exact_match,' is not METRIC OP NUMBER"),
     ],
 )
 def test_gate_syntax_errors(text, fragment):
@@ -123,6 +139,39 @@ def test_gate_needs_what_it_reads():
         check_gate_is_computable(
             parse_gate("accuracy>0.1"), has_baseline=False, has_generation=False, has_val=True
         )
+
+
+def test_paired_statistics_need_a_baseline_and_generation():
+    paired = parse_gate("delta_accuracy_ci_low>0,mcnemar_p<0.05")
+    with pytest.raises(ConfigError, match="delta_accuracy_ci_low compares with the base"):
+        check_gate_is_computable(paired, has_baseline=False, has_generation=True, has_val=False)
+    with pytest.raises(ConfigError, match="accuracy comes from generation"):
+        check_gate_is_computable(paired, has_baseline=True, has_generation=False, has_val=True)
+    check_gate_is_computable(paired, has_baseline=True, has_generation=True, has_val=False)
+    assert {"delta_accuracy_ci_low", "delta_accuracy_ci_high", "mcnemar_p"} <= set(
+        known_gate_metrics()
+    )
+
+
+def test_a_task_metric_must_be_one_the_task_gives():
+    harness_metric = parse_gate("exact_match,strict-match>=0.5")
+    with pytest.raises(ConfigError, match="--task gsm8k gives no exact_match,strict-match"):
+        check_gate_is_computable(harness_metric, True, True, False, task=get_task("gsm8k"))
+    # An lm-eval task says which of its NAME,FILTER metrics exist once it is loaded.
+    check_gate_is_computable(harness_metric, True, True, False, task=get_task("lm-eval:gsm8k"))
+    with pytest.raises(ConfigError, match="--task lm-eval:gsm8k gives no format_accuracy"):
+        check_gate_is_computable(
+            parse_gate("format_accuracy>0"), True, True, False, task=get_task("lm-eval:gsm8k")
+        )
+
+
+def test_deltas_cover_a_tasks_own_metrics():
+    tuned = {"accuracy": 0.5, "exact_match,strict-match": 0.5, "stderr": {"x,y": 0.1}}
+    base = {"accuracy": 0.25, "exact_match,strict-match": 0.125}
+    assert deltas(tuned, base) == {
+        "delta_accuracy": 0.25,
+        "delta_exact_match,strict-match": 0.375,
+    }
 
 
 def test_gate_verdicts_and_reasons():

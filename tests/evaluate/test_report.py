@@ -7,6 +7,7 @@ import re
 import pytest
 
 from megasft.errors import InputError
+from megasft.evaluate.paired import paired_statistics
 from megasft.evaluate.report import loss_chart, read_training_log, write_report
 from tests.evaluate.conftest import write_jsonl
 
@@ -92,11 +93,26 @@ def test_report_shows_verdict_metrics_samples_and_escapes_text(tmp_path):
     assert "<script" not in page and "<link" not in page and "src=" not in page
 
 
+def test_report_shows_the_paired_comparison(tmp_path):
+    metrics = _metrics()
+    metrics["paired"] = paired_statistics([True, True, True, False], [False, False, True, False])
+    samples = [_sample(0, "tuned", True), _sample(0, "base", False)]
+    path = tmp_path / "report.html"
+    write_report(path, metrics, samples, None)
+    page = path.read_text()
+    low = metrics["paired"]["delta_accuracy_ci_low"]
+    high = metrics["paired"]["delta_accuracy_ci_high"]
+    assert f"delta_accuracy 95% interval <b>[{low:+.4f}, {high:+.4f}]</b>" in page
+    assert "McNemar exact p = 0.5 on 4 prompts: the difference is within noise" in page
+    assert "<td>only tuned right</td><td class='num'>2</td>" in page
+
+
 def test_report_without_gate_baseline_or_log(tmp_path):
     path = tmp_path / "report.html"
     write_report(path, _metrics(base=False), [_sample(0, "tuned", True)], None)
     page = path.read_text()
     assert "No gate was given" in page and "<svg" not in page and "<th>base</th>" not in page
+    assert "Paired comparison" not in page
 
 
 def test_loss_chart_draws_train_and_val_curves_and_thins_long_logs():

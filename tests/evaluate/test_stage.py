@@ -10,9 +10,11 @@ import pytest
 from megasft.errors import ConfigError, InputError
 from megasft.evaluate import EvaluateConfig, evaluate
 from megasft.evaluate.model import is_megatron_checkpoint
+from megasft.evaluate.paired import paired_statistics
 from tests.evaluate.conftest import QA_ROWS, write_jsonl
 
 GSM8K_MAP = (("prompt", "question"), ("response", "answer"))
+ROLES = ("tuned", "base")
 
 
 def _config(tmp_path, **overrides) -> EvaluateConfig:
@@ -43,7 +45,7 @@ def test_tuned_beats_base(tuned_model_dir, base_model_dir, qa_file, prepared_dir
             baseline=str(base_model_dir),
             val_data=str(prepared_dir),
             val_split="train",
-            gate="accuracy>=0.75,delta_accuracy>0,val_loss<0.5,delta_val_loss<0",
+            gate="accuracy>=0.75,delta_accuracy>0,val_loss<0.5,delta_val_loss<0,mcnemar_p<=1",
             training_log=str(log),
             batch_size=3,
         )
@@ -79,8 +81,19 @@ def test_tuned_beats_base(tuned_model_dir, base_model_dir, qa_file, prepared_dir
     assert first["prompt"].endswith("<|im_start|>assistant\n")
     assert first["prompt"].count("How many apples does Tom have?") == 1
 
+    # The paired statistics compare the two models' verdicts prompt by prompt.
+    by_model = {role: [s["correct"] for s in samples if s["model"] == role] for role in ROLES}
+    assert metrics["paired"] == paired_statistics(by_model["tuned"], by_model["base"])
+    assert metrics["paired"]["only_base_correct"] == 0
+    for name in ("delta_accuracy_ci_low", "delta_accuracy_ci_high", "mcnemar_p"):
+        assert metrics["summary"][name] == metrics["paired"][name]
+    low = metrics["paired"]["delta_accuracy_ci_low"]
+    high = metrics["paired"]["delta_accuracy_ci_high"]
+    assert low < metrics["deltas"]["delta_accuracy"] <= high
+
     report = (output / "report.html").read_text()
     assert "Gate PASSED" in report and "<polyline" in report and "val_loss" in report
+    assert "Paired comparison" in report and f"[{low:+.4f}, {high:+.4f}]" in report
     assert "<script" not in report and "http://" not in report.replace(
         "http://www.w3.org/2000/svg", ""
     )
@@ -217,6 +230,12 @@ def test_settings_errors_before_any_model_loads(qa_file, prepared_dir, tmp_path)
         _config(tmp_path, model="m", data=str(prepared_dir), gate="accuracy>0")
     with pytest.raises(ConfigError, match="--max-new-tokens"):
         _config(tmp_path, **base, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="delta_accuracy_ci_low compares with the base model"):
+        _config(tmp_path, **base, gate="delta_accuracy_ci_low>0")
+    with pytest.raises(ConfigError, match="--engine must be one of transformers, vllm"):
+        _config(tmp_path, **base, engine="llama.cpp")
+    with pytest.raises(ConfigError, match="--num-fewshot apply to lm-eval tasks"):
+        _config(tmp_path, **base, num_fewshot=5)
 
 
 def test_data_errors_come_before_the_model_loads(prepared_dir, tmp_path):

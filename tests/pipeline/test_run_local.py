@@ -77,6 +77,11 @@ def test_every_step_ran_and_left_its_figures(local_run):
     report = result.metadata("evaluate", "report")
     assert report["val_loss"] < report["base_val_loss"]
     assert report["gate"].startswith("passed")
+    # The paired statistics of the two models' verdicts, in the report and the KFP metrics.
+    low, high = report["delta_accuracy_ci_low"], report["delta_accuracy_ci_high"]
+    assert -1 <= low <= report["delta_accuracy"] <= high <= 1 and 0 <= report["mcnemar_p"] <= 1
+    figures = result.metadata("evaluate", "metrics")
+    assert figures["delta_accuracy_ci_low"] == low and figures["mcnemar_p"] == report["mcnemar_p"]
     assert result.tasks["evaluate"]["parameters"]["Output"] is True
     tuned = result.run_directory / "checkpoint-convert-2" / "output"
     assert (tuned / "config.json").is_file() and (tuned / "tokenizer.json").is_file()
@@ -129,6 +134,7 @@ def test_training_metrics_datasets_and_artifacts_are_on_the_server(local_run):
     assert (
         runs["evaluate"].data.metrics["val_loss"] < runs["evaluate"].data.metrics["base_val_loss"]
     )
+    assert "delta_accuracy_ci_low" in runs["evaluate"].data.metrics
 
 
 def test_the_gated_model_is_registered_with_its_alias(local_run):

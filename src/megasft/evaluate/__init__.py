@@ -3,8 +3,8 @@
     from megasft.evaluate import EvaluateConfig, evaluate
     metrics = evaluate(EvaluateConfig(model="out/hf", data="test.jsonl", output="eval/"))
 
-The entry point lives in `megasft.evaluate.stage` and is imported on first use, so that
-building the `megasft` CLI (which imports `megasft.evaluate.cli`) does not import torch.
+The settings live in `megasft.evaluate.config`, the entry point in `megasft.evaluate.stage`;
+both are imported on first use, so that building the `megasft` CLI does not import torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import importlib
 __all__ = ["EvaluateConfig", "evaluate"]
 
 
+_HOMES = {"EvaluateConfig": "megasft.evaluate.config", "evaluate": "megasft.evaluate.stage"}
+
+
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module("megasft.evaluate.stage"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'megasft.evaluate' has no attribute {name!r}")

@@ -7,6 +7,7 @@ flags (docs/cli.md). This module imports no torch, so that building the CLI stay
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 from megasft.data.formats import FORMATS, parse_column_map
 from megasft.errors import ConfigError
 from megasft.evaluate.metrics import check_gate_is_computable, known_gate_metrics, parse_gate
-from megasft.evaluate.tasks import get_task, task_names
+from megasft.evaluate.tasks import get_task
 from megasft.settings import raise_problems, setting, setting_problems
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 """megasft.evaluate.model.DTYPES, spelled out here so that this module does not import torch."""
+ENGINES = ("transformers", "vllm")
+"""How answers are generated: `generate.py` (transformers) or `vllm_engine.py`."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,13 @@ class EvaluateConfig:
     output: str = setting(
         help="The output directory (metrics.json, samples.jsonl, report.html).", metavar="DIR"
     )
+    # No `choices`: besides the registered names, a family takes any `PREFIX:NAME`
+    # (`lm-eval:gsm8k`); `get_task` checks the name and lists what there is.
     task: str = setting(
         "exact-match",
-        "How answers are scored: a task of megasft.evaluate.tasks.",
-        choices=task_names,  # read when needed: a task may be registered after import
+        "How answers are scored: a task of megasft.evaluate.tasks (exact-match, format, gsm8k), "
+        "or lm-eval:TASK, an lm-evaluation-harness task run offline on --data.",
+        metavar="TASK",
     )
     baseline: str | None = setting(
         None,
@@ -101,7 +107,9 @@ class EvaluateConfig:
     gate: str | None = setting(
         None,
         "Pass/fail conditions METRIC OP NUMBER, comma-separated, e.g. "
-        "accuracy>=0.5,delta_accuracy>0; metrics: " + ", ".join(known_gate_metrics()) + ".",
+        "accuracy>=0.5,delta_accuracy_ci_low>0; metrics: "
+        + ", ".join(known_gate_metrics())
+        + ", and an lm-eval task's own METRIC,FILTER (e.g. exact_match,strict-match).",
         metavar="CONDITIONS",
     )
     limit: int | None = setting(None, "Evaluate the first N prompts only.", metavar="N", at_least=1)
@@ -126,6 +134,25 @@ class EvaluateConfig:
         "auto: bfloat16 on an accelerator, float32 on CPU.",
         choices=("auto", *DTYPE_CHOICES),
     )
+    engine: str = setting(
+        "transformers",
+        "How answers are generated, greedily: transformers (CPU or GPU), or vllm where vLLM is "
+        "installed (a GPU image).",
+        choices=ENGINES,
+    )
+    num_fewshot: int | None = setting(
+        None,
+        "For lm-eval tasks: worked examples before each question, instead of the task's own "
+        "number (5 for gsm8k).",
+        metavar="N",
+        at_least=0,
+    )
+    fewshot_data: str | None = setting(
+        None,
+        "For lm-eval tasks: a local data file the worked examples are drawn from (for gsm8k, "
+        "its train split); without it they come from --data, never the question asked.",
+        metavar="FILE",
+    )
     chatml_fallback: bool = setting(
         False, "Evaluate a tokenizer without a chat template with ChatML (as prepare does)."
     )
@@ -142,10 +169,16 @@ class EvaluateConfig:
         problems = setting_problems(self)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        if self.task in task_names():  # else named above
+        try:
             task = get_task(self.task)
+        except ConfigError as error:
+            task = None
+            problems.append(str(error))
+        if task is not None:
             if task.default_format_pattern is None and not self.format_pattern:
                 problems.append(f"--task {task.name} scores answers by --format-pattern; give one")
+            problems += self._fewshot_problems(task)
+        problems += self._engine_problems()
         try:
             re.compile(self.format_pattern or "")
         except re.error as error:
@@ -164,10 +197,41 @@ class EvaluateConfig:
                     has_baseline=self.baseline is not None,
                     has_generation=not self.data_is_prepared,
                     has_val=self.val_directory is not None,
+                    task=task,
                 )
             except ConfigError as error:
                 problems.append(str(error))
         raise_problems(problems)
+
+    def _engine_problems(self) -> list[str]:
+        if self.engine != "vllm":
+            return []
+        if importlib.util.find_spec("vllm") is None:
+            return [
+                "--engine vllm: vLLM is not installed here; use an image with vLLM (a GPU "
+                "image) or --engine transformers"
+            ]
+        if self.device == "cpu":
+            return ["--engine vllm runs on a GPU; use --engine transformers on CPU"]
+        return []
+
+    def _fewshot_problems(self, task) -> list[str]:
+        given = [
+            flag
+            for flag, value in (
+                ("--num-fewshot", self.num_fewshot),
+                ("--fewshot-data", self.fewshot_data),
+            )
+            if value is not None
+        ]
+        if given and not task.takes_fewshot:
+            return [
+                f"{' and '.join(given)} apply to lm-eval tasks; --task {task.name} poses the "
+                "data file's own prompts"
+            ]
+        if self.fewshot_data is not None and not Path(self.fewshot_data).is_file():
+            return [f"--fewshot-data {self.fewshot_data}: no such file"]
+        return []
 
     @property
     def data_is_prepared(self) -> bool:

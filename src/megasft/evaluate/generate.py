@@ -111,7 +111,9 @@ def generate_greedy(
                 generation_config=config,
             )
         for row, index in enumerate(batch):
-            generation, produced = _cut(output[row, width:].tolist(), settings.stop_token_ids)
+            generation, produced = cut_at_stop(
+                output[row, width:].tolist(), settings.stop_token_ids
+            )
             results[index] = generation
             generated_tokens += produced
         progress.update(len(batch))
@@ -120,9 +122,17 @@ def generate_greedy(
     return GenerationRun(results, seconds, generated_tokens)
 
 
-def _cut(tokens: list[int], stop_ids: tuple[int, ...]) -> tuple[Generation, int]:
-    """The answer up to the first stop token, and how many tokens the model produced for it
-    (the rest of the row is padding after the row stopped)."""
+def cut_at_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> tuple[Generation, int]:
+    """The answer up to the first stop token, and how many tokens the model produced for it.
+
+    Args:
+        tokens: a generated row (after a stop token, the rest is padding).
+        stop_ids: the ids that end an answer.
+
+    Returns:
+        The answer (without the stop token) and the count of tokens produced, the stop
+        token included.
+    """
     for position, token in enumerate(tokens):
         if token in stop_ids:
             return Generation(tuple(tokens[:position]), True), position + 1

@@ -48,6 +48,9 @@ class LoadedModel:
     pad_token_id: int
     description: dict
     """Where it came from, for metrics.json: path, kind (hf or megatron), tokenizer, dtype."""
+    hf_path: Path | None = None
+    """The Hugging Face directory the weights were loaded from (a megatron checkpoint's
+    converted copy): what an engine that loads the model itself (vLLM) reads."""
 
     @property
     def device(self) -> torch.device:
@@ -236,6 +239,7 @@ def load_model(
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
         },
+        hf_path=hf_path,
     )
 
 

@@ -1,7 +1,7 @@
 """`report.html`: the evaluation on one self-contained page.
 
 The gate verdict and its reasons, the metrics of the tuned and the base model side by side
-with their deltas, what explains them (truncated answers, how answers were extracted), a few
+with their deltas and the paired statistics of their verdicts, what explains them (truncated answers, how answers were extracted), a few
 right and wrong answers (and, with a baseline, the questions the tuning broke or fixed), and
 the training loss curve when a training log is given. Inline CSS and an inline SVG chart: no
 scripts, nothing fetched, so it opens anywhere, including as an archived pipeline artifact.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megasft.errors import InputError
-from megasft.evaluate.metrics import GATE_METRICS
+from megasft.evaluate.metrics import GATE_METRICS, is_task_metric_name
 
 SAMPLES_PER_SECTION = 5
 CHART_POINTS = 1000
@@ -82,6 +82,7 @@ def write_report(
         _run_table(metrics),
         "<h2>Metrics</h2>",
         _metrics_table(metrics),
+        _paired_table(metrics.get("paired")),
         _explanations(metrics),
     ]
     if training_log:
@@ -148,7 +149,7 @@ def _metrics_table(metrics: dict) -> str:
     if base is not None:
         header += "<th>base</th><th>delta</th>"
     rows = [header + "</tr>"]
-    for metric in GATE_METRICS:
+    for metric in [*GATE_METRICS, *(name for name in tuned if is_task_metric_name(name))]:
         if tuned.get(metric) is None and (base is None or base.get(metric) is None):
             continue
         row = f"<tr><td>{metric}</td><td class='num'>{_number(tuned.get(metric))}</td>"
@@ -165,11 +166,47 @@ def _metrics_table(metrics: dict) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _paired_table(paired: dict | None) -> str:
+    """The paired comparison: the 2x2 table of verdicts, the interval and McNemar's p."""
+    if paired is None:
+        return ""
+    low, high = paired["delta_accuracy_ci_low"], paired["delta_accuracy_ci_high"]
+    verdict = (
+        "the tuned model is better beyond noise"
+        if low > 0
+        else "the base model is better beyond noise"
+        if high < 0
+        else "the difference is within noise"
+    )
+    counts = (
+        ("both right", paired["both_correct"]),
+        ("only tuned right", paired["only_tuned_correct"]),
+        ("only base right", paired["only_base_correct"]),
+        ("both wrong", paired["both_wrong"]),
+    )
+    rows = "".join(
+        f"<tr><td>{name}</td><td class='num'>{count}</td></tr>" for name, count in counts
+    )
+    return (
+        "<h2>Paired comparison</h2>"
+        f"<p>delta_accuracy {round(paired['confidence'] * 100)}% interval "
+        f"<b>[{low:+.4f}, {high:+.4f}]</b>, McNemar exact p = {paired['mcnemar_p']:.4g} "
+        f"on {paired['samples']} prompts: {verdict}.</p>"
+        f"<table>{rows}</table><p class='meta'>{_e(paired['method'])}</p>"
+    )
+
+
 def _explanations(metrics: dict) -> str:
     lines = []
     for name in ("tuned", "base"):
         result = metrics.get(name)
         if not result or "samples" not in result:
+            continue
+        if "verdict_metric" in result:  # a task the harness scored
+            lines.append(
+                f"<li>{name}: {result.get('correct', '&ndash;')} of {result['samples']} right by "
+                f"{_e(result['verdict_metric'])}, {result['n_shot']}-shot</li>"
+            )
             continue
         extraction = ", ".join(f"{k} {v}" for k, v in result["answer_extraction"].items())
         lines.append(
@@ -266,13 +303,16 @@ def loss_chart(rows: Sequence[dict], width: int = 720, height: int = 300) -> str
 def _sample_html(sample: dict, other: dict | None) -> str:
     verdict = "correct" if sample["correct"] else "wrong"
     css = "ok" if sample["correct"] else "bad"
+    length = ""
+    if "response_tokens" in sample:  # megasft's own generation counts tokens
+        cut = "" if sample["stopped"] else ", cut at --max-new-tokens"
+        length = f" &middot; {sample['response_tokens']} tokens{cut}"
     parts = [
         "<div class='sample'>",
         f"<div class='meta'>{_e(sample['source'])}, row {sample['row']} &middot; "
         f"<span class='{css}'>{verdict}</span> &middot; answer {_e(sample['extracted_answer'])} "
         f"({_e(sample['extraction_method'])}) vs reference {_e(sample['reference_answer'])}"
-        f" &middot; {sample['response_tokens']} tokens"
-        f"{'' if sample['stopped'] else ', cut at --max-new-tokens'}</div>",
+        f"{length}</div>",
         f"<details><summary>prompt</summary><pre>{_e(sample['prompt'])}</pre></details>",
         f"<div>{sample['model']} answer:</div><pre>{_e(sample['prediction'])}</pre>",
     ]

@@ -20,15 +20,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data import read_manifest
 from megasft.errors import InputError
-from megasft.evaluate.answers import answer_prompts
 from megasft.evaluate.config import EvaluateConfig
-from megasft.evaluate.generate import GenerationSettings
-from megasft.evaluate.metrics import deltas, evaluate_gate, parse_gate
+from megasft.evaluate.metrics import deltas, evaluate_gate, is_task_metric_name, parse_gate
 from megasft.evaluate.model import (
     LoadedModel,
     check_model,
@@ -37,10 +36,12 @@ from megasft.evaluate.model import (
     resolve_device,
     resolve_dtype,
 )
-from megasft.evaluate.prompts import TaskPrompts, read_task_prompts
+from megasft.evaluate.paired import PAIRED_METRICS, paired_statistics
 from megasft.evaluate.report import read_training_log, write_report
 from megasft.evaluate.tasks import Task, get_task
 from megasft.evaluate.val_loss import open_val_split, validation_loss
+
+__all__ = ["EvaluateConfig", "evaluate", "summarize"]
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -79,17 +80,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             f"output directory {output} already exists; pass --overwrite to replace it"
         )
     task = get_task(config.task)
-    prompts = None
-    if not config.data_is_prepared:
-        prompts = read_task_prompts(
-            task,
-            config.data,
-            fmt=config.format,
-            column_map=dict(config.column_map),
-            system_prompt=config.system_prompt,
-            reference_field=config.reference_field,
-            limit=config.limit,
-        )
+    prompts = None if config.data_is_prepared else task.prepare(config)
     val_manifest = _check_val_data(config) if config.val_directory else None
     training_log = read_training_log(config.training_log) if config.training_log else None
     gate = parse_gate(config.gate) if config.gate else None
@@ -99,11 +90,13 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.baseline:
         # A baseline without tokenizer files borrows the tuned model's --tokenizer.
         models.append(_Model("base", config.baseline, None, config.tokenizer, None))
+    # A task that poses its prompts itself needs no chat template from the tokenizer.
+    chatml_fallback = config.chatml_fallback or not task.uses_chat_template
     for model in models:
         check_model(
             model.path,
             model.tokenizer,
-            config.chatml_fallback,
+            chatml_fallback,
             model.fallback_tokenizer,
             model.convert_base,
         )
@@ -129,7 +122,7 @@ def evaluate(config: EvaluateConfig) -> dict:
                 model.tokenizer,
                 device,
                 dtype,
-                config.chatml_fallback,
+                chatml_fallback,
                 scratch / role,
                 convert_base=model.convert_base,
                 fallback_tokenizer=model.fallback_tokenizer,
@@ -141,12 +134,14 @@ def evaluate(config: EvaluateConfig) -> dict:
             )
             samples += role_samples
             free(loaded)
-        if config.baseline and prompts and templates["tuned"] != templates["base"]:
+        different_templates = templates.get("base", templates["tuned"]) != templates["tuned"]
+        if prompts and task.uses_chat_template and different_templates:
             warnings.append(
                 "the base model's chat template differs from the tuned model's, so each was "
                 "prompted in its own format"
             )
-        metrics = _metrics(config, results, descriptions, prompts, gate, warnings, started)
+        paired = _paired(samples, warnings) if config.baseline and prompts else None
+        metrics = _metrics(config, results, paired, descriptions, prompts, gate, warnings, started)
         _write_samples(staging / SAMPLES_FILE, samples)
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         write_report(staging / REPORT_FILE, metrics, samples, training_log)
@@ -171,7 +166,7 @@ def _evaluate_model(
     role: str,
     config: EvaluateConfig,
     task: Task,
-    prompts: TaskPrompts | None,
+    prompts: Any,
     val_manifest: dict | None,
     warnings: list[str],
 ) -> tuple[dict, list[dict]]:
@@ -181,19 +176,29 @@ def _evaluate_model(
         result.update(_validation_loss(loaded, role, config, val_manifest, warnings))
     if prompts is None:
         return result, []
-    settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens,
-        stop_token_ids=loaded.stop_token_ids,
-        pad_token_id=loaded.pad_token_id,
-        batch_size=config.batch_size,
-        progress=config.progress,
-        description=f"generate ({role})",
-    )
-    answered, samples = answer_prompts(
-        loaded, role, task, prompts, config.resolved_format_pattern, settings, config.seed, warnings
-    )
+    answered, samples = task.answer(loaded, role, prompts, config, warnings)
     result.update(answered)
     return result, samples
+
+
+def _paired(samples: list[dict], warnings: list[str]) -> dict | None:
+    """The paired statistics of the two models' verdicts, prompt by prompt (`paired.py`); None
+    when the task gives no right-or-wrong verdict per prompt."""
+    verdicts: dict[str, dict[int, bool | None]] = {"tuned": {}, "base": {}}
+    for sample in samples:
+        verdicts[sample["model"]][sample["index"]] = sample.get("correct")
+    indices = sorted(verdicts["tuned"])
+    if sorted(verdicts["base"]) != indices:
+        raise RuntimeError("the tuned and the base model answered different prompts")
+    tuned = [verdicts["tuned"][index] for index in indices]
+    base = [verdicts["base"][index] for index in indices]
+    if any(verdict is None for verdict in tuned + base):
+        warnings.append(
+            "the task gives no right-or-wrong verdict per prompt, so there are no paired "
+            f"statistics ({', '.join(PAIRED_METRICS)})"
+        )
+        return None
+    return paired_statistics(tuned, base)
 
 
 def _validation_loss(
@@ -245,8 +250,9 @@ def _check_tokenizer_matches(
 def _metrics(
     config: EvaluateConfig,
     results: dict,
+    paired: dict | None,
     descriptions: dict,
-    prompts: TaskPrompts | None,
+    prompts: Any,
     gate,
     warnings: list[str],
     started: float,
@@ -260,6 +266,8 @@ def _metrics(
             {f"base_{key}": value for key, value in base.items() if isinstance(value, int | float)}
         )
         summary.update(differences)
+    if paired is not None:
+        summary.update({name: paired[name] for name in PAIRED_METRICS})
     verdict = evaluate_gate(gate, summary) if gate else None
     return {
         "format_version": 1,
@@ -285,10 +293,14 @@ def _metrics(
             "format_pattern": config.resolved_format_pattern,
             "limit": config.limit,
             "gate": config.gate,
+            "engine": config.engine,
+            "num_fewshot": config.num_fewshot,
+            "fewshot_data": config.fewshot_data,
         },
         "tuned": tuned,
         "base": base,
         "deltas": differences,
+        "paired": paired,
         "summary": summary,
         "gate": verdict,
         "warnings": warnings,
@@ -314,13 +326,22 @@ def summarize(metrics: dict, output: Path) -> str:
     """
     tuned, base, difference = metrics["tuned"], metrics["base"], metrics["deltas"] or {}
     lines = [f"evaluated {metrics['model']['path']} ({metrics['task']}) -> {output}"]
-    for metric in ("accuracy", "format_accuracy", "mean_response_tokens", "val_loss", "perplexity"):
-        if tuned.get(metric) is None:
+    shown = ("accuracy", "format_accuracy", "mean_response_tokens", "val_loss", "perplexity")
+    names = [*shown, *(name for name in tuned if is_task_metric_name(name))]
+    width = max(21, *(len(name) for name in names))
+    for metric in names:
+        if not isinstance(tuned.get(metric), int | float):
             continue
-        line = f"  {metric:21s} {tuned[metric]:10.4f}"
-        if base is not None and base.get(metric) is not None:
+        line = f"  {metric:{width}s} {tuned[metric]:10.4f}"
+        if f"delta_{metric}" in difference:
             line += f"   base {base[metric]:10.4f}   delta {difference[f'delta_{metric}']:+.4f}"
         lines.append(line)
+    paired = metrics.get("paired")
+    if paired is not None:
+        lines.append(
+            f"  {'delta_accuracy 95% CI':{width}s} [{paired['delta_accuracy_ci_low']:+.4f}, "
+            f"{paired['delta_accuracy_ci_high']:+.4f}]   McNemar p {paired['mcnemar_p']:.4g}"
+        )
     for warning in metrics["warnings"]:
         lines.append(f"  warning: {warning}")
     if metrics["gate"] is not None:

@@ -397,8 +397,10 @@ def evaluate(
                 **settings,
             )
         )
+        # An lm-eval task's metric is named METRIC,FILTER; MLflow refuses commas in metric
+        # names, so the trackers get METRIC/FILTER (metrics.json and the gate keep the comma).
         figures = {
-            key: value
+            key.replace(",", "/"): value
             for key, value in result["summary"].items()
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
@@ -413,6 +415,7 @@ def evaluate(
         metrics.log_metric(key, value)
     metrics.log_metric("gate_passed", int(passed))
     key_figures = ("accuracy", "base_accuracy", "delta_accuracy", "val_loss", "base_val_loss")
+    key_figures += ("delta_accuracy_ci_low", "delta_accuracy_ci_high", "mcnemar_p")
     report.metadata.update({key: figures[key] for key in key_figures if key in figures})
     report.metadata["gate"] = gate["reason"] if gate else "no gate"
     shutil.rmtree(output.parent, ignore_errors=True)

@@ -12,7 +12,15 @@ from megasft.errors import ConfigError
 from megasft.evaluate import EvaluateConfig
 from megasft.evaluate.metrics import GENERATION_METRICS, generation_metrics
 from megasft.evaluate.prompts import EvalExample
-from megasft.evaluate.tasks import Extraction, Task, get_task, register_task, task_names
+from megasft.evaluate.tasks import (
+    Extraction,
+    Task,
+    get_task,
+    register_task,
+    register_task_family,
+    task_choices,
+    task_names,
+)
 
 RESPONSES = [
     "#### 18",
@@ -60,6 +68,7 @@ def registry(monkeypatch):
     """The registry as it is, restored after the test."""
     task_names()  # discover the task modules first, into the registry that stays
     monkeypatch.setattr(tasks, "_TASKS", dict(tasks._TASKS))
+    monkeypatch.setattr(tasks, "_FAMILIES", dict(tasks._FAMILIES))
 
 
 def test_a_new_task_module_is_all_it_takes(registry, tmp_path):
@@ -99,3 +108,32 @@ def test_two_tasks_cannot_share_a_name(registry):
 
     with pytest.raises(ValueError, match="two evaluation tasks named 'gsm8k'"):
         register_task(Another)
+
+
+def test_a_family_of_tasks_is_one_factory(registry, tmp_path):
+
+    class Echo(Task):
+        extraction_methods = ("whole_response",)
+        default_format_pattern = r"\S"
+        reference_hint = "any text"
+
+        def __init__(self, word: str):
+            self.name = f"echo:{word}"
+            self.word = word
+
+        def reference_answer(self, reference: str) -> str | None:
+            return reference
+
+        def extract(self, response: str) -> Extraction:
+            return Extraction(response, "whole_response")
+
+    @register_task_family("echo")
+    def echo(word: str) -> Task:
+        return Echo(word)
+
+    assert get_task("echo:hi").word == "hi"
+    assert "echo:TASK" in task_choices()
+    config = EvaluateConfig(model="m", data="d.jsonl", output=str(tmp_path), task="echo:hi")
+    assert config.task == "echo:hi"
+    with pytest.raises(ValueError, match="two evaluation task families named 'echo'"):
+        register_task_family("echo")(lambda word: Echo(word))

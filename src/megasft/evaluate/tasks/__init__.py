@@ -1,14 +1,17 @@
-"""The evaluation tasks, by their `--task` name: `gsm8k`, `exact-match`, `format`.
+"""The evaluation tasks, by their `--task` name: `gsm8k`, `exact-match`, `format`, `lm-eval:TASK`.
 
 Each task is one module of this package holding a `Task` subclass (`base.py`) registered with
-`@register_task`; the registry imports every module of the package on first use, so a new task
-is one new module plus its tests (docs/evaluate.md, "Adding a task").
+`@register_task`, or a factory for a family of names (`PREFIX:NAME`, such as lm-evaluation-
+harness's tasks) registered with `@register_task_family`; the registry imports every module of
+the package on first use, so a new task is one new module plus its tests (docs/evaluate.md,
+"Adding a task").
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import TypeVar
 
 from megasft.errors import ConfigError
@@ -21,12 +24,17 @@ __all__ = [
     "get_task",
     "metric_names",
     "register_task",
+    "register_task_family",
+    "task_choices",
+    "task_families",
     "task_names",
 ]
 
 _TASKS: dict[str, Task] = {}
+_FAMILIES: dict[str, Callable[[str], Task]] = {}
 _discovered = False
 TaskType = TypeVar("TaskType", bound=type[Task])
+FAMILY_SEPARATOR = ":"
 
 
 def register_task(cls: TaskType) -> TaskType:
@@ -42,6 +50,29 @@ def register_task(cls: TaskType) -> TaskType:
     return cls
 
 
+def register_task_family(prefix: str) -> Callable[[Callable[[str], Task]], Callable[[str], Task]]:
+    """Decorator: `factory(name)` makes the task for every `--task PREFIX:NAME`.
+
+    Args:
+        prefix: the part of the task name before the colon, e.g. "lm-eval".
+
+    Returns:
+        The decorator, which returns the factory unchanged.
+
+    Raises:
+        ValueError: when another factory already registered that prefix.
+    """
+
+    def register(factory: Callable[[str], Task]) -> Callable[[str], Task]:
+        known = _FAMILIES.get(prefix)
+        if known is not None and known is not factory:
+            raise ValueError(f"two evaluation task families named {prefix!r}")
+        _FAMILIES[prefix] = factory
+        return factory
+
+    return register
+
+
 def _tasks() -> dict[str, Task]:
     global _discovered
     if not _discovered:
@@ -53,20 +84,38 @@ def _tasks() -> dict[str, Task]:
 
 
 def task_names() -> tuple[str, ...]:
-    """Every registered task's name, sorted: the choices of `--task`."""
+    """Every registered task's name, sorted (the families' tasks are not listed)."""
     return tuple(sorted(_tasks()))
 
 
+def task_families() -> tuple[str, ...]:
+    """Every task family's prefix, sorted: `--task PREFIX:NAME` names one of its tasks."""
+    _tasks()
+    return tuple(sorted(_FAMILIES))
+
+
+def task_choices() -> str:
+    """What `--task` accepts, for help texts and errors: "exact-match, ..., or lm-eval:TASK"."""
+    families = [f"{prefix}{FAMILY_SEPARATOR}TASK" for prefix in task_families()]
+    names = [*task_names(), *families]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
 def get_task(name: str) -> Task:
-    """The task registered as `name`.
+    """The task registered as `name`, or made by the family its `PREFIX:` names.
 
     Raises:
-        ConfigError: for a name no task has, listing the names there are.
+        ConfigError: for a name no task or family has, listing the names there are; or what
+            the family's factory raises for a name it cannot make.
     """
     task = _tasks().get(name)
-    if task is None:
-        raise ConfigError(f"--task must be one of {', '.join(task_names())}, not {name!r}")
-    return task
+    if task is not None:
+        return task
+    prefix, separator, rest = name.partition(FAMILY_SEPARATOR)
+    factory = _FAMILIES.get(prefix) if separator else None
+    if factory is None:
+        raise ConfigError(f"--task must be one of {task_choices()}, not {name!r}")
+    return factory(rest)
 
 
 def metric_names() -> tuple[str, ...]:

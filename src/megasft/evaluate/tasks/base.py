@@ -1,7 +1,10 @@
 """What an evaluation task is: how it poses a prompt, finds an answer and scores a response.
 
 A task is a `Task` subclass in its own module of `megasft.evaluate.tasks`, registered under its
-`--task` name with `@register_task`; docs/evaluate.md ("Adding a task") has the recipe.
+`--task` name with `@register_task` (or, for a family of names such as `lm-eval:TASK`, a factory
+registered with `@register_task_family`); docs/evaluate.md ("Adding a task") has the recipe.
+By default a task's prompts are read from the data file (`prompts.py`) and answered by megasft's
+generation (`answers.py`); a task that brings its own pipeline overrides `prepare` and `answer`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from megasft.data.conversation import Message
-    from megasft.evaluate.prompts import EvalExample
+    from megasft.evaluate.config import EvaluateConfig
+    from megasft.evaluate.model import LoadedModel
+    from megasft.evaluate.prompts import EvalExample, TaskPrompts
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,66 @@ class Task(ABC):
         "mean_response_tokens",
     )
     """The metrics a model's scores on this task give (metrics.json); the gate may name them."""
+    uses_chat_template: ClassVar[bool] = True
+    """Whether prompts are rendered with the model's chat template (False: a tokenizer without
+    one is fine, the task poses its prompts itself)."""
+    takes_fewshot: ClassVar[bool] = False
+    """Whether `--num-fewshot` and `--fewshot-data` mean anything to this task."""
+
+    def gives_metric(self, name: str) -> bool:
+        """Whether this task's scores include the metric `name` (for the gate's early check)."""
+        return name in self.metric_names
+
+    def prepare(self, config: EvaluateConfig) -> TaskPrompts:
+        """Everything the task can read and check before a model is loaded: its prompts.
+
+        Args:
+            config: the stage's settings (`data`, `format`, `column_map`, `limit`, ...).
+
+        Returns:
+            What `answer` takes; its `examples` are the prompts (their count goes into
+            metrics.json). By default the data file's rows with their references' answers.
+
+        Raises:
+            InputError: naming the bad rows of the data file.
+        """
+        from megasft.evaluate.prompts import read_task_prompts
+
+        return read_task_prompts(
+            self,
+            config.data,
+            fmt=config.format,
+            column_map=dict(config.column_map),
+            system_prompt=config.system_prompt,
+            reference_field=config.reference_field,
+            limit=config.limit,
+        )
+
+    def answer(
+        self,
+        loaded: LoadedModel,
+        role: str,
+        prompts: TaskPrompts,
+        config: EvaluateConfig,
+        warnings: list[str],
+    ) -> tuple[dict, list[dict]]:
+        """One model's answers to the prompts, scored.
+
+        Args:
+            loaded: the model and its tokenizer.
+            role: "tuned" or "base", as samples and warnings name the model.
+            prompts: what `prepare` returned.
+            config: the stage's settings (`engine`, `max_new_tokens`, `batch_size`, ...).
+            warnings: gets a line for anything that makes the numbers less trustworthy.
+
+        Returns:
+            The model's metrics (`metric_names` and the counts that explain them) and one
+            sample per prompt in data order, each with a boolean `correct` (the verdict the
+            paired statistics compare) or None where the task has no right or wrong.
+        """
+        from megasft.evaluate.answers import answer_prompts
+
+        return answer_prompts(loaded, role, self, prompts, config, warnings)
 
     def prompt(self, example: EvalExample) -> tuple[Message, ...]:
         """The messages the model is asked to answer.
