@@ -167,8 +167,8 @@ def test_gsm8k_through_the_harness_offline(
 def test_few_shot_examples_come_from_the_data_or_the_fewshot_file(
     offline, base_model_dir, qa_file, tmp_path
 ):
-    def prompts(name: str, **settings) -> list[str]:
-        evaluate(
+    def prompts(name: str, **settings) -> tuple[list[str], list[str]]:
+        metrics = evaluate(
             EvaluateConfig(
                 model=str(base_model_dir),
                 data=str(qa_file),
@@ -181,18 +181,22 @@ def test_few_shot_examples_come_from_the_data_or_the_fewshot_file(
             )
         )
         lines = (tmp_path / name / "samples.jsonl").read_text().splitlines()
-        return [json.loads(line)["prompt"] for line in lines]
+        return [json.loads(line)["prompt"] for line in lines], metrics["warnings"]
 
-    for row, prompt in zip(QA_ROWS, prompts("own", num_fewshot=2), strict=True):
+    own, warnings = prompts("own", num_fewshot=2)
+    for row, prompt in zip(QA_ROWS, own, strict=True):
         assert prompt.count("Question:") == 3
         # The question is asked once, at the end: never shown as its own worked example.
         assert prompt.count(row["question"]) == 1
         assert prompt.endswith(f"Question: {row['question']}\nAnswer:")
+    assert any("2-shot examples were drawn from --data" in warning for warning in warnings)
 
     shots = [{"question": "What is 1 plus 1?", "answer": "1 + 1 = 2\n#### 2"}]
     fewshot = write_jsonl(tmp_path / "train.jsonl", shots)
-    for prompt in prompts("file", num_fewshot=1, fewshot_data=str(fewshot), limit=2):
+    from_file, warnings = prompts("file", num_fewshot=1, fewshot_data=str(fewshot), limit=2)
+    for prompt in from_file:
         assert prompt.startswith("Question: What is 1 plus 1?\nAnswer: 1 + 1 = 2\n#### 2\n\n")
+    assert warnings == []
 
 
 @needs_harness

@@ -15,6 +15,7 @@ import functools
 import numbers
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,8 +129,6 @@ class HarnessTask(Task):
         config: EvaluateConfig,
         warnings: list[str],
     ) -> tuple[dict, list[dict]]:
-        import time
-
         import torch
         from lm_eval import evaluator
 
@@ -144,6 +143,13 @@ class HarnessTask(Task):
             bootstrap_iters=BOOTSTRAP_ITERS,
         )
         seconds = time.perf_counter() - started
+        shots = output["n-shot"][prompts.harness_name]
+        if shots and not config.fewshot_data and role == "tuned":  # said once, not per model
+            warnings.append(
+                f"the {shots}-shot examples were drawn from --data, the evaluated rows (never "
+                "the question asked); published numbers draw them from the task's own split: "
+                "pass it as --fewshot-data"
+            )
         samples = _samples(output["samples"][prompts.harness_name], role, prompts)
         results = output["results"][prompts.harness_name]
         metrics: dict[str, Any] = {
@@ -163,7 +169,7 @@ class HarnessTask(Task):
                 for name in prompts.metric_names
                 if _is_number(results.get(stderr := name.replace(",", "_stderr,", 1)))
             },
-            n_shot=output["n-shot"][prompts.harness_name],
+            n_shot=shots,
             generation_seconds=round(seconds, 3),
         )
         return metrics, samples
