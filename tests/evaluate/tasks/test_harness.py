@@ -101,7 +101,7 @@ def test_settings_are_checked_without_the_harness(qa_file, tmp_path):
         gate="exact_match,strict-match>=0.5,delta_accuracy_ci_low>0",
     )
     assert config.num_fewshot == 0
-    with pytest.raises(ConfigError, match="--num-fewshot must be at least 0"):
+    with pytest.raises(ConfigError, match="--num-fewshot must not be negative"):
         EvaluateConfig(**values, task="lm-eval:gsm8k", num_fewshot=-1)
     with pytest.raises(ConfigError, match="--fewshot-data .*: no such file"):
         EvaluateConfig(**values, task="lm-eval:gsm8k", fewshot_data=str(tmp_path / "absent"))
