@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pinned so that pip never pulls the CUDA wheels on a machine without a GPU.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: setup test lint format demo bench clean images compile
+.PHONY: setup test lint format demo bench clean images compile setup-compat test-compat
 
 # kubectl renders the manifests for tests/deploy (`kubectl kustomize`, kustomize v5 from kubectl
 # 1.27 on; those tests skip without it). Where it is absent, setup installs it from the
@@ -53,6 +53,33 @@ $(STAMP): pyproject.toml setup.py
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The second, newer environment (README, "Supported versions"): Python 3.12 and the megatron-core
+# that pyproject.toml selects there (0.19.2), beside the default one above. For Python 3.12 the
+# registries serve only the CUDA build of torch (several GB, runs on CPU); it is pinned to the
+# default's version so the two environments differ in Python and megatron-core alone. python3.12
+# is looked for on PATH, then in pyenv's versions; set PYTHON_COMPAT to choose another.
+COMPAT_VENV := .venv-compat
+COMPAT_BIN := $(COMPAT_VENV)/bin
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TORCH := torch==2.13.0
+PYTHON_COMPAT ?= $(firstword $(foreach candidate,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(candidate) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(candidate))))
+# Every test that runs megatron-core: its models and CPU emulation, checkpoint conversion,
+# training, evaluation of a megatron checkpoint, and the demo pipeline at test size.
+COMPAT_TESTS := tests/megatron tests/checkpoint tests/train tests/evaluate/test_stage.py tests/test_demo.py
+
+setup-compat: $(COMPAT_STAMP)
+
+$(COMPAT_STAMP): pyproject.toml
+	@test -n "$(PYTHON_COMPAT)" || { echo "no Python 3.12 found; set PYTHON_COMPAT=/path/to/python3.12"; exit 1; }
+	test -x $(COMPAT_BIN)/python || $(PYTHON_COMPAT) -m venv $(COMPAT_VENV)
+	$(COMPAT_BIN)/python -m pip install --quiet --upgrade pip
+	$(COMPAT_BIN)/python -m pip install --quiet $(COMPAT_TORCH)
+	$(COMPAT_BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(COMPAT_STAMP)
+
+test-compat: setup-compat
+	$(COMPAT_BIN)/python -m pytest -q $(COMPAT_TESTS)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -82,4 +109,4 @@ images: setup
 	$(BIN)/python -m megasft.images build $(IMAGES) $(if $(PUSH),--push)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) demo-output .pytest_cache

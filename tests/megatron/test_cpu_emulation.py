@@ -16,7 +16,7 @@ from megasft.megatron import cpu
 
 
 def test_installed_megatron_core_is_a_checked_version():
-    assert cpu.CHECKED_MEGATRON_CORE_VERSIONS == ("0.16.1",)
+    assert cpu.CHECKED_MEGATRON_CORE_VERSIONS == ("0.16.1", "0.19.2")
     assert cpu.installed_megatron_core_version() in cpu.CHECKED_MEGATRON_CORE_VERSIONS
 
 
@@ -24,7 +24,8 @@ def test_unknown_megatron_core_version_is_refused_loudly(monkeypatch):
     monkeypatch.setattr(cpu, "installed_megatron_core_version", lambda: "0.17.0")
     monkeypatch.setattr(cpu, "accelerator_present", lambda: False)
     with pytest.raises(
-        ConfigError, match=r"megatron-core 0\.17\.0 is installed.*checked against 0\.16\.1"
+        ConfigError,
+        match=r"megatron-core 0\.17\.0 is installed.*checked against 0\.16\.1, 0\.19\.2",
     ):
         cpu.enable_cpu_emulation()
     assert not cpu.cpu_emulation_enabled()

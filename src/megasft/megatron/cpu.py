@@ -11,8 +11,9 @@ distributed optimizer, the pipeline schedules with P2P, tensor parallelism and
 
 It is opt-in: nothing happens until `enable_cpu_emulation()` is called, and that call refuses
 to run when an accelerator is present, so a GPU run is never changed. The redirects are
-written against the megatron-core versions in `CHECKED_MEGATRON_CORE_VERSIONS`; any other
-version is refused, because a new release can add a CUDA assumption that is not redirected.
+written against the megatron-core versions in `CHECKED_MEGATRON_CORE_VERSIONS` (0.16.1 and
+0.19.2: the same redirects serve both); any other version is refused, because a new release
+can add a CUDA assumption that is not redirected.
 
 The redirects (each is a function below with its reason):
 
@@ -47,7 +48,6 @@ distributed optimizer), so no collective is replaced.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -57,9 +57,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megasft.errors import ConfigError
+from megasft.megatron.compat import (
+    TESTED_MEGATRON_CORE_VERSIONS,
+    installed_megatron_core_version,
+    untested_version_message,
+)
 
-CHECKED_MEGATRON_CORE_VERSIONS: tuple[str, ...] = ("0.16.1",)
-"""megatron-core versions whose CUDA assumptions were read and redirected by this module."""
+CHECKED_MEGATRON_CORE_VERSIONS: tuple[str, ...] = TESTED_MEGATRON_CORE_VERSIONS
+"""megatron-core versions whose CUDA assumptions were read and redirected by this module (the
+tested versions: the GPU path warns about any other, see `compat.warn_if_untested`)."""
 
 _CPU = torch.device("cpu")
 
@@ -84,22 +90,12 @@ def cpu_emulation_enabled() -> bool:
     return _enabled
 
 
-def installed_megatron_core_version() -> str:
-    """The installed megatron-core version string (from the package metadata)."""
-    return importlib.metadata.version("megatron-core")
-
-
 def check_megatron_core_version(version: str | None = None) -> None:
     """Refuse a megatron-core version whose CUDA assumptions were not checked."""
     version = version or installed_megatron_core_version()
     if version not in CHECKED_MEGATRON_CORE_VERSIONS:
-        checked = ", ".join(CHECKED_MEGATRON_CORE_VERSIONS)
         raise ConfigError(
-            f"megatron-core {version} is installed, but the CPU emulation layer "
-            f"(megasft/megatron/cpu.py) was checked against {checked} only. Install "
-            f"megatron-core=={CHECKED_MEGATRON_CORE_VERSIONS[-1]}, or read the redirects in "
-            "megasft/megatron/cpu.py against the new version and add it to "
-            "CHECKED_MEGATRON_CORE_VERSIONS."
+            untested_version_message(version, "the CPU emulation layer (megasft/megatron/cpu.py)")
         )
 
 

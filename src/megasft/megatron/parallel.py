@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megasft.errors import ConfigError
+from megasft.megatron.compat import warn_if_untested
 from megasft.megatron.cpu import accelerator_present, enable_cpu_emulation
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -69,6 +70,7 @@ def initialize_parallel(
         torch_device = torch.device("cpu")
         backend = "gloo"
     else:
+        warn_if_untested()  # the CPU emulation layer refuses an untested version instead
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(torch_device)
         backend = "nccl"

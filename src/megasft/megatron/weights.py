@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megasft.constants import ARCHITECTURE_FILE
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import ModelArchitecture
+from megasft.megatron.compat import check_checkpoint_readable
 
 _EXTRA_STATE = "_extra_state"
 
@@ -53,7 +54,8 @@ def load_weights(
         checkpoint_dir: a megasft megatron checkpoint (converted or trained).
 
     Raises:
-        ConfigError: the checkpoint's tensors do not fit the model.
+        ConfigError: the checkpoint's tensors do not fit the model, or the installed
+            megatron-core cannot read its format (`compat.check_checkpoint_readable`).
     """
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     # The DDP wrapper's keys carry a `module.` prefix that the checkpoint's do not.
@@ -66,6 +68,7 @@ def load_weights(
         }
         for index, chunk in enumerate(chunks)
     }
+    check_checkpoint_readable(checkpoint_dir)
     state_dict = dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir))
     for index, chunk in enumerate(chunks):
         missing, unexpected = chunk.load_state_dict(state_dict[f"model{index}"], strict=False)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from megasft.constants import ARCHITECTURE_FILE, HF_FILES_DIR
 from megasft.errors import ConfigError
+from megasft.megatron.compat import check_checkpoint_readable
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TRAIN_STATE_FILE = "train_state.json"
@@ -185,6 +186,7 @@ def load_checkpoint(
     state (step, counters). Collective."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_readable(checkpoint)
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         # The distributed optimizer reads Adam's per-parameter "step" while building what to
         # load, and a fresh torch Adam (no Apex / Transformer Engine, as on CPU) has none

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megasft.errors import ConfigError
+from megasft.megatron.compat import warn_if_untested
 from megasft.megatron.cpu import accelerator_present, enable_cpu_emulation
 from megasft.train.config import TrainConfig
 
@@ -68,6 +69,7 @@ def setup_parallel(config: TrainConfig) -> Parallel:
             f"(--nproc {config.nproc} x --nodes {config.nodes}); launch with matching numbers"
         )
     if on_accelerator:
+        warn_if_untested()  # the CPU emulation layer refuses an untested version instead
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
