@@ -26,7 +26,7 @@ from tests.deploy.rendering import IMAGE_UID
 DIGEST_PINNED = re.compile(r"^[^@\s]+:[A-Za-z0-9_][A-Za-z0-9_.-]*@sha256:[0-9a-f]{64}$")
 # Bases pinned by an exact release tag only, because no digest for them could be confirmed from
 # here (no registry access; docs/deploy.md says how to pin them). Every other base has a digest.
-TAG_PINNED = {"docker/Dockerfile.train-cuda": "nvcr.io/nvidia/pytorch:26.05-py3"}
+TAG_PINNED = {"docker/Dockerfile.train-cuda": "nvcr.io/nvidia/pytorch:26.06-py3"}
 OCI_LABELS = {
     "org.opencontainers.image.title",
     "org.opencontainers.image.description",
