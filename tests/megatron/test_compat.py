@@ -64,7 +64,7 @@ def test_the_cuda_graph_field_has_the_installed_name_and_silences_the_full_scope
     from megasft.megatron.builder import transformer_config
 
     version = compat.installed_megatron_core_version()
-    assert compat.transformer_config_fields() == {CUDA_GRAPH_FIELD[version]: []}
+    assert compat.version_specific_config_fields() == {CUDA_GRAPH_FIELD[version]: []}
     architecture = ModelArchitecture.from_json(TINY_LLAMA)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

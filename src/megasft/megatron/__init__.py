@@ -8,8 +8,9 @@
 - `parallel`: `initialize_parallel()` for torchrun or one process, on GPUs or on CPU (gloo).
 - `weights`: `load_weights()` of a converted or trained checkpoint at any TP/PP.
 - `cpu`: the opt-in emulation layer that runs unmodified megatron-core on CPU.
+- `compat`: the differences between the tested megatron-core versions (0.16.1, 0.19.2).
 - `rope`: RoPE frequencies megatron-core does not compute the Hugging Face way (Llama 3.1).
 
-`architecture`, `families`, `hf_config`, `rope`, `cpu` and `parallel` can be imported without
+`architecture`, `families`, `hf_config`, `rope`, `cpu`, `compat` and `parallel` can be imported without
 importing megatron-core.
 """

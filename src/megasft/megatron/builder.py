@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megasft.errors import ConfigError
 from megasft.megatron import families
 from megasft.megatron.architecture import ModelArchitecture
-from megasft.megatron.compat import transformer_config_fields
+from megasft.megatron.compat import version_specific_config_fields
 from megasft.megatron.cpu import accelerator_present
 from megasft.megatron.rope import llama3_inverse_frequencies
 
@@ -76,7 +76,7 @@ def transformer_config(
         perform_initialization=perform_initialization,
         use_cpu_initialization=not accelerator_present(),
         gradient_accumulation_fusion=False,
-        **transformer_config_fields(),
+        **version_specific_config_fields(),
     )
     fields.update(overrides or {})
     return TransformerConfig(**fields)

@@ -60,7 +60,7 @@ def warn_if_untested(version: str | None = None) -> bool:
     return True
 
 
-def transformer_config_fields() -> dict[str, Any]:
+def version_specific_config_fields() -> dict[str, Any]:
     """`TransformerConfig` fields that every megasft model sets, named as the installed
     megatron-core names them.
 
