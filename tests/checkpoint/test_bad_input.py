@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megasft.checkpoint import safetensors_io, torch_save_format
+from megasft.checkpoint import safetensors_io, torch_zip
 from megasft.checkpoint.convert import convert
 from megasft.checkpoint.errors import CheckpointError
 from megasft.errors import ConfigError, MegasftError
@@ -167,9 +167,9 @@ def disk_full_after(writes: int, copy):
 def test_failure_while_writing_leaves_nothing(llama_dir, tmp_path, monkeypatch):
     # Some chunk files are complete when the disk fills up.
     monkeypatch.setattr(
-        torch_save_format,
+        torch_zip,
         "copy_bytes_with_crc32",
-        disk_full_after(3, torch_save_format.copy_bytes_with_crc32),
+        disk_full_after(3, torch_zip.copy_bytes_with_crc32),
     )
     assert_refused(OSError, "disk full", "hf", "megatron", llama_dir, tmp_path / "out")
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from megasft.checkpoint import dcp_metadata, tensor_bytes, torch_save_format
+from megasft.checkpoint import dcp_metadata, tensor_bytes, torch_save_format, torch_zip
 from megasft.checkpoint.dcp_metadata import StoredChunk, StoredTensor
 from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
 from megasft.checkpoint.tensor_bytes import (
@@ -89,7 +89,7 @@ def test_zip64_records_load_in_torch_and_check_out(tmp_path, monkeypatch):
     # Records of 4 GiB, or beyond 4 GiB, get zip64 fields (checked byte for byte against
     # torch.save of a 4 GiB tensor while writing this); a lowered limit gives every record
     # some, on a small file.
-    monkeypatch.setattr(torch_save_format, "_ZIP64_LIMIT", 200)
+    monkeypatch.setattr(torch_zip, "_ZIP64_LIMIT", 200)
     tensor = torch.randn(30, 20)
     torch_save_format.write_tensor_file(tmp_path / "chunk", "F32", (30, 20), [memory_bytes(tensor)])
 
