@@ -25,7 +25,7 @@ from typing import Any
 from megasft.errors import ConfigError
 from megasft.pipeline.config import PipelineConfig, check_inputs
 from megasft.pipeline.progress import StepLogs
-from megasft.pipeline.steps import PIPELINE_NAME, experiment_name
+from megasft.pipeline.steps.common import PIPELINE_NAME, experiment_name
 
 # Per step, the output artifact whose metadata holds its key figures, and which of them a quiet
 # run's progress line shows. kfp.local names a second use of a component NAME-2 (the export is

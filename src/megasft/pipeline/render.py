@@ -12,7 +12,7 @@ from megasft.errors import ConfigError
 from megasft.launch.cluster import ClusterLauncher
 from megasft.launch.registry import TrainingPlan
 from megasft.pipeline.config import PipelineConfig
-from megasft.pipeline.steps import training_settings
+from megasft.pipeline.steps.training import training_settings
 
 EXAMPLE_RUN_ID = "00000000-0000-0000-0000-000000000000"
 """The run id a rendered job is named after when none is given (the name hashes the run's id)."""
