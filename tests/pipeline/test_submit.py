@@ -16,6 +16,7 @@ import yaml
 from megasft.cli import main
 from megasft.errors import MegasftError
 from megasft.pipeline import compile as compile_module
+from megasft.pipeline import run_summary
 from megasft.pipeline import submit as submit_module
 from megasft.pipeline.config import load_pipeline_config
 from megasft.pipeline.steps import PIPELINE_NAME
@@ -263,15 +264,15 @@ def test_through_the_cli_with_a_token_and_a_step_summary(config, capsys, monkeyp
 def test_the_mlflow_link_names_the_parent_run_when_mlflow_knows_it(config, monkeypatch):
     with KfpStub() as stub:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", stub.url)
-        assert submit_module.mlflow_link(config, "kfp-run-1") == stub.url  # no such experiment
+        assert run_summary.mlflow_link(config, "kfp-run-1") == stub.url  # no such experiment
         stub.mlflow_experiments["megasft-demo"] = "7"
         stub.mlflow_runs["kfp-run-1"] = "abc123"
-        assert submit_module.mlflow_link(config, "kfp-run-1") == (
+        assert run_summary.mlflow_link(config, "kfp-run-1") == (
             f"{stub.url}/#/experiments/7/runs/abc123"
         )
-    assert submit_module.mlflow_link(config, "kfp-run-1") == stub.url  # server gone: base URL
+    assert run_summary.mlflow_link(config, "kfp-run-1") == stub.url  # server gone: base URL
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert submit_module.mlflow_link(config, "kfp-run-1") is None  # demo: sqlite, no server
+    assert run_summary.mlflow_link(config, "kfp-run-1") is None  # demo: sqlite, no server
 
 
 def test_the_ui_endpoint_variable_moves_the_link(stub, config, capsys, monkeypatch):
