@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,19 +148,3 @@ def _check_device_features(
             "the per-document mask with the window mask, which would let packed documents "
             "see each other. Prepare the data with --no-pack for a CPU run"
         )
-
-
-def manifest_summary(plan: RunPlan) -> str:
-    """One line about the run for the log."""
-    config = plan.config
-    return json.dumps(
-        {
-            "train_rows": plan.train_rows,
-            "val_rows": plan.val_rows,
-            "seq_length": plan.seq_length,
-            "train_iters": config.train_iters,
-            "micro_batches_per_step": config.micro_batches,
-            "data_parallel": config.data_parallel,
-            "resume_from": str(plan.resume_from) if plan.resume_from else None,
-        }
-    )
