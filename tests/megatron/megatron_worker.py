@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megasft.constants import ARCHITECTURE_FILE
+from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.builder import build_model, transformer_config
 from megasft.megatron.parallel import destroy_parallel, initialize_parallel
-from megasft.megatron.weights import load_weights, read_architecture
+from megasft.megatron.weights import load_weights
 
 
 def main() -> None:
@@ -110,6 +112,10 @@ def reset_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int) ->
 
 
 # --- what is measured ------------------------------------------------------------------------------
+
+
+def read_architecture(checkpoint: str) -> ModelArchitecture:
+    return ModelArchitecture.load(Path(checkpoint) / ARCHITECTURE_FILE)
 
 
 def load_model(checkpoint: str, *, parallel_output: bool = True):

@@ -36,9 +36,9 @@ from megasft.train.metrics import (
     StabilityMonitor,
     model_flops,
     peak_tflops,
-    read_metrics,
 )
 from megasft.train.step import context_parallel_indices, shifted_targets, thd_inputs
+from tests.train.records import read_metrics
 
 
 def _micro_batch(seq_lengths: list[list[int]], seq_len: int, seed: int = 0) -> MicroBatch:

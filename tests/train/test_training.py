@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from megasft.data.store import open_split
 from megasft.train.data import StepSampler
-from megasft.train.metrics import read_metrics
 from tests.conftest import REPO
+from tests.train.records import read_metrics
 from tests.train.workspace import Workspace, make_workspace
 
 pytestmark = pytest.mark.slow

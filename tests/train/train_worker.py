@@ -70,8 +70,8 @@ def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
     import torch.distributed as dist
 
     from megasft.train.config import TrainConfig
-    from megasft.train.metrics import read_metrics
     from megasft.train.recipe import train
+    from tests.train.records import read_metrics
 
     config = TrainConfig(
         data=inputs[data],
@@ -110,8 +110,8 @@ def resume_in_process(save: Path, inputs: dict) -> dict:
     import threading
     import time
 
-    from megasft.train.metrics import read_metrics
     from megasft.train.recipe import Preempted
+    from tests.train.records import read_metrics
 
     settings = dict(train_iters=6, save_interval=2, eval_interval=0)
     uninterrupted = run(save / "uninterrupted", inputs, **settings)
@@ -241,9 +241,11 @@ def cross_entropy_parity(save: Path, inputs: dict) -> dict:
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
+    from megasft.constants import ARCHITECTURE_FILE
     from megasft.data.store import open_split, read_manifest
+    from megasft.megatron.architecture import ModelArchitecture
     from megasft.megatron.builder import build_model, transformer_config
-    from megasft.megatron.weights import load_weights, read_architecture
+    from megasft.megatron.weights import load_weights
     from megasft.train.config import TrainConfig
     from megasft.train.data import collate
     from megasft.train.distributed import setup_parallel, teardown_parallel
@@ -256,7 +258,7 @@ def cross_entropy_parity(save: Path, inputs: dict) -> dict:
     )  # fmt: skip
     parallel = setup_parallel(config)
     try:
-        architecture = read_architecture(inputs["mcore_model"])
+        architecture = ModelArchitecture.load(Path(inputs["mcore_model"]) / ARCHITECTURE_FILE)
         model = build_model(
             architecture,
             transformer_config(architecture, tensor_parallel_size=2, perform_initialization=False),

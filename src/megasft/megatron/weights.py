@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
@@ -18,25 +17,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megasft.constants import ARCHITECTURE_FILE
 from megasft.errors import ConfigError
-from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.compat import check_checkpoint_readable
 
 _EXTRA_STATE = "_extra_state"
-
-
-def read_architecture(checkpoint_dir: str | os.PathLike) -> ModelArchitecture:
-    """The architecture saved with a megasft megatron checkpoint.
-
-    Args:
-        checkpoint_dir: a megasft megatron checkpoint (converted or trained).
-
-    Returns:
-        Its architecture.
-
-    Raises:
-        ConfigError: the architecture file is missing or invalid.
-    """
-    return ModelArchitecture.load(Path(checkpoint_dir) / ARCHITECTURE_FILE)
 
 
 def load_weights(
