@@ -1,31 +1,9 @@
 """The `.metadata` file of a DCP checkpoint, written and read without importing torch.
 
-DCP's `FileSystemWriter` pickles a `torch.distributed.checkpoint.metadata.Metadata` into
-`.metadata`, and every reader (DCP's `FileSystemReader`, hence megatron-core's
-`dist_checkpointing.load`) unpickles it with `pickle.load`. Importing
-`torch.distributed.checkpoint` to build those objects costs about a second (its package
-imports DTensor), more than a conversion's own work, so this module writes the same pickle
-by naming DCP's classes, without them: a pickle refers to a class by module and name, and
-the unpickler builds it from its state. What each object pickles as (torch 2.x):
-
-    Metadata               NEWOBJ, BUILD {state_dict_metadata, planner_data, storage_data,
-                           storage_meta, version}
-    TensorStorageMetadata  NEWOBJ, BUILD {properties, size, chunks}
-    ChunkStorageMetadata   NEWOBJ, BUILD {offsets, sizes}
-    TensorProperties       NEWOBJ, BUILD (dtype, layout, requires_grad,
-                           _MEM_FORMAT_ENCODING(0), pin_memory): its own __getstate__
-    MetadataIndex          NEWOBJ, BUILD {fqn, index, offset}   (the keys of storage_data)
-    _StorageInfo           NEWOBJ, BUILD {relative_path, offset, length}: None fields left out
-    StorageMeta            NEWOBJ, BUILD {checkpoint_id, save_id, load_id, modules}
-    torch.Size(t)          REDUCE torch.Size (t,);  a dtype: the global torch.<name>;
-                           torch.strided: REDUCE torch.serialization._get_layout ("torch.strided",)
-
-The tests unpickle the result with torch and compare it with the `Metadata` DCP's own writer
-produces, and load the checkpoints with megatron-core.
-
-Reading goes the other way: an unpickler that builds plain stand-ins for exactly these
-names. A checkpoint whose metadata names anything else (another writer, a newer DCP) is
-read with DCP itself, importing it then.
+The writer pickles what DCP's `FileSystemWriter` would, naming DCP's classes by module and name
+instead of importing them (that costs about a second); the reader unpickles into plain
+stand-ins for exactly those names, and falls back to DCP itself for anything else. What each
+object pickles as, and why: docs/convert.md, "The files, written without torch".
 """
 
 from __future__ import annotations
@@ -78,7 +56,13 @@ class StoredTensor:
 
 
 def write_metadata(path: Path, tensors: Sequence[StoredTensor], checkpoint_id: str) -> None:
-    """Write what DCP's `FileSystemWriter` writes as `.metadata` for these tensors."""
+    """Write what DCP's `FileSystemWriter` writes as `.metadata` for these tensors.
+
+    Args:
+        path: the file to write.
+        tensors: every stored tensor, with its chunks and their files.
+        checkpoint_id: recorded as the checkpoint's id (`StorageMeta.checkpoint_id`).
+    """
     state_dict_metadata = {}
     storage_data = {}
     for tensor in tensors:
@@ -252,9 +236,17 @@ class UnknownMetadata(Exception):
 def read_metadata(path: Path) -> list[StoredTensor]:
     """The tensors recorded in a DCP `.metadata` file, read without torch.
 
-    Raises `UnknownMetadata` when the pickle names anything but the classes and functions
-    `write_metadata` names (the caller then reads it with DCP: `metadata_from_dcp`), and
-    the unpickler's own errors for a damaged file."""
+    Args:
+        path: the `.metadata` file.
+
+    Returns:
+        The stored tensors, with their chunks.
+
+    Raises:
+        UnknownMetadata: the pickle names anything but the classes and functions
+            `write_metadata` names (the caller then reads it with DCP: `metadata_from_dcp`).
+        Exception: the unpickler's own errors, for a damaged file.
+    """
     with open(path, "rb") as stream:
         metadata = _StandInUnpickler(stream).load()
     return metadata_from_dcp(metadata)
@@ -262,7 +254,14 @@ def read_metadata(path: Path) -> list[StoredTensor]:
 
 def metadata_from_dcp(metadata: object) -> list[StoredTensor]:
     """The tensors of a DCP `Metadata`, as torch builds it or as `read_metadata`'s stand-ins
-    (which carry the same attributes; dtypes and layouts are names there)."""
+    (which carry the same attributes; dtypes and layouts are names there).
+
+    Args:
+        metadata: the unpickled `Metadata` (or its stand-in).
+
+    Returns:
+        The stored tensors, with their chunks; pickled objects (not weights) are left out.
+    """
     storage = {
         (index.fqn, tuple(index.offset)): info
         for index, info in (getattr(metadata, "storage_data", None) or {}).items()

@@ -1,28 +1,10 @@
 """megatron-core `dist_checkpointing` checkpoints, written and read one tensor chunk at a time.
 
-A megatron-core checkpoint in the `torch_dist` format is a PyTorch Distributed Checkpoint
-(DCP) directory (`.metadata` plus `*.distcp` data files) with two megatron-core files beside
-it: `metadata.json` (which backend wrote the checkpoint) and `common.pt` (state that is not
-sharded; empty for model weights). Every sharded tensor is stored under its *sharded key*
-with its global shape, as chunks; the transformer layers of a `GPTModel` are stacked into one
-tensor per parameter with the layer as the leading axis (`decoder.layers.mlp.linear_fc2.weight`
-has shape [num_layers, hidden, ffn]), one chunk per layer. Because the global shapes do not
-depend on the parallel layout, megatron-core loads such a checkpoint at any TP/PP.
-
-The writer lays the checkpoint out as DCP's `FileSystemWriter` does for one process with one
-file per chunk (`__0_<n>.distcp`, each chunk the bytes of `torch.save(chunk)`), with the
-`.metadata` DCP would pickle, but copies each chunk's bytes straight from its sources
-(`torch_save_format`, `dcp_metadata`): no tensor is built, and neither torch nor DCP is
-imported. `dist_checkpointing.save` would need the whole state dict in memory; DCP itself,
-the tensors. The tests load these checkpoints with megatron-core's own
-`dist_checkpointing.load` at TP=1 and TP=2.
-
-The reader returns any region of a stored tensor as byte sources. A region that is a
-contiguous block of one stored chunk (every chunk this module writes, and most of a
-checkpoint megatron-core saved at TP=1) is located inside that chunk's archive and copied
-from the file. Anything else (a region spread over the per-rank chunks of a checkpoint
-megatron-core saved at TP>1, a chunk stored through a DCP extension) is assembled in memory
-by DCP's resharding reader (`dist_checkpoint_resharding`, which imports torch).
+The writer lays a `torch_dist` checkpoint out as DCP's `FileSystemWriter` does for one process
+(one `torch.save` file per chunk, then `.metadata`), copying each chunk's bytes from its
+sources: no tensor is built, neither torch nor DCP is imported. The reader returns any region
+of a stored tensor as byte sources, located in its chunk's file where it is contiguous, else
+assembled by DCP's resharding reader. See docs/convert.md, "The files, written without torch".
 """
 
 from __future__ import annotations
@@ -89,7 +71,16 @@ class ChunkToWrite:
 
 
 def write_dist_checkpoint(directory: Path, chunks: Sequence[ChunkToWrite]) -> None:
-    """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`."""
+    """Write `chunks` as a megatron-core `torch_dist` checkpoint into `directory`.
+
+    Args:
+        directory: the checkpoint directory (created if missing).
+        chunks: every chunk of every tensor, each producing its bytes when written.
+
+    Raises:
+        CheckpointError: the chunks do not tile their tensors, or a chunk produced other than
+            its planned number of bytes.
+    """
     tensors = _check_plan(chunks)
     directory.mkdir(parents=True, exist_ok=True)
     # No fsync per file, like `save_pretrained`: the caller renames the directory into place
@@ -195,7 +186,20 @@ class DistCheckpointReader:
             )
 
     def read(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> ByteSource:
-        """The bytes of the region of tensor `key` starting at `offsets`, of `shape`."""
+        """The bytes of the region of tensor `key` starting at `offsets`, of `shape`.
+
+        Args:
+            key: the tensor's sharded key.
+            offsets: where the region starts, per axis.
+            shape: the region's shape.
+
+        Returns:
+            The region's bytes (row-major), located in a chunk's file where possible.
+
+        Raises:
+            CheckpointError: no such tensor, an unsupported dtype, a region outside the tensor,
+                or stored bytes that disagree with the metadata.
+        """
         stored = self.tensors.get(key)
         if stored is None:
             raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {key!r}")

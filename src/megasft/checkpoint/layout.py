@@ -1,18 +1,8 @@
 """The files of a megasft megatron checkpoint directory, and the HF files carried along.
 
-```
-MCORE_DIR/
-  metadata.json, common.pt, .metadata, __0_*.distcp   megatron-core dist_checkpointing (torch_dist)
-  architecture.json                                   megasft.megatron.ModelArchitecture
-  hf/                                                 config.json, generation_config.json and the
-                                                      tokenizer files of the source HF model
-```
-
-The directory is itself the `dist_checkpointing` checkpoint, so megatron-core's
-`dist_checkpointing.load(model.sharded_state_dict(), MCORE_DIR)` reads it directly. A training
-run that saves checkpoints in this layout (architecture.json and hf/ copied along) can be
-exported with `megasft convert --from megatron`. The names every layer needs live in
-`megasft.constants`.
+`MCORE_DIR/` holds the `dist_checkpointing` checkpoint itself, `architecture.json` and `hf/`
+(the source model's config and tokenizer files). The tree and what reads it: docs/convert.md,
+"The two sides". The names every layer needs live in `megasft.constants`.
 """
 
 from __future__ import annotations
@@ -58,8 +48,15 @@ HF_METADATA_FILES = (HF_CONFIG_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES)
 
 
 def copy_hf_metadata_files(source: Path, destination: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files that exist in `source`; returns
-    the names copied."""
+    """Copy the config, generation config and tokenizer files that exist in `source`.
+
+    Args:
+        source: an HF model directory.
+        destination: where the copies go (created if missing).
+
+    Returns:
+        The names copied.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in HF_METADATA_FILES:

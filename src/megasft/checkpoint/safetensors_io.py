@@ -1,15 +1,9 @@
 """Hugging Face weight files: reading tensors as byte ranges, sharded writing.
 
-Reading parses each safetensors header (names, dtypes, shapes, offsets) and hands out every
-tensor as the byte range it occupies in its file, for the converter to copy: no tensor is
-loaded, and torch is not imported (`pytorch_model.bin`, a pickle, is the exception: it is
-loaded with torch, memory-mapped). Writing produces each tensor's bytes only when they are
-due: the safetensors header is known from the plan, so a shard is written front to back,
-each tensor copied from its sources by the kernel, without keeping the shard in memory.
-
-The safetensors layout written here (https://github.com/huggingface/safetensors): an
-unsigned little-endian 64-bit header length, the JSON header padded with spaces to a multiple
-of 8 bytes, then the raw little-endian tensor bytes in header order, without gaps.
+Reading hands out every tensor as the byte range it occupies in its file, without loading it or
+importing torch (`pytorch_model.bin` is the exception); writing puts each shard's bytes out
+front to back, copied from their sources. The layout and why: docs/convert.md, "The files,
+written without torch".
 """
 
 from __future__ import annotations
@@ -80,7 +74,17 @@ class HFWeightsReader:
         _check_index_complete(self.directory, files, self.tensors)
 
     def read(self, name: str) -> ByteSource:
-        """The bytes of the tensor called `name` (row-major)."""
+        """The bytes of the tensor called `name` (row-major).
+
+        Args:
+            name: the tensor's HF name.
+
+        Returns:
+            Its bytes: a byte range of its safetensors file, or memory for a `pytorch_model.bin`.
+
+        Raises:
+            CheckpointError: the weights hold no tensor of that name.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r} in the weights")
@@ -248,6 +252,7 @@ class TensorToWrite:
 
     @property
     def byte_count(self) -> int:
+        """The tensor's size in bytes."""
         return byte_count(self.shape, self.dtype)
 
 
@@ -255,7 +260,15 @@ def plan_shards(
     tensors: Sequence[TensorToWrite], max_shard_bytes: int
 ) -> list[list[TensorToWrite]]:
     """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets
-    a shard of its own)."""
+    a shard of its own).
+
+    Args:
+        tensors: the tensors, in the order they are written.
+        max_shard_bytes: the most bytes of one shard.
+
+    Returns:
+        The shards, each a list of tensors.
+    """
     shards: list[list[TensorToWrite]] = [[]]
     shard_bytes = 0
     for tensor in tensors:
@@ -271,7 +284,20 @@ def write_hf_weights(
     directory: Path, tensors: Sequence[TensorToWrite], *, max_shard_bytes: int
 ) -> list[Path]:
     """Write `tensors` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards
-    with `model.safetensors.index.json` when they exceed `max_shard_bytes`. Returns the files."""
+    with `model.safetensors.index.json` when they exceed `max_shard_bytes`.
+
+    Args:
+        directory: where the files go.
+        tensors: the tensors, in order, each producing its bytes when written.
+        max_shard_bytes: the most bytes of one shard.
+
+    Returns:
+        The files written (the index last).
+
+    Raises:
+        CheckpointError: a tensor's dtype cannot be written, or it produced other than its
+            planned number of bytes.
+    """
     shards = plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         path = directory / SAFETENSORS_FILE
@@ -294,7 +320,17 @@ def write_hf_weights(
 
 
 def write_safetensors_file(path: Path, tensors: Iterable[TensorToWrite]) -> None:
-    """Write one safetensors file, producing and writing one tensor at a time."""
+    """Write one safetensors file, producing and writing one tensor at a time.
+
+    Args:
+        path: the file to write.
+        tensors: its tensors, in order.
+
+    Raises:
+        CheckpointError: a tensor's dtype cannot be written, or it produced other than its
+            planned number of bytes.
+        RuntimeError: the machine is not little-endian.
+    """
     if sys.byteorder != "little":
         raise RuntimeError("writing safetensors needs a little-endian machine")
     tensors = list(tensors)

@@ -44,8 +44,21 @@ to a path, it uses the file name without its extension)."""
 def write_tensor_file(
     path: Path, dtype: str, shape: Sequence[int], sources: Sequence[ByteSource]
 ) -> int:
-    """Write the tensor of `dtype` (a safetensors dtype name) and `shape` whose bytes are
-    `sources` as `torch.save` would, into a new file at `path`. Returns the file's size."""
+    """Write the tensor of `dtype` and `shape` whose bytes are `sources` as `torch.save` would.
+
+    Args:
+        path: the new file (it must not exist).
+        dtype: a safetensors dtype name, e.g. "BF16".
+        shape: the tensor's shape (at least one axis).
+        sources: the tensor's bytes, row-major, in order.
+
+    Returns:
+        The file's size.
+
+    Raises:
+        ValueError: a 0-dimensional tensor, or sources of the wrong total length.
+        FileExistsError: `path` exists.
+    """
     if not shape:
         raise ValueError(f"{path}: a 0-dimensional tensor is not supported")
     if total_length(sources) != byte_count(shape, dtype):
@@ -64,7 +77,11 @@ def write_tensor_file(
 
 def write_empty_dict_file(path: Path) -> None:
     """Write what `torch.save({}, path)` writes (megatron-core's `common.pt` of a
-    weights-only checkpoint)."""
+    weights-only checkpoint).
+
+    Args:
+        path: the new file (it must not exist; its stem names the archive, as in torch).
+    """
     with ZipWriter(path, path.stem) as archive:
         archive.add("data.pkl", b"\x80\x02}q\x00.")  # PROTO 2, EMPTY_DICT, BINPUT 0, STOP
         _add_format_records(archive)
@@ -128,7 +145,14 @@ def _pickle_str(text: str) -> bytes:
 
 
 def pickle_int(value: int) -> bytes:
-    """An int as Python's pickler writes it (BININT1, BININT2, BININT or LONG1)."""
+    """An int as Python's pickler writes it (BININT1, BININT2, BININT or LONG1).
+
+    Args:
+        value: the int.
+
+    Returns:
+        The opcode and its argument.
+    """
     if 0 <= value < 0x100:
         return b"K" + bytes([value])
     if 0 <= value < 0x10000:
@@ -163,11 +187,21 @@ class PlainTensor:
 
 def locate_tensor(path: Path, offset: int = 0, length: int | None = None) -> PlainTensor:
     """The tensor in the `torch.save` archive that occupies bytes `offset` to
-    `offset + length` of the file at `path` (the whole file by default).
+    `offset + length` of the file at `path`.
 
-    Raises `NotAPlainTensor` for anything but one contiguous tensor of a known dtype, as
-    `torch.save` writes it (a strided view, another object, a damaged archive), for the
-    caller to fall back to torch's own reader."""
+    Args:
+        path: the file.
+        offset: where the archive starts in it.
+        length: the archive's size (default: the rest of the file).
+
+    Returns:
+        The tensor's dtype, shape and the byte range of its data.
+
+    Raises:
+        NotAPlainTensor: anything but one contiguous tensor of a known dtype, as `torch.save`
+            writes it (a strided view, another object, a damaged archive), for the caller to
+            fall back to torch's own reader.
+    """
     try:
         return _locate_tensor(path, offset, length)
     except (struct.error, ValueError, StopIteration) as error:  # torn zip fields

@@ -61,15 +61,24 @@ class ZipWriter:
         os.close(self._descriptor)
 
     def add(self, name: str, data: bytes) -> None:
-        """Write a record holding `data` (small records: the pickle, the format markers)."""
+        """Write a record holding `data` (small records: the pickle, the format markers).
+
+        Args:
+            name: the record's name, relative to the archive's.
+            data: its bytes.
+        """
         record = self._start_record(name, len(data))
         record.crc = zlib.crc32(data)
         self._write(data)
         self._end_record(record)
 
     def add_streamed(self, name: str, sources: Sequence[ByteSource]) -> None:
-        """Write a record whose bytes are copied from `sources`, with their CRC-32 computed
-        on the way."""
+        """Write a record whose bytes are copied from `sources`, their CRC-32 computed on the way.
+
+        Args:
+            name: the record's name, relative to the archive's.
+            sources: its bytes, in order.
+        """
         record = self._start_record(name, total_length(sources))
         record.crc = copy_bytes_with_crc32(self._descriptor, sources)
         self._position += record.size
