@@ -1,16 +1,10 @@
 """Token ids of many texts: exactly what `encode_batch(texts, add_special_tokens=False)` gives,
 at less cost.
 
-`prepare` spends most of its time here. Where the tokenizer is a byte-level BPE that
-tiktoken's core reproduces (Qwen, Llama 3; see fast_bpe.py), that core encodes the texts, in
-about a third of the time. Otherwise, or where it ever differs, the tokenizer does, and three
-kinds of work it would do for nothing are left out:
-
-- offsets: `encode_batch_fast` returns the same ids without tracking where each token came
-  from (masking finds token positions from the ids, see token_bytes.py);
-- a Unicode normalization pass over text already in the normal form (`IdsEncoder._left_alone`);
-- encoding the same opening again and again: chat templates put the same text before every
-  conversation (Qwen's injected default system prompt, say); see `_shared_opening`.
+`prepare` spends most of its time here: tiktoken's BPE core (fast_bpe.py) encodes where it
+reproduces the tokenizer, otherwise the tokenizer does, without offsets, redundant
+normalization or re-encoding the shared opening of every conversation. See docs/prepare.md,
+"Encoding fast".
 """
 
 from __future__ import annotations

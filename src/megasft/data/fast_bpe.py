@@ -1,33 +1,9 @@
 """tiktoken's BPE core for the byte-level BPE tokenizers it reproduces id for id.
 
-Byte-level BPE tokenizers of the tiktoken lineage (Qwen2, Qwen2.5, Qwen3, Llama 3; GPT-2
-style ones too) rank every merge by the id of the token it makes. `tokenizers` applies the
-listed merges one by one in that order; tiktoken merges whichever adjacent pair makes the
-lowest-id token, and takes a piece that is a whole token as it is. The two agree where every
-token is what the merges make of its own bytes, as in a vocabulary learned by BPE training,
-and tiktoken gets there with far less bookkeeping: on GSM8K with Qwen2.5's tokenizer it
-encodes the rendered conversations in about a third of `encode_batch_fast`'s time. `prepare`
-spends most of its time encoding, so this is where its speed comes from.
-
-`fast_bpe_for(spec)` builds the encoder from a tokenizer.json only where the file shows what
-the two need:
-- a BPE model without dropout, byte fallback or word prefixes/suffixes, each merge making a
-  token whose id is above both its parts' and above the previous merge's token;
-- a byte-level vocabulary holding all 256 bytes;
-- pre-tokenization by one regular expression (a `Split` on a regex, isolated matches, then
-  `ByteLevel` without its own regex; or `ByteLevel` with GPT-2's regex);
-- no normalizer, or a Unicode normal form (callers send only text already in that form);
-- added tokens matched on the raw text as they are: not normalized, stripping no whitespace,
-  needing no word boundary, none inside another.
-
-What the file does not show (that every token comes back whole from its own bytes, which
-takes a second and a half to check on Qwen2.5; that the two regex engines class every
-character alike) is checked as the encoder runs: `IdsEncoder` compares the longest text of
-every batch with `tokenizers`' ids and gives this encoder up for good at the first
-difference, and masking checks byte for byte that every text's tokens spell it out
-(token_bytes.py), so a regex that skipped characters would be caught there. The tests compare
-both libraries on the real Qwen2.5 tokenizer over its whole vocabulary, every Unicode code
-point and random concatenations of its tokens.
+`fast_bpe_for(spec)` builds the encoder from a tokenizer.json only where the file shows that
+tiktoken and `tokenizers` agree (Qwen2, Qwen2.5, Qwen3, Llama 3, GPT-2 style); what the file
+cannot show is checked as the encoder runs (`IdsEncoder`, token_bytes.py). The conditions, why
+they suffice, and the measured gain: docs/prepare.md, "Encoding fast".
 """
 
 from __future__ import annotations
@@ -56,9 +32,15 @@ class FastBPE:
     added_tokens: frozenset[str]
 
     def encode(self, texts: list[str]) -> list[list[int] | None]:
-        """The ids of each text; None for a text tiktoken's regex engine gives up on (a run
-        of a million spaces overflows its backtracking stack), for the caller to encode
-        another way."""
+        """The ids of each text.
+
+        Args:
+            texts: the texts (with added tokens matched as they are).
+
+        Returns:
+            Per text, its ids, or None for a text tiktoken's regex engine gives up on (a run of a
+            million spaces overflows its backtracking stack), for the caller to encode another way.
+        """
         return [self._encode_one(text) for text in texts]
 
     def _encode_one(self, text: str) -> list[int] | None:
@@ -71,7 +53,14 @@ class FastBPE:
 
 
 def fast_bpe_for(spec: dict) -> FastBPE | str:
-    """The encoder for a parsed tokenizer.json, or why there is none (a sentence)."""
+    """The encoder for a parsed tokenizer.json, or why there is none.
+
+    Args:
+        spec: the parsed tokenizer.json.
+
+    Returns:
+        The encoder, or a sentence saying why tiktoken cannot reproduce this tokenizer.
+    """
     try:
         import tiktoken
     except ImportError:
@@ -181,7 +170,14 @@ MAX_ADDED_TOKENS_COMPARED = 1024
 
 def may_hold_one_another(contents: list[str]) -> bool:
     """Whether one added token may lie inside another. Where none does, each is matched in a
-    text on its own, at the same places whatever the text around it."""
+    text on its own, at the same places whatever the text around it.
+
+    Args:
+        contents: the added tokens' texts.
+
+    Returns:
+        True where one may (always, above MAX_ADDED_TOKENS_COMPARED tokens).
+    """
     return len(contents) > MAX_ADDED_TOKENS_COMPARED or any(
         inner != outer and inner in outer for inner in contents for outer in contents
     )

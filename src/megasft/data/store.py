@@ -1,17 +1,9 @@
 """The dataset on disk: Arrow IPC files, one per split, memory-mapped when read.
 
-Layout of a `megasft prepare` output directory:
-
-    manifest.json     counts, token totals, packing efficiency, rejects by reason, hashes
-    train.arrow       EXAMPLE_SCHEMA rows (packed or not)
-    val.arrow         same schema; absent rows mean an empty split, the file always exists
-    rejects.jsonl     one line per rejected row: source, row, field, reason, message
-    preview.html      a few examples with the trained tokens highlighted
-
-Each row is one training sequence. `loss_mask[i] == 1` iff token `i` is a training target
-(predicted from the tokens before it); the trainer shifts. `seq_lengths` lists the lengths of
-the examples packed into the row, in order (a single entry for an unpacked row), so that the
-trainer can isolate documents in attention and restart position ids.
+A `megasft prepare` output directory holds manifest.json, train.arrow and val.arrow
+(`EXAMPLE_SCHEMA` rows), rejects.jsonl and preview.html. Each row is one training sequence;
+`loss_mask[i] == 1` iff token `i` is a training target (the trainer shifts), and `seq_lengths`
+lists the packed examples' lengths. See docs/prepare.md, "The output on disk".
 """
 
 from __future__ import annotations
@@ -40,6 +32,18 @@ PREVIEW_FILE = "preview.html"
 
 
 def split_file(directory: str | Path, split: str) -> Path:
+    """The Arrow file of a split in a prepared dataset directory.
+
+    Args:
+        directory: the `megasft prepare` output directory.
+        split: "train" or "val".
+
+    Returns:
+        The file's path (it may not exist).
+
+    Raises:
+        ValueError: an unknown split.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     return Path(directory) / f"{split}.arrow"
@@ -54,13 +58,29 @@ def numpy_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
 
     Not `pa.array(values)` nor `value_type.to_pandas_dtype()`: both import pandas on first use
     (0.4-0.7 s), which a tokenizer run does not need.
+
+    Args:
+        values: the values (copied only if not contiguous or of another dtype).
+        value_type: the Arrow type, one the example schema uses.
+
+    Returns:
+        The array.
     """
     values = np.ascontiguousarray(values, dtype=_NUMPY_TYPES[value_type])
     return pa.Array.from_buffers(value_type, len(values), [None, pa.py_buffer(values)])
 
 
 def list_array(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """A list array whose i-th list holds the next `lengths[i]` items of `values`."""
+    """A list array whose i-th list holds the next `lengths[i]` items of `values`.
+
+    Args:
+        lengths: [lists] the length of each list.
+        values: [sum(lengths)] the items, end to end.
+        value_type: the items' Arrow type.
+
+    Returns:
+        The list array.
+    """
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(
@@ -72,7 +92,16 @@ def flat_example_batch(
     input_ids: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray
 ) -> pa.RecordBatch:
     """A record batch of one example per row, from the examples laid end to end: row i holds
-    the next `lengths[i]` tokens."""
+    the next `lengths[i]` tokens.
+
+    Args:
+        input_ids: [tokens] every example's ids, end to end.
+        loss_mask: [tokens] the matching loss mask.
+        lengths: [examples] each example's length.
+
+    Returns:
+        An `EXAMPLE_SCHEMA` batch (unpacked: one entry in each row's `seq_lengths`).
+    """
     seq_lengths = list_array(np.ones(len(lengths), np.int64), lengths, pa.int32())
     return pa.RecordBatch.from_arrays(
         [
@@ -94,23 +123,48 @@ class SplitWriter:
         self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Append a record batch (an empty one is skipped).
+
+        Args:
+            batch: `EXAMPLE_SCHEMA` rows.
+        """
         if batch.num_rows:
             self._writer.write_batch(batch)
             self.rows += batch.num_rows
 
     def close(self) -> None:
+        """Finish the file (its footer) and close it."""
         self._writer.close()
         self._sink.close()
 
 
 def open_table(path: str | Path) -> pa.Table:
-    """The whole file as a zero-copy, memory-mapped table."""
+    """The whole file as a zero-copy, memory-mapped table.
+
+    Args:
+        path: an Arrow IPC file.
+
+    Returns:
+        The table.
+    """
     with pa.memory_map(str(path), "r") as source:
         return pa.ipc.open_file(source).read_all()
 
 
 def open_split(directory: str | Path, split: str = "train") -> pa.Table:
-    """A split of a prepared dataset as a memory-mapped Arrow table."""
+    """A split of a prepared dataset as a memory-mapped Arrow table.
+
+    Args:
+        directory: the `megasft prepare` output directory.
+        split: "train" or "val".
+
+    Returns:
+        The split's table.
+
+    Raises:
+        InputError: the directory has no such file (not a prepared dataset).
+        ValueError: an unknown split.
+    """
     path = split_file(directory, split)
     if not path.is_file():
         raise InputError(
@@ -120,13 +174,35 @@ def open_split(directory: str | Path, split: str = "train") -> pa.Table:
 
 
 def read_examples(directory: str | Path, split: str = "train") -> Iterator[dict]:
-    """Yields each row of a split as a dict of `input_ids`, `loss_mask`, `seq_lengths` lists."""
+    """Each row of a split as a dict of `input_ids`, `loss_mask`, `seq_lengths` lists.
+
+    Args:
+        directory: the `megasft prepare` output directory.
+        split: "train" or "val".
+
+    Returns:
+        An iterator over the rows.
+
+    Raises:
+        InputError: the directory has no such file (not a prepared dataset).
+    """
     table = open_split(directory, split)
     for batch in table.to_batches(max_chunksize=1024):
         yield from batch.to_pylist()
 
 
 def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a prepared dataset.
+
+    Args:
+        directory: the `megasft prepare` output directory.
+
+    Returns:
+        manifest.json, parsed.
+
+    Raises:
+        InputError: the directory has no manifest.json (not a prepared dataset).
+    """
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise InputError(f"{path} does not exist: {directory} is not a `megasft prepare` output")

@@ -1,17 +1,10 @@
 """Where each token of a byte-level BPE encoding starts in its text, from the ids alone.
 
-Masking needs to know where every token starts in the rendered text. `encode_batch` tracks
-that for each token (character offsets through normalization and pre-tokenization), and the
-bookkeeping is about a fifth of its time when texts are encoded chunk after chunk, as
-`prepare` does (their allocations are freed and reused each chunk; measured 0.78 on GSM8K in
-chunks of 256); `encode_batch_fast` returns the same ids without it (see encode.py). With
-byte-level BPE (GPT-2, Llama 3, Qwen) every id stands for a fixed byte string, so a token starts at the sum of the byte lengths of the tokens before it, provided those byte
-strings, laid end to end, are exactly the text's UTF-8 bytes. `TokenBytes.locate` checks that
-byte for byte for every text; a text whose tokens do not spell it out (a normalizer changed
-it, a token is not byte-level, an added token stripped whitespace) is reported, and the
-caller tokenizes it again with offsets.
-
-Byte positions are character positions for ASCII text; for other text the caller converts.
+With byte-level BPE every id stands for a fixed byte string, so a token starts at the sum of
+the byte lengths of the tokens before it, provided those strings spell the text's UTF-8 bytes
+exactly; `TokenBytes.locate` checks that for every text and reports those it cannot place, for
+the caller to tokenize again with offsets. Byte positions are character positions for ASCII
+text; for other text the caller converts. See docs/prepare.md, "Encoding fast".
 """
 
 from __future__ import annotations
@@ -76,8 +69,15 @@ class TokenBytes:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> TokenBytes | None:
-        """None where ids cannot spell texts out: not byte-level BPE, or a normalizer that may
-        change text (lowercasing, replacing) without changing it back."""
+        """The token bytes of `tokenizer`, where its ids can spell texts out.
+
+        Args:
+            tokenizer: a `tokenizers.Tokenizer`.
+
+        Returns:
+            None where ids cannot spell texts out: not byte-level BPE, or a normalizer that may
+            change text (lowercasing, replacing) without changing it back.
+        """
         normalizer = tokenizer.normalizer
         if normalizer is not None and not isinstance(normalizer, _IDENTITY_ON_NORMALIZED_TEXT):
             return None
@@ -92,10 +92,15 @@ class TokenBytes:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The byte length of every token of many texts, and which texts their tokens spell.
 
-        `ids` holds the tokens of all texts end to end, `counts[r]` of them for `texts[r]`
-        (its UTF-8 bytes). Returns `(lengths, spelled)`: `lengths[j]` is the byte length of
-        token j, and `spelled[r]` says whether the tokens of text r, laid end to end, are its
-        bytes exactly; only then do its tokens' lengths give where they start.
+        Args:
+            ids: [tokens] the tokens of all texts end to end.
+            counts: [texts] `counts[r]` of them belong to `texts[r]`.
+            texts: each text's UTF-8 bytes.
+
+        Returns:
+            `(lengths, spelled)`: `lengths[j]` is the byte length of token j, and `spelled[r]`
+            says whether the tokens of text r, laid end to end, are its bytes exactly; only then
+            do its tokens' lengths give where they start.
         """
         self._look_up(ids)
         lengths = self._lengths[ids]  # [tokens], negative for an id with no fixed bytes
@@ -176,8 +181,14 @@ def _byte_level_bytes(token: str) -> bytes | None:
 
 
 def byte_level_vocabulary(vocab: dict[str, int]) -> dict[bytes, int] | None:
-    """The bytes each token of a byte-level vocabulary stands for -> its id; None if some
-    token has a character outside the byte-level alphabet."""
+    """The bytes each token of a byte-level vocabulary stands for -> its id.
+
+    Args:
+        vocab: token (in the byte-level alphabet) -> id.
+
+    Returns:
+        Bytes -> id; None if some token has a character outside the byte-level alphabet.
+    """
     tokens = "".join(vocab)
     if _NOT_BYTE_LEVEL.search(tokens):
         return None
