@@ -1,24 +1,12 @@
 """Container image references: the one place the components, the manifests and `make images` read them.
 
-Each image is built from one Dockerfile under docker/ and named
-REGISTRY/REPOSITORY:TAG (or REGISTRY/REPOSITORY@sha256:DIGEST). The defaults live here; a
-deployment overrides them with environment variables:
-
-    MEGASFT_IMAGE_REGISTRY     registry and path of every image (default registry.example.com/megasft)
-    MEGASFT_IMAGE_TAG          tag of every image (default: the package version)
-    MEGASFT_IMAGE_TRAIN_ROCM   a full reference for one image, e.g. ghcr.io/acme/train@sha256:...
-                               (likewise MEGASFT_IMAGE_TRAIN_CUDA, MEGASFT_IMAGE_CPU, MEGASFT_IMAGE_MLFLOW)
-
-The default registry is under example.com, a domain reserved for examples: a cluster that was not
-told where its images are fails to pull them, loudly, instead of pulling somebody else's.
+Each image is built from one Dockerfile under docker/ and named REGISTRY/REPOSITORY:TAG (or
+@sha256:DIGEST); the defaults live here and `MEGASFT_IMAGE_*` variables override them.
 
     python -m megasft.images --list            IMAGE<TAB>DOCKERFILE<TAB>REFERENCE, one line per image
-    python -m megasft.images build [IMAGE ...] [--push]
-                                               builds them with docker or podman (`make images`)
+    python -m megasft.images build [IMAGE ...] [--push]    (`make images`; exits 2 without an engine)
 
-`build` exits 2 when neither docker nor podman can build here (a client without a running
-engine counts as none), saying what it found, so that a CI step that is meant to build images
-never passes without building them.
+The variables, the example.com default and the build: docs/deploy.md, "Images".
 """
 
 from __future__ import annotations
@@ -94,7 +82,17 @@ class ImageRef:
 
     @classmethod
     def parse(cls, reference: str) -> ImageRef:
-        """The inverse of `reference`: REGISTRY/REPOSITORY[:TAG][@DIGEST]."""
+        """The inverse of `reference`: REGISTRY/REPOSITORY[:TAG][@DIGEST].
+
+        Args:
+            reference: an image reference, registry included.
+
+        Returns:
+            The parsed reference.
+
+        Raises:
+            ImageError: the reference has no registry (or is otherwise invalid).
+        """
         name, _, digest = reference.partition("@")
         tag = None
         last_slash = name.rfind("/")
@@ -122,6 +120,7 @@ class Image:
 
     @property
     def override_variable(self) -> str:
+        """The environment variable that replaces this image's whole reference (MEGASFT_IMAGE_<NAME>)."""
         return "MEGASFT_IMAGE_" + self.name.upper().replace("-", "_")
 
 
@@ -158,8 +157,18 @@ IMAGES: dict[str, Image] = {
 
 
 def image_for(name: str, environ: Mapping[str, str] | None = None) -> ImageRef:
-    """The reference of image `name`, after the MEGASFT_IMAGE_* overrides in `environ`
-    (os.environ)."""
+    """The reference of image `name`, after the MEGASFT_IMAGE_* overrides.
+
+    Args:
+        name: one of IMAGES.
+        environ: where the overrides are read (default: os.environ).
+
+    Returns:
+        The reference.
+
+    Raises:
+        ImageError: an unknown image, or an override that is not a valid reference.
+    """
     environ = os.environ if environ is None else environ
     if name not in IMAGES:
         raise ImageError(f"unknown image {name!r}; known: {', '.join(IMAGES)}")
@@ -185,6 +194,12 @@ def find_container_engine(
 
     A client alone is not enough: `docker` without a reachable daemon cannot build, so each
     candidate must answer `info`.
+
+    Args:
+        candidates: the engines to try, in order.
+
+    Returns:
+        (the engine's path or None, what was found: one finding per candidate).
     """
     findings = []
     for name in candidates:
@@ -208,6 +223,17 @@ def find_container_engine(
 
 
 def build_command(engine: str, spec: Image, image: ImageRef, revision: str) -> list[str]:
+    """The build command of one image, with the OCI labels' build arguments.
+
+    Args:
+        engine: the container engine's path.
+        spec: the image to build.
+        image: its reference (the tag given to the build).
+        revision: the git commit it is built from.
+
+    Returns:
+        The command, to run from the repository root.
+    """
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     command = [engine, "build", "--file", spec.dockerfile, "--tag", image.reference]
     if spec.platform:
@@ -228,7 +254,20 @@ def _git_revision() -> str:
 
 
 def build(names: Sequence[str], push: bool = False) -> int:
-    """Builds (and pushes) the images `names` from the repository root; returns the exit code."""
+    """Build (and push) the images `names` from the repository root.
+
+    Args:
+        names: images of IMAGES.
+        push: push each image after its build.
+
+    Returns:
+        The exit code: 0, 1 when a build or push failed, NO_ENGINE_EXIT_CODE (2) when no
+        container engine can build here.
+
+    Raises:
+        ImageError: an unknown image, a bad override, or a Dockerfile not found (not run from
+            the repository root).
+    """
     images = {name: image_for(name) for name in names}  # bad names and overrides fail first
     dockerfiles = [IMAGES[name].dockerfile for name in names]
     missing = [path for path in dockerfiles if not os.path.isfile(path)]
@@ -258,6 +297,14 @@ def build(names: Sequence[str], push: bool = False) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m megasft.images`: `--list`, or `build [IMAGE ...] [--push]`.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+
+    Returns:
+        The exit code.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m megasft.images", description="The container images of megasft."
     )

@@ -1,19 +1,10 @@
 """Loading a model to evaluate: a Hugging Face directory, or a megatron checkpoint converted to
 one in-process, together with its tokenizer, chat template and end-of-turn tokens.
 
-A directory is read as:
-
-- a Hugging Face model when it holds `config.json`;
-- a megasft megatron-core checkpoint when it holds `architecture.json` (or dist_checkpointing's
-  `metadata.json`), as `megasft convert --to megatron` writes it (`megasft.checkpoint.layout`).
-  It is converted to a Hugging Face directory in a scratch directory by the convert stage
-  (`megasft.checkpoint.convert.convert`), in this process, and loaded from there.
-
-The tokenizer comes from `--tokenizer`, else from the model (for a megatron checkpoint: the
-tokenizer files it carries in `hf/`, or those of `--convert-base`). A tokenizer without a
-chat template is refused unless the ChatML fallback is asked for explicitly: `megasft prepare`
-falls back to ChatML silently, but evaluating a base model with a template it never saw would
-produce numbers nobody should trust without knowing it.
+A directory with `config.json` is a Hugging Face model; one with `architecture.json` (or
+dist_checkpointing's `metadata.json`) is a megasft megatron-core checkpoint, converted in a
+scratch directory by the convert stage and loaded from there. A tokenizer without a chat
+template is refused unless the ChatML fallback is asked for. See docs/evaluate.md, "Inputs".
 """
 
 from __future__ import annotations
@@ -54,11 +45,23 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """The device the model's weights are on."""
         return next(self.model.parameters()).device
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` is the first CUDA (or ROCm) device when there is one, else the CPU."""
+    """The device `--device` names.
+
+    Args:
+        device: "auto" (the first CUDA or ROCm device when there is one, else the CPU), or a
+            torch device name.
+
+    Returns:
+        The device.
+
+    Raises:
+        ConfigError: a CUDA device was asked for and none is available.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -67,8 +70,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on an accelerator that supports it, else float32 (CPU matmuls in
-    bf16 are slow and make batched and one-by-one generation disagree)."""
+    """The dtype `--dtype` names.
+
+    Args:
+        dtype: "auto" (bfloat16 on an accelerator that supports it, else float32: CPU matmuls
+            in bf16 are slow and make batched and one-by-one generation disagree), or a name
+            in DTYPES.
+        device: the device the model goes to.
+
+    Returns:
+        The dtype.
+    """
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -77,12 +89,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def is_hf_model(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model directory (it holds config.json).
+
+    Args:
+        path: a directory.
+
+    Returns:
+        True for a Hugging Face model.
+    """
     return (path / "config.json").is_file()
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
-    """A megasft megatron-core checkpoint (`megasft.checkpoint.layout`): the directory is a
-    `dist_checkpointing` checkpoint with the model's `architecture.json` beside it."""
+    """Whether `path` is a megasft megatron-core checkpoint (`megasft.checkpoint.layout`): a
+    `dist_checkpointing` checkpoint with the model's `architecture.json` beside it.
+
+    Args:
+        path: a directory.
+
+    Returns:
+        True for a megatron checkpoint (and not an HF model).
+    """
     if not path.is_dir() or is_hf_model(path):
         return False
     if (path / ARCHITECTURE_FILE).is_file():
@@ -102,9 +129,21 @@ def _is_training_output(path: Path) -> bool:
 
 
 def convert_megatron_to_hf(source: Path, destination: Path, base: Path | None) -> Path:
-    """Converts a megatron checkpoint to a Hugging Face directory with the convert stage
-    (`megasft.checkpoint.convert`), in this process. Without `base`, the config and tokenizer
-    files stored in the checkpoint (its `hf/` directory) go with the weights."""
+    """Convert a megatron checkpoint to a Hugging Face directory with the convert stage
+    (`megasft.checkpoint.convert`), in this process.
+
+    Args:
+        source: the megatron checkpoint.
+        destination: the HF directory to write.
+        base: the HF model whose config and tokenizer go with the weights; without it, those
+            stored in the checkpoint (its `hf/` directory).
+
+    Returns:
+        `destination`.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be converted.
+    """
     from megasft.checkpoint.convert import convert
 
     convert("megatron", "hf", source, destination, base=base)
@@ -112,7 +151,18 @@ def convert_megatron_to_hf(source: Path, destination: Path, base: Path | None) -
 
 
 def model_kind(path: str | Path) -> str:
-    """ "hf" or "megatron"; raises InputError for anything else."""
+    """What kind of model the directory at `path` holds.
+
+    Args:
+        path: the model's directory.
+
+    Returns:
+        "hf" or "megatron".
+
+    Raises:
+        InputError: a missing path, a file, a training run's output directory, or anything
+            else.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"model {path} does not exist")
@@ -142,7 +192,19 @@ def check_model(
 ) -> None:
     """What `load_model` would refuse, found without loading weights: run for every model
     before the first one is loaded, so a bad baseline does not fail after the tuned model's
-    generation."""
+    generation.
+
+    Args:
+        path: the model's directory.
+        tokenizer: `--tokenizer`, if given.
+        chatml_fallback: whether a tokenizer without a chat template may use ChatML.
+        fallback_tokenizer: the tokenizer to borrow when the model has none.
+        convert_base: the HF model a megatron checkpoint came from, if given.
+
+    Raises:
+        InputError: the model or its tokenizer is missing or of an unknown kind.
+        ConfigError: the tokenizer has no chat template and no fallback was asked for.
+    """
     path = Path(path)
     kind = model_kind(path)
     if kind == "megatron" and convert_base:
@@ -162,8 +224,22 @@ def load_tokenizer(
     chatml_fallback: bool,
 ) -> ChatTokenizer:
     """The model's tokenizer: `tokenizer` when given, else the one in `hf_path`, else
-    `fallback_tokenizer`. Refuses a missing tokenizer and, unless `chatml_fallback`, one
-    without a chat template."""
+    `fallback_tokenizer`.
+
+    Args:
+        path: the model's directory (named in errors).
+        hf_path: the HF directory whose tokenizer files the model carries.
+        tokenizer: `--tokenizer`, if given.
+        fallback_tokenizer: the tokenizer to borrow when `hf_path` has none.
+        chatml_fallback: whether a tokenizer without a chat template may use ChatML.
+
+    Returns:
+        The tokenizer with its chat template.
+
+    Raises:
+        InputError: no tokenizer.json where the tokenizer was looked for.
+        ConfigError: no chat template, and `chatml_fallback` is not set.
+    """
     if tokenizer:
         tokenizer_dir = Path(tokenizer)
     elif not (hf_path / "tokenizer.json").is_file() and fallback_tokenizer:
@@ -195,12 +271,30 @@ def load_model(
     convert_base: str | Path | None = None,
     fallback_tokenizer: str | Path | None = None,
 ) -> LoadedModel:
-    """Loads the model at `path` (HF or megatron) with its tokenizer; raises InputError or
-    ConfigError with what to do when either cannot be used.
+    """Load the model at `path` (HF or megatron) with its tokenizer.
 
     The tokenizer is `tokenizer` when given, else the model's own, else `fallback_tokenizer`
     (a baseline without tokenizer files borrows the tuned model's). A megatron checkpoint is
     converted under `scratch`, with `convert_base` as the Hugging Face model it came from.
+
+    Args:
+        path: the model's directory.
+        tokenizer: `--tokenizer`, if given.
+        device: where the weights go.
+        dtype: the weights' dtype.
+        chatml_fallback: whether a tokenizer without a chat template may use ChatML.
+        scratch: where a megatron checkpoint is converted.
+        convert_base: the HF model a megatron checkpoint came from, if given.
+        fallback_tokenizer: the tokenizer to borrow when the model has none.
+
+    Returns:
+        The model, its tokenizer, stop tokens and description.
+
+    Raises:
+        InputError: the model, its tokenizer or their vocabularies cannot be used (the message
+            says what to do).
+        ConfigError: the tokenizer has no chat template and no fallback was asked for, or no
+            end-of-answer token can be found.
     """
     path = Path(path)
     kind = model_kind(path)
@@ -261,6 +355,16 @@ def stop_token_ids(chat_tokenizer: ChatTokenizer) -> tuple[int, ...]:
     The end-of-turn token is found by rendering a one-turn conversation and taking the first
     special token after the answer (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3,
     `</s>` for Llama 2 and Mistral), so no template needs to be known by name.
+
+    Args:
+        chat_tokenizer: the tokenizer with its chat template.
+
+    Returns:
+        The stop ids, end-of-turn first.
+
+    Raises:
+        ConfigError: the template cannot render a user/assistant exchange, or neither an
+            end-of-turn token nor an EOS can be found.
     """
     tokenizer = chat_tokenizer.tokenizer
     stop: list[int] = []
@@ -292,7 +396,11 @@ def stop_token_ids(chat_tokenizer: ChatTokenizer) -> tuple[int, ...]:
 
 
 def free(loaded: LoadedModel) -> None:
-    """Drops the model's weights before the next model is loaded."""
+    """Drop the model's weights before the next model is loaded.
+
+    Args:
+        loaded: the model to drop (its `model` becomes None).
+    """
     loaded.model = None
     gc.collect()  # transformers models hold reference cycles; free the weights now
     if torch.cuda.is_available():

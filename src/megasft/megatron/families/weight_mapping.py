@@ -1,21 +1,10 @@
 """Hugging Face <-> megatron-core weight names as data: the entries of a family's table.
 
-Each entry names one megatron-core tensor (by the key it has in a `dist_checkpointing`
-checkpoint) and the Hugging Face tensor(s) it is made of; `{layer}` stands for the layer
-number. Three kinds of entry cover every supported family:
-
-- `Rename`: the same tensor under another name;
-- `FusedQKV`: megatron-core's `linear_qkv`, the query, key and value projections fused and
-  interleaved per query group (`megasft.checkpoint.mappings.qkv_blocks`);
-- `FusedGateUp`: megatron-core's `linear_fc1`, the gate and up projections stacked
-  ([gate; up], the order megatron-core's gated MLP splits them in).
-
-`DECODER` is the table of the decoder every family starts from (`base.ModelFamily`). Its
-checkpoint keys are the ones megatron-core writes for both its local and its Transformer
-Engine layer specs: the local spec's `input_layernorm` and `pre_mlp_layernorm` are saved as
-`self_attention.linear_qkv.layer_norm_weight` and `mlp.linear_fc1.layer_norm_weight`, the
-names of the norms that Transformer Engine fuses into the following linear layer.
-See docs/convert.md.
+Each entry names one megatron-core tensor (its `dist_checkpointing` key; `{layer}` stands for
+the layer number) and the HF tensor(s) it is made of: `Rename`, `FusedQKV` (per query group)
+or `FusedGateUp` ([gate; up]). `DECODER` is the table every family starts from; its keys are
+those megatron-core writes for both its local and its Transformer Engine layer specs.
+See docs/convert.md, "Weight names: one table per family".
 """
 
 from __future__ import annotations
@@ -32,6 +21,7 @@ class Rename:
 
     @property
     def hf_names(self) -> tuple[str, ...]:
+        """The HF tensor this entry reads or writes."""
         return (self.hf,)
 
 
@@ -46,6 +36,7 @@ class FusedQKV:
 
     @property
     def hf_names(self) -> tuple[str, ...]:
+        """The HF tensors fused into this entry: q, k, v."""
         return (self.q, self.k, self.v)
 
 
@@ -59,6 +50,7 @@ class FusedGateUp:
 
     @property
     def hf_names(self) -> tuple[str, ...]:
+        """The HF tensors fused into this entry: gate, up."""
         return (self.gate, self.up)
 
 
