@@ -1,27 +1,10 @@
 """Named run configurations of the SFT pipeline (pipelines/configs/*.yaml).
 
-A run configuration is one YAML file with a section per stage. Each section is handed to its
-stage as it stands, so its keys are that stage's own settings (the `megasft prepare`,
-`megasft train` and `megasft evaluate` flags, spelled with underscores):
-
-    name: demo                      # shown in MLflow and in the run name
-    description: ...
-    data:       path (the raw data file) + PrepareConfig settings (format, column_map, ...)
-    model:      path (the Hugging Face base model) [+ tokenizer, when not the model's own]
-    train:      TrainConfig settings (tensor_parallel, global_batch_size, lr, train_iters, ...)
-    launcher:   kind (local | pytorchjob | trainjob) + that launcher's settings (megasft.launch)
-    evaluate:   data (the held-out prompts) + EvaluateConfig settings (task, gate, limit, ...)
-    tracking:   TrackingConfig settings: uri, experiment, registered_model, alias
-    notify:     NotifyConfig settings: webhook (a URL that receives the final status; optional)
-
-The pipeline takes the sections as its parameters (one dict each, rather than thirty flat
-parameters), so `kfp run create` and the Kubeflow UI show the same grouping as the file.
-
-Checks come in two rounds. `PipelineConfig(...)` checks the shape: known sections, known keys,
-types the stages would refuse. `check_inputs()` checks what needs the files: that the data and
-the model exist, that the model family is one megasft converts, that the parallel layout fits
-the model. It runs in the pipeline's first step (so a bad run fails there, before any heavy
-work) and in `megasft pipeline run-local` before the pipeline starts.
+A run configuration is one YAML file with a section per stage (`data`, `model`, `train`,
+`launcher`, `evaluate`, `tracking`, `notify`), each holding that stage's own settings; the
+pipeline takes the sections as its parameters, one dict each. `PipelineConfig(...)` checks the
+shape; `check_inputs()` checks what needs the files, in the pipeline's first step and before
+`megasft pipeline run-local` starts. See docs/pipeline.md, "Run configurations".
 """
 
 from __future__ import annotations
@@ -37,15 +20,17 @@ import yaml
 from megasft.errors import ConfigError, InputError
 from megasft.launch.registry import Launcher, launcher_from_settings, launcher_section
 from megasft.pipeline.sections import NotifyConfig, TrackingConfig
+from megasft.pipeline.stage_settings import (
+    TRAIN_WIRED,
+    check_keys,
+    evaluate_settings,
+    field_names,
+    prepare_settings,
+    train_settings,
+)
 
-# Settings each section owns beside its stage's own, and stage settings the pipeline sets itself
-# (inputs and outputs are artifacts, wired by the pipeline).
-_DATA_OWN = {"path"}
-_DATA_WIRED = {"inputs", "tokenizer", "output", "overwrite", "progress", "workers"}
 _MODEL_KEYS = {"path", "tokenizer"}
-_TRAIN_WIRED = {"data", "load", "save"}
-_EVALUATE_OWN = {"data"}
-_EVALUATE_WIRED = {"model", "output", "baseline", "val_data", "tokenizer", "convert_base"}
+"""The settings of the `model` section (it has no stage of its own)."""
 
 
 def tracking_config(section: Mapping[str, Any] | TrackingConfig) -> TrackingConfig:
@@ -122,7 +107,7 @@ class PipelineConfig:
             raise ConfigError("data.path: give the raw data file to fine-tune on")
         if not self.model.get("path"):
             raise ConfigError("model.path: give the Hugging Face base model directory")
-        _check_keys("model", self.model, _MODEL_KEYS)
+        check_keys("model", self.model, _MODEL_KEYS)
         # Each stage's own config class names the keys its section may hold. A training recipe
         # file is read later (it may live where the steps run, not here).
         self.prepare_settings()
@@ -132,16 +117,31 @@ class PipelineConfig:
     # -- the stage settings, ready for each stage's config class ------------------------------
 
     def prepare_settings(self) -> dict[str, Any]:
+        """The `data` section as PrepareConfig keyword arguments (see `prepare_settings`)."""
         return prepare_settings(self.data)
 
     def train_settings(self, read_recipe: bool = True) -> dict[str, Any]:
+        """The `train` section as TrainConfig keyword arguments (see `train_settings`).
+
+        Args:
+            read_recipe: read the recipe file the section names (False where it may live
+                elsewhere, as when checking the shape on load).
+
+        Returns:
+            The settings.
+
+        Raises:
+            ConfigError: an unknown key, or a recipe that cannot be read.
+        """
         return train_settings(self.train, read_recipe=read_recipe)
 
     def evaluate_settings(self) -> dict[str, Any]:
+        """The `evaluate` section as EvaluateConfig keyword arguments (see `evaluate_settings`)."""
         return evaluate_settings(self.evaluate)
 
     @property
     def tokenizer_path(self) -> str:
+        """The tokenizer's directory: `model.tokenizer`, else the model's own."""
         return str(self.model.get("tokenizer") or self.model["path"])
 
     # -- saved forms --------------------------------------------------------------------------
@@ -161,11 +161,29 @@ class PipelineConfig:
 
     @classmethod
     def from_arguments(cls, config_name: str, **sections: Any) -> PipelineConfig:
-        """The inverse of `arguments()`: what each pipeline step rebuilds from its parameters."""
+        """The inverse of `arguments()`: what each pipeline step rebuilds from its parameters.
+
+        Args:
+            config_name: the configuration's name.
+            **sections: the sections, one dict each.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ConfigError: a section's shape is wrong (unknown keys, bad values).
+        """
         return cls(name=config_name, **sections)
 
     def with_paths_resolved(self, base: Path) -> PipelineConfig:
-        """Relative local paths made absolute against `base` (the steps run elsewhere)."""
+        """Relative local paths made absolute against `base` (the steps run elsewhere).
+
+        Args:
+            base: the directory relative paths are relative to.
+
+        Returns:
+            A copy with the data, model, recipe, prompts and sqlite tracking paths absolute.
+        """
 
         def resolve(value: Any) -> Any:
             if isinstance(value, str) and value and "://" not in value:
@@ -191,7 +209,18 @@ class PipelineConfig:
         )
 
     def with_overrides(self, assignments: list[str]) -> PipelineConfig:
-        """`section.key=value` assignments (values parsed as YAML), as `--set` gives them."""
+        """`section.key=value` assignments (values parsed as YAML), as `--set` gives them.
+
+        Args:
+            assignments: the assignments, in order.
+
+        Returns:
+            A copy with the settings replaced.
+
+        Raises:
+            ConfigError: an assignment not of the form SECTION.KEY=VALUE, an unknown section, or
+                a result the sections' checks refuse.
+        """
         sections = self.arguments()
         name = sections.pop("config_name")
         for assignment in assignments:
@@ -210,58 +239,6 @@ class PipelineConfig:
         return PipelineConfig(name=name, description=self.description, **sections)
 
 
-def prepare_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """The `data` section as PrepareConfig keyword arguments (inputs and outputs are wired)."""
-    from megasft.data.config import PrepareConfig
-
-    settings = {key: value for key, value in data.items() if key not in _DATA_OWN}
-    _check_keys("data", settings, _field_names(PrepareConfig) - _DATA_WIRED, _DATA_OWN)
-    return _with_column_map_pairs(_with_whole_numbers(PrepareConfig, settings))
-
-
-def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str, Any]:
-    """The `train` section as TrainConfig keyword arguments: a recipe's values, then the
-    section's own (data, load and save are wired)."""
-    from megasft.train.config import TrainConfig, load_recipe
-
-    settings = dict(train)
-    recipe = settings.pop("recipe", None)
-    values = load_recipe(recipe) if recipe and read_recipe else {}
-    values.update(settings)
-    _check_keys("train", values, _field_names(TrainConfig) - _TRAIN_WIRED, {"recipe"})
-    return _with_whole_numbers(TrainConfig, values)
-
-
-def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
-    """The `evaluate` section as EvaluateConfig keyword arguments, its own `data` (the
-    prompts) included (the models and outputs are wired)."""
-    from megasft.evaluate.config import EvaluateConfig
-
-    settings = dict(evaluate)
-    _check_keys("evaluate", settings, _field_names(EvaluateConfig) - _EVALUATE_WIRED, _EVALUATE_OWN)
-    return _with_column_map_pairs(_with_whole_numbers(EvaluateConfig, settings))
-
-
-def _with_whole_numbers(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
-    """Integer settings back from floats: KFP passes a dict parameter as a protobuf Struct,
-    whose numbers are all doubles, so `nproc: 2` arrives in the step as 2.0."""
-    import typing
-
-    hints = typing.get_type_hints(config_class)
-    for key, value in settings.items():
-        wants_int = hints.get(key) in (int, int | None)
-        if wants_int and isinstance(value, float) and value.is_integer():
-            settings[key] = int(value)
-    return settings
-
-
-def _with_column_map_pairs(settings: dict[str, Any]) -> dict[str, Any]:
-    """YAML writes a column map as a mapping; the stage configs take (field, column) pairs."""
-    if isinstance(settings.get("column_map"), dict):
-        settings["column_map"] = tuple(settings["column_map"].items())
-    return settings
-
-
 def config_directory() -> Path:
     """pipelines/configs, where the named configurations live (installed with the package)."""
     from megasft.pipeline.sources import configs_directory
@@ -270,7 +247,19 @@ def config_directory() -> Path:
 
 
 def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
-    """A configuration by name (pipelines/configs/NAME.yaml) or by path to a YAML file."""
+    """A configuration by name (pipelines/configs/NAME.yaml) or by path to a YAML file.
+
+    Args:
+        name_or_path: a shipped configuration's name, or a path.
+
+    Returns:
+        The configuration, its shape checked.
+
+    Raises:
+        InputError: no such configuration.
+        ConfigError: not YAML, not a mapping, an unknown or missing section, or a section the
+            checks refuse (the message names the file).
+    """
     directory = config_directory()
     path = Path(name_or_path)
     if not path.exists() and (directory / f"{name_or_path}.yaml").is_file():
@@ -302,11 +291,19 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
 
 
 def check_inputs(config: PipelineConfig) -> dict[str, Any]:
-    """What needs the files, before any heavy work; returns the base model's HF config.
+    """What needs the files, before any heavy work.
 
-    Raises InputError for a missing data file or model, ConfigError for a model family
-    megasft does not convert, GPUs (per node x nodes) that are not the world size the parallel
-    settings need (naming the settings), or a training layout that does not fit the model.
+    Args:
+        config: the configuration.
+
+    Returns:
+        The base model's HF config.
+
+    Raises:
+        InputError: a missing data file, model, tokenizer or prompts file.
+        ConfigError: a model family megasft does not convert, a gate that does not parse, GPUs
+            (per node x nodes) that are not the world size the parallel settings need (naming
+            the settings), or a training layout that does not fit the model.
     """
     from megasft.data.config import PrepareConfig
     from megasft.launch.registry import check_layout
@@ -340,7 +337,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
         f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length"
     )
     seq_length = config.prepare_settings().get("seq_length", default_length)
-    placeholders = {name: "." for name in _TRAIN_WIRED}  # the artifacts the pipeline wires in
+    placeholders = {name: "." for name in TRAIN_WIRED}  # the artifacts the pipeline wires in
     # The processes as the launcher runs them: train.nproc and train.nodes say it only locally.
     settings = check_layout(config.launcher, config.train_settings())
     try:
@@ -369,25 +366,10 @@ def _typed_section(config_class: type, section: str, values: Any) -> Any:
         return values
     if not isinstance(values, Mapping):
         raise ConfigError(f"{section}: expected a mapping of settings")
-    _check_keys(section, dict(values), _field_names(config_class))
+    check_keys(section, dict(values), field_names(config_class))
     return config_class(**values)
 
 
 def _section_values(config: Any) -> dict[str, Any]:
     """A typed section as the pipeline parameter carries it: the settings that are set."""
     return {key: value for key, value in dataclasses.asdict(config).items() if value is not None}
-
-
-def _field_names(config_class: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_class)}
-
-
-def _check_keys(
-    section: str, values: dict[str, Any], allowed: set[str], extra: set[str] = frozenset()
-) -> None:
-    unknown = sorted(set(values) - allowed - extra)
-    if unknown:
-        raise ConfigError(
-            f"{section}: unknown setting(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(allowed | extra))}"
-        )

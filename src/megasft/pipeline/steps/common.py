@@ -79,7 +79,14 @@ def combine_digests(*digests: str) -> str:
 
 
 def yaml_text(values: dict[str, Any]) -> str:
-    """`values` as YAML, keys in their order, without a trailing newline."""
+    """`values` as YAML, keys in their order, without a trailing newline.
+
+    Args:
+        values: plain data (dicts, lists, scalars).
+
+    Returns:
+        The YAML text.
+    """
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False).rstrip()
