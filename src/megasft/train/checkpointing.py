@@ -1,29 +1,11 @@
 """Training checkpoints: written atomically, kept K at a time, resumed exactly.
 
-Layout of `--save`:
-
-```
-SAVE/
-  iter_0000200/                      one checkpoint, a megasft megatron checkpoint (below)
-    metadata.json, common.pt,        megatron-core dist_checkpointing (torch_dist): the
-    .metadata, *.distcp              model's sharded_state_dict under the same keys as a
-                                     converted checkpoint, plus the optimizer's
-                                     (optimizer.state.*: Adam moments, fp32 main weights)
-    architecture.json, hf/           copied from --load, so `megasft convert --from megatron`
-                                     and `megasft evaluate` take this directory as it is
-    train_state.json                 step, samples consumed, counters: where to resume
-    rng/rank_00000.pt ...            each rank's random generator states
-  latest_checkpointed_iteration.txt  the step of the newest complete checkpoint
-```
-
-A checkpoint is written into `.iter_NNNNNNN.partial/` and renamed into place only when every
-rank has finished writing, then the pointer file is replaced (write-then-rename), then
-checkpoints beyond the newest K are removed. A crash at any point leaves either the previous
-checkpoint or the new one complete; a leftover `.partial` directory is ignored and cleared by
-the next save. Resuming takes the newest complete `iter_*` directory.
-
-The model weights are in the dtype the model trains in (bf16 under `--precision bf16`), which
-is what an exported Hugging Face model gets; the fp32 main weights live in the optimizer part.
+`SAVE/iter_NNNNNNN/` is a megasft megatron checkpoint (model and optimizer state, plus
+`architecture.json`, `hf/`, `train_state.json` and every rank's generator states), written
+into `.iter_NNNNNNN.partial/` and renamed into place when every rank has finished; then the
+pointer `latest_checkpointed_iteration.txt` is replaced and checkpoints beyond the newest K
+removed. The layout and what resuming restores: docs/train.md, "Output" and "Checkpoints and
+resuming".
 """
 
 from __future__ import annotations
@@ -52,11 +34,26 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_name(step: int) -> str:
+    """The directory name of the checkpoint of `step` (`iter_0000200`).
+
+    Args:
+        step: the optimizer step.
+
+    Returns:
+        The name.
+    """
     return f"iter_{step:07d}"
 
 
 def complete_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints in `save_dir`, oldest first."""
+    """The complete checkpoints in `save_dir`, oldest first.
+
+    Args:
+        save_dir: the run's `--save` directory (it may not exist).
+
+    Returns:
+        The `iter_*` directories that hold a train state.
+    """
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
@@ -71,13 +68,24 @@ def complete_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in `save_dir`, or None."""
+    """The newest complete checkpoint in `save_dir`.
+
+    Args:
+        save_dir: the run's `--save` directory (it may not exist).
+
+    Returns:
+        Its path, or None when there is none.
+    """
     checkpoints = complete_checkpoints(save_dir)
     return checkpoints[-1] if checkpoints else None
 
 
 def remove_partial_checkpoints(save_dir: Path) -> None:
-    """Remove `.iter_*.partial` directories: checkpoints whose writing was interrupted."""
+    """Remove `.iter_*.partial` directories: checkpoints whose writing was interrupted.
+
+    Args:
+        save_dir: the run's `--save` directory.
+    """
     for path in save_dir.glob(".iter_*.partial"):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -110,6 +118,9 @@ def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict[st
 
 
 def rng_state() -> dict[str, Any]:
+    """This rank's random generator states: python, numpy, torch, CUDA (with an accelerator)
+    and megatron-core's tensor-parallel tracker.
+    """
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     from megasft.megatron.cpu import accelerator_present
@@ -126,6 +137,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the random generator states `rng_state` returned.
+
+    Args:
+        state: what `rng_state` returned (on a rank of the same world size).
+    """
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
@@ -146,7 +162,20 @@ def save_checkpoint(
     source_checkpoint: Path,
     keep: int,
 ) -> Path:
-    """Write the checkpoint of `step` (collective: every rank calls it). Returns its path."""
+    """Write the checkpoint of `step` (collective: every rank calls it).
+
+    Args:
+        save_dir: the run's `--save` directory.
+        step: the optimizer step.
+        model_chunks: this rank's model chunks (one per virtual pipeline stage).
+        optimizer: megatron-core's optimizer.
+        train_state: the step, counters and identity, saved as train_state.json.
+        source_checkpoint: the `--load` checkpoint, whose architecture.json and hf/ are copied.
+        keep: how many checkpoints to keep (older ones are removed).
+
+    Returns:
+        The checkpoint's path.
+    """
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
@@ -182,8 +211,17 @@ def save_checkpoint(
 def load_checkpoint(
     checkpoint: Path, model_chunks: list[torch.nn.Module], optimizer, *, world_size: int
 ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG from `checkpoint`; returns its train
-    state (step, counters). Collective."""
+    """Restore model, optimizer and this rank's random generators from `checkpoint` (collective).
+
+    Args:
+        checkpoint: an `iter_*` directory.
+        model_chunks: this rank's model chunks.
+        optimizer: megatron-core's optimizer.
+        world_size: this run's processes (generators restart from the seed when it differs).
+
+    Returns:
+        The checkpoint's train state (step, counters).
+    """
     from megatron.core import dist_checkpointing
 
     check_checkpoint_readable(checkpoint)
@@ -222,8 +260,14 @@ def load_checkpoint(
 def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint whose data order would differ from this run's.
 
-    `identity` holds what fixes the order: global_batch_size, seed and the dataset's
-    fingerprint (the sha256 of its manifest)."""
+    Args:
+        checkpoint: an `iter_*` directory.
+        identity: what fixes the order: global_batch_size, seed and the dataset's fingerprint
+            (the sha256 of its manifest).
+
+    Raises:
+        ConfigError: a setting differs (the message names it and what to do).
+    """
     saved = json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("identity", {})
     for name, value in identity.items():
         if name in saved and saved[name] != value:
@@ -240,7 +284,14 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def adam_step(optimizer) -> float | None:
-    """Adam's update count (for its bias correction), where torch keeps it per parameter."""
+    """Adam's update count (for its bias correction), where torch keeps it per parameter.
+
+    Args:
+        optimizer: megatron-core's optimizer.
+
+    Returns:
+        The count, or None before the first update.
+    """
     for inner in _inner_optimizers(optimizer):
         for parameter_state in inner.state.values():
             if "step" in parameter_state:

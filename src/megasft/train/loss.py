@@ -1,16 +1,9 @@
 """The supervised fine-tuning loss: cross entropy on target tokens only, summed.
 
-This is the one definition of the loss. The trainer and the evaluation stage both call
-`masked_token_loss`, so a validation loss from `megasft evaluate` is the number the trainer
-computes on the same tokens.
-
-The loss mask is the one `megasft prepare` writes: **unshifted**, `loss_mask[i] == 1` iff
-token `i` is a target, predicted from the tokens before it. The shift happens here, once:
-the logits at position `i - 1` predict token `i`.
-
-The function returns a sum and a count instead of a mean, because the mean that matters is
-over all target tokens of the global batch (ARCHITECTURE.md), not a mean of per-micro-batch
-means: callers add sums and counts across micro-batches and ranks, then divide once.
+The one definition of the loss: the trainer and `megasft evaluate` both call
+`masked_token_loss`. The mask is `prepare`'s, unshifted (`loss_mask[i] == 1` iff token `i` is a
+target); the shift happens here, once. It returns a sum and a count, for callers to add across
+micro-batches and ranks and divide once. See docs/train.md, "What a step computes".
 """
 
 from __future__ import annotations

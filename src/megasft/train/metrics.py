@@ -1,22 +1,9 @@
 """What a training run reports: FLOPs and MFU, loss stability, the metrics log, progress.
 
-Rank 0 writes two JSON Lines files into the output directory:
-
-- `metrics.jsonl`, one line per logged step, every line with a numeric `step` and `loss` (the
-  format `megasft evaluate --training-log` draws): `step`, `epoch`, `loss`, `lr`,
-  `grad_norm`, `tokens` (real tokens of the global batch, padding excluded),
-  `target_tokens`, `step_seconds`, `tokens_per_second`, `tflops_per_device`, `mfu` (null
-  where the device's peak is unknown, e.g. on CPU), `skipped` (the update was not applied),
-  `skipped_steps` (so far), `spike`; and `val_loss`, `val_target_tokens` on the steps after
-  which the validation loss was computed. A step whose loss is not finite has no line here
-  (it has an event).
-- `events.jsonl`, what happened besides: `{"event": "skipped", "step", "loss", "grad_norm",
-  "skipped_steps"}` (non-finite values as strings), `{"event": "spike", "step", "loss",
-  "running_mean"}`, `{"event": "resume", "step", "checkpoint"}`, `{"event": "preempted",
-  "step", "checkpoint"}`, `{"event": "stopped", "step", "reason"}`.
-
-When a run resumes, the lines of both files past the checkpoint's step (written by the
-interrupted run) are dropped, so metrics.jsonl reads as one uninterrupted run.
+Rank 0 writes `metrics.jsonl` (one line per logged step, each with a numeric `step` and `loss`)
+and `events.jsonl` (skips, spikes, resumes, preemption, stops) into the output directory; a
+resumed run drops the lines past its checkpoint's step. The fields of both: docs/train.md,
+"Output".
 """
 
 from __future__ import annotations
@@ -56,7 +43,15 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def peak_tflops(device_name: str | None, precision: str) -> float | None:
-    """The device's dense peak for `precision`, or None when unknown (CPU, fp32, others)."""
+    """The device's dense peak for `precision`.
+
+    Args:
+        device_name: the accelerator's name as torch reports it (None on CPU).
+        precision: the training precision ("bf16", "fp32").
+
+    Returns:
+        TFLOP/s, or None when unknown (CPU, fp32, other devices).
+    """
     if device_name is None or precision != "bf16":
         return None
     for marker, peak in PEAK_BF16_TFLOPS:
@@ -71,6 +66,13 @@ def model_flops(architecture: ModelArchitecture, document_lengths: Iterable[int]
     Counts the matrix multiplications of every layer and of the output layer, 2 FLOPs per
     multiply-add, and attention scores and values within each document, halved for the causal
     mask. Padding is not counted: this is the useful work, so MFU is not flattered by it.
+
+    Args:
+        architecture: the model's architecture.
+        document_lengths: the tokens of each document (packed documents counted apart).
+
+    Returns:
+        The FLOPs.
     """
     a = architecture
     query = a.num_attention_heads * a.head_dim
@@ -105,7 +107,16 @@ class StabilityMonitor:
     recent_losses: deque = field(default_factory=deque)
 
     def observe(self, loss: float, grad_norm: float | None) -> tuple[bool, bool]:
-        """(skip, spike) for a step with this loss and gradient norm."""
+        """Count a step's loss and gradient norm, and say what to do with it.
+
+        Args:
+            loss: the step's global loss.
+            grad_norm: its gradient norm (None where not known).
+
+        Returns:
+            (skip: the loss or norm is not finite, spike: the loss is above `spike_factor` times
+            the running mean).
+        """
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         if not finite:
             self.skipped_steps += 1
@@ -129,6 +140,7 @@ class StabilityMonitor:
         return sum(self.recent_losses) / len(self.recent_losses)
 
     def state(self) -> dict[str, Any]:
+        """The counters and recent losses, as a checkpoint's train state saves them."""
         return {
             "skipped_steps": self.skipped_steps,
             "consecutive_skipped": self.consecutive_skipped,
@@ -137,6 +149,11 @@ class StabilityMonitor:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Take back the counters and recent losses `state` returned.
+
+        Args:
+            state: what `state()` returned.
+        """
         self.skipped_steps = state["skipped_steps"]
         self.consecutive_skipped = state["consecutive_skipped"]
         self.spikes = state["spikes"]
@@ -156,7 +173,12 @@ class MetricsLog:
             path.unlink(missing_ok=True)
 
     def resume_at(self, step: int, checkpoint: str) -> None:
-        """Drop lines past `step` (written by an interrupted run) and note the resume."""
+        """Drop lines past `step` (written by an interrupted run) and note the resume.
+
+        Args:
+            step: the step of the checkpoint resumed from.
+            checkpoint: its path (recorded in the event).
+        """
         for path in (self.metrics, self.events):
             if path.is_file():
                 kept = [
@@ -168,9 +190,21 @@ class MetricsLog:
         self.event("resume", step, checkpoint=checkpoint)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one step's metrics to metrics.jsonl (non-finite numbers as null).
+
+        Args:
+            record: the step's metrics.
+        """
         _append(self.metrics, _finite_or_none(record))
 
     def event(self, name: str, step: int, **details: Any) -> None:
+        """Append an event to events.jsonl (non-finite numbers as strings).
+
+        Args:
+            name: the event ("skipped", "spike", "resume", "preempted", "stopped").
+            step: the step it happened at.
+            **details: its fields.
+        """
         details = {
             key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
             for key, value in details.items()
@@ -211,6 +245,13 @@ class Progress:
             )
 
     def update(self, loss: float | None, lr: float, tokens_per_second: float) -> None:
+        """Advance the bar by one step and show its figures.
+
+        Args:
+            loss: the step's loss (None for a skipped step).
+            lr: the learning rate.
+            tokens_per_second: the step's throughput.
+        """
         if self.bar is not None:
             self.bar.set_postfix(
                 loss="nan" if loss is None or not math.isfinite(loss) else f"{loss:.4f}",
@@ -221,9 +262,15 @@ class Progress:
             self.bar.update(1)
 
     def note(self, message: str) -> None:
+        """Print a line above the bar, where there is one.
+
+        Args:
+            message: the line.
+        """
         if self.bar is not None:
             self.bar.write(message)
 
     def close(self) -> None:
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()
