@@ -3,7 +3,7 @@
 `write_tensor_file` writes exactly the bytes `torch.save` 2.x writes for a DCP chunk (save for
 the serialization id); `locate_tensor` finds a saved tensor's bytes so that a converter can copy
 them without loading them. The zip container is `torch_zip`'s; the record layout, and why torch
-is not imported, are in docs/convert.md ("Writing the formats without torch").
+is not imported, are in docs/convert.md ("The files, written without torch").
 """
 
 from __future__ import annotations

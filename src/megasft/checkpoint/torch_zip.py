@@ -3,7 +3,7 @@
 `ZipWriter` lays records out front to back as `torch.save` 2.x does (data aligned to 64 bytes,
 data descriptors, zip64 end records always); `read_directory` and `record_data` find a
 record's bytes. The record contents (pickle, tensor bytes) are `torch_save_format`'s concern.
-See docs/convert.md, "Writing the formats without torch".
+See docs/convert.md, "The files, written without torch".
 """
 
 from __future__ import annotations
