@@ -16,6 +16,9 @@ class Message:
     train: bool = True
     """False when the data says not to train this message (`train: false` or `loss_weight: 0`).
     Only meaningful for assistant messages; the loss policy decides the rest."""
+    tool_calls: tuple[dict, ...] | None = None
+    """An assistant's calls, each `{"type": "function", "function": {"name", "arguments"}}`
+    with `arguments` an object, as chat templates take them; None for a message without."""
 
 
 @dataclass(slots=True)
@@ -26,8 +29,11 @@ class Conversation:
     """The name of the format the row was read in."""
     messages: list[Message]
     """The messages, in order (a `--system-prompt` already put in front where it applies).
-    Per-row values that a chat template takes beside the messages (issue 20: `tools`) belong
-    here as further fields, filled by the formats that read them."""
+    Per-row values that a chat template takes beside the messages belong here as further
+    fields, filled by the formats that read them."""
+    tools: list[dict] | None = None
+    """The row's tool definitions (OpenAI function schemas), passed to the template's `tools`;
+    None for a row without."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,7 @@ class ConversationMasker:
         messages: list[Message] | tuple[Message, ...],
         max_length: int | None = None,
         overlong: str = "drop",
+        tools: list[dict] | None = None,
     ) -> MaskedExample:
         """Tokenizes and masks one conversation.
 
@@ -110,6 +111,7 @@ class ConversationMasker:
             max_length: the most tokens it may take, or None for no limit.
             overlong: "drop" rejects a longer one; "truncate-oldest" drops its oldest
                 exchanges until it fits.
+            tools: the conversation's tool definitions (`Conversation.tools`), or None.
 
         Returns:
             The example; `dropped_turns` counts the messages truncation removed.
@@ -120,7 +122,7 @@ class ConversationMasker:
         messages = list(messages)
         dropped = 0
         while True:
-            example = self._mask_once(messages)
+            example = self._mask_once(messages, tools)
             if max_length is None or len(example.input_ids) <= max_length:
                 break
             shorter = _drop_oldest_turn(messages) if overlong == "truncate-oldest" else None
@@ -147,6 +149,7 @@ class ConversationMasker:
         conversations: list[list[Message]],
         max_length: int | None = None,
         overlong: str = "drop",
+        tools: list[list[dict] | None] | None = None,
     ) -> MaskedBatch:
         """`mask` for many conversations, the examples laid end to end in flat arrays.
 
@@ -157,6 +160,7 @@ class ConversationMasker:
             conversations: the conversations, in order.
             max_length: as for `mask`.
             overlong: as for `mask`.
+            tools: each conversation's tool definitions, or None when none has any.
 
         Returns:
             The batch; `outcomes` holds, per conversation, its example's index or the
@@ -166,7 +170,8 @@ class ConversationMasker:
         positions, texts, spans = [], [], []
         for position, messages in enumerate(conversations):
             try:
-                text, text_spans = self._render_and_locate(list(messages))
+                row_tools = None if tools is None else tools[position]
+                text, text_spans = self._render_and_locate(list(messages), row_tools)
             except MaskingError as error:
                 outcomes.append(error)
                 continue
@@ -182,7 +187,12 @@ class ConversationMasker:
                 example = outcome if isinstance(outcome, MaskingError) else batch.example(outcome)
                 if isinstance(example, MaskedExample) and len(example.input_ids) > max_length:
                     try:
-                        example = self.mask(conversations[position], max_length, overlong)
+                        example = self.mask(
+                            conversations[position],
+                            max_length,
+                            overlong,
+                            None if tools is None else tools[position],
+                        )
                     except MaskingError as error:
                         example = error
                 examples.append(example)
@@ -191,12 +201,14 @@ class ConversationMasker:
             outcomes[position] = outcome
         return replace(batch, outcomes=outcomes)
 
-    def _mask_once(self, messages: list[Message]) -> MaskedExample:
-        text, spans = self._render_and_locate(messages)
+    def _mask_once(self, messages: list[Message], tools: list[dict] | None) -> MaskedExample:
+        text, spans = self._render_and_locate(messages, tools)
         return self._masked(text, spans, self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _render_and_locate(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-        text = self.turns.render(messages, add_generation_prompt=False)
+    def _render_and_locate(
+        self, messages: list[Message], tools: list[dict] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        text = self.turns.render(messages, add_generation_prompt=False, tools=tools)
         if not text.isascii():
             try:
                 text.encode("utf-8")
@@ -207,7 +219,7 @@ class ConversationMasker:
                     f"the text holds a lone surrogate ({error.object[error.start]!r} at "
                     f"character {error.start}), which is not valid Unicode",
                 ) from None
-        spans = self.turns.char_spans(messages, text)
+        spans = self.turns.char_spans(messages, text, tools)
         if not spans:
             raise MaskingError(
                 "no_trained_tokens",

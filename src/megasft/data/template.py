@@ -111,17 +111,35 @@ class ChatTemplate:
         self._globals = dict(self._template.globals)
         self._parent = {**self._globals, "tools": None, "documents": None, **self.variables}
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+    ) -> str:
         message_dicts = [{"role": m.role, "content": m.content} for m in messages]
-        return self.render_dicts(message_dicts, add_generation_prompt)
+        for message, as_dict in zip(messages, message_dicts, strict=True):
+            if message.tool_calls is not None:
+                as_dict["tool_calls"] = list(message.tool_calls)
+        return self.render_dicts(message_dicts, add_generation_prompt, tools)
 
-    def render_dicts(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_dicts(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+    ) -> str:
         template = self._template
         environment = template.environment
         # The context `Template.render` makes (jinja2.runtime.new_context), from the same parts.
         context = environment.context_class(
             environment,
-            {**self._parent, "messages": messages, "add_generation_prompt": add_generation_prompt},
+            {
+                **self._parent,
+                "messages": messages,
+                "add_generation_prompt": add_generation_prompt,
+                "tools": tools,
+            },
             template.name,
             template.blocks,
             globals=self._globals,

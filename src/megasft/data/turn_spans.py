@@ -18,6 +18,7 @@ from megasft.data.conversation import Message
 from megasft.data.mask_types import MaskingError, MaskPolicy, TemplateLayoutError
 from megasft.data.template import TemplateError
 from megasft.data.tokenizer import ChatTokenizer
+from megasft.data.tool_support import ToolSupport
 
 _UNBUILT = object()
 """A sequence of roles whose skeleton has not been built yet (None: none can be)."""
@@ -60,11 +61,20 @@ class TurnSpans:
             sorted(chat_tokenizer.special_token_texts, key=len, reverse=True)
         )
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
+        self.tool_support = ToolSupport(chat_tokenizer)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        """The template's rendering; raises MaskingError "template_error" when it refuses."""
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> str:
+        """The template's rendering; raises MaskingError "template_error" when it refuses.
+
+        Raises:
+            TemplateLayoutError: for tools or tool calls given to a template that drops them.
+        """
+        if tools is not None or any(m.tool_calls is not None for m in messages):
+            self.tool_support.check(tools is not None, any(m.tool_calls for m in messages))
         try:
-            return self.template.render(messages, add_generation_prompt)
+            return self.template.render(messages, add_generation_prompt, tools)
         except TemplateError as error:
             raise MaskingError("template_error", f"the chat template refused it: {error}") from None
 
@@ -75,15 +85,20 @@ class TurnSpans:
             assistants = assistants[-1:]
         return [i for i in assistants if messages[i].train]
 
-    def char_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
-        """The trained character spans of `text`, the full rendering of `messages`."""
+    def char_spans(
+        self, messages: list[Message], text: str, tools: list[dict] | None = None
+    ) -> list[tuple[int, int]]:
+        """The trained character spans of `text`, the full rendering of `messages` (with
+        `tools`). Rows with tools or tool calls always take the prefix renders: the template
+        writes calls out itself, so no skeleton of contents can stand for them."""
         turns = self.trained_turns(messages)
         if not turns:
             return []
-        spans = self._spans_from_skeleton(messages, text, turns)
-        if spans is not None:
-            return spans
-        bounds = self._bounds_from_prefixes(messages, text, turns)
+        if tools is None and not any(m.tool_calls is not None for m in messages):
+            spans = self._spans_from_skeleton(messages, text, turns)
+            if spans is not None:
+                return spans
+        bounds = self._bounds_from_prefixes(messages, text, turns, tools)
         return [self._trained_span(text, gen_end, turn_end) for gen_end, turn_end in bounds]
 
     def _trained_span(self, text: str, gen_end: int, turn_end: int) -> tuple[int, int]:
@@ -105,12 +120,12 @@ class TurnSpans:
         return None
 
     def _bounds_from_prefixes(
-        self, messages: list[Message], text: str, turns: list[int]
+        self, messages: list[Message], text: str, turns: list[int], tools: list[dict] | None
     ) -> list[tuple[int, int]]:
         bounds = []
         for i in turns:
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1], add_generation_prompt=False)
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            through = self.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
             if not (text.startswith(prompt) and text.startswith(through)) or len(through) < len(
                 prompt
             ):

@@ -8,6 +8,7 @@ flat arrays. At most a few chunks are in flight, so memory does not grow with th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections import deque
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megasft.data.conversation import Conversation, Message, RowError
+from megasft.data.conversation import Conversation, RowError
 from megasft.data.formats import RowConverter
 from megasft.data.masking import ConversationMasker, MaskedBatch, MaskingError, MaskPolicy
 from megasft.data.readers import RawRow, iter_raw_rows, parse_payload
@@ -74,10 +75,12 @@ class _RowProcessor:
                 converted.append((position, convert(parse_payload(raw), raw.source, raw.row)))
             except RowError as error:
                 outcomes[position] = error
+        tools = [conversation.tools for _, conversation in converted]
         examples = self.masker.mask_many(
             [conversation.messages for _, conversation in converted],
             self.seq_length,
             self.overlong,
+            tools if any(row_tools is not None for row_tools in tools) else None,
         )
         for (position, conversation), result in zip(converted, examples.outcomes, strict=True):
             raw = chunk[position]
@@ -86,22 +89,27 @@ class _RowProcessor:
                     raw.source, raw.row, None, result.reason, result.message
                 )
             else:
-                split = self._split_of(conversation.messages)
+                split = self._split_of(conversation)
                 outcomes[position] = Accepted(
                     raw.source, raw.row, conversation.format, split, result
                 )
         return Chunk(outcomes, examples, self.masker.tiktoken_given_up)
 
-    def _split_of(self, messages: list[Message]) -> str:
+    def _split_of(self, conversation: Conversation) -> str:
         """train or val from a hash of the content, so adding data never moves an example."""
         if self.val_fraction <= 0.0:
             return "train"
         digest = hashlib.blake2b(self.seed_bytes, digest_size=8)
-        for message in messages:
+        for message in conversation.messages:
             digest.update(message.role.encode())
             digest.update(b"\0")
             digest.update(message.content.encode("utf-8", "surrogatepass"))
             digest.update(b"\1" if message.train else b"\2")
+            if message.tool_calls is not None:
+                # Only rows with calls hash them: every other row keeps its split.
+                digest.update(json.dumps(message.tool_calls, sort_keys=True).encode())
+        if conversation.tools is not None:
+            digest.update(json.dumps(conversation.tools, sort_keys=True).encode())
         unit = int.from_bytes(digest.digest(), "big") / 2**64
         return "val" if unit < self.val_fraction else "train"
 

@@ -39,6 +39,7 @@ def test_formats_in_detection_order():
     assert tuple(input_formats()) == FORMATS
     assert canonical_fields() == (
         "messages",
+        "tools",
         "conversations",
         "system",
         "instruction",

@@ -4,9 +4,11 @@ names and role tables, so one reader serves both (docs/prepare.md, "Input format
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from megasft.data.conversation import Message, RowError
 from megasft.data.formats.fields import empty_assistant, missing_or_wrong_type, wrong_type
+from megasft.data.formats.tools import call_from_text, read_tool_calls
 
 
 def read_turns(
@@ -17,6 +19,7 @@ def read_turns(
     roles: Mapping[str, str],
     source: str,
     row: int,
+    call_roles: frozenset[str] = frozenset(),
 ) -> list[Message]:
     """The messages of the row's list of turns.
 
@@ -28,14 +31,16 @@ def read_turns(
         roles: the turn's role value -> its role (one of `conversation.ROLES`).
         source: the input file, for errors.
         row: the row number, for errors.
+        call_roles: role values whose content is one JSON tool call (ShareGPT
+            `function_call`); consecutive calls join the assistant message before them.
 
     Returns:
-        A new list of the messages, in order.
+        A new list of the messages, in order; OpenAI `tool_calls` become `Message.tool_calls`.
 
     Raises:
         RowError: for a turn list that is missing, no list or empty; a turn that is no object;
             an unknown role; content that is missing or no text; an assistant turn with
-            `tool_calls` or nothing to train on; bad `train` / `loss_weight` flags; or no
+            nothing to train on; a tool call that does not parse; bad `train` / `loss_weight` flags; or no
             assistant turn at all.
     """
     turns = record.get(list_field)
@@ -55,28 +60,30 @@ def read_turns(
         if role is None:
             raise _bad_role(source, row, f"{list_field}[{index}].{role_key}", role_value, roles)
         content = turn.get(content_key)
+        field = f"{list_field}[{index}]"
+        calls = None
         if role == "assistant" and turn.get("tool_calls"):
-            raise RowError(
-                source,
-                row,
-                f"{list_field}[{index}].tool_calls",
-                "unsupported_tool_calls",
-                "assistant messages with tool_calls are not supported yet: the calls cannot be "
-                "rendered, and training without them would teach replies to calls never made. "
-                "Leave such rows out, or write the call into the content as text.",
-            )
+            calls = read_tool_calls(turn["tool_calls"], f"{field}.tool_calls", source, row)
+            if content is None:
+                content = ""
         if type(content) is not str:
-            content = _content_text(
-                content, role, f"{list_field}[{index}].{content_key}", source, row
-            )
+            content = _content_text(content, role, f"{field}.{content_key}", source, row)
+        if role_value in call_roles:
+            calls = (call_from_text(content, f"{field}.{content_key}", source, row),)
+            content = ""
+            previous = messages[-1] if messages else None
+            if previous is not None and previous.role == "assistant":
+                # A call right after an answer or another call: one assistant message.
+                messages[-1] = replace(previous, tool_calls=(*(previous.tool_calls or ()), *calls))
+                continue
         if role == "assistant":
-            if not content or content.isspace():
-                raise empty_assistant(source, row, f"{list_field}[{index}].{content_key}")
+            if calls is None and (not content or content.isspace()):
+                raise empty_assistant(source, row, f"{field}.{content_key}")
             has_assistant = True
         train = True
         if turn.get("train") is not None or turn.get("loss_weight") is not None:
-            train = _train_flag(turn, f"{list_field}[{index}]", source, row)
-        messages.append(Message(role, content, train))
+            train = _train_flag(turn, field, source, row)
+        messages.append(Message(role, content, train, calls))
     if not has_assistant:
         raise RowError(
             source,
