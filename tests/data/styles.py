@@ -3,7 +3,9 @@
 Written for these tests in the shape of the real families' templates: ChatML with an injected
 default system prompt (Qwen2.5), Llama 3 headers with the BOS in the template and in the
 tokenizer's post-processor, Mistral's [INST] with `add_bos_token`, and a template that drops
-the reasoning of earlier answers (Qwen3).
+the reasoning of earlier answers (Qwen3); and two tool-calling ones: Llama 3.1's (tools in the
+first user message, one JSON call per turn, `ipython` results) and Mistral's ([AVAILABLE_TOOLS],
+[TOOL_CALLS], [TOOL_RESULTS]).
 """
 
 from __future__ import annotations
@@ -51,6 +53,83 @@ REASONING = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama 3.1's tool layout: "Environment: ipython" in the system turn, the tool schemas in the
+# first user message, one call per assistant turn as {"name", "parameters"}, results as ipython.
+LLAMA31_TOOLS = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set rest = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set rest = messages %}{% endif %}"
+    "{% if tools is not none or system %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{% if tools is not none %}{{ 'Environment: ipython\n\n' }}{% endif %}"
+    "{{ system + '<|eot_id|>' }}"
+    "{% endif %}"
+    "{% for message in rest %}"
+    "{% if message['role'] == 'user' and loop.first and tools is not none %}"
+    "{{ '<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, reply with a JSON function call.\n\n' }}"
+    "{% for tool in tools %}{{ tool | tojson + '\n\n' }}{% endfor %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined %}"
+    "{% if message['tool_calls'] | length != 1 %}"
+    "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+    "{% set call = message['tool_calls'][0]['function'] %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"' + call['name'] + '\", \"parameters\": ' + call['arguments'] | tojson + '}<|eot_id|>' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% else %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Mistral's tool layout: the schemas in [AVAILABLE_TOOLS] before the first [INST], every call
+# of a turn in one [TOOL_CALLS] list, results in [TOOL_RESULTS].
+MISTRAL_TOOLS = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set rest = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set rest = messages %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in rest %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and tools is not none %}"
+    "{{ '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+    "{% if loop.first %}{{ '[INST] ' + system + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '[TOOL_RESULTS]' + message['content'] + '[/TOOL_RESULTS]' }}"
+    "{% elif message['tool_calls'] is defined %}"
+    "{{ '[TOOL_CALLS][' }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}"
+    "{{ ']' + eos_token }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+
+MISTRAL_TOOL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
+
 
 @dataclass(frozen=True)
 class Style:
@@ -86,4 +165,21 @@ STYLES = {
         end_of_turn="</s>",
     ),
     "reasoning": Style("reasoning", REASONING, CHATML_SPECIAL_TOKENS),
+    "llama31-tools": Style(
+        "llama31-tools",
+        LLAMA31_TOOLS,
+        LLAMA3_SPECIAL_TOKENS,
+        config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        post_processor_bos="<|begin_of_text|>",
+        end_of_turn="<|eot_id|>",
+    ),
+    "mistral-tools": Style(
+        "mistral-tools",
+        MISTRAL_TOOLS,
+        MISTRAL_TOOL_TOKENS,
+        config={"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True},
+        end_of_turn="</s>",
+    ),
 }
+TOOL_STYLES = ("llama31-tools", "mistral-tools")
+"""The styles whose templates render tools and tool calls."""
