@@ -68,6 +68,11 @@ def test_number_answer_table(response, answer, method):
 
 def test_reference_forms():
     assert GSM8K.reference_answer("work\n#### 1,600") == "1600"
+    # A worked solution's own numbers, first and last, are not the answer.
+    worked = "She buys 3 packs of 5 = <<3*5=15>>15 pens, then gives 20 away.\n#### 15"
+    assert GSM8K.reference_answer(worked) == "15"
+    assert GSM8K.extract(worked).answer == "15"
+    assert GSM8K.reference_answer("7 - 2 = 5; 5 + 9 = 14 (then 99 - 85)\n#### 14") == "14"
     assert GSM8K.reference_answer("work <answer>72</answer>") == "72"
     assert GSM8K.reference_answer(" 72 ") == "72"
     # A worked solution without a marked answer is not guessed from its last number.
