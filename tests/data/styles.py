@@ -3,7 +3,7 @@
 Written for these tests in the shape of the real families' templates: ChatML with an injected
 default system prompt (Qwen2.5), Llama 3 headers with the BOS in the template and in the
 tokenizer's post-processor, Mistral's [INST] with `add_bos_token`, and a template that drops
-the reasoning of earlier answers (Qwen3); and two tool-calling ones: Llama 3.1's (tools in the
+the reasoning of earlier answers (REASONING, and QWEN3 with `reasoning_content`); and two tool-calling ones: Llama 3.1's (tools in the
 first user message, one JSON call per turn, `ipython` results) and Mistral's ([AVAILABLE_TOOLS],
 [TOOL_CALLS], [TOOL_RESULTS]).
 """
@@ -109,6 +109,28 @@ MISTRAL_TOOLS = (
     "{% endfor %}"
 )
 
+# Qwen3's reasoning layout: reasoning from `reasoning_content`, else from a "<think>...</think>"
+# at the start of the content, rendered only for answers after the last user message.
+QWEN3 = (
+    "{% set ns = namespace(last_query=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% set ns.last_query = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% set content = message['content'] %}{% set reasoning = '' %}"
+    "{% if message['reasoning_content'] is string %}{% set reasoning = message['reasoning_content'] %}"
+    "{% elif '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "{% if loop.index0 > ns.last_query and reasoning %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -165,6 +187,7 @@ STYLES = {
         end_of_turn="</s>",
     ),
     "reasoning": Style("reasoning", REASONING, CHATML_SPECIAL_TOKENS),
+    "qwen3": Style("qwen3", QWEN3, CHATML_SPECIAL_TOKENS),
     "llama31-tools": Style(
         "llama31-tools",
         LLAMA31_TOOLS,

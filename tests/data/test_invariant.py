@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from megasft.data.conversation import Message
+from megasft.data.split_turns import split_turns
 from tests.data.conftest import make_masker, trained_segments
 from tests.data.styles import STYLES, TOOL_STYLES
 
@@ -69,3 +70,22 @@ def test_trained_tokens_are_what_follows_the_inference_rendering(chat_tokenizers
         example = make_masker(chat, **policy).mask(messages, tools=tools)
         expected = expected_segments(chat, messages, tools, policy, STYLES[style].end_of_turn)
         assert trained_segments(example, chat.tokenizer) == expected, (messages, policy)
+
+
+THINKING = [
+    Message("user", "What is 2 + 2?"),
+    Message("assistant", "<think>\nadd\n</think>\n\nIt is 4."),
+    Message("user", "And 3 + 3?"),
+    Message("assistant", "6", reasoning_content="add again"),
+]
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_split_part_holds_the_invariant(chat_tokenizers, style):
+    chat = chat_tokenizers[style]
+    masker = make_masker(chat)
+    messages = THINKING if style in ("reasoning", "qwen3") else PLAIN
+    for part in split_turns(messages, masker.turns.trained_turns(messages)):
+        example = masker.mask(part)
+        expected = expected_segments(chat, part, None, {}, STYLES[style].end_of_turn)
+        assert trained_segments(example, chat.tokenizer) == expected[-1:], part

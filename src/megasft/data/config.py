@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from megasft.data.encode import ENCODER_CHOICES
 from megasft.data.formats import FORMATS, parse_column_map
 from megasft.data.masking import LOSS_ON_CHOICES, OVERLONG_CHOICES
+from megasft.data.split_turns import MULTI_TURN_CHOICES
 from megasft.settings import raise_problems, setting, setting_problems
 
 
@@ -53,6 +54,12 @@ class PrepareConfig:
     )
     loss_on: str = setting(
         "all-assistant", "Which assistant turns are trained.", choices=LOSS_ON_CHOICES
+    )
+    multi_turn: str = setting(
+        "whole",
+        "whole: one example per conversation; split: one per trained assistant turn, each "
+        "rendered as at inference (for templates that drop earlier reasoning, such as Qwen3's).",
+        choices=MULTI_TURN_CHOICES,
     )
     train_on_eos: bool = setting(True, "Train the end-of-turn token after each trained answer.")
     system_prompt: str | None = setting(

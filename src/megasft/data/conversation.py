@@ -19,6 +19,9 @@ class Message:
     tool_calls: tuple[dict, ...] | None = None
     """An assistant's calls, each `{"type": "function", "function": {"name", "arguments"}}`
     with `arguments` an object, as chat templates take them; None for a message without."""
+    reasoning_content: str | None = None
+    """An assistant's reasoning, given apart from its content; passed to the template, which
+    renders it where it does (a `<think>` at the start of content is left to the template)."""
 
 
 @dataclass(slots=True)

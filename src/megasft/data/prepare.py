@@ -101,11 +101,19 @@ def _prepare_into(
             # Which examples of the chunk go to each split, in input order.
             chosen: dict[str, list[int]] = {split: [] for split in SPLITS}
             rows = 0
+            row_kept = False
             for outcome in outcomes:
+                if isinstance(outcome, Accepted) and outcome.continued:
+                    # A further example of the row before it: kept with that row.
+                    if row_kept:
+                        chosen[outcome.split].append(outcome.index)
+                        tally.per_source[outcome.source]["examples"] += 1
+                    continue
                 if isinstance(outcome, Accepted):
                     outcome = (
                         file_formats.check(outcome.source, outcome.row, outcome.format) or outcome
                     )
+                row_kept = isinstance(outcome, Accepted)
                 source_stats = tally.per_source.setdefault(
                     outcome.source, {"rows": 0, "examples": 0, "rejected": 0}
                 )

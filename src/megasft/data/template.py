@@ -121,6 +121,8 @@ class ChatTemplate:
         for message, as_dict in zip(messages, message_dicts, strict=True):
             if message.tool_calls is not None:
                 as_dict["tool_calls"] = list(message.tool_calls)
+            if message.reasoning_content is not None:
+                as_dict["reasoning_content"] = message.reasoning_content
         return self.render_dicts(message_dicts, add_generation_prompt, tools)
 
     def render_dicts(

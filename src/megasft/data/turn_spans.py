@@ -89,12 +89,14 @@ class TurnSpans:
         self, messages: list[Message], text: str, tools: list[dict] | None = None
     ) -> list[tuple[int, int]]:
         """The trained character spans of `text`, the full rendering of `messages` (with
-        `tools`). Rows with tools or tool calls always take the prefix renders: the template
-        writes calls out itself, so no skeleton of contents can stand for them."""
+        `tools`). Rows with tools, tool calls or reasoning_content always take the prefix
+        renders: the template writes those out itself, so no skeleton of contents stands for
+        them."""
         turns = self.trained_turns(messages)
         if not turns:
             return []
-        if tools is None and not any(m.tool_calls is not None for m in messages):
+        plain = all(m.tool_calls is None and m.reasoning_content is None for m in messages)
+        if tools is None and plain:
             spans = self._spans_from_skeleton(messages, text, turns)
             if spans is not None:
                 return spans

@@ -16,10 +16,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megasft.data.conversation import Conversation, RowError
+from megasft.data.conversation import Conversation, Message, RowError
 from megasft.data.formats import RowConverter
 from megasft.data.masking import ConversationMasker, MaskedBatch, MaskingError, MaskPolicy
 from megasft.data.readers import RawRow, iter_raw_rows, parse_payload
+from megasft.data.split_turns import split_turns
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
 
 if TYPE_CHECKING:
@@ -38,11 +39,14 @@ class Accepted:
     split: str
     index: int
     """Which example of its chunk's MaskedBatch it is."""
+    continued: bool = False
+    """A further example of the row before it (`--multi-turn split`): the row counts once."""
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """What a worker makes of a chunk of rows: an outcome per row, in order, and the examples
+    """What a worker makes of a chunk of rows: the outcomes per row, in order (a row split into
+    several examples has several), and the examples
     of the accepted ones laid end to end."""
 
     outcomes: list[Accepted | RowError]
@@ -61,39 +65,64 @@ class _RowProcessor:
         self.seq_length = config.seq_length
         self.overlong = config.overlong
         self.val_fraction = config.val_fraction
+        self.split_turns = config.multi_turn == "split"
         self.seed_bytes = f"megasft-split-{config.seed}\0".encode()
         self.masker = ConversationMasker(
             chat_tokenizer, MaskPolicy(config.loss_on, config.train_on_eos), config.encoder
         )
 
     def process(self, chunk: list[RawRow]) -> Chunk:
-        outcomes: list[Accepted | RowError | None] = [None] * len(chunk)
+        outcomes: list[list[Accepted | RowError]] = [[] for _ in chunk]
         converted: list[tuple[int, Conversation]] = []
         convert = self.converter.convert
         for position, raw in enumerate(chunk):
             try:
                 converted.append((position, convert(parse_payload(raw), raw.source, raw.row)))
             except RowError as error:
-                outcomes[position] = error
-        tools = [conversation.tools for _, conversation in converted]
+                outcomes[position].append(error)
+        parts = self._parts(converted)
+        tools = [conversation.tools for _, conversation, _ in parts]
         examples = self.masker.mask_many(
-            [conversation.messages for _, conversation in converted],
+            [messages for _, _, messages in parts],
             self.seq_length,
             self.overlong,
             tools if any(row_tools is not None for row_tools in tools) else None,
         )
-        for (position, conversation), result in zip(converted, examples.outcomes, strict=True):
+        results: dict[int, list[int | MaskingError]] = {}
+        for (position, _, _), result in zip(parts, examples.outcomes, strict=True):
+            results.setdefault(position, []).append(result)
+        for position, conversation in converted:
             raw = chunk[position]
-            if isinstance(result, MaskingError):
-                outcomes[position] = RowError(
-                    raw.source, raw.row, None, result.reason, result.message
-                )
-            else:
-                split = self._split_of(conversation)
-                outcomes[position] = Accepted(
-                    raw.source, raw.row, conversation.format, split, result
-                )
-        return Chunk(outcomes, examples, self.masker.tiktoken_given_up)
+            row_results = results[position]
+            # A row is kept or rejected whole: every example it splits into, or none.
+            failure = next((r for r in row_results if isinstance(r, MaskingError)), None)
+            if failure is not None:
+                error = RowError(raw.source, raw.row, None, failure.reason, failure.message)
+                outcomes[position].append(error)
+                continue
+            split = self._split_of(conversation)
+            outcomes[position].extend(
+                Accepted(raw.source, raw.row, conversation.format, split, index, part > 0)
+                for part, index in enumerate(row_results)
+            )
+        flat = [outcome for row_outcomes in outcomes for outcome in row_outcomes]
+        return Chunk(flat, examples, self.masker.tiktoken_given_up)
+
+    def _parts(
+        self, converted: list[tuple[int, Conversation]]
+    ) -> list[tuple[int, Conversation, list[Message]]]:
+        """(row position, conversation, messages) of each example to mask: the whole
+        conversation, or with `--multi-turn split` one part per trained turn."""
+        if not self.split_turns:
+            return [(position, c, c.messages) for position, c in converted]
+        parts = []
+        for position, conversation in converted:
+            messages = conversation.messages
+            turns = self.masker.turns.trained_turns(messages)
+            # No trained turn: masked whole, which rejects it with the usual reason.
+            for part in split_turns(messages, turns) if turns else [messages]:
+                parts.append((position, conversation, part))
+        return parts
 
     def _split_of(self, conversation: Conversation) -> str:
         """train or val from a hash of the content, so adding data never moves an example."""

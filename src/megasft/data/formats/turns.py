@@ -83,7 +83,10 @@ def read_turns(
         train = True
         if turn.get("train") is not None or turn.get("loss_weight") is not None:
             train = _train_flag(turn, field, source, row)
-        messages.append(Message(role, content, train, calls))
+        reasoning = turn.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None and type(reasoning) is not str:
+            raise wrong_type(source, row, f"{field}.reasoning_content", reasoning, "a string")
+        messages.append(Message(role, content, train, calls, reasoning or None))
     if not has_assistant:
         raise RowError(
             source,
