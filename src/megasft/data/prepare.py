@@ -26,7 +26,7 @@ from tqdm import tqdm
 from megasft import __version__
 from megasft.atomic import move_into_place
 from megasft.data.config import PrepareConfig
-from megasft.data.conversation import RowError
+from megasft.data.conversation import Conversation, RowError
 from megasft.data.formats import FileFormats
 from megasft.data.masking import MaskedExample
 from megasft.data.preview import write_preview
@@ -91,6 +91,7 @@ def _prepare_into(
     tally = _Tally()
     file_formats = FileFormats()
     preview: list[MaskedExample] = []
+    shown: list[Conversation | None] = []  # the preview examples' rows, where they have tools
     progress = _Progress(
         unit=" rows", desc="prepare", file=sys.stderr, disable=not config.progress, mininterval=1.0
     )
@@ -143,6 +144,7 @@ def _prepare_into(
                 tally.truncated_examples += int(np.count_nonzero(examples.dropped_turns[indices]))
             for index in chosen["train"][: PREVIEW_EXAMPLES - len(preview)]:
                 preview.append(examples.example(index))
+                shown.append((chunk.shown or {}).get(index))
     progress.close()
     for spool in spools.values():
         spool.close()
@@ -178,7 +180,7 @@ def _prepare_into(
         config, chat_tokenizer, tally, split_stats, file_formats.by_source, started
     )
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    write_preview(staging, preview, chat_tokenizer, manifest)
+    write_preview(staging, preview, chat_tokenizer, manifest, shown)
     return manifest
 
 

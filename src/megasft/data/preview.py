@@ -8,7 +8,9 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from megasft.data.conversation import Conversation
 from megasft.data.masking import MaskedExample
+from megasft.data.preview_tools import TOOLS_STYLE, conversation_panel
 from megasft.data.store import PREVIEW_FILE
 from megasft.data.tokenizer import ChatTokenizer
 
@@ -45,8 +47,15 @@ def render_example(example: MaskedExample, chat_tokenizer: ChatTokenizer) -> str
 
 
 def write_preview(
-    directory: Path, examples: list[MaskedExample], chat_tokenizer: ChatTokenizer, manifest: dict
+    directory: Path,
+    examples: list[MaskedExample],
+    chat_tokenizer: ChatTokenizer,
+    manifest: dict,
+    conversations: list[Conversation | None] | None = None,
 ) -> Path:
+    """Writes preview.html; `conversations`, where given, are the examples' rows, whose tool
+    definitions, calls and responses are shown above their tokens (preview_tools.py)."""
+    conversations = conversations or [None] * len(examples)
     rows = "".join(
         f"<tr><th>{html.escape(name)}</th><td>{stats['examples']}</td><td>{stats['rows']}</td>"
         f"<td>{stats['tokens']}</td><td>{stats['loss_tokens']}</td>"
@@ -56,12 +65,15 @@ def write_preview(
     blocks = "".join(
         f"<h3>Example {number} ({len(example.input_ids)} tokens, "
         f"{int(example.loss_mask.sum())} trained)</h3>"
+        f"{conversation_panel(conversation) if conversation is not None else ''}"
         f'<div class="example">{render_example(example, chat_tokenizer)}</div>'
-        for number, example in enumerate(examples, start=1)
+        for number, (example, conversation) in enumerate(
+            zip(examples, conversations, strict=True), start=1
+        )
     )
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>megasft prepare preview</title>"
-        f"<style>{_STYLE}</style></head><body><h1>megasft prepare: mask preview</h1>"
+        f"<style>{_STYLE}{TOOLS_STYLE}</style></head><body><h1>megasft prepare: mask preview</h1>"
         f"<p>Tokenizer <code>{html.escape(chat_tokenizer.path)}</code>, chat template from "
         f"<code>{html.escape(chat_tokenizer.template.origin)}</code>. "
         f"{manifest['rejected']['total']} rows rejected (see rejects.jsonl).</p>"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from megasft.data.conversation import Conversation, Message, RowError
 from megasft.data.formats import RowConverter
 from megasft.data.masking import ConversationMasker, MaskedBatch, MaskingError, MaskPolicy
+from megasft.data.preview_tools import has_tool_parts
 from megasft.data.readers import RawRow, iter_raw_rows, parse_payload
 from megasft.data.split_turns import split_turns
 from megasft.data.tokenizer import ChatTokenizer, load_chat_tokenizer
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from megasft.data.config import PrepareConfig
 
 CHUNK_ROWS = 256
+PREVIEW_ROWS = 8
+"""Rows with tool parts per chunk whose conversations come back for preview.html."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,9 @@ class Chunk:
     examples: MaskedBatch
     tiktoken_given_up: bool = False
     """Whether this worker's encoder has given tiktoken's BPE up (see encode.IdsEncoder)."""
+    shown: dict[int, Conversation] | None = None
+    """Example index -> its row's conversation, for the first few examples with tool parts
+    (preview.html shows them); None when there are none."""
 
 
 class _RowProcessor:
@@ -91,6 +97,7 @@ class _RowProcessor:
         results: dict[int, list[int | MaskingError]] = {}
         for (position, _, _), result in zip(parts, examples.outcomes, strict=True):
             results.setdefault(position, []).append(result)
+        shown: dict[int, Conversation] = {}
         for position, conversation in converted:
             raw = chunk[position]
             row_results = results[position]
@@ -101,12 +108,14 @@ class _RowProcessor:
                 outcomes[position].append(error)
                 continue
             split = self._split_of(conversation)
+            if len(shown) < PREVIEW_ROWS and has_tool_parts(conversation):
+                shown.update((index, conversation) for index in row_results)
             outcomes[position].extend(
                 Accepted(raw.source, raw.row, conversation.format, split, index, part > 0)
                 for part, index in enumerate(row_results)
             )
         flat = [outcome for row_outcomes in outcomes for outcome in row_outcomes]
-        return Chunk(flat, examples, self.masker.tiktoken_given_up)
+        return Chunk(flat, examples, self.masker.tiktoken_given_up, shown or None)
 
     def _parts(
         self, converted: list[tuple[int, Conversation]]
