@@ -13,6 +13,7 @@ what the task makes of each row: the prompt it poses and the reference's answer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +40,10 @@ class EvalExample:
     prompt: tuple[Message, ...]
     """The conversation up to the answer; rendered with the generation prompt."""
     reference: str | None
-    """The reference answer text, or None (a `format` task row without an answer)."""
+    """The reference answer text, or None (a `format` task row without an answer). A final
+    answer made of tool calls gives their JSON list of `{name, arguments}`."""
+    tools: list[dict] | None = None
+    """The row's tool definitions, rendered into the prompt by the template."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def _example(
 ) -> EvalExample:
     answer_optional = reference_field is not None or not reference_required
     try:
-        messages = converter.convert(record, source, row).messages
+        conversation = converter.convert(record, source, row)
         has_answer = True
     except RowError as error:
         if not answer_optional or error.reason not in _NO_ANSWER_REASONS:
@@ -183,11 +187,12 @@ def _example(
         if stand_in is None:
             raise
         try:
-            messages = converter.convert(stand_in, source, row).messages
+            conversation = converter.convert(stand_in, source, row)
         except RowError:
             raise error from None
         has_answer = False
 
+    messages = conversation.messages
     if messages[-1].role != "assistant":
         raise RowError(
             source,
@@ -199,11 +204,13 @@ def _example(
         )
     prompt = tuple(messages[:-1])
     reference = messages[-1].content if has_answer else None
+    if has_answer and messages[-1].tool_calls:
+        reference = json.dumps([call["function"] for call in messages[-1].tool_calls])
     if reference_field is not None:
         reference = _reference_from_field(record, reference_field, source, row)
     if reference is None and reference_required:
         raise RowError(source, row, None, "missing_reference", "the row has no reference answer")
-    return EvalExample(source, row, prompt, reference)
+    return EvalExample(source, row, prompt, reference, conversation.tools)
 
 
 def _reference_from_field(record: dict, field: str, source: str, row: int) -> str:
@@ -239,7 +246,9 @@ def render_prompt(chat_tokenizer: ChatTokenizer, example: EvalExample) -> tuple[
         InputError: when the template refuses the prompt or it renders to no tokens.
     """
     try:
-        text = chat_tokenizer.template.render(list(example.prompt), add_generation_prompt=True)
+        text = chat_tokenizer.template.render(
+            list(example.prompt), add_generation_prompt=True, tools=example.tools
+        )
     except TemplateError as error:
         raise InputError(
             f"{example.source}, row {example.row}: the chat template of {chat_tokenizer.path} "

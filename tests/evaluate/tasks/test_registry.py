@@ -35,12 +35,14 @@ RESPONSES = [
 
 
 def test_the_tasks_are_registered_by_name():
-    assert task_names() == ("exact-match", "format", "gsm8k")
+    assert task_names() == ("exact-match", "format", "gsm8k", "tool-call")
     assert [get_task(name).name for name in task_names()] == list(task_names())
 
 
 def test_an_unknown_task_names_the_known_ones():
-    with pytest.raises(ConfigError, match="--task must be one of exact-match, format, gsm8k"):
+    with pytest.raises(
+        ConfigError, match="--task must be one of exact-match, format, gsm8k, tool-call"
+    ):
         get_task("mmlu")
 
 
