@@ -51,3 +51,28 @@ def test_prepare_with_a_template_that_drops_tools_stops_naming_it(tmp_path, toke
     with pytest.raises(ConfigError, match="does not render tools") as caught:
         run(tmp_path, [data], tokenizer_dirs["chatml"])
     assert str(tokenizer_dirs["chatml"]) in str(caught.value)
+
+
+def test_tools_field_reads_the_definitions_from_another_column(
+    tmp_path, tokenizer_dirs, chat_tokenizers
+):
+    row = {**MESSAGES_ROW, "functions": MESSAGES_ROW["tools"]}
+    del row["tools"]
+    data = write_jsonl(tmp_path / "data.jsonl", [row])
+    manifest, output = run(
+        tmp_path, [data], tokenizer_dirs["mistral-tools"], tools_field="functions", pack=False
+    )
+    assert manifest["examples"] == 1
+    (example,) = [*read_examples(output), *read_examples(output, "val")]
+    text = chat_tokenizers["mistral-tools"].tokenizer.decode(
+        example["input_ids"], skip_special_tokens=False
+    )
+    assert text.startswith('<s>[AVAILABLE_TOOLS][{"type": "function"')
+    with pytest.raises(ConfigError, match="--tools-field and --map tools"):
+        run(
+            tmp_path,
+            [data],
+            tokenizer_dirs["chatml"],
+            tools_field="a",
+            column_map=(("tools", "b"),),
+        )

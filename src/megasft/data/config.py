@@ -43,6 +43,12 @@ class PrepareConfig:
         metavar="FIELD=COLUMN,...",
         parse=lambda text: tuple(parse_column_map(text).items()),
     )
+    tools_field: str | None = setting(
+        None,
+        "The column that holds each row's tool definitions, when it is not `tools` (the same "
+        "as --map tools=COLUMN).",
+        metavar="COLUMN",
+    )
     seq_length: int = setting(
         4096,
         "Longest sequence in tokens; longer examples are dropped or truncated (`overlong`).",
@@ -102,6 +108,10 @@ class PrepareConfig:
         problems = setting_problems(self)
         if not self.inputs:
             problems.append("give at least one --input file")
+        if self.tools_field and dict(self.column_map).get("tools", self.tools_field) != (
+            self.tools_field
+        ):
+            problems.append("--tools-field and --map tools=... name different columns")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         raise_problems(problems)

@@ -122,7 +122,11 @@ class TurnSpans:
         return None
 
     def _bounds_from_prefixes(
-        self, messages: list[Message], text: str, turns: list[int], tools: list[dict] | None
+        self,
+        messages: list[Message],
+        text: str,
+        turns: list[int],
+        tools: list[dict] | None = None,
     ) -> list[tuple[int, int]]:
         bounds = []
         for i in turns:

@@ -65,9 +65,10 @@ class _RowProcessor:
     """Everything a worker needs to turn raw rows into masked examples."""
 
     def __init__(self, config: PrepareConfig, chat_tokenizer: ChatTokenizer):
-        self.converter = RowConverter(
-            config.format, dict(config.column_map) or None, config.system_prompt
-        )
+        column_map = dict(config.column_map)
+        if config.tools_field:
+            column_map["tools"] = config.tools_field
+        self.converter = RowConverter(config.format, column_map or None, config.system_prompt)
         self.seq_length = config.seq_length
         self.overlong = config.overlong
         self.val_fraction = config.val_fraction
