@@ -60,16 +60,17 @@ def read_turns(
         if role is None:
             raise _bad_role(source, row, f"{list_field}[{index}].{role_key}", role_value, roles)
         content = turn.get(content_key)
-        field = f"{list_field}[{index}]"
-        calls = None
-        if role == "assistant" and turn.get("tool_calls"):
-            calls = read_tool_calls(turn["tool_calls"], f"{field}.tool_calls", source, row)
-            if content is None:
+        calls = reasoning = None
+        if role == "assistant" and (turn.get("tool_calls") or turn.get("reasoning_content")):
+            calls, reasoning = _assistant_extras(turn, f"{list_field}[{index}]", source, row)
+            if content is None and calls:
                 content = ""
         if type(content) is not str:
-            content = _content_text(content, role, f"{field}.{content_key}", source, row)
-        if role_value in call_roles:
-            calls = (call_from_text(content, f"{field}.{content_key}", source, row),)
+            field = f"{list_field}[{index}].{content_key}"
+            content = _content_text(content, role, field, source, row)
+        if call_roles and role_value in call_roles:
+            field = f"{list_field}[{index}].{content_key}"
+            calls = (call_from_text(content, field, source, row),)
             content = ""
             previous = messages[-1] if messages else None
             if previous is not None and previous.role == "assistant":
@@ -78,15 +79,12 @@ def read_turns(
                 continue
         if role == "assistant":
             if calls is None and (not content or content.isspace()):
-                raise empty_assistant(source, row, f"{field}.{content_key}")
+                raise empty_assistant(source, row, f"{list_field}[{index}].{content_key}")
             has_assistant = True
         train = True
         if turn.get("train") is not None or turn.get("loss_weight") is not None:
-            train = _train_flag(turn, field, source, row)
-        reasoning = turn.get("reasoning_content") if role == "assistant" else None
-        if reasoning is not None and type(reasoning) is not str:
-            raise wrong_type(source, row, f"{field}.reasoning_content", reasoning, "a string")
-        messages.append(Message(role, content, train, calls, reasoning or None))
+            train = _train_flag(turn, f"{list_field}[{index}]", source, row)
+        messages.append(Message(role, content, train, calls, reasoning))
     if not has_assistant:
         raise RowError(
             source,
@@ -96,6 +94,19 @@ def read_turns(
             "the conversation has no assistant message, so there is nothing to train on",
         )
     return messages
+
+
+def _assistant_extras(
+    turn: dict, field: str, source: str, row: int
+) -> tuple[tuple[dict, ...] | None, str | None]:
+    """An assistant turn's `tool_calls` and `reasoning_content` (None for each it lacks)."""
+    calls = turn.get("tool_calls")
+    if calls:
+        calls = read_tool_calls(calls, f"{field}.tool_calls", source, row)
+    reasoning = turn.get("reasoning_content")
+    if reasoning is not None and type(reasoning) is not str:
+        raise wrong_type(source, row, f"{field}.reasoning_content", reasoning, "a string")
+    return calls or None, reasoning or None
 
 
 def with_turn(record: dict, list_field: str, turn: dict) -> dict | None:
