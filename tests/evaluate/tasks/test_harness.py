@@ -84,10 +84,10 @@ def test_lm_eval_names_a_family_of_tasks():
     assert isinstance(task, HarnessTask) and task.name == "lm-eval:gsm8k"
     assert task.harness_name == "gsm8k" and not task.uses_chat_template
     assert "lm-eval" in task_families()
-    assert task_choices() == "exact-match, format, gsm8k or lm-eval:TASK"
+    assert task_choices() == "exact-match, format, gsm8k, tool-call or lm-eval:TASK"
     with pytest.raises(ConfigError, match="needs the harness task's name"):
         get_task("lm-eval:")
-    with pytest.raises(ConfigError, match="one of exact-match, format, gsm8k or lm-eval:TASK"):
+    with pytest.raises(ConfigError, match="one of exact-match, format, gsm8k, tool-call or lm-eval:TASK"):
         get_task("helm:gsm8k")
 
 
