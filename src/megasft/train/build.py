@@ -92,8 +92,16 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
             for parameter in chunk.parameters():
                 if parameter.dtype == torch.float32:
                     parameter.data = parameter.data.to(torch.bfloat16)
-    if plan.resume_from is None:  # weights only: a fine-tuning start
+    peft = config.peft_settings
+    # Weights only: a fine-tuning start. A PEFT run's checkpoints hold its adapters only, so
+    # its frozen base always comes from --load (restore checks it is the same base).
+    if plan.resume_from is None or peft is not None:
         load_weights(chunks, Path(config.load))
+    if peft is not None:
+        from megasft.megatron.peft import method_named
+
+        for chunk in chunks:
+            method_named(peft.method).apply(chunk, peft, seed=config.seed)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megasft.constants import ARCHITECTURE_FILE, HF_FILES_DIR
 from megasft.errors import ConfigError
 from megasft.megatron.compat import check_checkpoint_readable
+from megasft.megatron.peft.registry import ADAPTER_MODULE
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TRAIN_STATE_FILE = "train_state.json"
@@ -96,17 +97,29 @@ def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
-def _model_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def _model_state_dict(
+    model_chunks: list[torch.nn.Module], *, adapters_only: bool = False
+) -> dict[str, Any]:
+    def chunk_state(chunk: torch.nn.Module) -> dict[str, Any]:
+        state = _unwrapped(chunk).sharded_state_dict()
+        if adapters_only:  # a PEFT run: its frozen base stays in --load
+            state = {key: value for key, value in state.items() if is_adapter_key(key)}
+        return state
+
     if len(model_chunks) == 1:
-        return {"model": _unwrapped(model_chunks[0]).sharded_state_dict()}
-    return {
-        f"model{index}": _unwrapped(chunk).sharded_state_dict()
-        for index, chunk in enumerate(model_chunks)
-    }
+        return {"model": chunk_state(model_chunks[0])}
+    return {f"model{index}": chunk_state(chunk) for index, chunk in enumerate(model_chunks)}
 
 
-def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
-    state = _model_state_dict(model_chunks)
+def is_adapter_key(key: str) -> bool:
+    """Whether a model checkpoint key is a PEFT adapter's tensor (see megasft.megatron.peft)."""
+    return f".{ADAPTER_MODULE}." in key
+
+
+def _sharded_state_dict(
+    model_chunks, optimizer, *, is_loading: bool, adapters_only: bool = False
+) -> dict[str, Any]:
+    state = _model_state_dict(model_chunks, adapters_only=adapters_only)
     # The optimizer state is keyed by the model's sharded tensors. The distributed optimizer's
     # "dp_reshardable" layout (its shards as they are, written in parallel) resumes at any
     # data-parallel size but the same TP/PP (megatron-core 0.16 cannot save the
@@ -161,6 +174,7 @@ def save_checkpoint(
     *,
     source_checkpoint: Path,
     keep: int,
+    adapters_only: bool = False,
 ) -> Path:
     """Write the checkpoint of `step` (collective: every rank calls it).
 
@@ -172,6 +186,7 @@ def save_checkpoint(
         train_state: the step, counters and identity, saved as train_state.json.
         source_checkpoint: the `--load` checkpoint, whose architecture.json and hf/ are copied.
         keep: how many checkpoints to keep (older ones are removed).
+        adapters_only: a PEFT run: the model part is the adapters' tensors alone.
 
     Returns:
         The checkpoint's path.
@@ -186,7 +201,12 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     dist.barrier()
 
-    dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), staging)
+    dist_checkpointing.save(
+        _sharded_state_dict(
+            model_chunks, optimizer, is_loading=False, adapters_only=adapters_only
+        ),
+        staging,
+    )
     (staging / RNG_DIR).mkdir(exist_ok=True)
     torch.save(rng_state(), staging / RNG_DIR / f"rank_{rank:05d}.pt")
     dist.barrier()  # every rank's files are written
@@ -209,7 +229,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    checkpoint: Path, model_chunks: list[torch.nn.Module], optimizer, *, world_size: int
+    checkpoint: Path,
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    *,
+    world_size: int,
+    adapters_only: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's random generators from `checkpoint` (collective).
 
@@ -218,6 +243,7 @@ def load_checkpoint(
         model_chunks: this rank's model chunks.
         optimizer: megatron-core's optimizer.
         world_size: this run's processes (generators restart from the seed when it differs).
+        adapters_only: a PEFT run: only the adapters are read (the base came from --load).
 
     Returns:
         The checkpoint's train state (step, counters).
@@ -232,13 +258,14 @@ def load_checkpoint(
         if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
             part._init_optimizer_states_with_dummy_values()
     state = dist_checkpointing.load(
-        _sharded_state_dict(model_chunks, optimizer, is_loading=True), str(checkpoint)
+        _sharded_state_dict(
+            model_chunks, optimizer, is_loading=True, adapters_only=adapters_only
+        ),
+        str(checkpoint),
     )
-    if len(model_chunks) == 1:
-        _unwrapped(model_chunks[0]).load_state_dict(state["model"])
-    else:
-        for index, chunk in enumerate(model_chunks):
-            _unwrapped(chunk).load_state_dict(state[f"model{index}"])
+    for index, chunk in enumerate(model_chunks):
+        chunk_state = state["model"] if len(model_chunks) == 1 else state[f"model{index}"]
+        _unwrapped(chunk).load_state_dict(chunk_state, strict=not adapters_only)
     with torch.no_grad():  # megatron-core 0.16 copies into parameter views without it
         optimizer.load_state_dict(state["optimizer"])
     train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
@@ -276,6 +303,40 @@ def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
                 f"{value!r}; resuming would not continue the same run. Use the same "
                 f"setting, or a new --save directory (with --load {checkpoint} for its weights)"
             )
+
+
+def check_same_base(checkpoint: Path, base: dict[str, str] | None) -> None:
+    """Refuse to resume a PEFT checkpoint on another base (its adapters fit their own only),
+    or to mix PEFT and full fine-tuning checkpoints.
+
+    Args:
+        checkpoint: the checkpoint to resume.
+        base: a PEFT run's base reference ({"checkpoint": --load, "sha256": its
+            fingerprint}); None for full fine-tuning.
+
+    Raises:
+        ConfigError: the base's fingerprint differs, or one side is PEFT and the other not.
+    """
+    saved = json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("peft")
+    if base is None:
+        if saved is not None:
+            raise ConfigError(
+                f"{checkpoint} holds {saved['method']} adapters only, this run has no --peft; "
+                f"resume with --peft {saved['method']}, or start a new --save directory"
+            )
+        return
+    if saved is None:
+        raise ConfigError(
+            f"{checkpoint} is a full fine-tuning checkpoint, this run has --peft; use a new "
+            f"--save directory (with --load {checkpoint} to train adapters on its weights)"
+        )
+    if saved["base"]["sha256"] != base["sha256"]:
+        raise ConfigError(
+            f"--load {base['checkpoint']} is not the base the adapters in {checkpoint} were "
+            f"trained on ({saved['base']['checkpoint']}, {saved['base']['sha256']}; this "
+            f"--load has {base['sha256']}). Resume with --load {saved['base']['checkpoint']}, "
+            "or start a new --save directory"
+        )
 
 
 def _inner_optimizers(optimizer) -> list:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from megasft.errors import ConfigError
+from megasft.megatron.peft.registry import PeftSettings, method_named, method_names
 from megasft.settings import raise_problems, setting, setting_problems
 
 PRECISIONS = ("bf16", "fp32")
@@ -118,6 +119,25 @@ class TrainConfig:
         "split).",
         at_least=0,
     )
+    peft: str | None = setting(
+        None,
+        "Parameter-efficient fine-tuning: train adapters of this method on a frozen base "
+        "(checkpoints then hold the adapters only). Default: full fine-tuning.",
+        choices=method_names,
+    )
+    lora_rank: int = setting(16, "LoRA: the adapters' rank r (with --peft lora).", at_least=1)
+    lora_alpha: float = setting(
+        32.0, "LoRA: the adapters' output is scaled by alpha / rank.", above=0
+    )
+    lora_dropout: float = setting(
+        0.0, "LoRA: dropout on the adapters' input, in [0, 1).", at_least=0
+    )
+    lora_targets: str = setting(
+        "linear_qkv,linear_proj,linear_fc1,linear_fc2",
+        "LoRA: the megatron-core linears to adapt, comma-separated (linear_qkv holds q, k "
+        "and v; linear_fc1 gate and up).",
+        metavar="NAMES",
+    )
 
     def __post_init__(self) -> None:
         problems = setting_problems(self)
@@ -129,6 +149,8 @@ class TrainConfig:
             problems.append("--virtual-pipeline-stages needs --pp > 1 and a value of at least 1")
         # The checks below combine settings, and need each of them valid on its own.
         raise_problems(problems)
+        if self.peft is not None:
+            problems.extend(method_named(self.peft).problems(self.peft_settings))
         if self.train_iters is not None and self.warmup_iters >= self.train_iters:
             problems.append(
                 f"--warmup-iters {self.warmup_iters} must be below --train-iters {self.train_iters}"
@@ -156,6 +178,19 @@ class TrainConfig:
                 f"{self.pipeline_parallel}; raise --global-batch-size"
             )
         raise_problems(problems)
+
+    @property
+    def peft_settings(self) -> PeftSettings | None:
+        """What --peft and the --lora-* settings ask for (None: full fine-tuning)."""
+        if self.peft is None:
+            return None
+        return PeftSettings(
+            method=self.peft,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=tuple(name.strip() for name in self.lora_targets.split(",") if name.strip()),
+        )
 
     @property
     def world_size(self) -> int:

@@ -82,6 +82,14 @@ def data_identity(plan: RunPlan) -> dict[str, Any]:
     }
 
 
+def base_reference(config: TrainConfig) -> dict[str, str]:
+    """The base a PEFT run's adapters belong to: --load and its fingerprint."""
+    from megasft.checkpoint.fingerprint import checkpoint_fingerprint
+
+    load = Path(config.load).resolve()
+    return {"checkpoint": str(load), "sha256": checkpoint_fingerprint(load)}
+
+
 def prepare_save_dir(config: TrainConfig, parallel: Parallel) -> None:
     """Create --save (rank 0), write the run's settings there as config.yaml, and remove the
     partial checkpoint a run killed while saving left behind.
@@ -118,13 +126,17 @@ def restore(
     Raises:
         ConfigError: the checkpoint was trained with another data order.
     """
-    from megasft.train.checkpointing import check_resumable, load_checkpoint
+    from megasft.train.checkpointing import check_resumable, check_same_base, load_checkpoint
 
     state = LoopState(monitor=StabilityMonitor(plan.config.spike_factor))
     if plan.resume_from is None:
         return state
     check_resumable(plan.resume_from, data_identity(plan))
-    saved = load_checkpoint(plan.resume_from, model, optimizer, world_size=parallel.world_size)
+    peft = plan.config.peft is not None
+    check_same_base(plan.resume_from, base_reference(plan.config) if peft else None)
+    saved = load_checkpoint(
+        plan.resume_from, model, optimizer, world_size=parallel.world_size, adapters_only=peft
+    )
     state.step = saved["step"]
     state.monitor.restore(saved["monitor"])
     state.totals = saved["totals"]
@@ -159,6 +171,8 @@ def save(parts: Parts, state: LoopState) -> Path:
         "identity": data_identity(parts.plan),
         "config": asdict(config),
     }
+    if config.peft is not None:
+        train_state["peft"] = {**asdict(config.peft_settings), "base": base_reference(config)}
     checkpoint = save_checkpoint(
         Path(config.save),
         state.step,
@@ -167,6 +181,7 @@ def save(parts: Parts, state: LoopState) -> Path:
         train_state,
         source_checkpoint=Path(config.load),
         keep=config.keep_checkpoints,
+        adapters_only=config.peft is not None,
     )
     state.last_saved_step = state.step
     parts.reporting.note(f"megasft train: checkpoint {checkpoint}")

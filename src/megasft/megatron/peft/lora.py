@@ -1,0 +1,69 @@
+"""LoRA (Hu et al., 2021): y = W x + (alpha / r) B A x, with W frozen and A, B trained.
+
+One adapter per megatron-core linear, on the fused linears as megatron has them: `linear_qkv`
+(q, k and v in one matrix) and `linear_fc1` (gate and up) each get one A and one B. Why the
+fused form and how it becomes Hugging Face PEFT's separate q/k/v and gate/up adapters without
+loss: docs/peft.md. The parallel layer itself is in `lora_layers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megasft.megatron.peft.registry import PeftMethod, PeftSettings, register
+
+# The linears of a megatron-core transformer layer, by where they live in the layer.
+TARGET_PATHS = {
+    "linear_qkv": ("self_attention", "linear_qkv"),
+    "linear_proj": ("self_attention", "linear_proj"),
+    "linear_fc1": ("mlp", "linear_fc1"),
+    "linear_fc2": ("mlp", "linear_fc2"),
+}
+DEFAULT_TARGETS = tuple(TARGET_PATHS)
+
+
+@register
+class Lora(PeftMethod):
+    name = "lora"
+    targets = DEFAULT_TARGETS
+
+    def problems(self, settings: PeftSettings) -> list[str]:
+        found = super().problems(settings)
+        if not 0 <= settings.dropout < 1:
+            found.append(f"--lora-dropout must be in [0, 1), got {settings.dropout}")
+        return found
+
+    def apply(self, chunk: Any, settings: PeftSettings, *, seed: int) -> None:
+        """Freeze `chunk` (a GPTModel, unwrapped) and wrap its targets with LoRA, in place.
+
+        A is initialised from `seed` and the layer's global number, so that every TP/PP
+        layout starts from the same adapters; B starts at zero, so the model's output is
+        unchanged at step 0.
+
+        Args:
+            chunk: this rank's GPTModel (one pipeline chunk), before DDP wraps it.
+            settings: rank, alpha, dropout and targets.
+            seed: the run's --seed.
+        """
+        from megasft.megatron.peft.lora_layers import LoraLinear
+
+        for parameter in chunk.parameters():
+            parameter.requires_grad = False
+        for layer in chunk.decoder.layers:
+            for target in settings.targets:
+                parent_name, linear_name = TARGET_PATHS[target]
+                parent = getattr(layer, parent_name)
+                base = getattr(parent, linear_name)
+                wrapped = LoraLinear(
+                    base,
+                    settings,
+                    config=layer.config,
+                    init_seed=_adapter_seed(seed, layer.layer_number, target),
+                )
+                setattr(parent, linear_name, wrapped)
+
+
+def _adapter_seed(seed: int, layer_number: int, target: str) -> int:
+    """A seed per adapter that does not depend on the process layout (nor on Python's
+    randomised string hashing)."""
+    return (seed * 1_000_003 + layer_number * 97 + DEFAULT_TARGETS.index(target)) % 2**63

@@ -1,0 +1,91 @@
+"""LoRA trainings for tests/train/test_lora.py, run as train_worker.py runs its own:
+
+    python lora_worker.py single WORK [SCENARIO ...]
+    torchrun --nproc-per-node 2 lora_worker.py parallel WORK [...]
+
+Each scenario is `train_worker.run` with --peft lora (rank 4, alpha 8, every target) and a
+larger learning rate (adapters start at zero: B = 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.train import train_worker  # noqa: E402
+
+LORA = dict(peft="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lr=1e-2, min_lr=1e-3)
+
+
+def lora(save: Path, inputs: dict, **settings) -> dict:
+    result = train_worker.run(save, inputs, **{**LORA, **settings})
+    result["checkpoint"] = str(save / f"iter_{len(result.get('losses', [])):07d}")
+    return result
+
+
+def trainable(save: Path, inputs: dict) -> dict:
+    """What the optimizer holds and what a checkpoint holds, after 1 step."""
+    import torch.distributed as dist
+
+    lora(save, inputs, train_iters=1, warmup_iters=0)
+    if dist.get_rank():
+        return {}
+    state = json.loads((save / "iter_0000001" / "train_state.json").read_text())
+    metadata = json.loads((save / "iter_0000001" / "metadata.json").read_text())
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = sorted(FileSystemReader(str(save / "iter_0000001")).read_metadata().state_dict_metadata)
+    return {"peft": state["peft"], "keys": keys, "metadata": metadata}
+
+
+def resume_in_process(save: Path, inputs: dict) -> dict:
+    """6 steps with a checkpoint at 2 and 4; the step-4 and -6 checkpoints removed, as if the
+    run had died after step 3, and the run resumed from step 2: the same losses."""
+    import shutil
+
+    settings = dict(train_iters=6, save_interval=2)
+    first = lora(save, inputs, **settings)
+    for step in (4, 6):
+        shutil.rmtree(save / f"iter_{step:07d}")
+    again = lora(save, inputs, **settings)
+    return {"first": first["losses"], "again": again["losses"], "steps": again["steps"]}
+
+
+def other_base(save: Path, inputs: dict) -> dict:
+    """A checkpoint resumed against a copy of the base with one file changed: refused."""
+    import shutil
+
+    from megasft.errors import ConfigError
+
+    lora(save / "run", inputs, train_iters=1, warmup_iters=0)
+    changed = save / "changed_base"
+    shutil.copytree(inputs["mcore_model"], changed)
+    (changed / "architecture.json").write_text(
+        (changed / "architecture.json").read_text() + "\n"
+    )
+    try:
+        train_worker.run(save / "run", {**inputs, "mcore_model": str(changed)}, **LORA,
+                         train_iters=2)  # fmt: skip
+    except ConfigError as error:
+        return {"refused": str(error)}
+    return {"refused": None}
+
+
+SINGLE = {
+    "reference": lambda save, inputs: lora(save, inputs),
+    "trainable": trainable,
+    "resume_in_process": resume_in_process,
+    "other_base": other_base,
+}
+PARALLEL = {
+    "tp2": lambda save, inputs: lora(save, inputs, tensor_parallel=2),
+    "dp2": lambda save, inputs: lora(save, inputs),
+    "pp2": lambda save, inputs: lora(save, inputs, pipeline_parallel=2),
+}
+
+if __name__ == "__main__":
+    train_worker.SINGLE, train_worker.PARALLEL = SINGLE, PARALLEL
+    train_worker.main()
