@@ -63,9 +63,7 @@ def other_base(save: Path, inputs: dict) -> dict:
     lora(save / "run", inputs, train_iters=1, warmup_iters=0)
     changed = save / "changed_base"
     shutil.copytree(inputs["mcore_model"], changed)
-    (changed / "architecture.json").write_text(
-        (changed / "architecture.json").read_text() + "\n"
-    )
+    (changed / "architecture.json").write_text((changed / "architecture.json").read_text() + "\n")
     try:
         train_worker.run(save / "run", {**inputs, "mcore_model": str(changed)}, **LORA,
                          train_iters=2)  # fmt: skip

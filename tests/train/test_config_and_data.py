@@ -166,3 +166,33 @@ def test_collate_fills_short_batches_with_rows_without_targets(tmp_path):
         ).attention_mask
         is None
     )
+
+
+# --- PEFT settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(peft="lora", lora_rank=0), "--lora-rank must be at least 1, got 0"),
+        (
+            dict(peft="lora", lora_targets="linear_qkv,q_proj"),
+            "--lora-targets: unknown target(s) q_proj; known: linear_qkv, linear_proj, "
+            "linear_fc1, linear_fc2",
+        ),
+        (dict(peft="dora"), "--peft must be one of lora, not 'dora'"),
+        (dict(peft="lora", lora_dropout=1.0), "--lora-dropout must be in [0, 1), got 1.0"),
+    ],
+)
+def test_bad_peft_settings_are_refused_naming_the_setting(settings, message):
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(data="d", load="l", save="s", train_iters=2, **settings)
+    assert str(error.value) == message
+
+
+def test_lora_defaults_adapt_every_linear_of_a_layer():
+    config = TrainConfig(data="d", load="l", save="s", train_iters=2, peft="lora")
+    settings = config.peft_settings
+    assert settings.targets == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    assert (settings.rank, settings.alpha, settings.scaling) == (16, 32.0, 2.0)
+    assert TrainConfig(data="d", load="l", save="s", train_iters=2).peft_settings is None

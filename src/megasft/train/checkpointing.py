@@ -202,9 +202,7 @@ def save_checkpoint(
     dist.barrier()
 
     dist_checkpointing.save(
-        _sharded_state_dict(
-            model_chunks, optimizer, is_loading=False, adapters_only=adapters_only
-        ),
+        _sharded_state_dict(model_chunks, optimizer, is_loading=False, adapters_only=adapters_only),
         staging,
     )
     (staging / RNG_DIR).mkdir(exist_ok=True)
@@ -258,9 +256,7 @@ def load_checkpoint(
         if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
             part._init_optimizer_states_with_dummy_values()
     state = dist_checkpointing.load(
-        _sharded_state_dict(
-            model_chunks, optimizer, is_loading=True, adapters_only=adapters_only
-        ),
+        _sharded_state_dict(model_chunks, optimizer, is_loading=True, adapters_only=adapters_only),
         str(checkpoint),
     )
     for index, chunk in enumerate(model_chunks):

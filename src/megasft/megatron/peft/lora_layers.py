@@ -20,7 +20,7 @@ from megasft.megatron.peft.registry import ADAPTER_MODULE, PeftSettings
 
 
 def parallel_mode(base: torch.nn.Module) -> str:
-    """"column" or "row": how `base` splits its weight over tensor-parallel ranks."""
+    """ "column" or "row": how `base` splits its weight over tensor-parallel ranks."""
     mode = getattr(base, "parallel_mode", None)  # Transformer Engine's linears say it
     if mode in ("column", "row"):
         return mode

@@ -1,0 +1,94 @@
+"""LoRA training end to end on CPU: exact at every parallel layout, adapters-only checkpoints
+that resume exactly, and a base that must not change under them (see lora_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.train.test_training import _launch
+from tests.train.workspace import Workspace, make_workspace
+
+pytestmark = pytest.mark.slow
+
+WORKER = REPO / "tests" / "train" / "lora_worker.py"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("lora")
+    workspace = make_workspace(root)
+    workspace.save(root / "workspace.json")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def single(workspace) -> dict:
+    _launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
+    return json.loads((workspace.root / "results_single.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def parallel(workspace) -> dict:
+    _launch(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),
+        ],
+        timeout=600,
+    )  # fmt: skip
+    return json.loads((workspace.root / "results_parallel.json").read_text())
+
+
+def _result(results: dict, name: str) -> dict:
+    assert "error" not in results[name], results[name]["error"]
+    return results[name]
+
+
+def test_lora_learns_from_the_base_models_first_loss(single):
+    losses = _result(single, "reference")["losses"]
+    assert len(losses) == 5
+    assert losses[-1] < losses[0] - 0.1  # B starts at zero: step 1 is the base model's loss
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "pp2"])
+def test_lora_at_a_parallel_layout_reproduces_the_single_rank_curve(single, parallel, layout):
+    reference, result = _result(single, "reference"), _result(parallel, layout)
+    assert result["target_tokens"] == reference["target_tokens"]
+    for actual, expected in zip(result["losses"], reference["losses"], strict=True):
+        assert abs(actual - expected) < TOLERANCE
+    for actual, expected in zip(result["grad_norms"], reference["grad_norms"], strict=True):
+        assert abs(actual - expected) < TOLERANCE * expected
+
+
+def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(workspace, single):
+    result = _result(single, "trainable")
+    targets = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    model_keys = {key for key in result["keys"] if not key.startswith("optimizer.")}
+    assert model_keys == {
+        f"decoder.layers.{parent}.{target}.adapter.lora_{part}"
+        for target in targets
+        for parent in ("self_attention" if target in targets[:2] else "mlp",)
+        for part in "ab"
+    }
+    assert all(".adapter." in key for key in result["keys"])  # no base weight, no base state
+    peft = result["peft"]
+    assert (peft["method"], peft["rank"], peft["alpha"]) == ("lora", 4, 8.0)
+    assert peft["base"]["checkpoint"] == str(workspace.mcore_model.resolve())
+    assert peft["base"]["sha256"].startswith("sha256:")
+
+
+def test_lora_run_resumes_exactly(single):
+    result = _result(single, "resume_in_process")
+    assert result["steps"] == [1, 2, 3, 4, 5, 6]
+    assert result["again"] == result["first"]
+
+
+def test_resuming_on_another_base_is_refused_naming_load(single):
+    refused = _result(single, "other_base")["refused"]
+    assert refused is not None and refused.startswith("--load ")
+    assert "is not the base the adapters" in refused
