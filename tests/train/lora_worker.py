@@ -72,8 +72,43 @@ def other_base(save: Path, inputs: dict) -> dict:
     return {"refused": None}
 
 
+def trained_and_forward(save: Path, inputs: dict) -> dict:
+    """The reference run, then megatron's own logits of its last checkpoint (the base from
+    --load, the adapters from the checkpoint) on 24 tokens, for the export test."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megasft.megatron.builder import build_model, transformer_config
+    from megasft.megatron.peft import method_named
+    from megasft.megatron.weights import load_weights, read_architecture
+    from megasft.train.checkpointing import _model_state_dict
+    from megasft.train.config import TrainConfig
+    from megasft.train.distributed import setup_parallel, teardown_parallel
+
+    result = lora(save, inputs)
+    config = TrainConfig(data="d", load="l", save="s", train_iters=1, **LORA)
+    architecture = read_architecture(inputs["mcore_model"])
+    parallel = setup_parallel(config)
+    try:
+        model = build_model(architecture, transformer_config(architecture))
+        load_weights(model, inputs["mcore_model"])
+        method_named("lora").apply(model, config.peft_settings, seed=1234)
+        adapters = _model_state_dict([model], adapters_only=True)
+        model.load_state_dict(dist_checkpointing.load(adapters, result["checkpoint"])["model"],
+                              strict=False)  # fmt: skip
+        tokens = torch.arange(3, 27)[None]  # [1, 24]
+        with torch.no_grad():
+            logits = model(tokens, torch.arange(24)[None], None)  # [1, 24, padded vocab]
+    finally:
+        teardown_parallel(parallel)
+    torch.save({"tokens": tokens, "logits": logits[..., : architecture.vocab_size]},
+               save / "megatron_logits.pt")  # fmt: skip
+    result["logits"] = str(save / "megatron_logits.pt")
+    return result
+
+
 SINGLE = {
-    "reference": lambda save, inputs: lora(save, inputs),
+    "reference": trained_and_forward,
     "trainable": trainable,
     "resume_in_process": resume_in_process,
     "other_base": other_base,

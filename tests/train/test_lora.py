@@ -92,3 +92,53 @@ def test_resuming_on_another_base_is_refused_naming_load(single):
     refused = _result(single, "other_base")["refused"]
     assert refused is not None and refused.startswith("--load ")
     assert "is not the base the adapters" in refused
+
+
+# --- export: merged model and Hugging Face PEFT adapter -----------------------------------------
+
+
+def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, tmp_path):
+    """The merged HF model, the PEFT adapter on the HF base, and megatron's own forward of the
+    trained checkpoint: the same logits (fp32)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megasft.checkpoint.convert import convert
+
+    result = _result(single, "reference")
+    run_dir = tmp_path.parent / "run"  # the --save directory: its newest checkpoint is taken
+    convert("megatron", "hf", result["checkpoint"], tmp_path / "merged",
+            base=workspace.hf_model)  # fmt: skip
+    convert("megatron", "hf", result["checkpoint"], tmp_path / "adapter",
+            base=workspace.hf_model, adapter_only=True)  # fmt: skip
+    del run_dir
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    ]  # fmt: skip
+    expected = torch.load(result["logits"])
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(expected["tokens"]).logits
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    attn_implementation="eager")  # fmt: skip
+
+    merged = logits(load(tmp_path / "merged"))
+    adapted = logits(peft.PeftModel.from_pretrained(load(workspace.hf_model), tmp_path / "adapter"))
+    base = logits(load(workspace.hf_model))
+    assert (merged - base).abs().max() > 1e-2  # the adapters changed the model
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert torch.allclose(merged, expected["logits"], atol=1e-4)
+
+
+def test_adapter_only_without_base_is_refused():
+    from megasft.checkpoint.cli import ConvertConfig
+    from megasft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--adapter-only needs --base"):
+        ConvertConfig(source_format="megatron", target_format="hf", src="a", dst="b",
+                      adapter_only=True)  # fmt: skip

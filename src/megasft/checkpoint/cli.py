@@ -66,8 +66,20 @@ class ConvertConfig:
         at_least=1,
     )
 
+    adapter_only: bool = setting(
+        False,
+        "--from megatron of a PEFT (LoRA) run: write a Hugging Face PEFT adapter "
+        "(adapter_config.json, adapter_model.safetensors) instead of the merged model; "
+        "needs --base.",
+    )
+
     def __post_init__(self) -> None:
-        raise_problems(setting_problems(self))
+        problems = setting_problems(self)
+        if self.adapter_only and self.base is None:
+            problems.append(
+                "--adapter-only needs --base: the Hugging Face model the adapter applies to"
+            )
+        raise_problems(problems)
 
 
 def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
@@ -103,6 +115,7 @@ def run_convert(args: argparse.Namespace) -> int:
         base=config.base,
         allow_pytorch_bin=config.allow_pytorch_bin,
         max_shard_bytes=config.max_shard_bytes,
+        adapter_only=config.adapter_only,
     )
     print(
         f"converted {config.src} ({architecture.family}, {architecture.num_layers} layers, hidden "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.hf_to_megatron import convert_hf_to_megatron
-from megasft.checkpoint.layout import DEFAULT_MAX_SHARD_BYTES, FORMATS
+from megasft.checkpoint.layout import ARCHITECTURE_FILE, DEFAULT_MAX_SHARD_BYTES, FORMATS
 from megasft.checkpoint.megatron_to_hf import convert_megatron_to_hf
 from megasft.megatron.architecture import ModelArchitecture
 
@@ -33,6 +33,7 @@ def convert(
     base: str | os.PathLike | None = None,
     allow_pytorch_bin: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    adapter_only: bool = False,
 ) -> ModelArchitecture:
     """Convert the checkpoint in `source` to `target_format` in `destination`.
 
@@ -48,6 +49,8 @@ def convert(
         allow_pytorch_bin: hf -> megatron only: read `pytorch_model.bin` weights (with
             `torch.load(weights_only=True)`) when there are no safetensors.
         max_shard_bytes: megatron -> hf only: the size above which safetensors are sharded.
+        adapter_only: megatron -> hf of a PEFT run only: write a Hugging Face PEFT adapter
+            instead of the merged model (both need `base`).
 
     Returns the model's architecture. Raises `CheckpointError` / `ConfigError` for bad input.
     """
@@ -66,10 +69,27 @@ def convert(
             f"{destination}: already exists; choose a new --dst or remove it first"
         )
     destination.parent.mkdir(parents=True, exist_ok=True)
+    peft_checkpoint = _peft_checkpoint(source) if source_format == "megatron" else None
+    if adapter_only and peft_checkpoint is None:
+        raise CheckpointError(
+            f"--adapter-only: {source} is not a PEFT run (no adapters in its train_state.json)"
+        )
+    if peft_checkpoint is not None and base is None:
+        raise CheckpointError(
+            f"--base is required: {source} holds adapters only; pass the Hugging Face model "
+            "the run's --load was converted from"
+        )
 
     started = time.monotonic()
     with _staging_directory(destination) as staging:
-        if target_format == "megatron":
+        if peft_checkpoint is not None:
+            from megasft.checkpoint import peft_export
+
+            write = peft_export.write_peft_adapter if adapter_only else (
+                peft_export.write_merged_model)  # fmt: skip
+            write(peft_checkpoint, staging, Path(base))
+            architecture = ModelArchitecture.load(peft_checkpoint / ARCHITECTURE_FILE)
+        elif target_format == "megatron":
             architecture = convert_hf_to_megatron(
                 source, staging, allow_pytorch_bin=allow_pytorch_bin
             )
@@ -90,6 +110,17 @@ def convert(
         time.monotonic() - started,
     )
     return architecture
+
+
+def _peft_checkpoint(source: Path) -> Path | None:
+    """The checkpoint of a PEFT run in `source` (an iter_* directory, or a run's --save
+    directory: its newest checkpoint), or None when `source` is not one."""
+    from megasft.checkpoint.peft_export import peft_settings_of
+
+    latest = source / "latest_checkpointed_iteration.txt"
+    if latest.is_file():
+        source = source / f"iter_{int(latest.read_text()):07d}"
+    return source if peft_settings_of(source) is not None else None
 
 
 @contextlib.contextmanager

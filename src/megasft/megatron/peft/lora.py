@@ -59,6 +59,7 @@ class Lora(PeftMethod):
                     settings,
                     config=layer.config,
                     init_seed=_adapter_seed(seed, layer.layer_number, target),
+                    gated_rows=target == "linear_fc1" and layer.config.gated_linear_unit,
                 )
                 setattr(parent, linear_name, wrapped)
 

@@ -82,7 +82,15 @@ class LoraLinear(torch.nn.Module):
     still reads a converted checkpoint; the adapter's are `<linear>.adapter.lora_a|lora_b`.
     """
 
-    def __init__(self, base: torch.nn.Module, settings: PeftSettings, *, config, init_seed: int):
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        settings: PeftSettings,
+        *,
+        config,
+        init_seed: int,
+        gated_rows: bool = False,
+    ):
         super().__init__()
         from megatron.core import parallel_state
 
@@ -105,6 +113,10 @@ class LoraLinear(torch.nn.Module):
         )
         self.add_module(ADAPTER_MODULE, adapter)
         self.config = config
+        # A gated MLP's fc1 holds [gate; up] on each TP rank: its B is saved as megatron-core
+        # saves that weight, as two halves each sharded on its own, so that the checkpoint's
+        # B is [gate rows; up rows] at every TP size.
+        self.gated_rows = gated_rows
         self._register_load_state_dict_pre_hook(_base_keys_under_base)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -132,14 +144,18 @@ class LoraLinear(torch.nn.Module):
         state = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
         adapter = getattr(self, ADAPTER_MODULE)
         axis = {"lora_b": 0} if self.mode == "column" else {"lora_a": 1}
-        state.update(
-            make_sharded_tensors_for_checkpoint(
-                adapter.state_dict(prefix="", keep_vars=True),
-                f"{prefix}{ADAPTER_MODULE}.",
-                axis,
-                sharded_offsets,
-            )
+        adapter_state = make_sharded_tensors_for_checkpoint(
+            adapter.state_dict(prefix="", keep_vars=True),
+            f"{prefix}{ADAPTER_MODULE}.",
+            axis,
+            sharded_offsets,
         )
+        if self.gated_rows:
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}{ADAPTER_MODULE}.lora_b"
+            adapter_state[key] = apply_swiglu_sharded_factory(adapter_state[key], sharded_offsets)
+        state.update(adapter_state)
         return state
 
 
