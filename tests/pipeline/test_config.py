@@ -45,7 +45,18 @@ def test_named_configurations_load(name):
 
 def test_every_shipped_configuration_is_tested():
     shipped = {path.stem for path in config_directory().glob("*.yaml")}
-    assert shipped == {"demo", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
+    assert shipped == {"demo", "demo-lora", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
+
+
+def test_demo_lora_trains_adapters_from_the_train_peft_section(tmp_path):
+    config = load_pipeline_config("demo-lora")
+    settings = config.train_settings()
+    assert (settings["peft"], settings["lora_rank"], settings["lora_alpha"]) == ("lora", 32, 64.0)
+    assert settings["lora_targets"] == "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {path: a}\nmodel: {path: b}\ntrain: {peft: {rnk: 4}}\n")
+    with pytest.raises(ConfigError, match=r"train.peft: unknown key\(s\) rnk; known: method"):
+        load_pipeline_config(path)
 
 
 def test_cluster_configurations_train_as_trainjobs_on_mi300x():
@@ -62,7 +73,9 @@ def test_cluster_configurations_train_as_trainjobs_on_mi300x():
 
 
 def test_unknown_names_are_refused_with_what_is_known(tmp_path):
-    with pytest.raises(InputError, match="one of: demo, llama2-7b-mi300x, qwen2.5-gsm8k"):
+    with pytest.raises(
+        InputError, match="one of: demo, demo-lora, llama2-7b-mi300x, qwen2.5-gsm8k"
+    ):
         load_pipeline_config("nope")
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ndata: {path: a}\nmodel: {path: b}\ntrainer: {}\n")

@@ -134,6 +134,17 @@ def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, 
     assert torch.allclose(adapted, merged, atol=1e-4)
     assert torch.allclose(merged, expected["logits"], atol=1e-4)
 
+    # `megasft evaluate` loads the adapter on its --base, and refuses it without one
+    from megasft.errors import ConfigError
+    from megasft.evaluate.model import check_model, load_model
+
+    loaded = load_model(tmp_path / "adapter", None, torch.device("cpu"), torch.float32,
+                        True, tmp_path / "scratch", convert_base=workspace.hf_model)  # fmt: skip
+    assert loaded.description["kind"] == "adapter"
+    assert torch.allclose(logits(loaded.model), merged, atol=1e-4)
+    with pytest.raises(ConfigError, match="is a LoRA adapter: pass its base model as --base"):
+        check_model(tmp_path / "adapter", None, True)
+
 
 def test_adapter_only_without_base_is_refused():
     from megasft.checkpoint.cli import ConvertConfig

@@ -77,6 +77,12 @@ class EvaluateConfig:
         "the converted weights (`convert --base`); by default the copies the checkpoint carries.",
         metavar="DIR",
     )
+    base: str | None = setting(
+        None,
+        "For a LoRA model (a Hugging Face PEFT adapter directory, or a LoRA run's "
+        "checkpoint): the Hugging Face base model the adapters apply to.",
+        metavar="DIR",
+    )
     format: str = setting(
         "auto", "The data file's format; auto detects it.", choices=("auto", *FORMATS)
     )

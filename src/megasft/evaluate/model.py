@@ -100,6 +100,11 @@ def is_hf_model(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def is_peft_adapter(path: Path) -> bool:
+    """A Hugging Face PEFT adapter (`megasft convert --adapter-only` writes one)."""
+    return (path / "adapter_config.json").is_file() and not is_hf_model(path)
+
+
 def is_megatron_checkpoint(path: Path) -> bool:
     """Whether `path` is a megasft megatron-core checkpoint (`megasft.checkpoint.layout`): a
     `dist_checkpointing` checkpoint with the model's `architecture.json` beside it.
@@ -157,7 +162,7 @@ def model_kind(path: str | Path) -> str:
         path: the model's directory.
 
     Returns:
-        "hf" or "megatron".
+        "hf", "adapter" (a Hugging Face PEFT adapter) or "megatron".
 
     Raises:
         InputError: a missing path, a file, a training run's output directory, or anything
@@ -170,6 +175,8 @@ def model_kind(path: str | Path) -> str:
         raise InputError(f"model {path} is not a directory: pass a Hugging Face model directory")
     if is_hf_model(path):
         return "hf"
+    if is_peft_adapter(path):
+        return "adapter"
     if is_megatron_checkpoint(path):
         return "megatron"
     if _is_training_output(path):
@@ -207,7 +214,9 @@ def check_model(
     """
     path = Path(path)
     kind = model_kind(path)
-    if kind == "megatron" and convert_base:
+    if kind == "adapter" and not convert_base:
+        raise ConfigError(f"model {path} is a LoRA adapter: pass its base model as --base DIR")
+    if kind in ("megatron", "adapter") and convert_base:
         home = Path(convert_base)
     elif kind == "megatron":
         home = path / HF_FILES_DIR  # what conversion copies next to the weights
@@ -303,10 +312,18 @@ def load_model(
         scratch.mkdir(parents=True, exist_ok=True)
         base = Path(convert_base) if convert_base else None
         hf_path = convert_megatron_to_hf(path, scratch / f"hf-{path.name}", base)
+    elif kind == "adapter":
+        hf_path = Path(convert_base)  # the adapter's base: its tokenizer, then its weights
     chat_tokenizer = load_tokenizer(path, hf_path, tokenizer, fallback_tokenizer, chatml_fallback)
     tokenizer_dir = Path(chat_tokenizer.path)
 
-    model = _load_hf(hf_path, dtype).to(device).eval()
+    model = _load_hf(hf_path, dtype)
+    if kind == "adapter":
+        from peft import PeftModel
+
+        # merged into the base's weights, so that generation runs at the plain model's speed
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = model.to(device).eval()
     vocab = chat_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab > rows:

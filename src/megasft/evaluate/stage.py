@@ -86,7 +86,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     gate = parse_gate(config.gate) if config.gate else None
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    models = [_Model("tuned", config.model, config.tokenizer, None, config.convert_base)]
+    # --base: the HF model a LoRA adapter (or a LoRA run's checkpoint) applies to
+    tuned_base = config.base or config.convert_base
+    models = [_Model("tuned", config.model, config.tokenizer, None, tuned_base)]
     if config.baseline:
         # A baseline without tokenizer files borrows the tuned model's --tokenizer.
         models.append(_Model("base", config.baseline, None, config.tokenizer, None))

@@ -60,8 +60,35 @@ def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str,
     recipe = settings.pop("recipe", None)
     values = load_recipe(recipe) if recipe and read_recipe else {}
     values.update(settings)
+    if isinstance(values.get("peft"), dict):
+        values.update(_peft_settings(values.pop("peft")))
     check_keys("train", values, field_names(TrainConfig) - TRAIN_WIRED, {"recipe"})
     return _with_whole_numbers(TrainConfig, values)
+
+
+_PEFT_KEYS = {
+    "method": "peft",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "lora_targets",
+}
+"""train.peft's keys -> the TrainConfig settings they set (--peft, --lora-*)."""
+
+
+def _peft_settings(peft: dict[str, Any]) -> dict[str, Any]:
+    """`train.peft: {method: lora, rank: 16, ...}` as TrainConfig settings."""
+    unknown = sorted(set(peft) - set(_PEFT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"train.peft: unknown key(s) {', '.join(unknown)}; known: {', '.join(_PEFT_KEYS)}"
+        )
+    if "method" not in peft:
+        raise ConfigError("train.peft: name the method, e.g. method: lora")
+    settings = {_PEFT_KEYS[key]: value for key, value in peft.items()}
+    if isinstance(settings.get("lora_targets"), list):
+        settings["lora_targets"] = ",".join(settings["lora_targets"])
+    return settings
 
 
 def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:

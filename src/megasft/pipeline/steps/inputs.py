@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from megasft.launch.registry import launcher_section
+
+PEFT_ADAPTER_DIR = "peft-adapter"
+"""Where a LoRA run's export puts its Hugging Face PEFT adapter, inside the merged model."""
 from megasft.pipeline.config import PipelineConfig, check_inputs, prepare_settings
 from megasft.pipeline.steps.common import (
     PIPELINE_NAME,
@@ -214,6 +217,7 @@ def checkpoint_convert(
     """
     from megasft import tracking
     from megasft.checkpoint.convert import convert
+    from megasft.checkpoint.peft_export import peft_settings_of
     from megasft.errors import ConfigError
     from megasft.train.checkpointing import latest_checkpoint
 
@@ -239,6 +243,13 @@ def checkpoint_convert(
             "hidden_size": architecture.hidden_size,
             "format": target_format,
         }
+        if target_format == "hf" and peft_settings_of(Path(source)) is not None:
+            # A LoRA run: `destination` is the merged model (what gets registered); the
+            # Hugging Face PEFT adapter goes beside it, and into MLflow as an artifact.
+            adapter = destination / PEFT_ADAPTER_DIR
+            convert("megatron", "hf", source, adapter, base=base, adapter_only=True)
+            run.log_artifact(adapter, "adapter")
+            figures["adapter"] = PEFT_ADAPTER_DIR
         run.log_params(figures)
     output.metadata.update(figures)
     return figures
