@@ -12,6 +12,9 @@ Printed side by side from one run, all on the CPU in fp32 with the same threads,
 
 - `megasft train` (megatron-core through the CPU emulation layer, one process) on packed rows
   and on one example per row;
+- `megasft train --peft lora` (rank 16 on every linear) on packed rows: beside full SFT,
+  trainable parameters and optimizer-state bytes (from what each final checkpoint holds),
+  peak resident memory of the process, and step time;
 - a plain PyTorch loop over the equivalent `transformers` model (LlamaForCausalLM, SDPA
   attention, AdamW, gradient accumulation and clipping) on one example per row, padded,
   with the same -100-style target selection;
@@ -119,16 +122,50 @@ def build_model(work: Path, tokenizer: Path, seq_length: int) -> tuple[Path, Pat
     return hf, work / "mcore"
 
 
-def megasft_run(work: Path, data: Path, mcore: Path, steps: int, threads: int) -> dict:
-    save = work / f"run-{data.name}"
+# `megasft train` in this process's child, printing its peak resident memory (one process:
+# nproc 1 trains in-process) when it ends.
+MEASURED_TRAIN = (
+    "import resource, sys; from megasft.cli import main; code = main(sys.argv[1:]); "
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+)
+
+
+def checkpoint_sizes(checkpoint: Path) -> dict:
+    """Parameters and optimizer-state bytes, from what the final checkpoint holds: a LoRA
+    checkpoint holds the trainable tensors only, a full one every tensor."""
+    from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
+    from megasft.checkpoint.tensor_bytes import byte_count
+
+    reader = DistCheckpointReader(checkpoint)
+    model = [t for key, t in reader.tensors.items() if not key.startswith("optimizer.")]
+    state = [t for key, t in reader.tensors.items() if key.startswith("optimizer.")]
+    count = 0
+    for tensor in model:
+        size = 1
+        for dim in tensor.shape:
+            size *= dim
+        count += size
+    return {
+        "trainable": count,
+        "optimizer_bytes": sum(byte_count(t.shape, t.dtype) for t in state),
+    }
+
+
+def megasft_run(
+    work: Path, data: Path, mcore: Path, steps: int, threads: int, *extra: str, name: str = ""
+) -> dict:
+    save = work / f"run-{data.name}{name}"
     command = [
-        sys.executable, "-m", "megasft", "train", "--data", str(data), "--load", str(mcore),
+        sys.executable, "-c", MEASURED_TRAIN, "train", "--data", str(data), "--load", str(mcore),
         "--save", str(save), "--train-iters", str(steps), "--micro-batch-size",
         str(MICRO_BATCH), "--global-batch-size", str(GLOBAL_BATCH), "--lr", "1e-4",
-        "--warmup-iters", "1", "--precision", "fp32", "--save-interval", "0",
+        "--warmup-iters", "1", "--precision", "fp32", "--save-interval", "0", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    peak_kib = next(
+        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_rss")
+    )
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()][
         SKIPPED_STEPS:
     ]
@@ -137,6 +174,8 @@ def megasft_run(work: Path, data: Path, mcore: Path, steps: int, threads: int) -
         "best": min(r["step_seconds"] for r in records),
         "tokens": statistics.median(r["tokens"] for r in records),
         "targets": statistics.median(r["target_tokens"] for r in records),
+        "peak_mib": peak_kib / 1024,
+        **checkpoint_sizes(save / f"iter_{steps:07d}"),
     }
 
 
@@ -267,6 +306,18 @@ def main() -> None:
             "megasft train, one example per row": megasft_run(
                 work, work / "unpacked", mcore, args.steps, args.threads
             ),
+            "megasft train --peft lora (r 16), packed": megasft_run(
+                work,
+                work / "packed",
+                mcore,
+                args.steps,
+                args.threads,
+                "--peft",
+                "lora",
+                "--lora-rank",
+                "16",
+                name="-lora",
+            ),  # fmt: skip
             "plain PyTorch + transformers, one per row": plain_pytorch_run(
                 hf, work / "unpacked", args.steps, args.threads, args.seq_length
             ),
@@ -294,6 +345,16 @@ def main() -> None:
             f"{result['tokens'] / result['seconds']:>10.0f} "
             f"{result['targets'] / result['seconds']:>10.0f}"
         )
+    print()
+    header = f"{'run':<44} {'trainable':>12} {'optimizer MB':>13} {'peak RSS MiB':>13}"
+    print(header)
+    print("-" * len(header))
+    for name, result in results.items():
+        if "trainable" in result:  # megasft's runs: what their final checkpoints hold
+            print(
+                f"{name:<44} {result['trainable']:>12,} "
+                f"{result['optimizer_bytes'] / 1e6:>13.2f} {result['peak_mib']:>13.0f}"
+            )
     if gpu is None:
         print("GPU: no CUDA/ROCm device here; the Transformer Engine / bf16 / MFU run was skipped")
     else:

@@ -39,9 +39,11 @@ def build_inputs(inputs: Path, train_problems: int, test_problems: int) -> dict[
     return {"train": train, "test": test, "model": model}
 
 
-def demo_config(root: Path, inputs: dict[str, Path], train_iters: int | None) -> PipelineConfig:
-    """pipelines/configs/demo.yaml with its paths under `root`."""
-    config = load_pipeline_config("demo")
+def demo_config(
+    root: Path, inputs: dict[str, Path], train_iters: int | None, name: str = "demo"
+) -> PipelineConfig:
+    """pipelines/configs/NAME.yaml (demo, or demo-lora) with its paths under `root`."""
+    config = load_pipeline_config(name)
     train = dict(config.train)
     if train_iters is not None:  # a shorter run (the tests) keeps the schedule's proportions
         train["train_iters"] = train_iters
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-problems", type=int, default=200)
     parser.add_argument("--train-iters", type=int, default=None, help="default: the demo config's")
     parser.add_argument(
+        "--config", default="demo", choices=("demo", "demo-lora"), help="full SFT, or LoRA"
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="stream everything the steps and kfp.local print (default: one line as each step "
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if root.exists():
         shutil.rmtree(root)
     inputs = build_inputs(root / "inputs", args.train_problems, args.test_problems)
-    config = demo_config(root, inputs, args.train_iters)
+    config = demo_config(root, inputs, args.train_iters, args.config)
     result = run_local(config, workdir=root, quiet=not args.verbose)
     return 0 if result.succeeded else 1
 
