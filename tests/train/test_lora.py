@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,13 +107,15 @@ def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, 
 
     from megasft.checkpoint.convert import convert
 
+    from megasft.checkpoint.errors import CheckpointError
+
     result = _result(single, "reference")
-    run_dir = tmp_path.parent / "run"  # the --save directory: its newest checkpoint is taken
-    convert("megatron", "hf", result["checkpoint"], tmp_path / "merged",
-            base=workspace.hf_model)  # fmt: skip
+    run_dir = Path(result["checkpoint"]).parent  # --save: its newest checkpoint is taken
+    with pytest.raises(CheckpointError, match="^--base is required"):
+        convert("megatron", "hf", run_dir, tmp_path / "no-base")
+    convert("megatron", "hf", run_dir, tmp_path / "merged", base=workspace.hf_model)
     convert("megatron", "hf", result["checkpoint"], tmp_path / "adapter",
             base=workspace.hf_model, adapter_only=True)  # fmt: skip
-    del run_dir
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
