@@ -107,11 +107,25 @@ def trained_and_forward(save: Path, inputs: dict) -> dict:
     return result
 
 
+def bf16(save: Path, inputs: dict) -> dict:
+    """bf16: the base stays bf16 and frozen; fp32 main weights exist for the adapters only."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemReader
+
+    result = lora(save, inputs, precision="bf16", train_iters=2, warmup_iters=0)
+    if dist.get_rank():
+        return {}
+    metadata = FileSystemReader(str(save / "iter_0000002")).read_metadata()
+    result["keys"] = sorted(metadata.state_dict_metadata)
+    return result
+
+
 SINGLE = {
     "reference": trained_and_forward,
     "trainable": trainable,
     "resume_in_process": resume_in_process,
     "other_base": other_base,
+    "bf16": bf16,
 }
 PARALLEL = {
     "tp2": lambda save, inputs: lora(save, inputs, tensor_parallel=2),

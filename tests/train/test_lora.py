@@ -156,3 +156,11 @@ def test_adapter_only_without_base_is_refused():
     with pytest.raises(ConfigError, match=r"^--adapter-only needs --base"):
         ConvertConfig(source_format="megatron", target_format="hf", src="a", dst="b",
                       adapter_only=True)  # fmt: skip
+
+
+def test_bf16_lora_keeps_fp32_main_weights_for_the_adapters_only(single):
+    result = _result(single, "bf16")
+    assert len(result["losses"]) == 2 and result["losses"][1] < result["losses"][0]
+    main_weights = {key for key in result["keys"] if key.startswith("optimizer.state.fp32_param.")}
+    assert len(main_weights) == 8  # A and B of 4 linears, what the export merges in fp32
+    assert all(".adapter." in key for key in result["keys"])
