@@ -106,7 +106,6 @@ def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, 
     from transformers import AutoModelForCausalLM
 
     from megasft.checkpoint.convert import convert
-
     from megasft.checkpoint.errors import CheckpointError
 
     result = _result(single, "reference")
