@@ -127,10 +127,32 @@ SINGLE = {
     "other_base": other_base,
     "bf16": bf16,
 }
+
+
+def distributed_optimizer_resume(save: Path, inputs: dict) -> dict:
+    """DP2 with the distributed optimizer (the GPU default): 4 steps, checkpoints at 2 and
+    4; the step-4 one removed and the run resumed from step 2: the same losses."""
+    import shutil
+
+    import torch.distributed as dist
+
+    settings = dict(train_iters=4, save_interval=2, distributed_optimizer=True)
+    first = lora(save, inputs, **settings)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(save / "iter_0000004")
+    dist.barrier()
+    again = lora(save, inputs, **settings)
+    if dist.get_rank():
+        return {}
+    return {"first": first["losses"], "again": again["losses"]}
+
+
 PARALLEL = {
     "tp2": lambda save, inputs: lora(save, inputs, tensor_parallel=2),
     "dp2": lambda save, inputs: lora(save, inputs),
     "pp2": lambda save, inputs: lora(save, inputs, pipeline_parallel=2),
+    "dp2_distributed_optimizer_resume": distributed_optimizer_resume,
 }
 
 if __name__ == "__main__":

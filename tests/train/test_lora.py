@@ -163,3 +163,9 @@ def test_bf16_lora_keeps_fp32_main_weights_for_the_adapters_only(single):
     main_weights = {key for key in result["keys"] if key.startswith("optimizer.state.fp32_param.")}
     assert len(main_weights) == 8  # A and B of 4 linears, what the export merges in fp32
     assert all(".adapter." in key for key in result["keys"])
+
+
+def test_lora_with_the_distributed_optimizer_resumes_exactly(parallel):
+    result = _result(parallel, "dp2_distributed_optimizer_resume")
+    assert len(result["first"]) == 4
+    assert result["again"] == result["first"]
