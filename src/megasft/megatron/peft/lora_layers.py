@@ -34,9 +34,20 @@ def parallel_mode(base: torch.nn.Module) -> str:
 class LoraAdapter(torch.nn.Module):
     """The trainable pair: `lora_a` [r, in(/tp)], `lora_b` [out(/tp), r], in the base's dtype."""
 
-    def __init__(self, mode: str, in_full: int, out_full: int, settings: PeftSettings, *,
-                 tp_rank: int, tp_size: int, dtype: torch.dtype, device: torch.device,
-                 init_seed: int, sequence_parallel: bool):  # fmt: skip
+    def __init__(
+        self,
+        mode: str,
+        in_full: int,
+        out_full: int,
+        settings: PeftSettings,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        init_seed: int,
+        sequence_parallel: bool,
+    ):
         super().__init__()
         self.mode, self.scaling, self.sequence_parallel = mode, settings.scaling, sequence_parallel
         generator = torch.Generator().manual_seed(init_seed)
@@ -49,9 +60,11 @@ class LoraAdapter(torch.nn.Module):
             b = torch.zeros(out_full, settings.rank)
         self.lora_a = torch.nn.Parameter(a.to(device=device, dtype=dtype).contiguous())
         self.lora_b = torch.nn.Parameter(b.to(device=device, dtype=dtype))
-        sharded, replicated = (self.lora_b, self.lora_a) if mode == "column" else (
-            self.lora_a, self.lora_b)  # fmt: skip
-        set_tensor_model_parallel_attributes(sharded, True, 0 if mode == "column" else 1, 1)
+        if mode == "column":  # B split by rows, like W
+            sharded, replicated, axis = self.lora_b, self.lora_a, 0
+        else:  # A split by columns, like W
+            sharded, replicated, axis = self.lora_a, self.lora_b, 1
+        set_tensor_model_parallel_attributes(sharded, True, axis, 1)
         # Under sequence parallelism the replicated tensor sees only this rank's tokens: its
         # gradient is a partial sum that megatron-core all-reduces for tensors marked so.
         replicated.sequence_parallel = sequence_parallel
