@@ -80,14 +80,16 @@ def trained_and_forward(save: Path, inputs: dict) -> dict:
 
     from megasft.megatron.builder import build_model, transformer_config
     from megasft.megatron.peft import method_named
-    from megasft.megatron.weights import load_weights, read_architecture
+    from megasft.constants import ARCHITECTURE_FILE
+    from megasft.megatron.architecture import ModelArchitecture
+    from megasft.megatron.weights import load_weights
     from megasft.train.checkpointing import _model_state_dict
     from megasft.train.config import TrainConfig
     from megasft.train.distributed import setup_parallel, teardown_parallel
 
     result = lora(save, inputs)
     config = TrainConfig(data="d", load="l", save="s", train_iters=1, **LORA)
-    architecture = read_architecture(inputs["mcore_model"])
+    architecture = ModelArchitecture.load(Path(inputs["mcore_model"]) / ARCHITECTURE_FILE)
     parallel = setup_parallel(config)
     try:
         model = build_model(architecture, transformer_config(architecture))

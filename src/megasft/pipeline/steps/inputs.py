@@ -13,8 +13,6 @@ from typing import Any
 
 from megasft.launch.registry import launcher_section
 
-PEFT_ADAPTER_DIR = "peft-adapter"
-"""Where a LoRA run's export puts its Hugging Face PEFT adapter, inside the merged model."""
 from megasft.pipeline.config import PipelineConfig, check_inputs, prepare_settings
 from megasft.pipeline.steps.common import (
     PIPELINE_NAME,
@@ -25,6 +23,9 @@ from megasft.pipeline.steps.common import (
     write_artifact,
     yaml_text,
 )
+
+PEFT_ADAPTER_DIR = "peft-adapter"
+"""Where a LoRA run's export puts its Hugging Face PEFT adapter, inside the merged model."""
 
 # -- validate -------------------------------------------------------------------------------
 
