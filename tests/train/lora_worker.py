@@ -78,10 +78,10 @@ def trained_and_forward(save: Path, inputs: dict) -> dict:
     import torch
     from megatron.core import dist_checkpointing
 
-    from megasft.megatron.builder import build_model, transformer_config
-    from megasft.megatron.peft import method_named
     from megasft.constants import ARCHITECTURE_FILE
     from megasft.megatron.architecture import ModelArchitecture
+    from megasft.megatron.builder import build_model, transformer_config
+    from megasft.megatron.peft import method_named
     from megasft.megatron.weights import load_weights
     from megasft.train.checkpointing import _model_state_dict
     from megasft.train.config import TrainConfig

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from megasft.launch.registry import launcher_section
-
 from megasft.pipeline.config import PipelineConfig, check_inputs, prepare_settings
 from megasft.pipeline.steps.common import (
     PIPELINE_NAME,
