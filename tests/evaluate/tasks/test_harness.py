@@ -87,7 +87,9 @@ def test_lm_eval_names_a_family_of_tasks():
     assert task_choices() == "exact-match, format, gsm8k, tool-call or lm-eval:TASK"
     with pytest.raises(ConfigError, match="needs the harness task's name"):
         get_task("lm-eval:")
-    with pytest.raises(ConfigError, match="one of exact-match, format, gsm8k, tool-call or lm-eval:TASK"):
+    with pytest.raises(
+        ConfigError, match="one of exact-match, format, gsm8k, tool-call or lm-eval:TASK"
+    ):
         get_task("helm:gsm8k")
 
 
