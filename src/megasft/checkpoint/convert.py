@@ -115,7 +115,7 @@ def convert(
 def _peft_checkpoint(source: Path) -> Path | None:
     """The checkpoint of a PEFT run in `source` (an iter_* directory, or a run's --save
     directory: its newest checkpoint), or None when `source` is not one."""
-    from megasft.checkpoint.peft_export import peft_settings_of
+    from megasft.checkpoint.layout import peft_settings_of
 
     latest = source / "latest_checkpointed_iteration.txt"
     if latest.is_file():

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from megasft.constants import ARCHITECTURE_FILE, HF_CONFIG_FILE, HF_FILES_DIR
 
@@ -64,3 +66,24 @@ def copy_hf_metadata_files(source: Path, destination: Path) -> list[str]:
             shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied
+
+
+TRAIN_STATE_FILE = "train_state.json"
+
+
+def peft_settings_of(checkpoint: Path) -> dict[str, Any] | None:
+    """The `peft` entry of a training checkpoint's train_state.json.
+
+    Kept here, without torch, so that `convert` can tell a PEFT run from a full model without
+    importing torch on its fast paths.
+
+    Args:
+        checkpoint: an `iter_*` checkpoint directory.
+
+    Returns:
+        The run's PEFT settings, or None when it is not a PEFT run (or not a training checkpoint).
+    """
+    state_file = checkpoint / TRAIN_STATE_FILE
+    if not state_file.is_file():
+        return None
+    return json.loads(state_file.read_text()).get("peft")

@@ -19,25 +19,17 @@ import torch
 from megasft.checkpoint import mappings
 from megasft.checkpoint.dist_checkpoint_io import DistCheckpointReader
 from megasft.checkpoint.errors import CheckpointError
+from megasft.checkpoint.layout import peft_settings_of
 from megasft.checkpoint.tensor_bytes import DTYPES, FileBytes, MemoryBytes
 from megasft.constants import ARCHITECTURE_FILE
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.families.weight_mapping import FusedGateUp, FusedQKV, TensorMapping
 from megasft.megatron.peft.lora import TARGET_PATHS
 
-TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 """PeftModel wraps the HF model: its keys are the model's under this prefix."""
-
-
-def peft_settings_of(checkpoint: Path) -> dict[str, Any] | None:
-    """The `peft` entry of a training checkpoint's train_state.json (None: not a PEFT run)."""
-    state_file = checkpoint / TRAIN_STATE_FILE
-    if not state_file.is_file():
-        return None
-    return json.loads(state_file.read_text()).get("peft")
 
 
 def hf_adapters(checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

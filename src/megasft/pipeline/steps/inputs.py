@@ -217,7 +217,7 @@ def checkpoint_convert(
     """
     from megasft import tracking
     from megasft.checkpoint.convert import convert
-    from megasft.checkpoint.peft_export import peft_settings_of
+    from megasft.checkpoint.layout import peft_settings_of
     from megasft.errors import ConfigError
     from megasft.train.checkpointing import latest_checkpoint
 
