@@ -10,7 +10,7 @@ import torch
 from megasft.checkpoint import mappings
 from megasft.megatron.architecture import ModelArchitecture, architecture_from_hf_config
 from megasft.megatron.families.weight_mapping import DECODER, FusedGateUp
-from tests.checkpoint.tiny_models import TINY_MODELS
+from tests.checkpoint.tiny_models import TINY_MODELS, read_hf_weights
 
 
 def architecture(name):
@@ -93,19 +93,21 @@ def test_gate_rows_come_first_in_fc1():
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
-def test_table_covers_every_hf_tensor_of_the_family(name):
-    model = TINY_MODELS[name].build()
-    arch = architecture_from_hf_config(model.config.to_dict())
+def test_table_covers_every_hf_tensor_of_the_family(name, hf_model_dirs):
+    # The saved files, not the model's state dict: transformers 5 keeps the experts of an MoE
+    # layer as one 3-D parameter in memory but saves one tensor per expert, as on the Hub.
+    saved = read_hf_weights(hf_model_dirs[name])
+    arch = architecture_from_hf_config(TINY_MODELS[name].build().config.to_dict())
     hf_names = {
-        hf_name.format(layer=layer)
+        mappings.hf_name(hf_name, layer, expert)
         for mapping in mappings.mappings_for(arch)
-        for layer in range(arch.num_layers)
+        for layer in mappings.layers_of(mapping, arch)
+        for expert in mappings.experts_of(mapping, arch)
         for hf_name in mapping.hf_names
     }
-    state_dict = model.state_dict()
     if arch.tied_embeddings:
-        state_dict.pop("lm_head.weight")  # the same tensor as the embedding
-    assert hf_names == set(state_dict)
+        saved.pop("lm_head.weight", None)  # the same tensor as the embedding
+    assert hf_names == set(saved)
 
 
 def test_stacked_key_drops_the_layer_number():

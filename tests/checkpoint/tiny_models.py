@@ -3,7 +3,8 @@
 Each has 2 layers, hidden size 64, 4 query heads in 2 key/value groups (GQA) and a vocabulary
 of 100, which is not a multiple of the 128-row vocabulary padding, so padding is exercised.
 Norm weights and biases are randomised too (HF initialises them to ones and zeros, which would
-hide a swapped or dropped tensor).
+hide a swapped or dropped tensor), and MoE routers are scaled up so that each token's experts
+are chosen by clear margins and vary from token to token.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB_SIZE = 100
@@ -43,6 +48,9 @@ _COMMON = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-5,
 )
+
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class TinyModel:
                     parameter.normal_(1.0, 0.1)
                 elif name.endswith("bias"):
                     parameter.normal_(0.0, 0.1)
+                elif name.endswith(".gate.weight"):  # an MoE router
+                    parameter.normal_(0.0, 0.3)
         return model.to(dtype)
 
 
@@ -95,6 +105,27 @@ TINY_MODELS = {
         TinyModel("qwen2", Qwen2ForCausalLM, Qwen2Config),
         # Qwen3 decouples head_dim from hidden_size / heads.
         TinyModel("qwen3", Qwen3ForCausalLM, Qwen3Config, dict(head_dim=32)),
+        # Top-2 of 4 experts on every layer, renormalised as Qwen3-30B-A3B does.
+        TinyModel(
+            "qwen3_moe",
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig,
+            dict(head_dim=32, **_MOE, norm_topk_prob=True),
+        ),
+        # A dense first layer (mlp_only_layers) and top-2 weights as the softmax gave them.
+        TinyModel(
+            "qwen3_moe_dense",
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig,
+            dict(**_MOE, norm_topk_prob=False, mlp_only_layers=[0]),
+        ),
+        # Top-2 of 4 experts of intermediate_size, with a window shorter than the sequence.
+        TinyModel(
+            "mixtral",
+            MixtralForCausalLM,
+            MixtralConfig,
+            dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+        ),
     )
 }
 

@@ -23,8 +23,8 @@ SOURCE = Path(megasft.__file__).parent
 FAMILY_MODULES = SOURCE / "megatron" / "families"
 
 
-def test_the_four_families_are_registered_by_model_type():
-    assert families.names() == ("llama", "mistral", "qwen2", "qwen3")
+def test_the_six_families_are_registered_by_model_type():
+    assert families.names() == ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -82,6 +82,8 @@ def test_a_new_family_is_one_registered_class(monkeypatch):
         ("qwen2", {"add_qkv_bias": True, "qk_layernorm": False, "window_size": None}),
         ("qwen3", {"add_qkv_bias": False, "qk_layernorm": True, "window_size": None}),
         ("mistral", {"add_qkv_bias": False, "qk_layernorm": False, "window_size": (7, 0)}),
+        ("qwen3_moe", {"add_qkv_bias": False, "qk_layernorm": True, "window_size": None}),
+        ("mixtral", {"add_qkv_bias": False, "qk_layernorm": False, "window_size": (15, 0)}),
     ],
 )
 def test_each_family_sets_its_megatron_core_fields(name, expected):

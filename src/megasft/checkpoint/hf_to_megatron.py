@@ -25,6 +25,7 @@ from megasft.megatron.architecture import (
 )
 from megasft.megatron.families.weight_mapping import (
     VOCAB_PADDED,
+    ExpertsGateUp,
     FusedGateUp,
     FusedQKV,
     TensorMapping,
@@ -60,9 +61,11 @@ def check_hf_weights(
     another family) and shape mismatches are refused here, before anything is written."""
     expected: dict[str, tuple[int, ...]] = {}
     for mapping in table:
-        for layer in _layers(mapping, architecture):
-            names = [name.format(layer=layer) for name in mapping.hf_names]
-            expected.update(zip(names, mappings.hf_shapes(mapping, architecture), strict=True))
+        shapes = mappings.hf_shapes(mapping, architecture)
+        for layer in mappings.layers_of(mapping, architecture):
+            for expert in mappings.experts_of(mapping, architecture):
+                names = [mappings.hf_name(name, layer, expert) for name in mapping.hf_names]
+                expected.update(zip(names, shapes, strict=True))
 
     present = {
         name
@@ -111,34 +114,37 @@ def plan_megatron_chunks(
     as it is: fc1 as its gate rows then its up rows (the two chunks megatron-core itself
     saves), a vocabulary-padded tensor as the HF rows then the zero padding. The fused QKV
     is one chunk, the heads of q, k and v in megatron-core's order (`mappings.qkv_blocks`).
+    An experts tensor [experts, rows, ...] is written as the same blocks of rows, each
+    spanning every expert: the gate rows of every expert, then their up rows.
     """
     chunks = []
     for mapping in table:
         shape = mappings.megatron_shape(mapping, architecture)
-        dtype = weights.tensors[mapping.hf_names[0].format(layer=0)].dtype
-        stacked = mappings.is_layer_mapping(mapping)
-        key = mappings.stacked_key(mapping.megatron) if stacked else mapping.megatron
-        for layer in range(architecture.num_layers) if stacked else (None,):
-            for first_row, rows, produce in _row_blocks(weights, architecture, mapping, layer):
-                block_offsets = (first_row,) + (0,) * (len(shape) - 1)
-                block_shape = (rows, *shape[1:])
-                if stacked:
-                    # [1, rows, ...] at (layer, first_row, 0, ...) of [num_layers, *shape]:
-                    # the same bytes as [rows, ...]
-                    chunks.append(
-                        ChunkToWrite(
-                            key=key,
-                            global_shape=(architecture.num_layers, *shape),
-                            offsets=(layer, *block_offsets),
-                            shape=(1, *block_shape),
-                            dtype=dtype,
-                            produce=produce,
-                        )
+        experts = mappings.experts_of(mapping, architecture)
+        # An experts tensor's rows are its second axis; its first is the expert.
+        expert_axis = (len(experts),) if experts != (None,) else ()
+        row_shape = shape[len(expert_axis) :]
+        for layer in mappings.layers_of(mapping, architecture):
+            place = mappings.placement(mapping, architecture, layer)
+            dtype = weights.tensors[mappings.hf_name(mapping.hf_names[0], layer, experts[0])].dtype
+            blocks_per_expert = [
+                _row_blocks(weights, architecture, mapping, layer, expert) for expert in experts
+            ]
+            for blocks in zip(*blocks_per_expert, strict=True):
+                first_row, rows, _ = blocks[0]
+                # [1, (experts,) rows, ...] at (layer, (0,) first_row, 0, ...) of a stacked
+                # tensor: the same bytes as [(experts,) rows, ...]
+                chunks.append(
+                    ChunkToWrite(
+                        key=place.key,
+                        global_shape=place.global_shape,
+                        offsets=(*place.index, *(0,) * len(expert_axis), first_row)
+                        + (0,) * (len(row_shape) - 1),
+                        shape=(*(1,) * len(place.index), *expert_axis, rows, *row_shape[1:]),
+                        dtype=dtype,
+                        produce=_concatenated([produce for _, _, produce in blocks]),
                     )
-                else:
-                    chunks.append(
-                        ChunkToWrite(key, shape, block_offsets, block_shape, dtype, produce)
-                    )
+                )
     return chunks
 
 
@@ -146,19 +152,30 @@ RowBlock = tuple[int, int, Callable[[], tuple[ByteSource, ...]]]
 """(first row, row count, producer of the bytes) of one block of a megatron tensor's rows."""
 
 
+def _concatenated(
+    producers: list[Callable[[], tuple[ByteSource, ...]]],
+) -> Callable[[], tuple[ByteSource, ...]]:
+    """A producer of the bytes of `producers`, one after another (one per expert)."""
+    if len(producers) == 1:
+        return producers[0]
+    return lambda: tuple(source for produce in producers for source in produce())
+
+
 def _row_blocks(
     weights: HFWeightsReader,
     architecture: ModelArchitecture,
     mapping: TensorMapping,
     layer: int | None,
+    expert: int | None,
 ) -> list[RowBlock]:
-    names = [name.format(layer=layer) for name in mapping.hf_names]
+    """The row blocks of one layer's tensor of `mapping` (of one expert's, for experts)."""
+    names = [mappings.hf_name(name, layer, expert) for name in mapping.hf_names]
     if isinstance(mapping, FusedQKV):
         rows = mappings.megatron_shape(mapping, architecture)[0]
         return [(0, rows, lambda: _fused_qkv(weights, architecture, names))]
-    if isinstance(mapping, FusedGateUp):
+    if isinstance(mapping, FusedGateUp | ExpertsGateUp):
         gate, up = names
-        gate_rows, up_rows = mappings.gate_up_rows(architecture)
+        gate_rows, up_rows = mappings.gate_up_rows(architecture, mapping)
         return [
             (gate_rows.start, gate_rows.stop - gate_rows.start, lambda: (weights.read(gate),)),
             (up_rows.start, up_rows.stop - up_rows.start, lambda: (weights.read(up),)),
@@ -186,7 +203,3 @@ def _fused_qkv(
         parts[block.part].slice(block.hf_first_row * row_bytes, block.rows * row_bytes)
         for block in mappings.qkv_blocks(architecture)
     )
-
-
-def _layers(mapping: TensorMapping, architecture: ModelArchitecture) -> range:
-    return range(architecture.num_layers) if mappings.is_layer_mapping(mapping) else range(1)

@@ -14,6 +14,8 @@ from megasft.megatron import families
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.families.weight_mapping import (
     VOCAB_PADDED,
+    ExpertsGateUp,
+    ExpertsRename,
     FusedGateUp,
     FusedQKV,
     TensorMapping,
@@ -40,11 +42,67 @@ def is_layer_mapping(mapping: TensorMapping) -> bool:
     return "{layer}" in mapping.megatron
 
 
+def is_experts_mapping(mapping: TensorMapping) -> bool:
+    """Whether `mapping` is a tensor of an MoE layer's experts, [experts, ...] on the megatron
+    side, one HF tensor per expert (its names hold `{expert}`)."""
+    return isinstance(mapping, ExpertsRename | ExpertsGateUp)
+
+
 def stacked_key(megatron_name: str) -> str:
     """The checkpoint key of a per-layer tensor: megatron-core stacks the layers of a
     `TransformerBlock` into one tensor per parameter ("decoder.layers.{layer}.x" ->
     "decoder.layers.x", with the layer as the leading axis)."""
     return megatron_name.replace(".{layer}.", ".")
+
+
+def layers_of(mapping: TensorMapping, architecture: ModelArchitecture) -> tuple[int | None, ...]:
+    """The layers that have `mapping`'s tensor; (None,) for a tensor outside the layers."""
+    if not is_layer_mapping(mapping):
+        return (None,)
+    if mapping.layers is not None:
+        return mapping.layers
+    return tuple(range(architecture.num_layers))
+
+
+def experts_of(mapping: TensorMapping, architecture: ModelArchitecture) -> tuple[int | None, ...]:
+    """The experts of `mapping`'s tensor, each one HF tensor; (None,) for any other tensor."""
+    if not is_experts_mapping(mapping):
+        return (None,)
+    return tuple(range(architecture.moe.num_experts))
+
+
+def hf_name(template: str, layer: int | None, expert: int | None) -> str:
+    """An HF tensor name of a mapping, its `{layer}` and `{expert}` filled in."""
+    return template.format(layer=layer, expert=expert)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one layer's tensor of a mapping lies in the checkpoint."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    """The shape of the checkpoint tensor `key`."""
+    index: tuple[int, ...]
+    """The layer's offsets on the leading axes of `global_shape` that the layer's tensor does
+    not have: (layer,) in a stacked tensor, () otherwise."""
+
+
+def placement(
+    mapping: TensorMapping, architecture: ModelArchitecture, layer: int | None
+) -> Placement:
+    """Where `mapping`'s tensor of `layer` (None: not a layer's) lies in the checkpoint.
+
+    megatron-core stacks the layers into one tensor per parameter when all layers are alike
+    (`stacked_key`, the layer as the leading axis); when dense and MoE layers mix, each layer's
+    tensor has its own key, "decoder.layers.{layer}.x", as megatron-core saves such a model.
+    """
+    shape = megatron_shape(mapping, architecture)
+    if layer is None:
+        return Placement(mapping.megatron, shape, ())
+    if architecture.stacked_layers:
+        return Placement(stacked_key(mapping.megatron), (architecture.num_layers, *shape), (layer,))
+    return Placement(mapping.megatron.format(layer=layer), shape, ())
 
 
 @dataclass(frozen=True)
@@ -79,13 +137,18 @@ def qkv_blocks(architecture: ModelArchitecture) -> tuple[QKVBlock, ...]:
     return tuple(blocks)
 
 
-def gate_up_rows(architecture: ModelArchitecture) -> tuple[slice, slice]:
-    """The rows of megatron linear_fc1 [2*ffn, hidden] holding HF gate and up [ffn, hidden].
+def gate_up_rows(
+    architecture: ModelArchitecture, mapping: TensorMapping | None = None
+) -> tuple[slice, slice]:
+    """The rows of megatron linear_fc1 [2*ffn, hidden] holding HF gate and up [ffn, hidden]
+    (of one expert, for an `ExpertsGateUp` mapping).
 
     Megatron-core's gated MLP applies the activation to the first half of fc1's output, and
     its checkpoint stores the two halves as separate chunks (each sharded over TP on its
     own), which is also how the converter writes and reads them."""
     ffn = architecture.ffn_hidden_size
+    if mapping is not None and is_experts_mapping(mapping):
+        ffn = architecture.moe.expert_ffn_hidden_size
     return slice(0, ffn), slice(ffn, 2 * ffn)
 
 
@@ -97,9 +160,13 @@ def megatron_shape(mapping: TensorMapping, architecture: ModelArchitecture) -> t
 def hf_shapes(
     mapping: TensorMapping, architecture: ModelArchitecture
 ) -> tuple[tuple[int, ...], ...]:
-    """The shapes of the HF tensors of `mapping`, in `mapping.hf_names` order."""
+    """The shapes of the HF tensors of `mapping` (of one expert), in `mapping.hf_names` order."""
     a = architecture
     shape = megatron_shape(mapping, architecture)
+    if isinstance(mapping, ExpertsGateUp):
+        return ((shape[1] // 2, shape[2]),) * 2
+    if isinstance(mapping, ExpertsRename):
+        return (shape[1:],)
     if isinstance(mapping, FusedQKV):
         q_rows = a.num_attention_heads * a.head_dim
         kv_rows = a.num_query_groups * a.head_dim

@@ -37,6 +37,7 @@ from megasft.megatron.architecture import (
 )
 from megasft.megatron.families.weight_mapping import (
     EMBEDDING,
+    ExpertsGateUp,
     FusedGateUp,
     FusedQKV,
     TensorMapping,
@@ -87,14 +88,18 @@ def plan_hf_tensors(
     architecture implies, so a checkpoint of another family or size is refused before writing.
     """
     for mapping in table:
-        _check_stored_shape(reader, architecture, mapping)
+        for layer in mappings.layers_of(mapping, architecture):
+            _check_stored_shape(
+                reader, architecture, mappings.placement(mapping, architecture, layer)
+            )
     layer_table = [mapping for mapping in table if mappings.is_layer_mapping(mapping)]
     global_table = {mapping.megatron: mapping for mapping in table if mapping not in layer_table}
 
     tensors = _hf_tensors(global_table.pop(EMBEDDING), architecture, reader, None)
     for layer in range(architecture.num_layers):
         for mapping in layer_table:
-            tensors += _hf_tensors(mapping, architecture, reader, layer)
+            if layer in mappings.layers_of(mapping, architecture):
+                tensors += _hf_tensors(mapping, architecture, reader, layer)
     for mapping in global_table.values():
         tensors += _hf_tensors(mapping, architecture, reader, None)
     return tensors
@@ -106,46 +111,48 @@ def _hf_tensors(
     reader: DistCheckpointReader,
     layer: int | None,
 ) -> list[TensorToWrite]:
-    """The HF tensors of one mapping (of one layer), each reading only its own rows."""
-    key = _checkpoint_key(mapping)
-    dtype = reader.tensors[key].dtype
-    names = [name.format(layer=layer) for name in mapping.hf_names]
+    """The HF tensors of one mapping (of one layer; of each expert, for experts), each reading
+    only its own rows."""
+    place = mappings.placement(mapping, architecture, layer)
+    dtype = reader.tensors[place.key].dtype
     shapes = mappings.hf_shapes(mapping, architecture)
-    if isinstance(mapping, FusedQKV):
-        producers = [_qkv_part(reader, architecture, key, layer, part) for part in range(3)]
-    elif isinstance(mapping, FusedGateUp):
-        producers = [
-            _rows(reader, key, layer, rows) for rows in mappings.gate_up_rows(architecture)
+    tensors = []
+    for expert in mappings.experts_of(mapping, architecture):
+        # An expert's tensor is the stacked tensor's block at (layer, expert).
+        index = place.index if expert is None else (*place.index, expert)
+        names = [mappings.hf_name(name, layer, expert) for name in mapping.hf_names]
+        if isinstance(mapping, FusedQKV):
+            producers = [
+                _qkv_part(reader, architecture, place.key, index, part) for part in range(3)
+            ]
+        elif isinstance(mapping, FusedGateUp | ExpertsGateUp):
+            producers = [
+                _rows(reader, place.key, index, rows)
+                for rows in mappings.gate_up_rows(architecture, mapping)
+            ]
+        else:
+            # Vocabulary-padded tensors: only the HF rows, the padding is left behind.
+            producers = [_rows(reader, place.key, index, slice(0, shapes[0][0]))]
+        tensors += [
+            TensorToWrite(name, shape, dtype, produce)
+            for name, shape, produce in zip(names, shapes, producers, strict=True)
         ]
-    else:
-        # Vocabulary-padded tensors: only the HF rows, the padding is left behind.
-        producers = [_rows(reader, key, layer, slice(0, shapes[0][0]))]
-    return [
-        TensorToWrite(name, shape, dtype, produce)
-        for name, shape, produce in zip(names, shapes, producers, strict=True)
-    ]
-
-
-def _checkpoint_key(mapping: TensorMapping) -> str:
-    if mappings.is_layer_mapping(mapping):
-        return mappings.stacked_key(mapping.megatron)
-    return mapping.megatron
+    return tensors
 
 
 def _rows(
-    reader: DistCheckpointReader, key: str, layer: int | None, rows: slice
+    reader: DistCheckpointReader, key: str, index: tuple[int, ...], rows: slice
 ) -> Callable[[], list[ByteSource]]:
-    """Reads rows `rows` of tensor `key` (of one layer, for a stacked tensor)."""
+    """Reads rows `rows` of the tensor at `index` (its offsets on the leading axes: layer,
+    expert) of checkpoint tensor `key`."""
 
     def produce() -> list[ByteSource]:
         stored_shape = reader.tensors[key].shape
-        if layer is None:
-            offsets = (rows.start,) + (0,) * (len(stored_shape) - 1)
-            return [reader.read(key, offsets, (rows.stop - rows.start, *stored_shape[1:]))]
-        # [1, rows, ...] at (layer, first row, 0, ...) of [num_layers, *shape]: the same bytes
-        # as [rows, ...]
-        offsets = (layer, rows.start) + (0,) * (len(stored_shape) - 2)
-        return [reader.read(key, offsets, (1, rows.stop - rows.start, *stored_shape[2:]))]
+        trailing = stored_shape[len(index) + 1 :]
+        # [1, ..., rows, ...] at (*index, first row, 0, ...): the same bytes as [rows, ...]
+        offsets = (*index, rows.start, *(0,) * len(trailing))
+        shape = (*(1,) * len(index), rows.stop - rows.start, *trailing)
+        return [reader.read(key, offsets, shape)]
 
     return produce
 
@@ -154,17 +161,16 @@ def _qkv_part(
     reader: DistCheckpointReader,
     architecture: ModelArchitecture,
     key: str,
-    layer: int | None,
+    index: tuple[int, ...],
     part: int,
 ) -> Callable[[], list[ByteSource]]:
     """Reads HF q, k or v (`part` 0, 1, 2): its blocks of the fused QKV, in order."""
-    read_fused = _rows(reader, key, layer, slice(0, _fused_rows(reader, key, layer)))
 
     def produce() -> list[ByteSource]:
-        (fused,) = read_fused()
         stored = reader.tensors[key]
-        trailing = stored.shape[2:] if layer is not None else stored.shape[1:]
-        row_bytes = byte_count(trailing, stored.dtype)  # weight [rows, hidden]; bias [rows]
+        fused_rows = stored.shape[len(index)]
+        (fused,) = _rows(reader, key, index, slice(0, fused_rows))()
+        row_bytes = byte_count(stored.shape[len(index) + 1 :], stored.dtype)  # weight; bias
         return [
             fused.slice(block.fused_first_row * row_bytes, block.rows * row_bytes)
             for block in mappings.qkv_blocks(architecture)
@@ -174,32 +180,23 @@ def _qkv_part(
     return produce
 
 
-def _fused_rows(reader: DistCheckpointReader, key: str, layer: int | None) -> int:
-    return reader.tensors[key].shape[1 if layer is not None else 0]
-
-
 def _check_stored_shape(
-    reader: DistCheckpointReader, architecture: ModelArchitecture, mapping: TensorMapping
+    reader: DistCheckpointReader, architecture: ModelArchitecture, place: mappings.Placement
 ) -> None:
-    shape = mappings.megatron_shape(mapping, architecture)
-    if mappings.is_layer_mapping(mapping):
-        key, shape = mappings.stacked_key(mapping.megatron), (architecture.num_layers, *shape)
-    else:
-        key = mapping.megatron
-    stored = reader.tensors.get(key)
+    stored = reader.tensors.get(place.key)
     if stored is None:
         raise CheckpointError(
-            f"{reader.directory}: no tensor {key!r}, which a {architecture.family} model needs; "
-            f"the checkpoint does not match its {ARCHITECTURE_FILE}"
+            f"{reader.directory}: no tensor {place.key!r}, which a {architecture.family} model "
+            f"needs; the checkpoint does not match its {ARCHITECTURE_FILE}"
         )
-    if stored.shape != shape:
+    if stored.shape != place.global_shape:
         raise CheckpointError(
-            f"{reader.directory}: {key!r} has shape {list(stored.shape)}, but "
-            f"{ARCHITECTURE_FILE} implies {list(shape)}"
+            f"{reader.directory}: {place.key!r} has shape {list(stored.shape)}, but "
+            f"{ARCHITECTURE_FILE} implies {list(place.global_shape)}"
         )
     if stored.dtype not in DTYPES:
         raise CheckpointError(
-            f"{reader.directory}: {key!r} has dtype {stored.dtype}, which safetensors "
+            f"{reader.directory}: {place.key!r} has dtype {stored.dtype}, which safetensors "
             "conversion does not support"
         )
 

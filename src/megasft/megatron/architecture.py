@@ -1,8 +1,8 @@
 """The architecture of a model, read from a Hugging Face `config.json`.
 
 `ModelArchitecture` is what megasft needs to know to build the megatron-core model and to map
-its weights: one frozen dataclass, saved as JSON next to every megatron checkpoint megasft
-writes. `architecture_from_hf_config` reads it from a `config.json` dict, with the help of the
+its weights: one frozen dataclass (with `MoEArchitecture` for mixture-of-experts models), saved
+as JSON next to every megatron checkpoint megasft writes. `architecture_from_hf_config` reads it from a `config.json` dict, with the help of the
 model's family (`megasft.megatron.families`), and refuses anything the megatron-core model
 could not reproduce exactly, naming the config field.
 """
@@ -18,7 +18,17 @@ from typing import Any
 from megasft.constants import HF_CONFIG_FILE
 from megasft.errors import ConfigError
 from megasft.megatron import families
-from megasft.megatron.hf_config import ConfigReader, Llama3RopeScaling
+from megasft.megatron.hf_config import ConfigReader, Llama3RopeScaling, MoEArchitecture
+
+__all__ = [
+    "Llama3RopeScaling",
+    "ModelArchitecture",
+    "MoEArchitecture",
+    "architecture_from_hf_config",
+    "hf_config_from_architecture",
+    "padded_vocab_size",
+    "read_hf_config",
+]
 
 VOCAB_PADDING_MULTIPLE = 128
 """The embedding and output layer are padded to a multiple of this many rows. Megatron-core
@@ -59,6 +69,8 @@ class ModelArchitecture:
     """The output layer shares the embedding weights (HF `tie_word_embeddings`)."""
     sliding_window: int | None
     """Each token attends to at most this many tokens, itself included (Mistral); None: all."""
+    moe: MoEArchitecture | None = None
+    """The mixture-of-experts blocks (Mixtral, Qwen3-MoE); None for a dense model."""
 
     def __post_init__(self) -> None:
         if self.family not in families.names():
@@ -72,6 +84,22 @@ class ModelArchitecture:
             raise ConfigError("padded_vocab_size is smaller than vocab_size")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.moe is not None and not set(self.moe.moe_layers) <= set(range(self.num_layers)):
+            raise ConfigError(
+                f"MoE layers {self.moe.moe_layers} outside the {self.num_layers} layers"
+            )
+
+    @property
+    def stacked_layers(self) -> bool:
+        """Whether every layer has the same parameters, so that megatron-core checkpoints
+        stack them into one tensor per parameter with the layer as the leading axis. A model
+        that mixes dense and MoE layers is saved with one key per layer
+        (`decoder.layers.{layer}.…`) instead."""
+        return self.moe is None or len(self.moe.moe_layers) == self.num_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` (from 0) has the MoE block instead of a dense MLP."""
+        return self.moe is not None and layer in self.moe.moe_layers
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -81,6 +109,9 @@ class ModelArchitecture:
         fields = json.loads(text)
         if fields.get("rope_scaling") is not None:
             fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
+        if fields.get("moe") is not None:
+            moe = fields["moe"]
+            fields["moe"] = MoEArchitecture(**moe | {"moe_layers": tuple(moe["moe_layers"])})
         return cls(**fields)
 
     def save(self, path: Path) -> None:

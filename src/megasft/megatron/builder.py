@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megasft.errors import ConfigError
@@ -83,14 +84,21 @@ def transformer_config(
 
 
 def layer_spec(
-    architecture: ModelArchitecture, *, transformer_engine: bool | None = None
-) -> ModuleSpec:
-    """The family's transformer layer spec: Transformer Engine when available (or asked), else
-    megatron-core's local layers."""
+    architecture: ModelArchitecture,
+    config: TransformerConfig,
+    *,
+    transformer_engine: bool | None = None,
+    vp_stage: int | None = None,
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The family's transformer layer spec (or, for a model whose layers differ, this stage's
+    block spec): Transformer Engine when available (or asked), else megatron-core's local
+    layers."""
     if transformer_engine is None:
         transformer_engine = transformer_engine_available()
     family = families.family_named(architecture.family)
-    return family.layer_spec(architecture, transformer_engine=transformer_engine)
+    return family.layer_spec(
+        architecture, config, transformer_engine=transformer_engine, vp_stage=vp_stage
+    )
 
 
 def build_model(
@@ -120,7 +128,9 @@ def build_model(
         )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(architecture, transformer_engine=transformer_engine),
+        transformer_layer_spec=layer_spec(
+            architecture, config, transformer_engine=transformer_engine, vp_stage=vp_stage
+        ),
         vocab_size=architecture.padded_vocab_size,
         max_sequence_length=architecture.max_position_embeddings,
         pre_process=pre_process,

@@ -1,7 +1,9 @@
 """Reading fields of a Hugging Face `config.json`: typed, with errors that name the field.
 
 `ConfigReader` is what a model family (`megasft.megatron.families`) reads its settings with;
-`read_rope` reads the RoPE settings every supported family shares. Imports nothing heavy.
+`read_rope` reads the RoPE settings every supported family shares. `Llama3RopeScaling` and
+`MoEArchitecture` are the parts of a `ModelArchitecture` that some families read (they live
+here so that family modules can build them). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,38 @@ class Llama3RopeScaling:
     """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
     original_max_position_embeddings: int
     """The context length the model was pre-trained with before scaling."""
+
+
+@dataclass(frozen=True)
+class MoEArchitecture:
+    """The mixture-of-experts blocks of a model: routed experts, no shared expert."""
+
+    num_experts: int
+    """Routed experts per MoE layer (HF `num_experts` or `num_local_experts`)."""
+    router_topk: int
+    """Experts each token is routed to (HF `num_experts_per_tok`)."""
+    expert_ffn_hidden_size: int
+    """Width of each expert's gated MLP (HF `moe_intermediate_size`, Mixtral
+    `intermediate_size`)."""
+    normalize_topk: bool
+    """The top-k routing weights are divided by their sum (HF `norm_topk_prob`; Mixtral
+    always); otherwise they are the softmax over all experts, as selected."""
+    moe_layers: tuple[int, ...]
+    """The layers whose MLP is the MoE block; the others have a dense MLP of
+    `ModelArchitecture.ffn_hidden_size`."""
+    aux_loss_coeff: float
+    """HF `router_aux_loss_coef`: the trainer's default load-balancing loss coefficient."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.router_topk <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.router_topk}) must be between 1 and the number of "
+                f"experts ({self.num_experts})"
+            )
+        if not self.moe_layers:
+            raise ConfigError(
+                "the model has no MoE layer (see decoder_sparse_step, mlp_only_layers)"
+            )
 
 
 class ConfigReader:

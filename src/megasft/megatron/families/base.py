@@ -22,6 +22,8 @@ from megasft.megatron.hf_config import ConfigReader, read_rope
 
 if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megasft.megatron.architecture import ModelArchitecture
 
@@ -154,17 +156,25 @@ class ModelFamily:
         )
 
     def layer_spec(
-        self, architecture: ModelArchitecture, *, transformer_engine: bool
-    ) -> ModuleSpec:
+        self,
+        architecture: ModelArchitecture,
+        config: TransformerConfig,
+        *,
+        transformer_engine: bool,
+        vp_stage: int | None = None,
+    ) -> ModuleSpec | TransformerBlockSubmodules:
         """The megatron-core transformer layer spec of this family.
 
         Args:
             architecture: an architecture of this family.
+            config: the model's megatron-core config.
             transformer_engine: Transformer Engine layers, else megatron-core's local layers
                 (both save the same checkpoint keys).
+            vp_stage: the virtual pipeline stage being built, if any.
 
         Returns:
-            The spec of one transformer layer.
+            The spec of one transformer layer (every layer alike), or of this pipeline
+            stage's layers when they differ.
         """
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_local_spec,

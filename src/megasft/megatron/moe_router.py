@@ -1,0 +1,63 @@
+"""The router of megasft's MoE layers: top-k routing exactly as transformers does it.
+
+transformers (Mixtral, Qwen3-MoE) takes the softmax of the router logits over all experts in
+fp32, selects the k largest of those probabilities with `torch.topk`, and, when the model says
+so (`norm_topk_prob`; Mixtral always), divides the k weights by their sum. megatron-core's
+`TopKRouter` with `moe_router_pre_softmax=True` does the first two steps, in that order, on the
+same fp32 probabilities, so the same experts win, ties included; it never renormalises.
+(`moe_router_pre_softmax=False` renormalises, as a softmax over the k largest logits, but
+selects on the logits, which can split a tie that the probabilities have.) `HFTopKRouter` is
+the first plus the renormalisation. See docs/convert.md ("Mixture of experts").
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import TopKRouter
+
+if not hasattr(moe_utils, "te_general_gemm"):
+    # megatron-core 0.16.1 imports `te_general_gemm` from Transformer Engine when TE is there,
+    # defines nothing when it is not, and then tests `te_general_gemm is not None` in the
+    # router's linear layer: a NameError on every forward without TE. None is what that test
+    # expects, and selects the plain `torch.mm` path.
+    moe_utils.te_general_gemm = None
+
+
+class HFTopKRouter(TopKRouter):
+    """megatron-core's softmax-then-top-k router, with transformers' renormalisation.
+
+    Build it through `functools.partial(HFTopKRouter, normalize_topk=...)` as the `router` of
+    megatron-core's `MoESubmodules`; the config must set `moe_router_pre_softmax=True` and
+    `moe_router_score_function="softmax"`.
+    """
+
+    def __init__(self, *args, normalize_topk: bool, **kwargs) -> None:
+        """Args:
+        normalize_topk: divide each token's k routing weights by their sum.
+        *args, **kwargs: `TopKRouter`'s (config, pg_collection).
+        """
+        super().__init__(*args, **kwargs)
+        if not self.config.moe_router_pre_softmax or self.score_function != "softmax":
+            raise ValueError("HFTopKRouter needs moe_router_pre_softmax and a softmax score")
+        self.normalize_topk = normalize_topk
+
+    def routing(
+        self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing (and the load-balancing loss, when on) as `TopKRouter.routing`, then
+        the renormalisation.
+
+        Args:
+            logits: [s, b, experts] router logits.
+            padding_mask: as `TopKRouter.routing`.
+
+        Returns:
+            (probs [tokens, experts], zero outside each token's k experts; routing_map, the
+            same shape, True at the k experts).
+        """
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.normalize_topk:
+            # The other entries of a row are exact zeros, so the sum is that of the k weights.
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs, routing_map
