@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from megasft.checkpoint.convert import convert
+from megasft.megatron.weights import read_architecture
 from tests.checkpoint.tiny_models import TINY_MODELS, sample_tokens, save_tiny_model
-from tests.megatron.settings import CLIP_GRAD, LEARNING_RATE, RESAVED_MODEL, TRAINING_MODEL
+from tests.megatron.settings import (
+    CLIP_GRAD,
+    GROUPED_MODEL,
+    LEARNING_RATE,
+    RESAVED_MODEL,
+    TRAINING_MODEL,
+)
 
 WORKER = Path(__file__).with_name("megatron_worker.py")
 
@@ -40,6 +47,12 @@ def worker_runs(tmp_path_factory) -> Path:
     torch.save(sample_tokens(batch_size=4), work / "tokens.pt")
     spec = {
         "checkpoints": checkpoints,
+        "moe_models": [
+            name
+            for name, checkpoint in checkpoints.items()
+            if read_architecture(checkpoint).moe is not None
+        ],
+        "grouped_model": GROUPED_MODEL,
         "training_checkpoint": checkpoints[TRAINING_MODEL],
         "resave_checkpoint": checkpoints[RESAVED_MODEL],
         "learning_rate": LEARNING_RATE,

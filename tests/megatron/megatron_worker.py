@@ -6,12 +6,14 @@ they run this script instead and compare what it writes:
     python megatron_worker.py reference WORK_DIR                          # one process
     torchrun --nproc_per_node 2 megatron_worker.py parallel WORK_DIR      # two processes, gloo
 
-WORK_DIR/spec.json names the converted checkpoints, the checkpoint used for the training
-checks and the optimizer's learning rate and clip_grad; WORK_DIR/tokens.pt holds the tokens
-([b, s]). `reference` writes TP=1 logits per checkpoint, one
-training step at TP=PP=DP=1, and a few direct checks of the emulation layer; `parallel` writes
-TP=2 logits, a checkpoint re-saved at TP=2 by megatron-core itself, a PP=2 step, a DP=2 step,
-and a DP=2 step with the distributed optimizer.
+WORK_DIR/spec.json names the converted checkpoints (and which are MoE models), the checkpoint
+used for the training checks and the optimizer's learning rate and clip_grad;
+WORK_DIR/tokens.pt holds the tokens ([b, s]). `reference` writes TP=1 logits per checkpoint,
+one training step at TP=PP=DP=1, a few direct checks of the emulation layer, the MoE router's
+choices on tied logits, and an MoE checkpoint loaded into and re-saved from the grouped-GEMM
+expert layout; `parallel` writes TP=2 logits, EP=2 logits of the MoE models with the experts
+each rank holds, a checkpoint re-saved at TP=2 by megatron-core itself, a PP=2 step, a DP=2
+step, and a DP=2 step with the distributed optimizer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megasft.constants import ARCHITECTURE_FILE
 from megasft.megatron.architecture import ModelArchitecture
@@ -56,6 +59,8 @@ def reference(spec: dict, tokens: torch.Tensor, work: Path) -> None:
         logits_with_megatron_loader(spec["checkpoints"]["llama"], tokens),
         work / "logits_raw_load_llama.pt",
     )
+    torch.save(router_choices_on_ties(), work / "router_ties.pt")
+    grouped_layout(spec["checkpoints"][spec["grouped_model"]], work / "resaved_grouped")
     result = training_step(
         spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
     )
@@ -70,6 +75,17 @@ def parallel(spec: dict, tokens: torch.Tensor, work: Path) -> None:
         if state.rank == 0:
             torch.save(result, work / f"logits_tp2_{name}.pt")
     resave_at_tp2(spec["resave_checkpoint"], work / "resaved_tp2", rank=state.rank)
+
+    # Expert parallel: each rank holds half of every MoE layer's experts.
+    reset_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=2)
+    for name in spec["moe_models"]:
+        result = logits(spec["checkpoints"][name], tokens)
+        if state.rank == 0:
+            torch.save(result, work / f"logits_ep2_{name}.pt")
+        torch.save(
+            local_experts(spec["checkpoints"][name]),
+            work / f"experts_ep2_{name}_rank{state.rank}.pt",
+        )
     reset_parallel(tensor_parallel_size=1, pipeline_parallel_size=2)
     result = training_step(
         spec, tokens, micro_batches=[tokens[:2], tokens[2:]], distributed_optimizer=False
@@ -104,11 +120,18 @@ def resave_at_tp2(checkpoint: str, destination: Path, *, rank: int) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(destination))
 
 
-def reset_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+def reset_parallel(
+    *, tensor_parallel_size: int, pipeline_parallel_size: int, expert_parallel_size: int = 1
+) -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    initialize_parallel(tensor_parallel_size, pipeline_parallel_size, device="cpu")
+    initialize_parallel(
+        tensor_parallel_size,
+        pipeline_parallel_size,
+        expert_parallel_size=expert_parallel_size,
+        device="cpu",
+    )
 
 
 # --- what is measured ------------------------------------------------------------------------------
@@ -122,11 +145,18 @@ def load_model(checkpoint: str, *, parallel_output: bool = True):
     architecture = read_architecture(checkpoint)
     from megatron.core import parallel_state
 
+    experts = {}
+    if architecture.moe is not None:
+        experts = dict(
+            expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+        )
     config = transformer_config(
         architecture,
         tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         perform_initialization=False,
+        **experts,
     )
     model = build_model(architecture, config, parallel_output=parallel_output)
     load_weights(model, checkpoint)
@@ -158,6 +188,100 @@ def logits_with_megatron_loader(checkpoint: str, tokens: torch.Tensor) -> torch.
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, attention_mask=None)[..., : architecture.vocab_size]
+
+
+def local_experts(checkpoint: str) -> dict[str, torch.Tensor]:
+    """This rank's experts of the last layer, by global expert number: {"e.fc1": ..., ...}."""
+    _, _, model = load_model(checkpoint)
+    moe = model.decoder.layers[-1].mlp
+    return {
+        f"{expert}.{name}": getattr(module, name).weight.detach().clone()
+        for expert, module in zip(moe.local_expert_indices, moe.experts.local_experts, strict=True)
+        for name in ("linear_fc1", "linear_fc2")
+    }
+
+
+def router_choices_on_ties() -> dict:
+    """HFTopKRouter's (probs, routing map) for logits full of ties: 512 tokens, 8 experts,
+    logits drawn from {0, 1, 2, 3}, top-2 and top-4, with and without renormalisation."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megasft.megatron.moe_router import HFTopKRouter
+
+    logits = torch.randint(0, 4, (512, 1, 8), generator=torch.Generator().manual_seed(0)).float()
+    results = {"logits": logits}
+    for topk in (2, 4):
+        for normalize in (False, True):
+            config = TransformerConfig(
+                num_layers=1,
+                hidden_size=8,
+                num_attention_heads=1,
+                num_moe_experts=8,
+                moe_router_topk=topk,
+                moe_router_pre_softmax=True,
+                moe_ffn_hidden_size=8,
+                moe_aux_loss_coeff=0.0,
+                use_cpu_initialization=True,
+            )
+            router = HFTopKRouter(config, get_default_pg_collection(), normalize_topk=normalize)
+            results[(topk, normalize)] = router.routing(logits)
+    return results
+
+
+def grouped_layout(checkpoint: str, destination: Path) -> None:
+    """Load an MoE checkpoint into the grouped-GEMM expert layout (megatron-core's legacy
+    GroupedMLP: each layer's experts as two matrices, [hidden, experts*2*ffn] and
+    [experts*ffn, hidden]), check its weights against the sequential experts, and re-save it
+    with megatron-core's `dist_checkpointing.save` for the tests to export."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.transformer.moe import experts as experts_module
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
+    from megasft.megatron import builder
+
+    _, _, sequential = load_model(checkpoint)
+    architecture = read_architecture(checkpoint)
+    family_spec = builder.layer_spec
+
+    def grouped_spec(*args, **kwargs):
+        spec = family_spec(*args, **kwargs | {"transformer_engine": False})
+        for layer_spec in getattr(spec, "layer_specs", [spec]):
+            if hasattr(layer_spec.submodules.mlp.submodules, "experts"):
+                layer_spec.submodules.mlp.submodules.experts = ModuleSpec(
+                    module=experts_module.GroupedMLP
+                )
+        return spec
+
+    # GroupedMLP asserts at construction that the grouped_gemm CUDA kernels import; building
+    # and loading its weights needs none of them (only its forward does).
+    experts_module.gg.assert_grouped_gemm_is_available = lambda: None
+    builder.layer_spec = grouped_spec
+    try:
+        config = transformer_config(architecture, perform_initialization=False)
+        grouped = build_model(architecture, config)
+    finally:
+        builder.layer_spec = family_spec
+    load_weights(grouped, checkpoint)
+    hidden = architecture.hidden_size
+    layers = zip(grouped.decoder.layers, sequential.decoder.layers, strict=True)
+    for number, (layer, sequential_layer) in enumerate(layers):
+        if not architecture.is_moe_layer(number):
+            continue
+        experts = layer.mlp.experts
+        assert isinstance(experts, experts_module.GroupedMLP)
+        count = experts.num_local_experts
+        # What the grouped GEMMs multiply by: per expert, fc1 as [hidden, 2*ffn], fc2 as
+        # [ffn, hidden], the transposes of the sequential experts' weights.
+        fc1 = experts.weight1.view(count, hidden, -1)
+        fc2 = experts.weight2.view(count, -1, hidden)
+        for expert, mlp in enumerate(sequential_layer.mlp.experts.local_experts):
+            assert torch.equal(fc1[expert].t(), mlp.linear_fc1.weight), (number, expert)
+            assert torch.equal(fc2[expert].t(), mlp.linear_fc2.weight), (number, expert)
+    destination.mkdir()
+    shutil.copy(Path(checkpoint) / ARCHITECTURE_FILE, destination / ARCHITECTURE_FILE)
+    shutil.copytree(Path(checkpoint) / HF_FILES_DIR, destination / HF_FILES_DIR)
+    dist_checkpointing.save(grouped.sharded_state_dict(), str(destination))
 
 
 def training_step(

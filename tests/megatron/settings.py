@@ -8,3 +8,6 @@ RESAVED_MODEL = "qwen2"
 LEARNING_RATE = 1e-3
 CLIP_GRAD = 0.05
 """Small enough that every step is clipped, so clipping is exercised."""
+GROUPED_MODEL = "qwen3_moe_dense"
+"""Loaded into the grouped-GEMM expert layout and re-saved from it (a dense layer beside an MoE
+one, so per-layer checkpoint keys too)."""

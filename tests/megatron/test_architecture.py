@@ -3,6 +3,7 @@ refusals that name the field."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from megasft.errors import ConfigError
 from megasft.megatron.architecture import (
     Llama3RopeScaling,
     ModelArchitecture,
+    MoEArchitecture,
     architecture_from_hf_config,
     hf_config_from_architecture,
     padded_vocab_size,
@@ -120,3 +122,89 @@ def test_qwen_sliding_window_layers_are_refused():
 def test_mistral_window_covering_every_position_is_no_window():
     config = config_of("mistral") | {"sliding_window": 4096, "max_position_embeddings": 4096}
     assert architecture_from_hf_config(config).sliding_window is None
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+
+
+def test_moe_fields_of_each_moe_family():
+    qwen3_moe = architecture_from_hf_config(config_of("qwen3_moe"))
+    assert qwen3_moe.moe == MoEArchitecture(
+        num_experts=4,
+        router_topk=2,
+        expert_ffn_hidden_size=32,
+        normalize_topk=True,
+        moe_layers=(0, 1),
+        aux_loss_coeff=0.001,
+    )
+    assert (qwen3_moe.qk_layernorm, qwen3_moe.stacked_layers) == (True, True)
+    mixed = architecture_from_hf_config(config_of("qwen3_moe_dense"))
+    assert (mixed.moe.moe_layers, mixed.moe.normalize_topk, mixed.stacked_layers) == (
+        (1,),
+        False,
+        False,
+    )
+    assert (mixed.is_moe_layer(0), mixed.is_moe_layer(1)) == (False, True)
+    mixtral = architecture_from_hf_config(config_of("mixtral"))
+    assert mixtral.moe.expert_ffn_hidden_size == mixtral.ffn_hidden_size == 128
+    assert (mixtral.moe.normalize_topk, mixtral.moe.moe_layers, mixtral.sliding_window) == (
+        True,
+        (0, 1),
+        16,
+    )
+    assert architecture_from_hf_config(config_of("llama")).moe is None
+
+
+def test_qwen3_moe_hub_config_and_sparse_step():
+    # The Hub's Qwen3-MoE configs name the expert count num_experts; transformers 5 writes
+    # num_local_experts. decoder_sparse_step 2 puts the MoE block on every second layer.
+    config = config_of("qwen3_moe")
+    config["num_experts"] = config.pop("num_local_experts")
+    config |= {"num_hidden_layers": 4, "decoder_sparse_step": 2, "router_aux_loss_coef": 0.02}
+    architecture = architecture_from_hf_config(config)
+    assert (architecture.moe.num_experts, architecture.moe.moe_layers) == (4, (1, 3))
+    assert architecture.moe.aux_loss_coeff == 0.02
+    assert architecture_from_hf_config(hf_config_from_architecture(architecture)) == architecture
+
+
+def test_architecture_json_without_moe_still_loads():
+    # Files written before MoE support have no "moe" field.
+    architecture = architecture_from_hf_config(config_of("llama"))
+    fields = json.loads(architecture.to_json())
+    del fields["moe"]
+    assert ModelArchitecture.from_json(json.dumps(fields)) == architecture
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "message"),
+    [
+        ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise is not 0"),
+        ("mixtral", {"num_experts_per_tok": 5}, r"num_experts_per_tok \(5\) must be between"),
+        ("qwen3_moe", {"mlp_only_layers": [0, 1]}, "no MoE layer"),
+        ("qwen3_moe", {"moe_intermediate_size": None}, "'moe_intermediate_size' is missing"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive"),
+    ],
+)
+def test_unsupported_moe_configs_name_the_field(name, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        architecture_from_hf_config(config_of(name) | changes)
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes", "message"),
+    [
+        ("mixtral", {"expert_parallel_size": 3}, "expert parallel size 3 does not divide the 4"),
+        (
+            "qwen3_moe",
+            {"expert_tensor_parallel_size": 3},
+            r"expert tensor parallel size 3 does not divide the experts' intermediate size \(32\)",
+        ),
+        ("llama", {"expert_parallel_size": 2}, "needs a mixture-of-experts model; llama is dense"),
+    ],
+)
+def test_expert_parallel_sizes_must_fit_the_model(name, sizes, message):
+    from megasft.megatron.builder import transformer_config
+
+    architecture = architecture_from_hf_config(config_of(name))
+    with pytest.raises(ConfigError, match=message):
+        transformer_config(architecture, **sizes)

@@ -47,17 +47,33 @@ def transformer_config(
     *,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     perform_initialization: bool = True,
     overrides: Mapping[str, Any] | None = None,
 ) -> TransformerConfig:
     """The megatron-core config of `architecture` at the given parallel sizes.
 
-    `params_dtype` bf16 sets megatron-core's bf16 mode too. `overrides` are further
-    `TransformerConfig` fields for the trainer (recomputation, sequence parallelism, ...).
+    `expert_parallel_size` (EP) splits an MoE layer's experts over that many ranks, and
+    `expert_tensor_parallel_size` (ETP, default TP) each expert's matrices. `params_dtype` bf16
+    sets megatron-core's bf16 mode too. `overrides` are further `TransformerConfig` fields for
+    the trainer (recomputation, sequence parallelism, the load-balancing loss, ...).
+
+    Raises:
+        ConfigError: a parallel size does not divide what it splits, or EP/ETP > 1 for a
+            dense model.
     """
     a = architecture
-    _check_divisible(a, tensor_parallel_size, pipeline_parallel_size)
+    if expert_tensor_parallel_size is None:
+        expert_tensor_parallel_size = tensor_parallel_size
+    _check_divisible(
+        a,
+        tensor_parallel_size,
+        pipeline_parallel_size,
+        expert_parallel_size,
+        expert_tensor_parallel_size,
+    )
     fields: dict[str, Any] = dict(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,
@@ -70,6 +86,8 @@ def transformer_config(
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        expert_model_parallel_size=expert_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -153,14 +171,19 @@ def build_model(
 
 
 def _check_divisible(
-    architecture: ModelArchitecture, tensor_parallel_size: int, pipeline_parallel_size: int
+    architecture: ModelArchitecture,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    expert_parallel_size: int,
+    expert_tensor_parallel_size: int,
 ) -> None:
     a = architecture
+    has_dense_layers = a.moe is None or len(a.moe.moe_layers) < a.num_layers
     requirements = {
         "num_attention_heads": a.num_attention_heads,
         "num_key_value_heads": a.num_query_groups,
         "padded vocabulary": a.padded_vocab_size,
-        "intermediate_size": a.ffn_hidden_size,
+        **({"intermediate_size": a.ffn_hidden_size} if has_dense_layers else {}),
     }
     for name, value in requirements.items():
         if value % tensor_parallel_size:
@@ -172,4 +195,23 @@ def _check_divisible(
         raise ConfigError(
             f"pipeline parallel size {pipeline_parallel_size} does not divide the "
             f"{a.num_layers} layers; choose a PP size that does"
+        )
+    if a.moe is None:
+        if expert_parallel_size > 1 or expert_tensor_parallel_size != tensor_parallel_size:
+            raise ConfigError(
+                f"expert parallelism (EP={expert_parallel_size}, ETP="
+                f"{expert_tensor_parallel_size}) needs a mixture-of-experts model; "
+                f"{a.family} is dense"
+            )
+        return
+    if a.moe.num_experts % expert_parallel_size:
+        raise ConfigError(
+            f"expert parallel size {expert_parallel_size} does not divide the "
+            f"{a.moe.num_experts} experts; choose an EP size that does"
+        )
+    if a.moe.expert_ffn_hidden_size % expert_tensor_parallel_size:
+        raise ConfigError(
+            f"expert tensor parallel size {expert_tensor_parallel_size} does not divide the "
+            f"experts' intermediate size ({a.moe.expert_ffn_hidden_size}); choose an ETP "
+            "size that does"
         )

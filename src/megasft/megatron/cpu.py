@@ -40,9 +40,15 @@ The redirects (each is a function below with its reason):
    CPU state did not change inside a fork would warn on every forked initialisation; a
    logging filter drops exactly that message (`_QuietRngForkWarning`).
 
+4. The MoE token dispatcher copies its per-rank token counts from the device to the host
+   (`maybe_move_tensor_to_cpu(..., as_numpy=True)`) only for tensors that `is_cuda`, and then
+   passes them to `all_to_all_single` as split sizes, which must be numbers; under emulation
+   every tensor is on the emulated device, so the copy is made for CPU tensors too.
+
 Collectives: gloo on torch 2.13 implements every collective megatron-core uses here,
-including `all_gather_into_tensor`, `reduce_scatter_tensor` and list `reduce_scatter` (the
-distributed optimizer), so no collective is replaced.
+including `all_gather_into_tensor`, `reduce_scatter_tensor`, list `reduce_scatter` (the
+distributed optimizer) and `all_to_all_single` (the MoE token dispatcher), so no collective is
+replaced.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ def enable_cpu_emulation() -> None:
 
         _redirect_cuda_functions()
         _redirect_cuda_rng_state()
+        _redirect_moe_host_copies()
         logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietRngForkWarning())
         _CudaDeviceAsCpu().__enter__()
         _enabled = True
@@ -301,3 +308,23 @@ class _QuietRngForkWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != "CPU RNG state changed within GPU RNG context"
+
+
+# --- 4. the MoE dispatcher's device-to-host copies -----------------------------------------------
+
+
+def _move_to_host(
+    tensor: Any, as_numpy: bool = False, record_stream: bool = False
+) -> torch.Tensor | Any:
+    """`maybe_move_tensor_to_cpu` for a machine whose every tensor is on the emulated device:
+    a tensor is "moved" (it already is on the CPU) and, if asked, returned as numpy."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _redirect_moe_host_copies() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    moe_utils.maybe_move_tensor_to_cpu = _move_to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_to_host

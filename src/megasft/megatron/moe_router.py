@@ -58,6 +58,8 @@ class HFTopKRouter(TopKRouter):
         """
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.normalize_topk:
-            # The other entries of a row are exact zeros, so the sum is that of the k weights.
-            probs = probs / probs.sum(dim=-1, keepdim=True)
+            # Summed as transformers sums them: its [tokens, k] top values, in topk's order.
+            # (A sum over the [tokens, experts] row, zeros included, may add in another order.)
+            total = probs.topk(self.topk, dim=-1).values.sum(dim=-1, keepdim=True)
+            probs = probs / total
         return probs, routing_map

@@ -32,6 +32,8 @@ class ParallelState:
     world_size: int
     tensor_parallel_size: int
     pipeline_parallel_size: int
+    expert_parallel_size: int = 1
+    """EP: the ranks an MoE layer's experts are split over (within the data-parallel ranks)."""
 
     @property
     def data_parallel_size(self) -> int:
@@ -42,6 +44,8 @@ def initialize_parallel(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     *,
+    expert_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
     device: Device = "auto",
     seed: int = 1234,
 ) -> ParallelState:
@@ -49,7 +53,9 @@ def initialize_parallel(
 
     `device="auto"` uses the accelerator when there is one, else the CPU; `"cpu"` on a machine
     with an accelerator is refused by the emulation layer. The data-parallel size is what is
-    left of the world: world_size / (TP * PP).
+    left of the world: world_size / (TP * PP). MoE layers regroup the same ranks: their
+    experts are split over EP ranks and each expert's matrices over ETP (default TP) ranks,
+    so world_size / PP must be a multiple of ETP * EP.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -65,6 +71,14 @@ def initialize_parallel(
             f"{world_size} processes cannot be split into TP={tensor_parallel_size} x "
             f"PP={pipeline_parallel_size} groups; use a multiple of "
             f"{tensor_parallel_size * pipeline_parallel_size} processes"
+        )
+    expert_tensor_parallel_size = expert_tensor_parallel_size or tensor_parallel_size
+    expert_ranks = expert_tensor_parallel_size * expert_parallel_size * pipeline_parallel_size
+    if world_size % expert_ranks:
+        raise ConfigError(
+            f"{world_size} processes cannot be split into EP={expert_parallel_size} x "
+            f"ETP={expert_tensor_parallel_size} x PP={pipeline_parallel_size} groups for the "
+            f"MoE layers; use a multiple of {expert_ranks} processes"
         )
     if use_cpu:
         torch_device = torch.device("cpu")
@@ -84,6 +98,8 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        expert_model_parallel_size=expert_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -93,6 +109,7 @@ def initialize_parallel(
         world_size=dist.get_world_size(),
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
+        expert_parallel_size=expert_parallel_size,
     )
 
 
