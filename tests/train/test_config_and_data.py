@@ -137,7 +137,15 @@ def test_collate_pads_and_isolates_documents(tmp_path):
     assert bool(batch.attention_mask[0, 0, first, first - 1])  # no attention across documents
 
 
-@pytest.mark.parametrize("name", ["llama2-7b-sft-mi300x.yaml", "tiny-cpu.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama2-7b-sft-mi300x.yaml",
+        "tiny-cpu.yaml",
+        "qwen3-30b-a3b-sft-mi300x.yaml",
+        "mixtral-8x7b-sft-mi300x.yaml",
+    ],
+)
 def test_shipped_recipes_are_valid(name):
     from tests.conftest import REPO
 

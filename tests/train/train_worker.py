@@ -7,6 +7,7 @@ tests compare into WORK/results_<mode>.json:
     python train_worker.py single WORK [SCENARIO ...]                # one process
     torchrun --nproc-per-node 2 train_worker.py parallel WORK [...]  # two processes, gloo
 
+and the same with modes moe_single and moe_parallel for the mixture-of-experts model.
 WORK/workspace.json names the inputs (see workspace.py). The tests never switch megatron-core's
 CPU emulation on in the pytest process; it is process-wide.
 """
@@ -45,7 +46,7 @@ def main() -> None:
             dist.init_process_group("gloo")
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    scenarios = SINGLE if mode == "single" else PARALLEL
+    scenarios = MODES[mode]
     if sys.argv[3:]:  # a chosen few, when debugging
         scenarios = {name: scenarios[name] for name in sys.argv[3:]}
     results = {}
@@ -65,7 +66,9 @@ def main() -> None:
     dist.barrier()
 
 
-def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
+def run(
+    save: Path, inputs: dict, data: str = "packed", model: str = "mcore_model", **settings
+) -> dict:
     """Train with COMMON settings (overridden by `settings`); the metrics of every step."""
     import torch.distributed as dist
 
@@ -75,7 +78,7 @@ def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
 
     config = TrainConfig(
         data=inputs[data],
-        load=inputs["mcore_model"],
+        load=inputs[model],
         save=str(save),
         nproc=int(os.environ.get("WORLD_SIZE", "1")),
         **{**COMMON, **settings},
@@ -92,6 +95,13 @@ def run(save: Path, inputs: dict, data: str = "packed", **settings) -> dict:
         "target_tokens": [record["target_tokens"] for record in records],
         "val": [(record["step"], record["val_loss"]) for record in records if "val_loss" in record],
         "events": read_metrics(events) if (events := save / "events.jsonl").is_file() else [],
+        "routing": [
+            {key: value for key, value in record.items() if key.startswith("moe_")}
+            for record in records
+        ],
+        "flops": [
+            record.get("tflops_per_device", 0) * record["step_seconds"] for record in records
+        ],
         "summary": {key: summary[key] for key in ("status", "skipped_steps", "final_loss")},
     }
 
@@ -311,6 +321,44 @@ PARALLEL = {
     "resume_reference": lambda save, inputs: run(
         save, inputs, train_iters=10, save_interval=2, distributed_optimizer=True
     ),
+}
+
+
+MOE_AUX_LOSS_COEFF = 0.1
+"""Large enough that the load-balancing loss moves the gradients visibly (the tiny model's
+config says 0.001)."""
+
+
+def moe(save: Path, inputs: dict, aux_loss: bool = True, **settings) -> dict:
+    coefficient = MOE_AUX_LOSS_COEFF if aux_loss else 0.0
+    return run(save, inputs, model="mcore_moe_model", moe_aux_loss_coeff=coefficient, **settings)
+
+
+MOE_SINGLE = {
+    # the reference curves of the MoE layouts, with and without the load-balancing loss
+    "moe_reference": lambda save, inputs: moe(save, inputs),
+    "moe_reference_no_aux": lambda save, inputs: moe(save, inputs, aux_loss=False),
+    # the coefficient from the model's config.json (router_aux_loss_coef)
+    "moe_default_coefficient": lambda save, inputs: run(
+        save, inputs, model="mcore_moe_model", train_iters=1, warmup_iters=0
+    ),
+}
+
+MOE_PARALLEL = {
+    "moe_ep2": lambda save, inputs: moe(save, inputs, expert_parallel=2),
+    "moe_ep2_no_aux": lambda save, inputs: moe(save, inputs, aux_loss=False, expert_parallel=2),
+    "moe_ep2_allgather": lambda save, inputs: moe(
+        save, inputs, expert_parallel=2, moe_token_dispatcher="allgather"
+    ),
+    "moe_tp2": lambda save, inputs: moe(save, inputs, tensor_parallel=2),
+    "moe_tp2_no_aux": lambda save, inputs: moe(save, inputs, aux_loss=False, tensor_parallel=2),
+}
+
+MODES = {
+    "single": SINGLE,
+    "parallel": PARALLEL,
+    "moe_single": MOE_SINGLE,
+    "moe_parallel": MOE_PARALLEL,
 }
 
 

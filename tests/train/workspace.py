@@ -18,7 +18,7 @@ import pyarrow as pa
 from megasft.checkpoint.convert import convert
 from megasft.data.prepare import PrepareConfig, prepare
 from megasft.data.store import EXAMPLE_SCHEMA, SplitWriter, open_split, split_file
-from megasft.demo.model import build_tiny_llama
+from megasft.demo.model import build_tiny_llama, build_tiny_qwen3_moe
 from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
 
@@ -129,3 +129,44 @@ def _rewrite_train_split(source: Path, destination: Path, change) -> None:
     writer = SplitWriter(split_file(destination, "train"))
     writer.write(pa.RecordBatch.from_pylist(rows, schema=EXAMPLE_SCHEMA))
     writer.close()
+
+
+def make_moe_workspace(root: Path, problems: int = 48) -> dict[str, str]:
+    """The inputs of the MoE training tests: the problems packed, and a tiny random Qwen3-MoE
+    (2 layers of 8 experts, top 2, hidden 64) converted to megatron-core.
+
+    Returns:
+        {"packed": data directory, "hf_moe_model": ..., "mcore_moe_model": ...}, the names
+        train_worker.py reads from workspace.json.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    source = write_problems(root / "problems.jsonl", problems, seed=3)
+    corpus = [DEFAULT_CORPUS] + [
+        json.loads(line)["question"] + " " + json.loads(line)["answer"]
+        for line in source.read_text().splitlines()
+    ]
+    tokenizer = build_tokenizer(
+        root / "tokenizer", chat_template=CHATML, corpus=corpus, vocab_size=400
+    )
+    prepare(
+        PrepareConfig(
+            inputs=(str(source),),
+            tokenizer=str(tokenizer),
+            output=str(root / "packed"),
+            column_map=(("prompt", "question"), ("response", "answer")),
+            seq_length=SEQ_LENGTH,
+            pack=True,
+            workers=1,
+            progress=False,
+        )
+    )
+    hf_model = build_tiny_qwen3_moe(
+        root / "hf-moe", tokenizer, hidden_size=64, layers=2, heads=4, kv_heads=2,
+        experts=8, experts_per_token=2, max_positions=256,
+    )  # fmt: skip
+    convert("hf", "megatron", hf_model, root / "mcore-moe")
+    return {
+        "packed": str(root / "packed"),
+        "hf_moe_model": str(hf_model),
+        "mcore_moe_model": str(root / "mcore-moe"),
+    }

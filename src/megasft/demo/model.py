@@ -1,7 +1,9 @@
-"""A tiny Llama-architecture Hugging Face model, randomly initialised here for the demo.
+"""Tiny Hugging Face models, randomly initialised here for the demos.
 
-The demo's base model: the same on-disk form as a real Hugging Face checkpoint (config.json,
-safetensors, the tokenizer files), so every stage reads it the way it reads Llama 2.
+The demo's base model is a Llama (`build_tiny_llama`), demo-moe's a Qwen3-MoE
+(`build_tiny_qwen3_moe`): the same on-disk form as a real Hugging Face checkpoint
+(config.json, safetensors, the tokenizer files), so every stage reads them the way it reads
+Llama 2 or Qwen3-30B-A3B.
 """
 
 from __future__ import annotations
@@ -25,19 +27,14 @@ def build_tiny_llama(
 ) -> Path:
     """Writes a random `LlamaForCausalLM` sized to the tokenizer's vocabulary; returns its path."""
     import torch
-    from tokenizers import Tokenizer
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    eos_id = tokenizer.token_to_id(tokenizer_config["eos_token"])
-    pad_token = tokenizer_config.get("pad_token")
-    pad_id = tokenizer.token_to_id(pad_token) if pad_token else eos_id
+    vocab_size, eos_id, pad_id = _token_ids(tokenizer_dir)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 3,
         num_hidden_layers=layers,
@@ -51,7 +48,70 @@ def build_tiny_llama(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    model = LlamaForCausalLM(config)
+    return _save(LlamaForCausalLM(config), directory, tokenizer_dir, eos_id, pad_id)
+
+
+def build_tiny_qwen3_moe(
+    directory: str | Path,
+    tokenizer_dir: str | Path,
+    hidden_size: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 8,
+    experts_per_token: int = 2,
+    max_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Writes a random `Qwen3MoeForCausalLM` sized to the tokenizer's vocabulary: every layer an
+    MoE block of `experts` experts, each a third as wide as the Llama's MLP, so that the
+    `experts_per_token` active ones cost about what that MLP does; returns its path."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
+    vocab_size, eos_id, pad_id = _token_ids(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        moe_intermediate_size=hidden_size,
+        num_experts=experts,
+        num_experts_per_tok=experts_per_token,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.001,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    return _save(Qwen3MoeForCausalLM(config), directory, tokenizer_dir, eos_id, pad_id)
+
+
+def _token_ids(tokenizer_dir: Path) -> tuple[int, int, int]:
+    """(vocabulary size, eos id, pad id) of a tokenizer directory; pad falls back to eos."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    eos_id = tokenizer.token_to_id(tokenizer_config["eos_token"])
+    pad_token = tokenizer_config.get("pad_token")
+    pad_id = tokenizer.token_to_id(pad_token) if pad_token else eos_id
+    return tokenizer.get_vocab_size(with_added_tokens=True), eos_id, pad_id
+
+
+def _save(model, directory: Path, tokenizer_dir: Path, eos_id: int, pad_id: int) -> Path:
+    """The model, a greedy generation config and the tokenizer files, into `directory`."""
+    from transformers import GenerationConfig
+
     model.save_pretrained(directory)
     GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(
         directory

@@ -8,6 +8,9 @@ same fp32 probabilities, so the same experts win, ties included; it never renorm
 (`moe_router_pre_softmax=False` renormalises, as a softmax over the k largest logits, but
 selects on the logits, which can split a tie that the probabilities have.) `HFTopKRouter` is
 the first plus the renormalisation. See docs/convert.md ("Mixture of experts").
+
+It also corrects the scale of the load-balancing loss under sequence (or context)
+parallelism: see `HFTopKRouter.attach_and_log_load_balancing_loss` and docs/train.md.
 """
 
 from __future__ import annotations
@@ -63,3 +66,41 @@ class HFTopKRouter(TopKRouter):
             total = probs.topk(self.topk, dim=-1).values.sum(dim=-1, keepdim=True)
             probs = probs / total
         return probs, routing_map
+
+    def attach_and_log_load_balancing_loss(
+        self,
+        activation: torch.Tensor,
+        aux_loss_coeff: float,
+        aux_loss: torch.Tensor,
+        aux_loss_name: str,
+        reduce_group: torch.distributed.ProcessGroup,
+        reduce_group_has_dp: bool = False,
+        valid_token_count: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`TopKRouter`'s, with the tokens of the whole reduce group counted.
+
+        With `calculate_per_token_loss` (megasft's trainer), megatron-core multiplies the
+        loss by the tokens it was computed on, because the gradients are later divided by
+        the target tokens of the global batch. Under sequence or context parallelism each
+        rank of the reduce group (TP x CP) computes its share of the loss of all the group's
+        tokens, but megatron-core multiplies that share by this rank's tokens only: the
+        load-balancing gradient would be 1/(TP x CP) of what the same batch gives at
+        TP = CP = 1. The group's token count restores it (tested: TP=2 equals TP=1).
+
+        Args:
+            See `TopKRouter.attach_and_log_load_balancing_loss`.
+
+        Returns:
+            `activation`, with the loss attached to its backward pass.
+        """
+        if valid_token_count is not None and not reduce_group_has_dp:
+            valid_token_count = valid_token_count * reduce_group.size()
+        return super().attach_and_log_load_balancing_loss(
+            activation,
+            aux_loss_coeff,
+            aux_loss,
+            aux_loss_name,
+            reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp,
+            valid_token_count=valid_token_count,
+        )

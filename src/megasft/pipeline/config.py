@@ -308,7 +308,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     from megasft.data.config import PrepareConfig
     from megasft.launch.registry import check_layout
     from megasft.megatron.architecture import architecture_from_hf_config, read_hf_config
-    from megasft.train.config import TrainConfig, check_against_model
+    from megasft.train.config import TrainConfig, check_against_experts, check_against_model
 
     data = Path(config.data["path"])
     if not data.is_file():
@@ -321,7 +321,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
         raise InputError(f"model.tokenizer {tokenizer}: no tokenizer.json there")
     hf_config = read_hf_config(model)
     try:
-        architecture_from_hf_config(hf_config)
+        architecture = architecture_from_hf_config(hf_config)
     except ConfigError as error:
         raise ConfigError(f"model.path {model}: {error}") from error
     if config.evaluate.get("data") and not Path(config.evaluate["data"]).is_file():
@@ -343,6 +343,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     try:
         train = TrainConfig(**settings, **placeholders)
         check_against_model(train, hf_config, seq_length)
+        check_against_experts(train, architecture)
     except TypeError as error:  # a wrong type, say a list for an int
         raise ConfigError(f"train: {error}") from error
     except ConfigError as error:

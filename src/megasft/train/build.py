@@ -15,6 +15,7 @@ import torch
 from megasft.train.checks import RunPlan
 from megasft.train.config import TrainConfig
 from megasft.train.distributed import Parallel
+from megasft.train.moe import moe_settings
 
 
 def uses_distributed_optimizer(config: TrainConfig, parallel: Parallel) -> bool:
@@ -53,6 +54,8 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
         plan.architecture,
         tensor_parallel_size=config.tensor_parallel,
         pipeline_parallel_size=config.pipeline_parallel,
+        expert_parallel_size=config.expert_parallel,
+        expert_tensor_parallel_size=config.expert_tensor_size,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         # Every weight is then loaded, but megatron-core marks tensor-parallel weights (the
         # attribute its gradient norm and clipping read) only while initialising them.
@@ -74,7 +77,8 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
             # PP=2 (its previous and next stage), which gloo matches the wrong way round.
             overlap_p2p_comm=bool(config.virtual_pipeline_stages),
             batch_p2p_comm=not config.virtual_pipeline_stages,
-        ),
+        )
+        | moe_settings(config, plan.architecture),  # MoE models only
     )
     chunks = [
         build_model(

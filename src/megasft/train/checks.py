@@ -19,7 +19,7 @@ from megasft.data.store import MANIFEST_FILE, open_split, read_manifest
 from megasft.errors import ConfigError, InputError
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.train.checkpointing import latest_checkpoint
-from megasft.train.config import TrainConfig, check_against_model
+from megasft.train.config import TrainConfig, check_against_experts, check_against_model
 from megasft.train.data import steps_for_epochs
 
 
@@ -75,6 +75,7 @@ def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
         },
         seq_length,
     )
+    check_against_experts(config, architecture)
     tp = config.tensor_parallel
     for name, value in (
         ("intermediate_size", architecture.ffn_hidden_size),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,8 +18,12 @@ from megasft.errors import ConfigError
 from megasft.megatron.peft.registry import PeftSettings, method_named, method_names
 from megasft.settings import raise_problems, setting, setting_problems
 
+if TYPE_CHECKING:
+    from megasft.megatron.architecture import ModelArchitecture
+
 PRECISIONS = ("bf16", "fp32")
 NAN_POLICIES = ("skip", "stop")
+TOKEN_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,32 @@ class TrainConfig:
     )
     context_parallel: int = setting(
         1, "CP: splits each sequence across this many devices (GPU only).", flag="--cp", at_least=1
+    )
+    expert_parallel: int = setting(
+        1,
+        "EP (mixture-of-experts models): splits each MoE layer's experts across this many "
+        "devices, taken from the data-parallel (and context-parallel) ones.",
+        flag="--ep",
+        at_least=1,
+    )
+    expert_tensor_parallel: int | None = setting(
+        None,
+        "ETP (mixture-of-experts models): splits each expert's matrices across this many "
+        "devices. Default: --tp.",
+        flag="--etp",
+        at_least=1,
+    )
+    moe_aux_loss_coeff: float | None = setting(
+        None,
+        "Weight of the MoE load-balancing loss (megatron-core's, per MoE layer; 0 turns it "
+        "off). Default: the model's router_aux_loss_coef.",
+        at_least=0,
+    )
+    moe_token_dispatcher: str = setting(
+        "alltoall",
+        "How MoE layers send tokens to the ranks that hold their experts: all-to-all, or "
+        "all-gather then each rank keeps its own.",
+        choices=TOKEN_DISPATCHERS,
     )
     nproc: int = setting(1, "Processes (devices) per node; world size = nproc * nodes.", at_least=1)
     nodes: int = setting(1, "Nodes in the job (set by the PyTorchJob launcher).", at_least=1)
@@ -164,6 +194,16 @@ class TrainConfig:
                 f"divisible by TP x PP x CP = {model_parallel}"
             )
             raise_problems(problems)  # the data-parallel size below needs a whole number
+        # MoE layers regroup each pipeline stage's ranks into ETP x EP (x expert-DP) groups.
+        expert_grid = self.expert_parallel * self.expert_tensor_size * self.pipeline_parallel
+        if self.world_size % expert_grid:
+            problems.append(
+                f"world size {self.world_size} (--nproc {self.nproc} x {self.nodes} nodes) is not "
+                f"divisible by EP x ETP x PP = {self.expert_parallel} x "
+                f"{self.expert_tensor_size} x {self.pipeline_parallel} = {expert_grid} "
+                "(--ep, --etp, --pp): the MoE layers split each pipeline stage's ranks into "
+                "groups of EP x ETP"
+            )
         step_rows = self.micro_batch_size * self.data_parallel
         if self.global_batch_size % step_rows:
             problems.append(
@@ -195,6 +235,11 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         return self.nproc * self.nodes
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP: `expert_tensor_parallel`, or TP when that is not given."""
+        return self.expert_tensor_parallel or self.tensor_parallel
 
     @property
     def data_parallel(self) -> int:
@@ -247,6 +292,39 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
         return TrainConfig(**values)
     except TypeError as error:  # a wrong type in the YAML, say a list for an int
         raise ConfigError(f"invalid training settings: {error}") from error
+
+
+def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) -> None:
+    """The expert-parallel settings against the model's experts (or their absence).
+
+    Args:
+        config: the settings.
+        architecture: the model's architecture.
+
+    Raises:
+        ConfigError: every problem found, naming the settings: EP or ETP for a dense model,
+            an EP that does not divide the experts, an ETP that does not divide their width.
+    """
+    problems = []
+    moe = architecture.moe
+    if moe is None:
+        if config.expert_parallel > 1 or config.expert_tensor_size != config.tensor_parallel:
+            problems.append(
+                f"--ep {config.expert_parallel} / --etp {config.expert_tensor_size}: the model "
+                f"({architecture.family}) has no experts; use --ep 1 and leave --etp unset"
+            )
+    else:
+        if moe.num_experts % config.expert_parallel:
+            problems.append(
+                f"--ep {config.expert_parallel} does not divide the model's {moe.num_experts} "
+                "experts per MoE layer"
+            )
+        if moe.expert_ffn_hidden_size % config.expert_tensor_size:
+            problems.append(
+                f"--etp {config.expert_tensor_size} does not divide the experts' intermediate "
+                f"size ({moe.expert_ffn_hidden_size})"
+            )
+    raise_problems(problems)
 
 
 def check_against_model(config: TrainConfig, hf_config: dict, seq_length: int) -> None:

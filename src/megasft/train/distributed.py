@@ -88,6 +88,8 @@ def setup_parallel(config: TrainConfig) -> Parallel:
         pipeline_model_parallel_size=config.pipeline_parallel,
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
         context_parallel_size=config.context_parallel,
+        expert_model_parallel_size=config.expert_parallel,
+        expert_tensor_parallel_size=config.expert_tensor_size,
         distributed_timeout_minutes=int(PROCESS_GROUP_TIMEOUT.total_seconds() // 60),
     )
     pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -1,9 +1,9 @@
 """What a training run reports: FLOPs and MFU, loss stability, the metrics log, progress.
 
-Rank 0 writes `metrics.jsonl` (one line per logged step, each with a numeric `step` and `loss`)
-and `events.jsonl` (skips, spikes, resumes, preemption, stops) into the output directory; a
-resumed run drops the lines past its checkpoint's step. The fields of both: docs/train.md,
-"Output".
+Rank 0 writes `metrics.jsonl` (one line per logged step, each with a numeric `step` and `loss`;
+an MoE model's lines add its routing, `megasft.train.moe`) and `events.jsonl` (skips, spikes,
+resumes, preemption, stops) into the output directory; a resumed run drops the lines past its
+checkpoint's step. The fields of both: docs/train.md, "Output".
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def model_flops(architecture: ModelArchitecture, document_lengths: Iterable[int]
 
     Counts the matrix multiplications of every layer and of the output layer, 2 FLOPs per
     multiply-add, and attention scores and values within each document, halved for the causal
-    mask. Padding is not counted: this is the useful work, so MFU is not flattered by it.
+    mask. An MoE layer counts its active parameters: the router and the `router_topk` experts
+    each token goes to, not all of them. Padding is not counted: this is the useful work, so
+    MFU is not flattered by it.
 
     Args:
         architecture: the model's architecture.
@@ -77,12 +79,18 @@ def model_flops(architecture: ModelArchitecture, document_lengths: Iterable[int]
     a = architecture
     query = a.num_attention_heads * a.head_dim
     key_value = 2 * a.num_query_groups * a.head_dim
-    per_layer = (
+    attention_projections = (
         a.hidden_size * (query + key_value)  # QKV projection
         + query * a.hidden_size  # attention output projection
-        + 3 * a.hidden_size * a.ffn_hidden_size  # gated MLP: gate, up, down
     )
-    matmul_parameters = a.num_layers * per_layer + a.hidden_size * a.padded_vocab_size
+    dense_mlp = 3 * a.hidden_size * a.ffn_hidden_size  # gated MLP: gate, up, down
+    matmul_parameters = a.num_layers * attention_projections + a.hidden_size * a.padded_vocab_size
+    for layer in range(a.num_layers):
+        if a.is_moe_layer(layer):
+            experts = a.moe.router_topk * 3 * a.hidden_size * a.moe.expert_ffn_hidden_size
+            matmul_parameters += a.hidden_size * a.moe.num_experts + experts  # router, experts
+        else:
+            matmul_parameters += dense_mlp
     tokens = 0
     attention = 0.0
     for length in document_lengths:

@@ -29,6 +29,7 @@ from megasft.train.checks import RunPlan, plan_run
 from megasft.train.config import TrainConfig
 from megasft.train.distributed import Parallel, setup_parallel, teardown_parallel
 from megasft.train.feed import setup_data
+from megasft.train.moe import routing_metrics
 from megasft.train.reporting import finish, open_reporting, report, step_record
 from megasft.train.run import LoopState, Parts, prepare_save_dir, restore, save
 from megasft.train.step import forward_step
@@ -121,6 +122,7 @@ def setup(plan: RunPlan, parallel: Parallel) -> tuple[Parts, LoopState]:
         data=data,
         reporting=reporting,
         nan_steps=_injected_nan_steps(),
+        routing=routing_metrics(plan, parallel, model),
     )
     return parts, state
 
@@ -203,6 +205,8 @@ def train_step(parts: Parts, state: LoopState) -> tuple[dict[str, Any], bool]:
 
     record = step_record(parts, state, loss, grad_norm, skipped=skip, spike=spike, seconds=seconds)
     record["target_tokens"] = target_tokens
+    if parts.routing is not None:
+        record.update(parts.routing.step_metrics(len(batches)))
     state.totals["target_tokens"] += target_tokens
     if not skip:
         state.last_loss = loss

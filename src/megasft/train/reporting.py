@@ -33,6 +33,8 @@ TRACKED_METRICS = (
     "mfu",
     "skipped_steps",
     "val_loss",
+    "moe_aux_loss",
+    "moe_load_imbalance_max",
 )
 """The fields of a metrics record that go to MLflow (metrics.jsonl has all of them)."""
 

@@ -19,6 +19,7 @@ from megasft.train.config import TrainConfig
 from megasft.train.distributed import Parallel
 from megasft.train.feed import RunData
 from megasft.train.metrics import StabilityMonitor
+from megasft.train.moe import RoutingMetrics
 from megasft.train.reporting import Reporting
 
 
@@ -38,6 +39,8 @@ class Parts:
     reporting: Reporting
     nan_steps: frozenset[int] = frozenset()
     """Steps (1-based) whose loss is made NaN: fault injection for tests."""
+    routing: RoutingMetrics | None = None
+    """An MoE model's per-step routing metrics (megasft.train.moe); None for a dense one."""
 
     @property
     def config(self) -> TrainConfig:

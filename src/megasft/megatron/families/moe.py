@@ -103,6 +103,7 @@ class MoEFamily(ModelFamily):
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
         from megasft.megatron.moe_router import HFTopKRouter
+        from megasft.megatron.norms import SequenceParallelNorm, with_sequence_parallel_norms
 
         experts, qk_layernorm = architecture.moe.num_experts, architecture.qk_layernorm
         if transformer_engine:
@@ -131,11 +132,17 @@ class MoEFamily(ModelFamily):
                 spec.submodules, mlp=mlp, sharded_state_dict_keys_map=keys_map
             ),
         )
-        if architecture.stacked_layers:
+        if transformer_engine and architecture.stacked_layers:
             return moe_spec
         dense_spec = super().layer_spec(
             architecture, config, transformer_engine=transformer_engine, vp_stage=vp_stage
         )
+        final_norm = LayerNormImpl
+        if not transformer_engine:
+            # MoE training with TP > 1 needs sequence parallelism, which the local norms
+            # refuse (see megasft.megatron.norms).
+            moe_spec, dense_spec = map(with_sequence_parallel_norms, (moe_spec, dense_spec))
+            final_norm = SequenceParallelNorm
         specs = [
             moe_spec if architecture.is_moe_layer(layer) else dense_spec
             for layer in range(architecture.num_layers)
@@ -143,7 +150,7 @@ class MoEFamily(ModelFamily):
         first = get_transformer_layer_offset(config, vp_stage=vp_stage)
         count = get_num_layers_to_build(config, vp_stage=vp_stage)
         return TransformerBlockSubmodules(
-            layer_specs=specs[first : first + count], layer_norm=LayerNormImpl
+            layer_specs=specs[first : first + count], layer_norm=final_norm
         )
 
     def weight_mappings(self, architecture: ModelArchitecture) -> tuple[TensorMapping, ...]:

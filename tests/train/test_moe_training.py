@@ -1,0 +1,101 @@
+"""Training a mixture-of-experts model end to end on CPU: expert parallelism, tensor
+parallelism and either token dispatcher train the single-rank curve, with the load-balancing
+loss on and off, and the run reports its routing.
+
+Two launches do the work (train_worker.py, modes moe_single and moe_parallel) on a tiny
+random Qwen3-MoE (2 layers, 8 experts, top 2; workspace.make_moe_workspace).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.train.test_training import TOLERANCE, WORKER, _launch, _result
+from tests.train.workspace import make_moe_workspace
+
+pytestmark = pytest.mark.slow
+
+SEQUENCE_POSITIONS_PER_STEP = 8 * 128
+"""Global batch 8 rows of 128 tokens: what the routers of one layer see in a step."""
+
+
+@pytest.fixture(scope="session")
+def moe_workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-moe")
+    (root / "workspace.json").write_text(json.dumps(make_moe_workspace(root)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def moe_single(moe_workspace) -> dict:
+    _launch([sys.executable, str(WORKER), "moe_single", str(moe_workspace)], timeout=600)
+    return json.loads((moe_workspace / "results_moe_single.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def moe_parallel(moe_workspace) -> dict:
+    _launch(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", str(WORKER), "moe_parallel", str(moe_workspace),
+        ],
+        timeout=900,
+    )  # fmt: skip
+    return json.loads((moe_workspace / "results_moe_parallel.json").read_text())
+
+
+def assert_same_curve(result: dict, reference: dict) -> None:
+    assert len(result["losses"]) == len(reference["losses"]) == 5
+    for actual, expected in zip(result["losses"], reference["losses"], strict=True):
+        assert abs(actual - expected) < TOLERANCE
+    for actual, expected in zip(result["grad_norms"], reference["grad_norms"], strict=True):
+        assert abs(actual - expected) < TOLERANCE * expected
+    # The same tokens went to the same experts at every step.
+    tokens = [record["moe_expert_tokens"] for record in result["routing"]]
+    assert tokens == [record["moe_expert_tokens"] for record in reference["routing"]]
+
+
+@pytest.mark.parametrize(
+    ("layout", "reference"),
+    [
+        ("moe_ep2", "moe_reference"),
+        ("moe_ep2_no_aux", "moe_reference_no_aux"),
+        ("moe_tp2", "moe_reference"),
+        ("moe_tp2_no_aux", "moe_reference_no_aux"),
+        ("moe_ep2_allgather", "moe_reference"),
+    ],
+)
+def test_expert_and_tensor_parallel_reproduce_the_single_rank_curve(
+    moe_single, moe_parallel, layout, reference
+):
+    assert_same_curve(_result(moe_parallel, layout), _result(moe_single, reference))
+
+
+def test_the_load_balancing_loss_moves_the_gradients(moe_single):
+    on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
+    assert on["losses"][0] == off["losses"][0]  # the same model and batch: the LM loss
+    assert on["grad_norms"][0] > 2 * off["grad_norms"][0]  # at coefficient 0.1
+
+
+def test_each_step_reports_the_routing(moe_single):
+    on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
+    for record in on["routing"]:
+        # every position of every row went to its top 2 experts, in each of the 2 layers
+        tokens = record["moe_expert_tokens"]
+        assert [sum(layer) for layer in tokens] == [2 * SEQUENCE_POSITIONS_PER_STEP] * 2
+        assert all(len(layer) == 8 for layer in tokens)
+        assert record["moe_load_imbalance"] == [
+            pytest.approx(max(layer) / (sum(layer) / 8), abs=1e-4) for layer in tokens
+        ]
+        # megatron-core's load-balancing loss is 1 for a uniform routing
+        assert 0.9 < record["moe_aux_loss"] < 2
+        assert record["moe_aux_loss"] == pytest.approx(
+            sum(record["moe_aux_loss_per_layer"]) / 2, abs=1e-5
+        )
+    assert all("moe_aux_loss" not in record for record in off["routing"])
+    # the coefficient from config.json (0.001) also turns the loss on
+    default = _result(moe_single, "moe_default_coefficient")
+    assert "moe_aux_loss" in default["routing"][0]
