@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pinned so that pip never pulls the CUDA wheels on a machine without a GPU.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: setup test lint format demo bench clean images compile setup-compat test-compat
+.PHONY: setup test lint format demo demo-moe bench clean images compile setup-compat test-compat
 
 # kubectl renders the manifests for tests/deploy (`kubectl kustomize`, kustomize v5 from kubectl
 # 1.27 on; those tests skip without it). Where it is absent, setup installs it from the
@@ -92,6 +92,10 @@ format: setup
 demo: setup
 	$(BIN)/python -m megasft.demo $(if $(VERBOSE),--verbose)
 
+# The same with a tiny Qwen3-MoE, its experts split over the 2 training processes.
+demo-moe: setup
+	$(BIN)/python -m megasft.demo --config demo-moe $(if $(VERBOSE),--verbose)
+
 # The pipeline's KFP YAML, compiled from source (never committed); CI checks that it compiles.
 compile: setup
 	$(BIN)/megasft pipeline compile --output build/sft-pipeline.yaml
@@ -109,4 +113,4 @@ images: setup
 	$(BIN)/python -m megasft.images build $(IMAGES) $(if $(PUSH),--push)
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) demo-output demo-moe-output .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from megasft.demo.__main__ import main
 
 # kfp.local's task names: a second use of a component is NAME-2 (the export).
@@ -53,3 +55,27 @@ def test_demo_runs_the_pipeline_into_an_embedded_mlflow(tmp_path, capsys):
     # Four steps cannot reach the demo's accuracy gate: evaluated, but not registered.
     assert names == {"tokenize-and-mask", "checkpoint-convert", "train", "export", "evaluate"}
     assert client.search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_demo_moe_trains_a_mixture_of_experts_with_expert_parallelism(tmp_path, capsys):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    output = tmp_path / "demo-moe"
+    arguments = ["--train-problems", "200", "--test-problems", "16", "--train-iters", "4"]
+    assert main(["--config", "demo-moe", "--output", str(output), *arguments]) == 0
+    config = json.loads((output / "inputs" / "base-hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    printed = capsys.readouterr().err
+    assert "megasft pipeline: demo-moe succeeded" in printed
+    assert "train done in " in printed and "steps 4, final_loss " in printed
+    # the two training processes split the experts (EP=2) and logged the routing
+    (metrics,) = output.glob("kfp/*/train/checkpoints/metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    assert all(len(record["moe_expert_tokens"]) == 4 for record in records)  # 4 MoE layers
+    assert all(record["moe_aux_loss"] > 0.5 for record in records)
+    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    assert client.get_experiment_by_name("megasft-demo-moe") is not None

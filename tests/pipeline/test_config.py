@@ -26,7 +26,7 @@ class Artifact:
         self.metadata = {}
 
 
-@pytest.mark.parametrize("name", ["demo", "llama2-7b-mi300x", "qwen2.5-gsm8k"])
+@pytest.mark.parametrize("name", ["demo", "demo-moe", "llama2-7b-mi300x", "qwen2.5-gsm8k"])
 def test_named_configurations_load(name):
     config = load_pipeline_config(name)
     arguments = config.arguments()
@@ -45,7 +45,7 @@ def test_named_configurations_load(name):
 
 def test_every_shipped_configuration_is_tested():
     shipped = {path.stem for path in config_directory().glob("*.yaml")}
-    assert shipped == {"demo", "demo-lora", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
+    assert shipped == {"demo", "demo-lora", "demo-moe", "llama2-7b-mi300x", "qwen2.5-gsm8k"}
 
 
 def test_demo_lora_trains_adapters_from_the_train_peft_section(tmp_path):
@@ -74,7 +74,7 @@ def test_cluster_configurations_train_as_trainjobs_on_mi300x():
 
 def test_unknown_names_are_refused_with_what_is_known(tmp_path):
     with pytest.raises(
-        InputError, match="one of: demo, demo-lora, llama2-7b-mi300x, qwen2.5-gsm8k"
+        InputError, match="one of: demo, demo-lora, demo-moe, llama2-7b-mi300x, qwen2.5-gsm8k"
     ):
         load_pipeline_config("nope")
     path = tmp_path / "bad.yaml"

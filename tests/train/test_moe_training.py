@@ -18,9 +18,6 @@ from tests.train.workspace import make_moe_workspace
 
 pytestmark = pytest.mark.slow
 
-SEQUENCE_POSITIONS_PER_STEP = 8 * 128
-"""Global batch 8 rows of 128 tokens: what the routers of one layer see in a step."""
-
 
 @pytest.fixture(scope="session")
 def moe_workspace(tmp_path_factory):
@@ -77,15 +74,18 @@ def test_expert_and_tensor_parallel_reproduce_the_single_rank_curve(
 def test_the_load_balancing_loss_moves_the_gradients(moe_single):
     on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
     assert on["losses"][0] == off["losses"][0]  # the same model and batch: the LM loss
-    assert on["grad_norms"][0] > 2 * off["grad_norms"][0]  # at coefficient 0.1
+    # at coefficient 0.1, about 1%: a thousand times what the layouts above may differ by
+    assert abs(on["grad_norms"][0] - off["grad_norms"][0]) > 100 * TOLERANCE * off["grad_norms"][0]
+    assert on["losses"][-1] != off["losses"][-1]
 
 
 def test_each_step_reports_the_routing(moe_single):
     on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
-    for record in on["routing"]:
-        # every position of every row went to its top 2 experts, in each of the 2 layers
+    for record, real_tokens in zip(on["routing"], on["tokens"], strict=True):
+        # every token of the global batch went to its top 2 experts in each of the 2 layers;
+        # padding positions are routed too, but not counted
         tokens = record["moe_expert_tokens"]
-        assert [sum(layer) for layer in tokens] == [2 * SEQUENCE_POSITIONS_PER_STEP] * 2
+        assert [sum(layer) for layer in tokens] == [2 * real_tokens] * 2
         assert all(len(layer) == 8 for layer in tokens)
         assert record["moe_load_imbalance"] == [
             pytest.approx(max(layer) / (sum(layer) / 8), abs=1e-4) for layer in tokens

@@ -93,6 +93,7 @@ def run(
         "grad_norms": [record["grad_norm"] for record in records],
         "skipped": [record["skipped"] for record in records],
         "target_tokens": [record["target_tokens"] for record in records],
+        "tokens": [record["tokens"] for record in records],
         "val": [(record["step"], record["val_loss"]) for record in records if "val_loss" in record],
         "events": read_metrics(events) if (events := save / "events.jsonl").is_file() else [],
         "routing": [
@@ -325,8 +326,8 @@ PARALLEL = {
 
 
 MOE_AUX_LOSS_COEFF = 0.1
-"""Large enough that the load-balancing loss moves the gradients visibly (the tiny model's
-config says 0.001)."""
+"""Large enough that the load-balancing loss moves the gradient norm by about 1% (the tiny
+model's config says 0.001)."""
 
 
 def moe(save: Path, inputs: dict, aux_loss: bool = True, **settings) -> dict:

@@ -83,9 +83,11 @@ class HFTopKRouter(TopKRouter):
         loss by the tokens it was computed on, because the gradients are later divided by
         the target tokens of the global batch. Under sequence or context parallelism each
         rank of the reduce group (TP x CP) computes its share of the loss of all the group's
-        tokens, but megatron-core multiplies that share by this rank's tokens only: the
-        load-balancing gradient would be 1/(TP x CP) of what the same batch gives at
-        TP = CP = 1. The group's token count restores it (tested: TP=2 equals TP=1).
+        tokens, so the multiplier must be the group's token count. megatron-core 0.16 passes
+        that count when given a padding mask (the trainer always gives one: its all-reduce of
+        the token counts happens in place, so its "local" count is the group's), but this
+        rank's count, an int, without one: the load-balancing gradient would then be
+        1/(TP x CP) of what the same batch gives at TP = CP = 1. That case is scaled here.
 
         Args:
             See `TopKRouter.attach_and_log_load_balancing_loss`.
@@ -93,7 +95,8 @@ class HFTopKRouter(TopKRouter):
         Returns:
             `activation`, with the loss attached to its backward pass.
         """
-        if valid_token_count is not None and not reduce_group_has_dp:
+        if isinstance(valid_token_count, int) and not reduce_group_has_dp:
+            # Without padding the ranks' shares of the sequence are equal.
             valid_token_count = valid_token_count * reduce_group.size()
         return super().attach_and_log_load_balancing_loss(
             activation,

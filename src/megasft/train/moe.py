@@ -6,7 +6,7 @@ the model's `router_aux_loss_coef`), the token dispatcher, and sequence parallel
 TP > 1 (megatron-core's MoE layer refuses to train with TP but without it). Routing stays
 dropless (no expert capacity). `RoutingMetrics` gathers, per step, each MoE layer's
 load-balancing loss (from megatron-core's tracker) and the tokens each expert received
-(forward hooks on the routers), over all ranks. See docs/train.md ("Mixture of experts").
+(forward hooks on the routers; padding positions are not counted), over all ranks. See docs/train.md ("Mixture of experts").
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ class RoutingMetrics:
         # Training forwards only: validation runs the routers in eval mode, without grad.
         if router.training and torch.is_grad_enabled() and self.counts_tokens:
             _, routing_map = outputs  # [tokens, experts], True at each token's k experts
+            padding_mask = inputs[1] if len(inputs) > 1 else None  # [s, b], True = padding
+            if padding_mask is not None:
+                routing_map = routing_map[~padding_mask.reshape(-1)]
             self.totals[router.layer_number - 1, 1:] += routing_map.sum(dim=0)
 
     def step_metrics(self, micro_batches: int) -> dict[str, Any]:

@@ -20,6 +20,9 @@ with the model's output. Everything the loss means is written out here:
 - The embedding is padded to a multiple of 128 rows (`ModelArchitecture.padded_vocab_size`);
   those columns are not tokens and are excluded from the softmax, so the loss equals that of
   the Hugging Face model.
+- Padding positions are marked (`padding_mask`) for the routers of MoE layers, which leave
+  them out of the load-balancing loss (megasft.train.moe counts no expert load for them
+  either); dense layers ignore the mark.
 
 Two layouts of a micro-batch of b rows of s tokens, each row holding documents back to back:
 
@@ -42,6 +45,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from megasft.train.batch import packed_position_ids
 from megasft.train.data import MicroBatch
@@ -64,6 +68,8 @@ class ModelInputs:
     """[b, 1, s, s] bool, True = masked out (bshd only)."""
     packed_seq_params: PackedSeqParams | None
     """Document boundaries for Transformer Engine (thd only)."""
+    padding_mask: torch.Tensor | None = None
+    """Same shape as `tokens`, bool, True at padding positions (no document's token)."""
 
 
 def shifted_targets(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +92,14 @@ def bshd_inputs(batch: MicroBatch, device: torch.device) -> ModelInputs:
         loss_weights=loss_weights.to(device),
         attention_mask=batch.attention_mask.to(device),
         packed_seq_params=None,
+        padding_mask=padding_positions(batch).to(device),
     )
+
+
+def padding_positions(batch: MicroBatch) -> torch.Tensor:
+    """[b, s] bool, True past the documents of each row (its padding tail)."""
+    filled = torch.tensor([sum(lengths) for lengths in batch.seq_lengths])
+    return torch.arange(batch.tokens.shape[1])[None] >= filled[:, None]
 
 
 def thd_inputs(
@@ -125,8 +138,11 @@ def thd_inputs(
     placed_tokens = torch.zeros(size, dtype=tokens.dtype)
     placed_labels = torch.zeros(size, dtype=labels.dtype)
     placed_weights = torch.zeros(size, dtype=torch.float32)
+    placed_padding = torch.ones(size, dtype=torch.bool)
+    real_tokens = (~padding_positions(batch)).reshape(-1)
     source = target = 0
     for count, padded_length in zip(real, padded, strict=True):
+        placed_padding[target : target + count] = ~real_tokens[source : source + count]
         placed_tokens[target : target + count] = tokens[source : source + count]
         placed_labels[target : target + count] = labels[source : source + count]
         placed_weights[target : target + count] = loss_weights[source : source + count]
@@ -140,6 +156,7 @@ def thd_inputs(
         keep = context_parallel_indices(padded, context_parallel, context_rank)
         placed_tokens, placed_labels = placed_tokens[keep], placed_labels[keep]
         placed_weights, position_ids = placed_weights[keep], position_ids[keep]
+        placed_padding = placed_padding[keep]
     params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens.to(device),
@@ -156,6 +173,7 @@ def thd_inputs(
         loss_weights=placed_weights[None].to(device),
         attention_mask=None,
         packed_seq_params=params,
+        padding_mask=placed_padding[None].to(device),
     )
 
 
@@ -218,10 +236,22 @@ def forward_step(
     loss; on other stages it is the hidden state that the schedule sends to the next stage.
     """
     inputs = next(data_iterator)
+    padding_mask = inputs.padding_mask
+    # With sequence parallelism the first stage splits the mask over the sequence along with
+    # the embeddings; the other stages receive hidden states already split, and need it split.
+    if (
+        padding_mask is not None
+        and get_model_config(model).sequence_parallel
+        and not get_attr_wrapped_model(model, "pre_process")
+    ):
+        padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+            padding_mask.transpose(0, 1).contiguous()
+        ).transpose(0, 1)
     output = model(
         inputs.tokens,
         inputs.position_ids,
         inputs.attention_mask,
         packed_seq_params=inputs.packed_seq_params,
+        padding_mask=padding_mask,
     )
     return output, partial(loss_func, inputs, vocab_size, inject_nan=inject_nan)
