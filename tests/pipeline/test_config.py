@@ -168,6 +168,14 @@ def test_the_gpus_must_be_the_world_size_the_parallel_settings_need(tiny_config)
             r"TP x PP x CP x DP and train.tensor_parallel 3 x train.pipeline_parallel 2 x "
             r"train.context_parallel 1 = 6 does not divide 16",
         ),
+        (
+            {"expert_parallel": 3},
+            r"the expert layers split them as ETP x EP x expert-DP x PP and "
+            r"train.expert_tensor_parallel 2 x train.expert_parallel 3 x "
+            r"train.pipeline_parallel 1 = 6 does not divide 16",
+        ),
+        # an EP that fits the GPUs, for a model without experts
+        ({"expert_parallel": 2}, r"--ep 2 / --etp 2: the model \(llama\) has no experts"),
         # With 16 GPUs DP is 8: 8 rows per step (micro-batch 2 would need 16).
         (
             {"micro_batch_size": 4},

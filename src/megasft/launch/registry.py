@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import typing
 from collections.abc import Mapping
@@ -147,7 +148,8 @@ def launcher_section(launcher: Launcher) -> dict[str, Any]:
 def check_layout(launcher: Launcher, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The train settings with `nproc` and `nodes` as `launcher` runs them, checked against the
     parallel sizes: the GPUs (per node x nodes) make the world size TP x PP x CP x DP, so TP x PP x
-    CP must divide them (DP is what is left; megasft has no expert parallelism, so no EP).
+    CP must divide them (DP is what is left), and for an MoE model's expert layers
+    ETP x EP x expert-DP x PP, so ETP x EP x PP must divide them too.
 
     Args:
         launcher: where the run trains.
@@ -189,5 +191,20 @@ def check_layout(launcher: Launcher, settings: Mapping[str, Any]) -> dict[str, A
             f"{layout.nodes} = {world} GPUs, but the world size must be TP x PP x CP x DP "
             f"and {product} = {model_parallel} does not divide {world}: change the GPUs or the "
             "parallel sizes so that it does (DP, data parallelism, is what is left)"
+        )
+    experts = {
+        "expert_tensor_parallel": settings.get("expert_tensor_parallel")
+        or sizes["tensor_parallel"],
+        "expert_parallel": settings.get("expert_parallel") or defaults["expert_parallel"],
+        "pipeline_parallel": sizes["pipeline_parallel"],
+    }
+    expert_grid = math.prod(experts.values())
+    if world % expert_grid:
+        product = " x ".join(f"train.{setting} {size}" for setting, size in experts.items())
+        raise ConfigError(
+            f"{layout.per_node_setting} {layout.per_node} x {layout.nodes_setting} "
+            f"{layout.nodes} = {world} GPUs, but the expert layers split them as ETP x EP x "
+            f"expert-DP x PP and {product} = {expert_grid} does not divide {world}: change "
+            "the GPUs or the expert parallel sizes so that it does"
         )
     return {**settings, "nproc": layout.per_node, "nodes": layout.nodes}
