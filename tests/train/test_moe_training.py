@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from tests.train.test_training import TOLERANCE, WORKER, _launch, _result
+from megasft.data.store import open_split
+from megasft.train.data import StepSampler
+from tests.train.test_training import TOLERANCE, WORKER, _launch, _reference_loss, _result
 from tests.train.workspace import make_moe_workspace
 
 pytestmark = pytest.mark.slow
@@ -44,6 +46,25 @@ def moe_parallel(moe_workspace) -> dict:
     return json.loads((moe_workspace / "results_moe_parallel.json").read_text())
 
 
+def test_first_step_loss_equals_the_transformers_models(moe_workspace, moe_single):
+    # The load-balancing loss is not part of the reported loss, so on or off, the first step
+    # reports the language-model loss of transformers' Qwen3-MoE on the same targets.
+    inputs = json.loads((moe_workspace / "workspace.json").read_text())
+    sampler = StepSampler(
+        rows=open_split(inputs["packed"]).num_rows,
+        global_batch_size=8,
+        micro_batch_size=2,
+        data_parallel_size=1,
+        data_parallel_rank=0,
+        seed=1234,
+    )
+    expected = _reference_loss(
+        inputs["hf_moe_model"], inputs["packed"], "train", sampler.global_batch(0)
+    )
+    for name in ("moe_reference", "moe_reference_no_aux"):
+        assert abs(_result(moe_single, name)["losses"][0] - expected) < TOLERANCE
+
+
 def assert_same_curve(result: dict, reference: dict) -> None:
     assert len(result["losses"]) == len(reference["losses"]) == 5
     for actual, expected in zip(result["losses"], reference["losses"], strict=True):
@@ -63,6 +84,7 @@ def assert_same_curve(result: dict, reference: dict) -> None:
         ("moe_tp2", "moe_reference"),
         ("moe_tp2_no_aux", "moe_reference_no_aux"),
         ("moe_ep2_allgather", "moe_reference"),
+        ("moe_tp2_etp1_ep2", "moe_reference"),
     ],
 )
 def test_expert_and_tensor_parallel_reproduce_the_single_rank_curve(

@@ -353,6 +353,10 @@ MOE_PARALLEL = {
     ),
     "moe_tp2": lambda save, inputs: moe(save, inputs, tensor_parallel=2),
     "moe_tp2_no_aux": lambda save, inputs: moe(save, inputs, aux_loss=False, tensor_parallel=2),
+    # attention split over TP, the experts over EP (not ETP) on the same two ranks
+    "moe_tp2_etp1_ep2": lambda save, inputs: moe(
+        save, inputs, tensor_parallel=2, expert_tensor_parallel=1, expert_parallel=2
+    ),
 }
 
 MODES = {
