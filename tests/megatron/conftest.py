@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megasft.checkpoint.convert import convert
-from megasft.megatron.weights import read_architecture
+from megasft.constants import ARCHITECTURE_FILE
+from megasft.megatron.architecture import ModelArchitecture
 from tests.checkpoint.tiny_models import TINY_MODELS, sample_tokens, save_tiny_model
 from tests.megatron.settings import (
     CLIP_GRAD,
@@ -50,7 +51,7 @@ def worker_runs(tmp_path_factory) -> Path:
         "moe_models": [
             name
             for name, checkpoint in checkpoints.items()
-            if read_architecture(checkpoint).moe is not None
+            if ModelArchitecture.load(Path(checkpoint) / ARCHITECTURE_FILE).moe is not None
         ],
         "grouped_model": GROUPED_MODEL,
         "training_checkpoint": checkpoints[TRAINING_MODEL],

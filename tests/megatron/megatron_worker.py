@@ -240,6 +240,9 @@ def grouped_layout(checkpoint: str, destination: Path) -> None:
     from megasft.checkpoint.layout import ARCHITECTURE_FILE, HF_FILES_DIR
     from megasft.megatron import builder
 
+    if not hasattr(experts_module, "GroupedMLP"):
+        # megatron-core 0.19 has only Transformer Engine's grouped GEMM (GPUs).
+        return
     _, _, sequential = load_model(checkpoint)
     architecture = read_architecture(checkpoint)
     family_spec = builder.layer_spec

@@ -89,6 +89,8 @@ def test_each_ep_rank_loads_its_half_of_the_experts(worker_runs, name):
 
 
 def test_grouped_gemm_layout_loads_and_saves_the_same_checkpoint(worker_runs, tmp_path):
+    if not (worker_runs / "resaved_grouped").is_dir():
+        pytest.skip("this megatron-core has no grouped-GEMM experts without Transformer Engine")
     # The worker loaded the converted checkpoint into megatron-core's grouped-GEMM experts,
     # checked each expert's weights against the sequential experts', and saved it again with
     # megatron-core's own dist_checkpointing.save: that exports to the original weights.

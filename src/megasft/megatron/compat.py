@@ -114,3 +114,61 @@ def _reads_common_state_from_dcp_files() -> bool:
     from megatron.core.dist_checkpointing import serialization
 
     return hasattr(serialization, "_legacy_common_state_exists")
+
+
+def moe_layer_with_router(mlp_spec: Any, router: Any) -> Any:
+    """The MoE layer spec `mlp_spec` of a transformer layer spec, building its router with
+    `router`.
+
+    megatron-core 0.16.1 describes the MoE layer as a `ModuleSpec` of `MoELayer`, 0.19.x as a
+    `functools.partial` of it; both hold an `MoESubmodules`, whose `router` is replaced.
+
+    Args:
+        mlp_spec: the `mlp` of a layer spec built with experts.
+        router: the router's builder (`config=`, `pg_collection=` keywords).
+
+    Returns:
+        A new spec of the same kind.
+    """
+    import functools
+
+    if isinstance(mlp_spec, functools.partial):
+        submodules = dataclasses.replace(mlp_spec.keywords["submodules"], router=router)
+        return functools.partial(
+            mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": submodules}
+        )
+    return dataclasses.replace(
+        mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, router=router)
+    )
+
+
+def moe_layer_losses(name: str) -> Any:
+    """The per-layer values megatron-core tracked under `name` this step (the load-balancing
+    loss, coefficient removed, summed over micro-batches), or None when none were tracked.
+
+    The tracker is a dict of {"values": ...} from `get_moe_layer_wise_logging_tracker` in
+    0.16.1, and `get_moe_metrics_tracker().metrics` of entries with `.values` in 0.19.x.
+
+    Args:
+        name: the tracked name, e.g. "load_balancing_loss".
+
+    Returns:
+        A [num_layers] tensor, or None.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        entry = moe_utils.get_moe_metrics_tracker().metrics.get(name)
+        return None if entry is None else entry.values
+    entry = moe_utils.get_moe_layer_wise_logging_tracker().get(name)
+    return None if entry is None else entry["values"]
+
+
+def clear_moe_layer_losses() -> None:
+    """Zero what `moe_layer_losses` reads, for the next step (see there for the versions)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        moe_utils.get_moe_metrics_tracker().clear()
+    else:
+        moe_utils.clear_aux_losses_tracker()

@@ -12,6 +12,7 @@ without sequence parallelism. See docs/train.md ("Mixture of experts").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -45,13 +46,20 @@ def with_sequence_parallel_norms(spec: Any) -> Any:
     """`spec` with `SequenceParallelNorm` in place of every `WrappedTorchNorm` in it.
 
     Args:
-        spec: a megatron-core module spec, or a submodules dataclass, or a module class.
+        spec: a megatron-core module spec, a submodules dataclass, a module class, or a
+            `functools.partial` of a module class (megatron-core 0.19).
 
     Returns:
         A new spec (the given one is not changed).
     """
     if spec is WrappedTorchNorm:
         return SequenceParallelNorm
+    if isinstance(spec, functools.partial):  # megatron-core 0.19's builders of some modules
+        return functools.partial(
+            spec.func,
+            *(with_sequence_parallel_norms(value) for value in spec.args),
+            **{key: with_sequence_parallel_norms(value) for key, value in spec.keywords.items()},
+        )
     if isinstance(spec, ModuleSpec):
         return dataclasses.replace(spec, submodules=with_sequence_parallel_norms(spec.submodules))
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):

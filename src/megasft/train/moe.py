@@ -143,16 +143,13 @@ class RoutingMetrics:
             load-balancing loss, averaged over micro-batches and MoE layers; 1 when balanced)
             and `moe_aux_loss_per_layer`.
         """
-        from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker,
-            get_moe_layer_wise_logging_tracker,
-        )
+        from megasft.megatron.compat import clear_moe_layer_losses, moe_layer_losses
 
-        tracked = get_moe_layer_wise_logging_tracker().get(LOAD_BALANCING_LOSS)
+        tracked = moe_layer_losses(LOAD_BALANCING_LOSS)
         if tracked is not None:  # absent on a pipeline stage without MoE layers
             # Each rank holds its share of its layers' losses: partial sums over its
             # tensor- and context-parallel group, one replica of the data-parallel ones.
-            self.totals[:, 0] = tracked["values"].to(self.totals) / self.data_parallel_size
+            self.totals[:, 0] = tracked.to(self.totals) / self.data_parallel_size
         dist.all_reduce(self.totals)
         totals = self.totals[self.moe_layers].cpu()
         tokens = totals[:, 1:]
@@ -167,6 +164,6 @@ class RoutingMetrics:
             record["moe_aux_loss"] = losses.mean().item()
             record["moe_aux_loss_per_layer"] = [round(value, 6) for value in losses.tolist()]
         if tracked is not None:
-            clear_aux_losses_tracker()
+            clear_moe_layer_losses()
         self.totals.zero_()
         return record

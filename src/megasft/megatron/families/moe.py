@@ -102,6 +102,7 @@ class MoEFamily(ModelFamily):
         )
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+        from megasft.megatron.compat import moe_layer_with_router
         from megasft.megatron.moe_router import HFTopKRouter
         from megasft.megatron.norms import SequenceParallelNorm, with_sequence_parallel_norms
 
@@ -122,10 +123,7 @@ class MoEFamily(ModelFamily):
             # `pre_mlp_layernorm.weight`. Keep that one, so both specs save the same keys.
             keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
         router = functools.partial(HFTopKRouter, normalize_topk=architecture.moe.normalize_topk)
-        mlp = dataclasses.replace(
-            spec.submodules.mlp,
-            submodules=dataclasses.replace(spec.submodules.mlp.submodules, router=router),
-        )
+        mlp = moe_layer_with_router(spec.submodules.mlp, router)
         moe_spec = dataclasses.replace(
             spec,
             submodules=dataclasses.replace(
