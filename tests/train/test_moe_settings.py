@@ -107,3 +107,13 @@ def architecture_from_fields(fields: dict, moe: MoEArchitecture):
     from megasft.megatron.architecture import ModelArchitecture
 
     return ModelArchitecture(**fields, moe=moe)
+
+
+def test_lora_on_an_moe_model_covers_the_attention_projections():
+    qwen3_moe = architecture("qwen3_moe")
+    attention = TrainConfig(**REQUIRED, peft="lora", lora_targets="linear_qkv,linear_proj")
+    check_against_experts(attention, qwen3_moe)
+    with pytest.raises(ConfigError, match="--lora-targets linear_fc1,linear_fc2: an MoE model"):
+        check_against_experts(TrainConfig(**REQUIRED, peft="lora"), qwen3_moe)
+    with pytest.raises(ConfigError, match="mixes dense and MoE layers"):
+        check_against_experts(attention, architecture("qwen3_moe_dense"))

@@ -121,3 +121,36 @@ def test_each_step_reports_the_routing(moe_single):
     # the coefficient from config.json (0.001) also turns the loss on
     default = _result(moe_single, "moe_default_coefficient")
     assert "moe_aux_loss" in default["routing"][0]
+
+
+def test_lora_on_the_attention_projections_of_an_moe_model(moe_workspace, moe_single, tmp_path):
+    """LoRA trains an MoE model's attention adapters (experts and routers frozen), and the
+    adapters export as a Hugging Face PEFT adapter and a merged model that agree."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megasft.checkpoint.convert import convert
+
+    result = _result(moe_single, "moe_lora")
+    assert result["losses"][-1] < result["losses"][0]
+    inputs = json.loads((moe_workspace / "workspace.json").read_text())
+    base = inputs["hf_moe_model"]
+    checkpoint = moe_workspace / "moe_single" / "moe_lora" / "iter_0000005"
+    convert("megatron", "hf", checkpoint, tmp_path / "merged", base=base)
+    convert("megatron", "hf", checkpoint, tmp_path / "adapter", base=base, adapter_only=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+
+    tokens = torch.arange(3, 43)[None]
+    with torch.no_grad():
+        merged = load(tmp_path / "merged")(tokens).logits
+        adapted = peft.PeftModel.from_pretrained(load(base), tmp_path / "adapter")(tokens).logits
+        original = load(base)(tokens).logits
+    assert (merged - original).abs().max() > 1e-3  # the adapters changed the model
+    torch.testing.assert_close(adapted, merged, rtol=0, atol=1e-4)

@@ -343,6 +343,10 @@ MOE_SINGLE = {
     "moe_default_coefficient": lambda save, inputs: run(
         save, inputs, model="mcore_moe_model", train_iters=1, warmup_iters=0
     ),
+    # LoRA on the attention projections, the experts and routers frozen
+    "moe_lora": lambda save, inputs: moe(
+        save, inputs, peft="lora", lora_targets="linear_qkv,linear_proj", lr=1e-2, min_lr=1e-2
+    ),
 }
 
 MOE_PARALLEL = {

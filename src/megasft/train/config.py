@@ -295,7 +295,7 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
 
 
 def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) -> None:
-    """The expert-parallel settings against the model's experts (or their absence).
+    """The expert-parallel and PEFT settings against the model's experts (or their absence).
 
     Args:
         config: the settings.
@@ -303,7 +303,9 @@ def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) 
 
     Raises:
         ConfigError: every problem found, naming the settings: EP or ETP for a dense model,
-            an EP that does not divide the experts, an ETP that does not divide their width.
+            an EP that does not divide the experts, an ETP that does not divide their width,
+            and for an MoE model, PEFT adapters on MLP linears (LoRA covers its attention
+            projections) or on a model that mixes dense and MoE layers.
     """
     problems = []
     moe = architecture.moe
@@ -324,7 +326,25 @@ def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) 
                 f"--etp {config.expert_tensor_size} does not divide the experts' intermediate "
                 f"size ({moe.expert_ffn_hidden_size})"
             )
+        peft = config.peft_settings
+        if peft is not None:
+            mlp_targets = [target for target in peft.targets if target in MLP_LINEARS]
+            if mlp_targets:
+                problems.append(
+                    f"--lora-targets {','.join(mlp_targets)}: an MoE model has adapters on its "
+                    "attention projections only (its experts and routers stay frozen); use "
+                    "--lora-targets linear_qkv,linear_proj"
+                )
+            if not architecture.stacked_layers:
+                problems.append(
+                    f"--peft {peft.method}: the model mixes dense and MoE layers, which PEFT "
+                    "does not support yet; train it fully (no --peft)"
+                )
     raise_problems(problems)
+
+
+MLP_LINEARS = ("linear_fc1", "linear_fc2")
+"""The PEFT targets in a layer's MLP: an MoE layer has experts there instead."""
 
 
 def check_against_model(config: TrainConfig, hf_config: dict, seq_length: int) -> None:
