@@ -46,7 +46,13 @@ def main() -> None:
             dist.init_process_group("gloo")
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    scenarios = MODES[mode]
+    # Looked up when called: lora_worker.py swaps in its own SINGLE and PARALLEL.
+    scenarios = {
+        "single": SINGLE,
+        "parallel": PARALLEL,
+        "moe_single": MOE_SINGLE,
+        "moe_parallel": MOE_PARALLEL,
+    }[mode]
     if sys.argv[3:]:  # a chosen few, when debugging
         scenarios = {name: scenarios[name] for name in sys.argv[3:]}
     results = {}
@@ -361,13 +367,6 @@ MOE_PARALLEL = {
     "moe_tp2_etp1_ep2": lambda save, inputs: moe(
         save, inputs, tensor_parallel=2, expert_tensor_parallel=1, expert_parallel=2
     ),
-}
-
-MODES = {
-    "single": SINGLE,
-    "parallel": PARALLEL,
-    "moe_single": MOE_SINGLE,
-    "moe_parallel": MOE_PARALLEL,
 }
 
 
