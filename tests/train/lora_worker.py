@@ -26,6 +26,16 @@ def lora(save: Path, inputs: dict, **settings) -> dict:
     return result
 
 
+def _tensor_keys(checkpoint: Path) -> list[str]:
+    """The tensors a distributed checkpoint holds. Its byte entries are left out: megatron-core
+    0.19 stores its common (non-tensor) state as one (`common_state/shard_0_1`), 0.16 does not."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return sorted(key for key, entry in entries.items() if isinstance(entry, TensorStorageMetadata))
+
+
 def trainable(save: Path, inputs: dict) -> dict:
     """What the optimizer holds and what a checkpoint holds, after 1 step."""
     import torch.distributed as dist
@@ -35,9 +45,7 @@ def trainable(save: Path, inputs: dict) -> dict:
         return {}
     state = json.loads((save / "iter_0000001" / "train_state.json").read_text())
     metadata = json.loads((save / "iter_0000001" / "metadata.json").read_text())
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = sorted(FileSystemReader(str(save / "iter_0000001")).read_metadata().state_dict_metadata)
+    keys = _tensor_keys(save / "iter_0000001")
     return {"peft": state["peft"], "keys": keys, "metadata": metadata}
 
 
@@ -112,13 +120,11 @@ def trained_and_forward(save: Path, inputs: dict) -> dict:
 def bf16(save: Path, inputs: dict) -> dict:
     """bf16: the base stays bf16 and frozen; fp32 main weights exist for the adapters only."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint import FileSystemReader
 
     result = lora(save, inputs, precision="bf16", train_iters=2, warmup_iters=0)
     if dist.get_rank():
         return {}
-    metadata = FileSystemReader(str(save / "iter_0000002")).read_metadata()
-    result["keys"] = sorted(metadata.state_dict_metadata)
+    result["keys"] = _tensor_keys(save / "iter_0000002")
     return result
 
 
