@@ -1,54 +1,13 @@
-"""Run unmodified megatron-core on a machine without an accelerator.
+"""Run unmodified megatron-core on a machine without an accelerator, over gloo.
 
-megatron-core assumes CUDA throughout: it allocates with `device="cuda"` or
-`device=torch.cuda.current_device()`, moves tensors with `.cuda()`, keeps a CUDA RNG state
-per tensor-parallel region, synchronizes streams, and checks `tensor.type()` against
-`"torch.cuda.FloatTensor"`. This module redirects each of those assumptions to the CPU, so
-that the same megatron-core code paths (GPTModel, DistributedDataParallel,
-`finalize_model_grads`, the optimizer wrappers including gradient clipping and the
-distributed optimizer, the pipeline schedules with P2P, tensor parallelism and
-`dist_checkpointing`) run on CPU with the gloo backend.
-
-It is opt-in: nothing happens until `enable_cpu_emulation()` is called, and that call refuses
-to run when an accelerator is present, so a GPU run is never changed. The redirects are
-written against the megatron-core versions in `CHECKED_MEGATRON_CORE_VERSIONS` (0.16.1 and
-0.19.2: the same redirects serve both); any other version is refused, because a new release
-can add a CUDA assumption that is not redirected.
-
-The redirects (each is a function below with its reason):
-
-1. `_CudaDeviceAsCpu`, a `TorchFunctionMode` entered on the calling thread:
-   - a `device=` argument naming CUDA (`"cuda"`, `"cuda:0"`, `torch.device("cuda")`, or an
-     int as returned by `torch.cuda.current_device()`) becomes `"cpu"`;
-   - `Tensor.to(<cuda device>)` becomes `Tensor.to("cpu")`;
-   - `Tensor.cuda()` and `Tensor.pin_memory()` return the tensor itself;
-   - `Tensor.type()` without arguments reports a CPU tensor under its CUDA type name
-     (`torch.cuda.FloatTensor`), because megatron-core's optimizer, distributed optimizer and
-     gradient clipping use that string to tell fp32/fp16/bf16 parameters apart and assert on
-     anything else.
-2. `torch.cuda` functions that would raise "Torch not compiled with CUDA enabled":
-   `current_device` returns the CPU device, `synchronize` and `empty_cache` do nothing,
-   `current_stream` / `default_stream` / `Stream` / `stream` / `Event` are inert stand-ins
-   (CPU work is synchronous, so there is nothing to order), `set_device` does nothing, and
-   `device_count` reports one device so that local-rank arithmetic does not divide by zero.
-   The NVTX range functions (profiling markers) do nothing.
-3. The CUDA RNG state (`torch.cuda.get_rng_state`, `set_rng_state`, `manual_seed`,
-   `manual_seed_all` and megatron-core's own `_get_cuda_rng_state` / `_set_cuda_rng_state`)
-   is the CPU default generator, because on CPU that is the generator dropout actually draws
-   from. The tensor-parallel RNG tracker therefore forks and restores real, distinct streams
-   exactly as it does on a GPU. Because the two states are one, the tracker's check that the
-   CPU state did not change inside a fork would warn on every forked initialisation; a
-   logging filter drops exactly that message (`_QuietRngForkWarning`).
-
-4. The MoE token dispatcher copies its per-rank token counts from the device to the host
-   (`maybe_move_tensor_to_cpu(..., as_numpy=True)`) only for tensors that `is_cuda`, and then
-   passes them to `all_to_all_single` as split sizes, which must be numbers; under emulation
-   every tensor is on the emulated device, so the copy is made for CPU tensors too.
-
-Collectives: gloo on torch 2.13 implements every collective megatron-core uses here,
-including `all_gather_into_tensor`, `reduce_scatter_tensor`, list `reduce_scatter` (the
-distributed optimizer) and `all_to_all_single` (the MoE token dispatcher), so no collective is
-replaced.
+megatron-core assumes CUDA throughout (device arguments, `.cuda()`, a CUDA RNG state per
+tensor-parallel region, streams, `tensor.type()` compared with "torch.cuda.FloatTensor").
+`enable_cpu_emulation()` redirects each assumption to the CPU; each redirect below is a
+function with its reason, and docs/convert.md ("megatron-core on CPU") lists them all. It is
+opt-in and refuses to run when an accelerator is present, so a GPU run is never changed, and
+it refuses megatron-core versions outside `CHECKED_MEGATRON_CORE_VERSIONS` (0.16.1, 0.19.2),
+because a new release can add a CUDA assumption that is not redirected. Collectives are not
+replaced: gloo on torch 2.13 runs every one megatron-core uses here.
 """
 
 from __future__ import annotations
