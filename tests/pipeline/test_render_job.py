@@ -79,3 +79,12 @@ def test_settings_that_do_not_fit_fail_as_the_step_would():
     config = load_pipeline_config("qwen2.5-gsm8k").with_overrides(["train.tensor_parallel=3"])
     with pytest.raises(ConfigError, match="= 3 does not divide 8"):
         render_job(config)
+
+
+def test_config_help_lists_every_shipped_configuration(capsys):
+    with pytest.raises(SystemExit):
+        main(["pipeline", "render-job", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    shipped = sorted(path.stem for path in (REPO / "pipelines" / "configs").glob("*.yaml"))
+    assert len(shipped) >= 5
+    assert f"({', '.join(shipped)})".replace(" ", "") in help_text.replace(" ", "")

@@ -6,8 +6,8 @@ command line.
     megasft pipeline submit --host URL [--config NAME|PATH] [--experiment NAME] [--wait]
     megasft pipeline render-job --config NAME|PATH [--set SECTION.KEY=VALUE ...] [--run-id ID]
 
-A configuration is a name from pipelines/configs/ (demo, llama2-7b-mi300x, qwen2.5-gsm8k) or
-the path of a YAML file in the same form (megasft.pipeline.config).
+A configuration is a name from pipelines/configs/ (`--config` lists them) or the path of a YAML
+file in the same form (megasft.pipeline.config).
 """
 
 from __future__ import annotations
@@ -91,12 +91,19 @@ def add_pipeline_command(subparsers: argparse._SubParsersAction) -> None:
     render.set_defaults(handler=_render_job)
 
 
+def _shipped_configs() -> list[str]:
+    """The names of the configurations shipped in pipelines/configs/."""
+    from megasft.pipeline.config import config_directory
+
+    return sorted(path.stem for path in config_directory().glob("*.yaml"))
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument(
         "--config",
         default=default,
         required=default is None,
-        help="a name from pipelines/configs/ or a YAML path"
+        help=f"a name from pipelines/configs/ ({', '.join(_shipped_configs())}) or a YAML path"
         + (" (default: %(default)s)" if default else ""),
     )
     parser.add_argument(
