@@ -11,6 +11,8 @@ from megasft.checkpoint.cli import ConvertConfig
 from megasft.data.config import PrepareConfig
 from megasft.errors import ConfigError
 from megasft.evaluate.config import EvaluateConfig
+from megasft.launch.cluster import ClusterLauncher
+from megasft.launch.registry import launcher_classes
 from megasft.pipeline.sections import NotifyConfig, TrackingConfig
 from megasft.settings import (
     add_options,
@@ -22,6 +24,7 @@ from megasft.settings import (
     setting_problems,
 )
 from megasft.train.config import TrainConfig
+from tests.conftest import REPO
 
 
 def _pairs(text: str) -> tuple[tuple[str, str], ...]:
@@ -140,11 +143,31 @@ def test_a_setting_needs_help_and_every_field_needs_to_be_a_setting():
 
 @pytest.mark.parametrize(
     "config_class",
-    [PrepareConfig, ConvertConfig, TrainConfig, EvaluateConfig, TrackingConfig, NotifyConfig],
+    [
+        PrepareConfig,
+        ConvertConfig,
+        TrainConfig,
+        EvaluateConfig,
+        TrackingConfig,
+        NotifyConfig,
+        *launcher_classes().values(),
+    ],  # fmt: skip
 )
 def test_every_stage_setting_is_documented(config_class):
     for field in dataclasses.fields(config_class):
         assert help_of(field).endswith("."), field.name
+
+
+@pytest.mark.parametrize("kind", sorted(launcher_classes()))
+def test_the_launcher_table_names_every_launcher_setting(kind):
+    """docs/train.md's launcher table: a launcher's row names its own settings; the settings
+    every cluster launcher shares (ClusterLauncher's) are named once, on the pytorchjob row."""
+    lines = (REPO / "docs" / "train.md").read_text().splitlines()
+    row = {name: next(line for line in lines if line.startswith(f"| `{name}`"))
+           for name in (kind, "pytorchjob")}  # fmt: skip
+    shared = {field.name for field in dataclasses.fields(ClusterLauncher)}
+    for field in dataclasses.fields(launcher_classes()[kind]):
+        assert f"`{field.name}`" in row["pytorchjob" if field.name in shared else kind], field.name
 
 
 def test_flags_keep_their_names():

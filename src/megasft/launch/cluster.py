@@ -26,6 +26,7 @@ from megasft.errors import ConfigError
 from megasft.launch.job_api import JobKind, load_template
 from megasft.launch.job_request import DNS_1123_LABEL, GPU_RESOURCE, JobRequest, job_name
 from megasft.launch.registry import Layout, TrainingPlan, check_layout
+from megasft.settings import setting
 
 DEFAULT_WORKSPACE = "/checkpoints/runs"
 STAGED = ".staged"  # written last: a copy without it is incomplete and is made again
@@ -42,23 +43,29 @@ class ClusterLauncher:
     poll_s: ClassVar[float] = 10.0
     """Seconds between two polls of the job."""
 
-    namespace: str | None = None
-    """Where the job runs; None: the launching pod's namespace (see `default_namespace`)."""
-    nodes: int = 1
-    """Nodes (pods) of the job."""
-    gpus_per_node: int = 8
-    """GPUs, and training processes, per node."""
-    gpu_resource: str = "amd.com/gpu"
-    """The device plugin's resource name: `amd.com/gpu` or `nvidia.com/gpu`."""
-    template: str | None = None
-    """A YAML file holding the job template; None: the template in the cluster."""
-    workspace: str = DEFAULT_WORKSPACE
-    """The directory on the checkpoint volume where each run stages its inputs and trains."""
-    timeout_s: float | None = None
-    """Seconds until the job is deleted and the step fails; None: no limit of ours."""
-    image: str | None = None
-    """The training image; None: the one the cluster's manifests set (the PyTorchJob
-    template's, the training runtime's)."""
+    namespace: str | None = setting(
+        None, "Where the job runs; None: the launching pod's namespace (see `default_namespace`)."
+    )
+    nodes: int = setting(1, "Nodes (pods) of the job.")
+    gpus_per_node: int = setting(8, "GPUs, and training processes, per node.")
+    gpu_resource: str = setting(
+        "amd.com/gpu", "The device plugin's resource name: `amd.com/gpu` or `nvidia.com/gpu`."
+    )
+    template: str | None = setting(
+        None, "A YAML file holding the job template; None: the template in the cluster."
+    )
+    workspace: str = setting(
+        DEFAULT_WORKSPACE,
+        "The directory on the checkpoint volume where each run stages its inputs and trains.",
+    )
+    timeout_s: float | None = setting(
+        None, "Seconds until the job is deleted and the step fails; None: no limit of ours."
+    )
+    image: str | None = setting(
+        None,
+        "The training image; None: the one the cluster's manifests set (the PyTorchJob "
+        "template's, the training runtime's).",
+    )
 
     def __post_init__(self) -> None:
         # An empty value is an unset one, as it always was for these two.
@@ -74,11 +81,11 @@ class ClusterLauncher:
             raise ConfigError(
                 f"launcher.namespace {self.namespace!r} is not a valid namespace name"
             )
-        for setting in ("nodes", "gpus_per_node"):
-            value = getattr(self, setting)
+        for name in ("nodes", "gpus_per_node"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
-                    f"launcher.{setting} must be a whole number of at least 1, got {value!r}"
+                    f"launcher.{name} must be a whole number of at least 1, got {value!r}"
                 )
         if not isinstance(self.gpu_resource, str) or not GPU_RESOURCE.fullmatch(self.gpu_resource):
             raise ConfigError(

@@ -32,6 +32,7 @@ from megasft.launch.job_spec import (
     with_worker_args,
 )
 from megasft.launch.registry import register_launcher
+from megasft.settings import setting
 
 GROUP = "trainer.kubeflow.org"
 CONTAINER = "node"  # Trainer's name for the training container, and for its replicated job
@@ -207,23 +208,34 @@ class TrainJobLauncher(ClusterLauncher):
     kind: ClassVar[str] = "trainjob"
     job_kind: ClassVar[JobKind] = TRAINJOB
 
-    runtime: str | None = None
-    """The training runtime; None: the overlay's for `gpu_resource` (RUNTIMES)."""
-    runtime_kind: str | None = None
-    """`TrainingRuntime` for one in the job's namespace; None: `ClusterTrainingRuntime`."""
-    claims: Mapping[str, str] | None = None
-    """PersistentVolumeClaim -> mount path on the training pods; None: the step's (CLAIMS). All
-    are mounted read-only but the one holding `workspace`."""
-    node_selector: Mapping[str, str] | None = None
-    """Patched onto the runtime's node selector (Trainer merges it); None: the runtime's alone."""
-    tolerations: Sequence[Mapping[str, Any]] | None = None
-    """The training pods' tolerations; None: the runtime's."""
-    service_account: str | None = None
-    """The training pods' ServiceAccount; None: the runtime's (the namespace's default)."""
-    env: Mapping[str, str] | None = None
-    """Environment of the training container, beside the runtime's (e.g. NCCL_DEBUG: INFO)."""
-    resources_per_node: Mapping[str, Mapping[str, str]] | None = None
-    """CPU and memory `requests` and `limits` per node (the GPUs are added); None: RESOURCES."""
+    runtime: str | None = setting(
+        None, "The training runtime; None: the overlay's for `gpu_resource` (RUNTIMES)."
+    )
+    runtime_kind: str | None = setting(
+        None, "`TrainingRuntime` for one in the job's namespace; None: `ClusterTrainingRuntime`."
+    )
+    claims: Mapping[str, str] | None = setting(
+        None,
+        "PersistentVolumeClaim -> mount path on the training pods; None: the step's (CLAIMS). "
+        "All are mounted read-only but the one holding `workspace`.",
+    )
+    node_selector: Mapping[str, str] | None = setting(
+        None,
+        "Patched onto the runtime's node selector (Trainer merges it); None: the runtime's alone.",
+    )
+    tolerations: Sequence[Mapping[str, Any]] | None = setting(
+        None, "The training pods' tolerations; None: the runtime's."
+    )
+    service_account: str | None = setting(
+        None, "The training pods' ServiceAccount; None: the runtime's (the namespace's default)."
+    )
+    env: Mapping[str, str] | None = setting(
+        None, "Environment of the training container, beside the runtime's (e.g. NCCL_DEBUG: INFO)."
+    )
+    resources_per_node: Mapping[str, Mapping[str, str]] | None = setting(
+        None,
+        "CPU and memory `requests` and `limits` per node (the GPUs are added); None: RESOURCES.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -236,10 +248,10 @@ class TrainJobLauncher(ClusterLauncher):
             raise ConfigError(
                 f"launcher.runtime: no runtime of ours runs on {self.gpu_resource}; name yours"
             )
-        for setting in ("runtime", "service_account"):
-            value = getattr(self, setting)
+        for name in ("runtime", "service_account"):
+            value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and _is_name(value)):
-                raise ConfigError(f"launcher.{setting} {value!r} is not a valid object name")
+                raise ConfigError(f"launcher.{name} {value!r} is not a valid object name")
         if self.runtime_kind is not None and self.runtime_kind not in RUNTIME_KINDS:
             raise ConfigError(
                 f"launcher.runtime_kind {self.runtime_kind!r}: use {' or '.join(RUNTIME_KINDS)}"
