@@ -33,6 +33,7 @@ from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.builder import build_model, transformer_config
 from megasft.megatron.parallel import destroy_parallel, initialize_parallel
 from megasft.megatron.weights import load_weights
+from tests.checkpoint.tiny_models import sample_tokens
 
 
 def main() -> None:
@@ -55,6 +56,8 @@ def reference(spec: dict, tokens: torch.Tensor, work: Path) -> None:
     emulation_checks(work)
     for name, checkpoint in spec["checkpoints"].items():
         torch.save(logits(checkpoint, tokens), work / f"logits_tp1_{name}.pt")
+        torch.save(logits(checkpoint, tokens, "torch"), work / f"logits_tp1_torch_{name}.pt")
+        torch.save(packed_documents(checkpoint), work / f"packed_documents_{name}.pt")
     torch.save(
         logits_with_megatron_loader(spec["checkpoints"]["llama"], tokens),
         work / "logits_raw_load_llama.pt",
@@ -72,8 +75,10 @@ def parallel(spec: dict, tokens: torch.Tensor, work: Path) -> None:
     state = initialize_parallel(2, 1, device="cpu")
     for name, checkpoint in spec["checkpoints"].items():
         result = logits(checkpoint, tokens)
+        with_torch_attention = logits(checkpoint, tokens, "torch")
         if state.rank == 0:
             torch.save(result, work / f"logits_tp2_{name}.pt")
+            torch.save(with_torch_attention, work / f"logits_tp2_torch_{name}.pt")
     resave_at_tp2(spec["resave_checkpoint"], work / "resaved_tp2", rank=state.rank)
 
     # Expert parallel: each rank holds half of every MoE layer's experts.
@@ -141,7 +146,7 @@ def read_architecture(checkpoint: str) -> ModelArchitecture:
     return ModelArchitecture.load(Path(checkpoint) / ARCHITECTURE_FILE)
 
 
-def load_model(checkpoint: str, *, parallel_output: bool = True):
+def load_model(checkpoint: str, *, parallel_output: bool = True, attention: str | None = None):
     architecture = read_architecture(checkpoint)
     from megatron.core import parallel_state
 
@@ -158,19 +163,94 @@ def load_model(checkpoint: str, *, parallel_output: bool = True):
         perform_initialization=False,
         **experts,
     )
-    model = build_model(architecture, config, parallel_output=parallel_output)
+    model = build_model(architecture, config, parallel_output=parallel_output, attention=attention)
     load_weights(model, checkpoint)
     return architecture, config, model
 
 
-def logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
+def logits(checkpoint: str, tokens: torch.Tensor, attention: str | None = None) -> torch.Tensor:
     """[b, s, vocab] logits, gathered over TP, without the padded vocabulary rows."""
-    architecture, _, model = load_model(checkpoint, parallel_output=False)
+    architecture, _, model = load_model(checkpoint, parallel_output=False, attention=attention)
     model.eval()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         output = model(tokens, positions, attention_mask=None)
     return output[..., : architecture.vocab_size].contiguous()
+
+
+DOCUMENT_LENGTHS = [[11, 17, 12], [25, 9]]
+"""Documents of two packed rows of SEQUENCE_LENGTH (40) tokens; the second row ends in 6
+tokens of padding. Longer than the mistral model's window of 8, so that it matters."""
+
+
+def packed_documents(checkpoint: str) -> dict:
+    """The torch attention on packed documents, as rows with a block-diagonal mask and as one
+    THD sequence, against each document run on its own through megatron-core's local
+    attention: logits and the gradients of the summed next-token loss within documents."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megasft.train.batch import block_causal_mask, packed_position_ids
+
+    tokens = sample_tokens(seed=1, batch_size=2)  # [2, 40]
+    seq_len = tokens.shape[1]
+    documents = []  # (row, start, end)
+    for row, lengths in enumerate(DOCUMENT_LENGTHS):
+        start = 0
+        for length in lengths:
+            documents.append((row, start, start + length))
+            start += length
+
+    def summed_loss(logits: torch.Tensor) -> torch.Tensor:  # logits [2, 40, v]
+        loss = 0.0
+        for row, start, end in documents:
+            loss = loss + torch.nn.functional.cross_entropy(
+                logits[row, start : end - 1], tokens[row, start + 1 : end], reduction="sum"
+            )
+        return loss
+
+    def run(attention, forward) -> dict:
+        architecture, _, model = load_model(checkpoint, parallel_output=False, attention=attention)
+        logits = forward(model)[..., : architecture.vocab_size]  # [2, 40, v]
+        summed_loss(logits).backward()
+        return {
+            "logits": {document: logits[document[0], document[1] : document[2]].detach()
+                       for document in documents},
+            "gradients": {name: p.grad.clone() for name, p in model.named_parameters()},
+        }  # fmt: skip
+
+    def one_by_one(model):
+        pieces = {
+            (row, start): model(tokens[row, start:end][None], torch.arange(end - start)[None], None)
+            for row, start, end in documents
+        }  # each [1, length, v]
+        logits = torch.zeros(2, seq_len, next(iter(pieces.values())).shape[-1])
+        for (row, start), piece in pieces.items():
+            logits[row, start : start + piece.shape[1]] = piece[0]
+        return logits
+
+    positions = packed_position_ids(DOCUMENT_LENGTHS, seq_len)
+    mask = block_causal_mask(DOCUMENT_LENGTHS, seq_len)
+
+    def rows(model):
+        return model(tokens, positions, mask)
+
+    def thd(model):
+        # every document, and row 1's padding tail as one more
+        flat = [length for lengths in DOCUMENT_LENGTHS for length in lengths] + [6]
+        cu_seqlens = torch.tensor([0, *flat]).cumsum(0).to(torch.int32)
+        params = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max(flat), max_seqlen_kv=max(flat),
+        )  # fmt: skip
+        output = model(tokens.reshape(1, -1), positions.reshape(1, -1), None,
+                       packed_seq_params=params)  # fmt: skip
+        return output.reshape(2, seq_len, -1)
+
+    return {
+        "one_by_one_local": run(None, one_by_one),
+        "rows_torch": run("torch", rows),
+        "thd_torch": run("torch", thd),
+    }
 
 
 def logits_with_megatron_loader(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,19 @@ def test_shifted_targets_give_masked_token_loss():
     assert loss_weights[:, -1].sum() == 0  # the last position predicts nothing
 
 
+def test_no_target_crosses_a_document_boundary_even_where_the_mask_marks_one():
+    batch = _micro_batch([[3, 2], [4]], seq_len=6)
+    batch.loss_mask[0, 3] = 1  # the second document's first token, marked by mistake
+    batch.loss_mask[1, 4] = 1  # the padding after row 1's only document
+    batch.loss_mask[0, 1] = batch.loss_mask[0, 4] = 1  # real targets inside documents
+    labels, loss_weights = shifted_targets(batch)
+    # position 2 ends document 1 (it would predict token 3); position 3 of row 1 ends its
+    # document; positions 0 and 3 of row 0 predict tokens 1 and 4 of their own documents
+    assert loss_weights[0, 2] == 0 and loss_weights[1, 3] == 0
+    assert loss_weights[0, 0] == 1 and loss_weights[0, 3] == 1
+    assert labels[0, 0] == batch.tokens[0, 1]
+
+
 # --- the packed (Transformer Engine) layout --------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ The model reproduces the Hugging Face one exactly (the tests check logits): the 
 (`megasft.megatron.families`) gives its norms, activation, biases, QK norm, sliding window and
 layer spec; this module adds the sizes, parallelism, precision, RoPE (theta and Llama-3
 scaling) and tied or untied embeddings. Transformer Engine layers are used when TE is
-importable and an accelerator is present; megatron-core's local layers otherwise (CPU, tests).
+importable and an accelerator is present; megatron-core's local layers otherwise (CPU, tests);
+`attention="torch"` swaps in the torch core attention (`megasft.megatron.torch_attention`).
 Both specs save the same checkpoint keys, so either loads a checkpoint written by the other.
 
 Megatron-core must be initialised (`megasft.megatron.parallel.initialize_parallel`) before a
@@ -13,6 +14,7 @@ model is built: the layers read their TP/PP ranks from `parallel_state`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,15 +109,53 @@ def layer_spec(
     *,
     transformer_engine: bool | None = None,
     vp_stage: int | None = None,
+    attention: str | None = None,
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """The family's transformer layer spec (or, for a model whose layers differ, this stage's
     block spec): Transformer Engine when available (or asked), else megatron-core's local
-    layers."""
-    if transformer_engine is None:
+    layers.
+
+    Args:
+        architecture: the model.
+        config: its megatron-core config (a block spec picks this stage's layers with it).
+        transformer_engine: Transformer Engine layers; None: where it is available.
+        vp_stage: the virtual pipeline stage whose layers a block spec holds.
+        attention: "torch" puts `TorchDotProductAttention` in every layer's core attention;
+            "te" asks for Transformer Engine's (and its layers); None keeps the spec's own.
+
+    Returns:
+        The spec of one transformer layer, or of this stage's block.
+    """
+    if attention == "te":
+        transformer_engine = True
+    elif transformer_engine is None:
         transformer_engine = transformer_engine_available()
     family = families.family_named(architecture.family)
-    return family.layer_spec(
+    spec = family.layer_spec(
         architecture, config, transformer_engine=transformer_engine, vp_stage=vp_stage
+    )
+    if attention == "torch":
+        from megasft.megatron.torch_attention import TorchDotProductAttention
+
+        spec = with_core_attention(spec, TorchDotProductAttention)
+    return spec
+
+
+def with_core_attention(
+    spec: ModuleSpec | TransformerBlockSubmodules, core_attention: type
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """A copy of a transformer layer spec (or of each layer's in a block spec) whose
+    self-attention uses `core_attention`."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        layers = [with_core_attention(layer, core_attention) for layer in spec.layer_specs]
+        return dataclasses.replace(spec, layer_specs=layers)
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention,
+        submodules=dataclasses.replace(attention.submodules, core_attention=core_attention),
+    )
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
     )
 
 
@@ -128,13 +168,15 @@ def build_model(
     parallel_output: bool = True,
     vp_stage: int | None = None,
     transformer_engine: bool | None = None,
+    attention: str | None = None,
 ) -> GPTModel:
     """The `GPTModel` of this pipeline stage.
 
     `pre_process` / `post_process` (embedding / output layer present) default to whether this
     rank is the first / last pipeline stage. `parallel_output=False` gathers the logits over
     tensor-parallel ranks ([b, s, padded_vocab] on every rank) instead of leaving each rank
-    its vocabulary shard (what vocab-parallel cross entropy wants).
+    its vocabulary shard (what vocab-parallel cross entropy wants). `transformer_engine` and
+    `attention` choose the layers (see `layer_spec`).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
@@ -147,7 +189,11 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(
-            architecture, config, transformer_engine=transformer_engine, vp_stage=vp_stage
+            architecture,
+            config,
+            transformer_engine=transformer_engine,
+            vp_stage=vp_stage,
+            attention=attention,
         ),
         vocab_size=architecture.padded_vocab_size,
         max_sequence_length=architecture.max_position_embeddings,

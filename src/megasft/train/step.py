@@ -8,7 +8,7 @@ with the model's output. Everything the loss means is written out here:
   token cross entropy on target tokens only. `prepare` writes the mask **unshifted**
   (`loss_mask[i] == 1` iff token `i` is a target); the logits at position `i` predict token
   `i + 1`, so `labels[i] = tokens[i + 1]` and `loss_weights[i] = loss_mask[i + 1]`, shifted
-  inside each row. This is `megasft.train.loss.masked_token_loss`, computed with
+  inside each document (nothing is trained across a document boundary). This is `megasft.train.loss.masked_token_loss`, computed with
   megatron-core's vocab-parallel cross entropy on the shards instead of on gathered logits
   (gathering [b, s, vocab] on every TP rank costs vocab x s x b x 4 bytes per rank for no
   benefit); the tests check the two agree.
@@ -74,11 +74,17 @@ class ModelInputs:
 
 def shifted_targets(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, loss_weights), both [b, s], aligned with the logits: position i predicts
-    token i + 1 of the same row. The last position of a row predicts nothing."""
+    token i + 1 of the same document. The last position of a document (and of a row)
+    predicts nothing: a document's first token, even where the mask marks it, is not a
+    target, as in evaluation, which runs each document on its own."""
     labels = torch.zeros_like(batch.tokens)
     labels[:, :-1] = batch.tokens[:, 1:]
     loss_weights = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
     loss_weights[:, :-1] = (batch.loss_mask[:, 1:] != 0).float()
+    for row, lengths in enumerate(batch.seq_lengths):
+        # the last token of each document: the next one starts another document (or padding)
+        ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+        loss_weights[row, ends] = 0.0
     return labels, loss_weights
 
 
