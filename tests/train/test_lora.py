@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.train.test_training import _launch
+from tests.train.launching import launch
 from tests.train.workspace import Workspace, make_workspace
 
 pytestmark = pytest.mark.slow
@@ -29,13 +29,13 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="module")
 def single(workspace) -> dict:
-    _launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
+    launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
     return json.loads((workspace.root / "results_single.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def parallel(workspace) -> dict:
-    _launch(
+    launch(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),

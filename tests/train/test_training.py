@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -27,58 +26,13 @@ import torch.nn.functional as F
 from megasft.data.store import open_split
 from megasft.train.data import StepSampler
 from tests.conftest import REPO
+from tests.train.launching import launch, result_of, worker_env
 from tests.train.records import read_metrics
-from tests.train.workspace import Workspace, make_workspace
+from tests.train.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
-WORKER = REPO / "tests" / "train" / "train_worker.py"
 TOLERANCE = 1e-5
-
-
-def _env() -> dict[str, str]:
-    # One thread per process: the two cores are shared by two ranks, and the same thread
-    # count in every run keeps the floating-point sums in the same order. PYTHONPATH, with the
-    # checkout's src/ first, comes from tests/conftest.py.
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _launch(command: list[str], timeout: int) -> None:
-    result = subprocess.run(
-        command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
-
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("train")
-    workspace = make_workspace(root)
-    workspace.save(root / "workspace.json")
-    return workspace
-
-
-@pytest.fixture(scope="session")
-def single(workspace) -> dict:
-    _launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
-    return json.loads((workspace.root / "results_single.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def parallel(workspace) -> dict:
-    _launch(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),
-        ],
-        timeout=600,
-    )  # fmt: skip
-    return json.loads((workspace.root / "results_parallel.json").read_text())
-
-
-def _result(results: dict, name: str) -> dict:
-    assert "error" not in results[name], results[name]["error"]
-    return results[name]
 
 
 # --- 1. the first loss equals the transformers model's -------------------------------------------
@@ -111,7 +65,7 @@ def _reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> fl
 
 
 def test_first_step_loss_equals_the_transformers_model(workspace, single):
-    reference = _result(single, "reference")
+    reference = result_of(single, "reference")
     sampler = StepSampler(
         rows=open_split(workspace.packed).num_rows,
         global_batch_size=8,
@@ -131,7 +85,7 @@ def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single
     converted to Hugging Face: validation, checkpoint and conversion agree."""
     from megasft.checkpoint.convert import convert
 
-    result = _result(single, "validation")
+    result = result_of(single, "validation")
     assert [step for step, _ in result["val"]] == [2, 4]
     hf = tmp_path / "hf"
     convert("megatron", "hf", result["checkpoint"], hf)
@@ -151,8 +105,8 @@ def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single
     "layout", ["tp2", "pp2", "dp2", "dp2_distributed_optimizer", "pp2_interleaved"]
 )
 def test_parallel_layout_reproduces_the_single_rank_curve(single, parallel, layout):
-    reference = _result(single, "reference")
-    result = _result(parallel, layout)
+    reference = result_of(single, "reference")
+    result = result_of(parallel, layout)
     assert len(result["losses"]) == len(reference["losses"]) == 5
     assert result["target_tokens"] == reference["target_tokens"]
     for actual, expected in zip(result["losses"], reference["losses"], strict=True):
@@ -163,7 +117,7 @@ def test_parallel_layout_reproduces_the_single_rank_curve(single, parallel, layo
 
 
 def test_vocab_parallel_loss_equals_masked_token_loss(parallel):
-    result = _result(parallel, "cross_entropy_parity")
+    result = result_of(parallel, "cross_entropy_parity")
     real, empty = result["real"], result["no_targets"]
     assert real["count"] == real["expected_count"] > 0
     assert abs(real["sum"] - real["expected_sum"]) < TOLERANCE * real["expected_sum"]
@@ -175,8 +129,8 @@ def test_vocab_parallel_loss_equals_masked_token_loss(parallel):
 
 
 def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(single):
-    packed = _result(single, "packed_all")
-    unpacked = _result(single, "unpacked_all")
+    packed = result_of(single, "packed_all")
+    unpacked = result_of(single, "unpacked_all")
     assert packed["target_tokens"] == unpacked["target_tokens"]
     assert abs(packed["losses"][0] - unpacked["losses"][0]) < TOLERANCE
     assert abs(packed["grad_norms"][0] - unpacked["grad_norms"][0]) < TOLERANCE
@@ -186,7 +140,7 @@ def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(single):
 
 
 def test_overfitting_16_examples_drives_the_loss_below_0_05(single):
-    losses = _result(single, "overfit")["losses"]
+    losses = result_of(single, "overfit")["losses"]
     assert losses[0] > 1.0
     assert losses[-1] < 0.05
 
@@ -195,8 +149,8 @@ def test_overfitting_16_examples_drives_the_loss_below_0_05(single):
 
 
 def test_injected_nan_is_skipped_and_counted(single):
-    reference = _result(single, "reference")
-    result = _result(single, "nan_skipped")
+    reference = result_of(single, "reference")
+    result = result_of(single, "nan_skipped")
     # metrics.jsonl has numeric losses only; the skipped step is an event
     assert result["steps"] == [1, 2, 4, 5, 6]
     assert result["events"] == [
@@ -209,17 +163,17 @@ def test_injected_nan_is_skipped_and_counted(single):
 
 
 def test_bad_steps_in_a_row_or_the_stop_policy_end_the_run(single):
-    assert "3 steps in a row (up to step 4)" in _result(single, "nan_in_a_row")["stopped"]
-    assert "--nan-policy is stop" in _result(single, "nan_policy_stop")["stopped"]
+    assert "3 steps in a row (up to step 4)" in result_of(single, "nan_in_a_row")["stopped"]
+    assert "--nan-policy is stop" in result_of(single, "nan_policy_stop")["stopped"]
 
 
 def test_micro_batches_without_targets_contribute_nothing(single):
-    all_masked = _result(single, "all_masked")
+    all_masked = result_of(single, "all_masked")
     assert all_masked["losses"] == [0.0, 0.0]
     assert all_masked["skipped"] == [False, False]
     # One row per micro-batch: clearing the first row's mask equals leaving the row out.
-    masked = _result(single, "first_row_masked")
-    dropped = _result(single, "first_row_dropped")
+    masked = result_of(single, "first_row_masked")
+    dropped = result_of(single, "first_row_dropped")
     assert masked["target_tokens"] == dropped["target_tokens"]
     assert abs(masked["losses"][0] - dropped["losses"][0]) < 1e-9
     assert abs(masked["grad_norms"][0] - dropped["grad_norms"][0]) < 1e-9
@@ -229,15 +183,15 @@ def test_micro_batches_without_targets_contribute_nothing(single):
 
 
 def test_preempted_single_process_run_resumes_exactly(single):
-    result = _result(single, "resume_in_process")
+    result = result_of(single, "resume_in_process")
     # SIGTERM once step 3 is logged: the step in progress finishes and is saved
     assert result["preempted_at"] in ("iter_0000004", "iter_0000005")
     assert result["resumed"] == result["uninterrupted"]
 
 
 def test_bf16_run_resumes_exactly_and_starts_at_the_fp32_loss(single):
-    result = _result(single, "bf16_resume")
-    reference = _result(single, "reference")
+    result = result_of(single, "bf16_resume")
+    reference = result_of(single, "reference")
     assert abs(result["first"][0] - reference["losses"][0]) < 2e-2  # bf16 weights
     assert result["again"] == result["first"]  # steps 3 and 4 redone from the step-2 checkpoint
 
@@ -279,7 +233,7 @@ def _start_and_signal(command, save: Path, steps: int, sig: int, resuming: bool)
     does)."""
     process = subprocess.Popen(
         command,
-        env=_env(),
+        env=worker_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -305,7 +259,7 @@ def test_killed_and_preempted_run_resumes_exactly(workspace, parallel, tmp_path)
     """Test 4 (with DP=2 and the distributed optimizer, through `megasft train --nproc 2`):
     SIGKILL at a random step, resume, SIGTERM (checkpoint and exit 143), resume to the end;
     the losses of every step equal those of the uninterrupted run."""
-    uninterrupted = _result(parallel, "resume_reference")
+    uninterrupted = result_of(parallel, "resume_reference")
     save = tmp_path / "run"
     command = _train_command(workspace, save)
 
@@ -323,7 +277,7 @@ def test_killed_and_preempted_run_resumes_exactly(workspace, parallel, tmp_path)
     assert summary["checkpoint"] == str(save / f"iter_{summary['steps']:07d}")
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(summary["steps"])
 
-    _launch(command, timeout=300)
+    launch(command, timeout=300)
     records = read_metrics(save / "metrics.jsonl")
     assert [record["step"] for record in records] == list(range(1, 11))
     assert [record["loss"] for record in records] == uninterrupted["losses"]
@@ -336,7 +290,7 @@ def test_killed_and_preempted_run_resumes_exactly(workspace, parallel, tmp_path)
 
     # The final checkpoint is a megasft megatron checkpoint: convertible to Hugging Face.
     hf = tmp_path / "hf"
-    _launch(
+    launch(
         [sys.executable, "-m", "megasft", "convert", "--from", "megatron", "--to", "hf",
          "--src", str(save / "iter_0000010"), "--dst", str(hf)],
         timeout=120,

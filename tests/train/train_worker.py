@@ -39,8 +39,11 @@ COMMON = dict(
 def main() -> None:
     import torch.distributed as dist
 
+    from tests.train import gradient_capture
+
     mode, work = sys.argv[1], Path(sys.argv[2])
     inputs = json.loads((work / "workspace.json").read_text())
+    gradient_capture.install()
     if not dist.is_initialized():  # one group for every scenario; each training reuses it
         if "RANK" in os.environ:
             dist.init_process_group("gloo")
@@ -111,6 +114,19 @@ def run(
         ],
         "summary": {key: summary[key] for key in ("status", "skipped_steps", "final_loss")},
     }
+
+
+def gradients(save: Path, inputs: dict, capture: bool = True, **settings) -> dict:
+    """One step of the sharp model (see workspace.py) on the first global batch; its gradients
+    as megatron-core finished them (see gradient_capture.py), unless `capture` is False."""
+    from tests.train import gradient_capture
+
+    settings = {"model": "sharp_mcore_model", "train_iters": 1, "warmup_iters": 0, **settings}
+    if not capture:
+        return run(save, inputs, **settings)
+    with gradient_capture.capturing(save / "gradients"):
+        result = run(save, inputs, **settings)
+    return {**result, "gradients": str(save / "gradients")}
 
 
 def validation(save: Path, inputs: dict) -> dict:
@@ -239,6 +255,12 @@ SINGLE = {
         train_iters=1,
         warmup_iters=0,
     ),
+    # test_gradients.py: step 1 against plain PyTorch, at 4, 1 and 8 micro-batches per step
+    "gradients": gradients,
+    "gradients_one_micro_batch": lambda save, inputs: gradients(save, inputs, micro_batch_size=8),
+    "gradients_unpacked": lambda save, inputs: gradients(
+        save, inputs, data="unpacked", micro_batch_size=1
+    ),
     "first_row_dropped": lambda save, inputs: run(
         save,
         inputs,
@@ -324,6 +346,14 @@ PARALLEL = {
         save, inputs, pipeline_parallel=2, virtual_pipeline_stages=2
     ),
     "cross_entropy_parity": cross_entropy_parity,
+    # test_gradients.py: step 1 against plain PyTorch (2 micro-batches per rank at DP=2)
+    "gradients_tp2": lambda save, inputs: gradients(save, inputs, tensor_parallel=2),
+    "gradients_pp2": lambda save, inputs: gradients(save, inputs, pipeline_parallel=2),
+    "gradients_dp2": gradients,
+    # the distributed optimizer keeps only its shard of the reduced gradients: the norm only
+    "gradients_dp2_distributed_optimizer": lambda save, inputs: gradients(
+        save, inputs, capture=False, distributed_optimizer=True
+    ),
     # test 4: the uninterrupted run that the killed-and-resumed CLI run must reproduce
     "resume_reference": lambda save, inputs: run(
         save, inputs, train_iters=10, save_interval=2, distributed_optimizer=True

@@ -2,8 +2,10 @@
 
 `make_workspace` writes arithmetic word problems (the demo's generator), trains a small BPE
 tokenizer, prepares the problems (packed and unpacked), builds a random 4-layer Llama sized
-to the tokenizer (hidden 64, 4 heads in 2 key/value groups) and converts it to megatron-core.
-Nothing is downloaded.
+to the tokenizer (hidden 64, 4 heads in 2 key/value groups) and converts it to megatron-core;
+and a "sharp" copy whose output layer is scaled up, so that its predictions are far from
+uniform (a random model's loss is about ln V on every token, which hides how tokens are
+weighted). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from megasft.demo.problems import write_problems
 from megasft.demo.tokenizer import DEFAULT_CORPUS, build_tokenizer
 
 SEQ_LENGTH = 128
+SHARPNESS = 25.0
+"""How much the sharp model's output layer is scaled up: its step-1 loss is several nats
+above ln V and varies widely from token to token."""
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -53,6 +58,9 @@ class Workspace:
     first_row_dropped: Path
     """`unpacked` without its first row."""
     problems: Path
+    sharp_hf_model: Path
+    """`hf_model` with its output layer times SHARPNESS: confident, mostly wrong predictions."""
+    sharp_mcore_model: Path
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({key: str(value) for key, value in asdict(self).items()}))
@@ -98,6 +106,8 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
         max_positions=256,
     )  # fmt: skip
     convert("hf", "megatron", hf_model, root / "mcore")
+    sharp_hf_model = _sharpened(hf_model, root / "hf_sharp")
+    convert("hf", "megatron", sharp_hf_model, root / "mcore_sharp")
     return Workspace(
         root=root,
         tokenizer=tokenizer,
@@ -111,7 +121,24 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
         first_row_masked=root / "first_row_masked",
         first_row_dropped=root / "first_row_dropped",
         problems=source,
+        sharp_hf_model=sharp_hf_model,
+        sharp_mcore_model=root / "mcore_sharp",
     )
+
+
+def _sharpened(hf_model: Path, destination: Path) -> Path:
+    """A copy of `hf_model` whose output layer is scaled by SHARPNESS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(SHARPNESS)
+    model.save_pretrained(destination)
+    for path in hf_model.iterdir():  # the tokenizer and generation files
+        if path.name.startswith(("tokenizer", "generation", "special_tokens")):
+            shutil.copy(path, destination / path.name)
+    return destination
 
 
 def _masked(rows: list[dict], index: int | None) -> list[dict]:
