@@ -107,7 +107,9 @@ def main() -> None:
             report["throughput"][f"megasft_{attention}_attention"] = training.pop("throughput")
             report["training"][attention] = training
             phase.done(f"megasft training, {attention} attention")
-        report["throughput"]["megasft"] = report["throughput"][f"megasft_{attentions()[-1]}_attention"]
+        report["throughput"]["megasft"] = report["throughput"][
+            f"megasft_{attentions()[-1]}_attention"
+        ]
         report["throughput"]["transformers"] = transformers_training(hf, mcore, data, shape)
         phase.done("transformers training")
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -268,7 +270,9 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
                 config = transformer_config(
                     architecture, params_dtype=dtype, perform_initialization=False
                 )
-                model = build_model(architecture, config, parallel_output=False, attention=attention)
+                model = build_model(
+                    architecture, config, parallel_output=False, attention=attention
+                )
                 load_weights(model, mcore)
                 model.eval()
                 with torch.no_grad():
@@ -312,7 +316,9 @@ def write_datasets(work: Path, shape: Shape) -> dict:
     sampler = StepSampler(len(rows), shape.global_batch_size, 1, 1, 0, seed=1234)
     first = [d for row in sampler.global_batch(0) for d in rows[int(row)]]
     unpacked = work / "unpacked"
-    _write_split(unpacked, shape, [[ids[d]] for d in first], [[masks[d]] for d in first], pack=False)
+    _write_split(
+        unpacked, shape, [[ids[d]] for d in first], [[masks[d]] for d in first], pack=False
+    )
     return {"packed": packed, "unpacked": unpacked, "rows": rows, "lengths": lengths,
             "ids": ids, "masks": masks, "first_batch_documents": len(first)}  # fmt: skip
 
@@ -411,7 +417,11 @@ def transformers_training(hf: Path, mcore: Path, data: dict, shape: Shape) -> di
         model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
     architecture = read_architecture(mcore)
-    peak = peak_tflops(torch.cuda.get_device_name(), shape.precision) if device.type == "cuda" else None
+    peak = (
+        peak_tflops(torch.cuda.get_device_name(), shape.precision)
+        if device.type == "cuda"
+        else None
+    )
     rows, ids, masks = data["rows"], data["ids"], data["masks"]
     sampler = StepSampler(len(rows), shape.global_batch_size, 1, 1, 0, seed=1234)
     timings = []
@@ -486,9 +496,9 @@ def markdown(report: dict) -> str:
             f"{result['tokens_per_second']:,.0f} ({result['tflops_per_device']:.1f} TFLOP/s"
             f"{mfu}) | {'≥ 40% MFU' if name == 'megasft' else ''} |"
         )
-    ratio = throughput["megasft"]["tokens_per_second"] / throughput["transformers"][
-        "tokens_per_second"
-    ]
+    ratio = (
+        throughput["megasft"]["tokens_per_second"] / throughput["transformers"]["tokens_per_second"]
+    )
     lines.append(f"| megasft / transformers tokens/s | {ratio:.2f}× | ≥ {GOALS['speedup']:g}× |")
     return "\n".join(lines) + "\n"
 

@@ -113,6 +113,7 @@ def test_a_pytorchjob_stages_the_inputs_and_brings_the_checkpoint_back(stub, tmp
         f"--data={workspace}/dataset",
         f"--load={workspace}/base",
         f"--save={workspace}/checkpoints",
+        "--require-accelerator",  # a job that asked for GPUs never trains on the CPU
         "--nproc=8",
         "--nodes=1",
     ]

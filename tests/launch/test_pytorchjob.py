@@ -114,7 +114,9 @@ def test_only_the_listed_fields_change(rendered_template):
     expected["spec"]["nprocPerNode"] = "4"
     for replica in expected["spec"]["pytorchReplicaSpecs"].values():
         container = replica["template"]["spec"]["containers"][0]
-        container["args"] = [*container["args"][:2], *TRAIN_ARGS, "--nproc=4", "--nodes=2"]
+        container["args"] = [
+            *container["args"][:2], *TRAIN_ARGS, "--require-accelerator", "--nproc=4", "--nodes=2"
+        ]  # fmt: skip
         for kind in ("requests", "limits"):
             container["resources"][kind]["amd.com/gpu"] = "4"
     assert {key: value for key, value in job.items() if key != "metadata"} == expected
@@ -251,7 +253,13 @@ def test_requests_are_checked_on_construction(overrides, message):
 
 def test_flags_that_agree_are_kept_and_not_added_twice():
     request = make_request(train_args=(*TRAIN_ARGS, "--nproc", "8"), nodes=2)
-    assert request.worker_args == [*TRAIN_ARGS, "--nproc", "8", "--nodes=2"]
+    assert request.worker_args == [
+        *TRAIN_ARGS,
+        "--nproc",
+        "8",
+        "--require-accelerator",
+        "--nodes=2",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,7 @@ def test_the_trainjob_validates_and_has_the_requested_shape(nodes):
     add_train_arguments(parser)
     flags = parser.parse_args(trainer["args"][2:])
     assert (flags.nproc, flags.nodes, flags.save) == (8, nodes, "/checkpoints/runs/x/checkpoints")
+    assert flags.require_accelerator  # a job that asked for GPUs never trains on the CPU
     # The claims the step mounts, at the same paths: the data read-only, the workspace writable.
     pod = node_patch(job)
     assert pod["volumes"] == [

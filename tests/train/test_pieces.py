@@ -335,7 +335,8 @@ def test_plan_resolves_epochs_and_finds_the_checkpoint_to_resume(dataset, tmp_pa
         ({}, {"max_position_embeddings": 128}, "sequence length 192 is above"),
         ({}, {"vocab_size": 100, "padded_vocab_size": 128}, r"tokenizer has \d+ tokens"),
         ({"nproc": 2, "context_parallel": 2}, {}, "--cp above 1 needs GPUs"),
-        ({}, {"sliding_window": 32}, "sliding window"),
+        ({"attention": "te"}, {}, "--attention te needs Transformer Engine on a GPU"),
+        ({"require_accelerator": True}, {}, "--require-accelerator: this process sees no CUDA"),
         ({"warmup_iters": 9, "train_iters": None, "epochs": 0.1}, {}, "--warmup-iters 9"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import signal
 import subprocess
@@ -160,6 +161,18 @@ def test_injected_nan_is_skipped_and_counted(single):
     assert result["summary"]["status"] == "completed"
     assert result["losses"][:2] == reference["losses"][:2]
     assert all(np.isfinite(loss) for loss in result["losses"])
+    # The skipped step applied no update, so the schedule did not advance: steps 4, 5 and 6
+    # train at the rates of updates 3, 4 and 5 (warmup 1 step, cosine to 1e-4 at step 6).
+    expected = [_scheduled_lr(update, warmup=1, last=6) for update in (1, 2, 3, 4, 5)]
+    assert result["lrs"] == pytest.approx(expected, rel=1e-12)
+
+
+def _scheduled_lr(update: int, *, warmup: int, last: int, peak=1e-3, floor=1e-4) -> float:
+    """Linear warmup to `peak`, then cosine to `floor` at update `last`."""
+    if update <= warmup:
+        return peak * update / warmup
+    progress = (update - warmup) / (last - warmup)
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
 
 def test_bad_steps_in_a_row_or_the_stop_policy_end_the_run(single):
@@ -187,6 +200,21 @@ def test_preempted_single_process_run_resumes_exactly(single):
     # SIGTERM once step 3 is logged: the step in progress finishes and is saved
     assert result["preempted_at"] in ("iter_0000004", "iter_0000005")
     assert result["resumed"] == result["uninterrupted"]
+
+
+def test_resume_at_another_tensor_parallel_size_continues_the_run(parallel):
+    """Without the distributed optimizer, megatron-core reshards the checkpoint to TP=2."""
+    result = result_of(parallel, "resume_with_another_layout")
+    assert len(result["resumed"]) == len(result["first"]) == 4
+    for resumed, first in zip(result["resumed"], result["first"], strict=True):
+        assert abs(resumed - first) < TOLERANCE
+
+
+def test_resume_that_would_change_the_run_is_refused_naming_the_setting(parallel):
+    result = result_of(parallel, "resume_with_another_layout")
+    assert "--train-iters was 4, now 6" in result["train_iters_changed"]
+    assert "--tp was 1, now 2: the distributed optimizer" in result["distributed_at_tp2"]
+    assert "start a new --save directory with --load" in result["distributed_at_tp2"]
 
 
 def test_bf16_run_resumes_exactly_and_starts_at_the_fp32_loss(single):

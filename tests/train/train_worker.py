@@ -99,6 +99,7 @@ def run(
     return {
         "steps": [record["step"] for record in records],
         "losses": [record["loss"] for record in records],
+        "lrs": [record["lr"] for record in records],
         "grad_norms": [record["grad_norm"] for record in records],
         "skipped": [record["skipped"] for record in records],
         "target_tokens": [record["target_tokens"] for record in records],
@@ -180,6 +181,41 @@ def bf16_resume(save: Path, inputs: dict) -> dict:
     shutil.rmtree(save / "iter_0000004")
     again = run(save, inputs, **settings)
     return {"first": first["losses"], "again": again["losses"]}
+
+
+def resume_with_another_layout(save: Path, inputs: dict) -> dict:
+    """DP=2 for 4 steps, checkpoints at 2 and 4; the step-4 checkpoint removed, the run resumed
+    at TP=2 (the non-distributed optimizer's state is resharded); then resumes that must be
+    refused: another --train-iters, and a distributed-optimizer checkpoint at another --tp."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from megasft.errors import ConfigError
+
+    settings = dict(train_iters=4, save_interval=2)
+    first = run(save / "reshard", inputs, **settings)
+    if dist.get_rank() == 0:
+        shutil.rmtree(save / "reshard" / "iter_0000004")
+    dist.barrier()
+    resumed = run(save / "reshard", inputs, tensor_parallel=2, **settings)
+
+    def refusal(directory: Path, **changed) -> str | None:
+        try:
+            run(directory, inputs, **{**settings, **changed})
+        except ConfigError as error:
+            return str(error)
+        return None
+
+    run(save / "distributed", inputs, distributed_optimizer=True, **settings)
+    return {
+        "first": first.get("losses"),
+        "resumed": resumed.get("losses"),
+        "train_iters_changed": refusal(save / "reshard", train_iters=6),
+        "distributed_at_tp2": refusal(
+            save / "distributed", distributed_optimizer=True, tensor_parallel=2
+        ),
+    }
 
 
 def with_nan_steps(steps: str, function, *args, **kwargs):
@@ -354,6 +390,7 @@ PARALLEL = {
     "gradients_dp2_distributed_optimizer": lambda save, inputs: gradients(
         save, inputs, capture=False, distributed_optimizer=True
     ),
+    "resume_with_another_layout": resume_with_another_layout,
     # test 4: the uninterrupted run that the killed-and-resumed CLI run must reproduce
     "resume_reference": lambda save, inputs: run(
         save, inputs, train_iters=10, save_interval=2, distributed_optimizer=True

@@ -217,9 +217,10 @@ class JobRequest:
 
     @property
     def worker_args(self) -> list[str]:
-        """`train_args` with --nproc and --nodes added where they are missing."""
+        """`train_args` with --require-accelerator (the job asks for GPUs: training must not
+        fall back to the CPU), and --nproc and --nodes where they are missing."""
         parsed = self._parsed_train_args()
-        extra = []
+        extra = [] if parsed.require_accelerator else ["--require-accelerator"]
         if parsed.nproc is None:
             extra.append(f"--nproc={self.gpus_per_node}")
         if parsed.nodes is None:

@@ -18,14 +18,7 @@ from megasft.train.distributed import Parallel
 from megasft.train.moe import moe_settings
 
 
-def uses_distributed_optimizer(config: TrainConfig, parallel: Parallel) -> bool:
-    """--distributed-optimizer, by default on accelerators only."""
-    if config.distributed_optimizer is None:
-        return parallel.on_accelerator
-    return config.distributed_optimizer
-
-
-def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torch.nn.Module]:
+def setup_model(plan: RunPlan, parallel: Parallel) -> list[torch.nn.Module]:
     """This pipeline stage's model chunks, wrapped in megatron-core's DDP.
 
     A fresh start loads the weights of --load here; a resumed run gets them (with the
@@ -34,10 +27,10 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
     Args:
         plan: the checked run (architecture, parallel layout, precision, --load).
         parallel: this rank's place in the process grid and its device.
-        packed: Transformer Engine's layers and packed layout (else megatron-core's local ones).
 
     Returns:
-        One chunk, or one per virtual pipeline stage.
+        One chunk, or one per virtual pipeline stage, with the layers and core attention of
+        `plan.attention`.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -45,10 +38,11 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
         finalize_model_grads,
     )
 
+    from megasft.megatron.attention import gradient_accumulation_fusion_available
     from megasft.megatron.builder import build_model, transformer_config
     from megasft.megatron.weights import load_weights
 
-    config = plan.config
+    config, attention = plan.config, plan.attention
     bf16 = config.precision == "bf16"
     model_config = transformer_config(
         plan.architecture,
@@ -67,8 +61,11 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
             # loss_func returns (sum, count): megatron-core divides the gradients by the
             # number of target tokens of the whole global batch (see step.py)
             calculate_per_token_loss=True,
-            # Transformer Engine accumulates weight gradients into main_grad directly
-            gradient_accumulation_fusion=packed,
+            # Weight gradients accumulate into main_grad inside the GEMM: Transformer Engine's
+            # layers do it themselves, but megatron-core's own (the output layer among them)
+            # raise at construction unless Apex's fused_weight_gradient_mlp_cuda imports
+            gradient_accumulation_fusion=attention.transformer_engine_layers
+            and gradient_accumulation_fusion_available(),
             # Frees a stage's output once sent, keeping only what backward needs. Not on
             # CPU: gloo may still be reading the freed memory of an asynchronous send.
             deallocate_pipeline_outputs=parallel.on_accelerator,
@@ -85,6 +82,8 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
             plan.architecture,
             model_config,
             vp_stage=stage if config.virtual_pipeline_stages else None,
+            transformer_engine=attention.transformer_engine_layers,
+            attention=attention.backend,
         ).to(parallel.device)
         for stage in range(config.virtual_pipeline_stages or 1)
     ]
@@ -110,7 +109,7 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.on_accelerator,
-        use_distributed_optimizer=uses_distributed_optimizer(config, parallel),
+        use_distributed_optimizer=plan.distributed_optimizer,
     )
     model = [
         DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=index > 0)
@@ -124,13 +123,13 @@ def setup_model(plan: RunPlan, parallel: Parallel, *, packed: bool) -> list[torc
     return model
 
 
-def setup_optimizer(config: TrainConfig, parallel: Parallel, model: list[torch.nn.Module]) -> Any:
+def setup_optimizer(plan: RunPlan, model: list[torch.nn.Module]) -> Any:
     """AdamW over `model` with gradient clipping, as megatron-core's (mixed-precision,
     optionally distributed) optimizer.
 
     Args:
-        config: the learning rate, Adam's settings, clipping and precision.
-        parallel: this rank's place (the distributed optimizer is the accelerator default).
+        plan: the learning rate, Adam's settings, clipping, precision, and whether the
+            optimizer is distributed.
         model: the DDP-wrapped chunks of `setup_model`.
 
     Returns:
@@ -138,6 +137,7 @@ def setup_optimizer(config: TrainConfig, parallel: Parallel, model: list[torch.n
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    config = plan.config
     bf16 = config.precision == "bf16"
     return get_megatron_optimizer(
         OptimizerConfig(
@@ -152,7 +152,7 @@ def setup_optimizer(config: TrainConfig, parallel: Parallel, model: list[torch.n
             clip_grad=config.clip_grad,
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=uses_distributed_optimizer(config, parallel),
+            use_distributed_optimizer=plan.distributed_optimizer,
         ),
         model,
     )
@@ -169,7 +169,7 @@ def setup_scheduler(config: TrainConfig, optimizer: Any) -> Any:
 
     Returns:
         megatron-core's OptimizerParamScheduler at step 0 (`setup` moves it to a resumed
-        run's step).
+        run's applied updates: a skipped step does not advance the schedule).
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

@@ -18,9 +18,11 @@ from megasft.checkpoint.layout import ARCHITECTURE_FILE
 from megasft.data.store import MANIFEST_FILE, open_split, read_manifest
 from megasft.errors import ConfigError, InputError
 from megasft.megatron.architecture import ModelArchitecture
+from megasft.megatron.attention import AttentionPlan, choose_attention, transformer_engine_installed
 from megasft.train.checkpointing import latest_checkpoint
 from megasft.train.config import TrainConfig, check_against_experts, check_against_model
 from megasft.train.data import steps_for_epochs
+from megasft.train.resume import check_resume
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,39 @@ class RunPlan:
     """sha256 of the dataset's manifest: a resumed run must train on the same data."""
     resume_from: Path | None
     """The newest checkpoint in `--save`, when there is one."""
+    attention: AttentionPlan
+    """The core attention (--attention resolved for this machine) and the batches' layout."""
+    distributed_optimizer: bool
+    """--distributed-optimizer resolved: by default on with an accelerator, off on CPU."""
 
 
 def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
-    """Check `config` against the data and the model; raises ConfigError / InputError."""
+    """Check `config` against the data, the model, this machine and the checkpoint it resumes.
+
+    Args:
+        config: the settings.
+        on_accelerator: a CUDA/ROCm device is visible.
+
+    Returns:
+        The checked plan.
+
+    Raises:
+        ConfigError, InputError: naming the setting or input and what to do.
+    """
+    if config.require_accelerator and not on_accelerator:
+        raise ConfigError(
+            "--require-accelerator: this process sees no CUDA or ROCm device (torch.cuda."
+            "is_available() is False; CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES="
+            f"{_visible_devices()!r}), and the job asked for GPUs. Check the node's GPU driver "
+            "and device plugin and the pod's GPU request; to train on the CPU on purpose, "
+            "leave --require-accelerator out"
+        )
+    attention = choose_attention(
+        config.attention,
+        precision=config.precision,
+        on_accelerator=on_accelerator,
+        transformer_engine=transformer_engine_installed(),
+    )
     data = Path(config.data)
     if not data.is_dir():
         raise InputError(f"--data {data}: no such directory (a `megasft prepare` output)")
@@ -90,7 +121,7 @@ def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
             f"vocab_size {architecture.vocab_size}: it was prepared with another model's "
             f"tokenizer ({manifest['tokenizer'].get('path')})"
         )
-    _check_device_features(config, architecture, manifest, on_accelerator)
+    _check_device_features(config, attention, on_accelerator)
 
     train_iters = config.train_iters
     if train_iters is None:
@@ -104,21 +135,36 @@ def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
     if save.exists() and not save.is_dir():
         raise InputError(f"--save {save}: exists and is not a directory")
     fingerprint = hashlib.sha256((data / MANIFEST_FILE).read_bytes()).hexdigest()
+    config = dataclasses.replace(config, train_iters=train_iters, epochs=None)
+    distributed_optimizer = (
+        on_accelerator if config.distributed_optimizer is None else config.distributed_optimizer
+    )
+    resume_from = latest_checkpoint(save)
+    if resume_from is not None:
+        check_resume(resume_from, config, distributed_optimizer=distributed_optimizer)
     return RunPlan(
-        config=dataclasses.replace(config, train_iters=train_iters, epochs=None),
+        config=config,
         architecture=architecture,
         seq_length=seq_length,
         train_rows=train_rows,
         val_rows=val_rows,
         data_fingerprint=fingerprint,
-        resume_from=latest_checkpoint(save),
+        resume_from=resume_from,
+        attention=attention,
+        distributed_optimizer=distributed_optimizer,
     )
 
 
+def _visible_devices() -> str | None:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("HIP_VISIBLE_DEVICES"))
+
+
 def _check_device_features(
-    config: TrainConfig, architecture: ModelArchitecture, manifest: dict, on_accelerator: bool
+    config: TrainConfig, attention: AttentionPlan, on_accelerator: bool
 ) -> None:
-    """Features that need Transformer Engine on an accelerator, refused early elsewhere."""
+    """Features that need a GPU, or Transformer Engine on one, refused early elsewhere."""
     if on_accelerator:
         import torch
 
@@ -128,24 +174,13 @@ def _check_device_features(
                 f"{torch.cuda.device_count()} GPUs; use at most one process per GPU"
             )
     if config.context_parallel > 1:
-        if not on_accelerator:
+        if attention.backend != "te":
             raise ConfigError(
-                "--cp above 1 needs GPUs with Transformer Engine (megatron-core's local "
-                "attention, the CPU path, has no context parallelism); use --cp 1 on CPU"
+                "--cp above 1 needs GPUs with Transformer Engine (--attention te: the torch "
+                "attention has no context parallelism); use --cp 1 here"
             )
         if config.pipeline_parallel > 1:
             raise ConfigError(
                 "--cp above 1 with --pp above 1 is not supported: packed documents are padded "
                 "per context-parallel chunk, so the pipeline's tensor shapes would vary"
             )
-    if (
-        architecture.sliding_window is not None
-        and not on_accelerator
-        and manifest.get("settings", {}).get("pack", False)
-    ):
-        raise ConfigError(
-            f"the model attends within a sliding window ({architecture.sliding_window} "
-            "tokens) and the data is packed: on CPU, megatron-core's local attention replaces "
-            "the per-document mask with the window mask, which would let packed documents "
-            "see each other. Prepare the data with --no-pack for a CPU run"
-        )

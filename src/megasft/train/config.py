@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from megasft.errors import ConfigError
+from megasft.megatron.attention import ATTENTION_CHOICES
 from megasft.megatron.peft.registry import PeftSettings, method_named, method_names
 from megasft.settings import raise_problems, setting, setting_problems
 
@@ -167,6 +168,22 @@ class TrainConfig:
         "LoRA: the megatron-core linears to adapt, comma-separated (linear_qkv holds q, k "
         "and v; linear_fc1 gate and up).",
         metavar="NAMES",
+    )
+    attention: str = setting(
+        "auto",
+        "Core attention: te (Transformer Engine, bf16 on GPUs), torch (SDPA, varlen flash or "
+        "FlexAttention; any precision and device), or auto (te where it runs, else torch).",
+        choices=ATTENTION_CHOICES,
+    )
+    require_accelerator: bool = setting(
+        False,
+        "Refuse to start without a CUDA/ROCm device rather than train on the CPU (the cluster "
+        "launchers pass it: a job that asked for GPUs must get them).",
+    )
+    final_checkpoint: bool = setting(
+        True,
+        "Save a checkpoint when the run ends (--no-final-checkpoint for benchmarks: then only "
+        "--save-interval writes one).",
     )
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 `setup_data` opens the prepared splits (memory-mapped Arrow) and the step sampler; `RunData`
 turns a micro-batch's row indices into `ModelInputs` in the run's layout ([b, s] rows with a
-mask, or Transformer Engine's packed thd), and gives the schedule its iterators and shapes.
+mask, or packed thd with cu_seqlens on GPUs), and gives the schedule its iterators and shapes.
 See megasft.train.step for the layouts and megasft.train.data for the data order.
 """
 
@@ -39,7 +39,7 @@ class RunData:
     """Tokens per row of the dataset."""
     micro_batch_size: int
     packed: bool
-    """The packed (Transformer Engine) layout instead of rows with a mask."""
+    """The packed (thd) layout instead of rows with a mask."""
     device: torch.device
     context_parallel: int
     context_rank: int
@@ -109,13 +109,13 @@ class RunData:
         return batches
 
 
-def setup_data(plan: RunPlan, parallel: Parallel, *, packed: bool) -> RunData:
+def setup_data(plan: RunPlan, parallel: Parallel) -> RunData:
     """Open the splits and the sampler of this data-parallel rank.
 
     Args:
-        plan: the checked run (data directory, rows, sequence length, batch sizes, seed).
+        plan: the checked run (data directory, rows, sequence length, batch sizes, seed, and
+            the attention's layout: packed thd or rows with a mask).
         parallel: this rank's place in the process grid and its device.
-        packed: whether the model takes Transformer Engine's packed layout.
 
     Returns:
         The rank's RunData.
@@ -135,7 +135,7 @@ def setup_data(plan: RunPlan, parallel: Parallel, *, packed: bool) -> RunData:
         val_rows=plan.val_rows,
         seq_length=plan.seq_length,
         micro_batch_size=config.micro_batch_size,
-        packed=packed,
+        packed=plan.attention.packed,
         device=parallel.device,
         context_parallel=config.context_parallel,
         context_rank=parallel.context_rank,

@@ -6,7 +6,7 @@
     train    per step: the micro-batches of this data-parallel rank through megatron-core's
              pipeline schedule (`step.forward_step` / `step.loss_func`), the global loss,
              the NaN/Inf check, the optimizer step; then metrics, validation, checkpoints
-    cleanup  the final checkpoint, summary.json, the process groups
+    cleanup  the final checkpoint (unless --no-final-checkpoint), summary.json, the groups
 
 Called on every rank (`megasft.train.worker` under torchrun, or in-process for one process).
 """
@@ -33,6 +33,7 @@ from megasft.train.moe import routing_metrics
 from megasft.train.reporting import finish, open_reporting, report, step_record
 from megasft.train.run import LoopState, Parts, prepare_save_dir, restore, save
 from megasft.train.step import forward_step
+from megasft.train.update import apply_update, prepared_grad_norm
 
 INJECT_NAN_ENV = "MEGASFT_INJECT_NAN_STEPS"
 """Fault injection for tests: comma-separated step numbers (1-based) whose loss is made NaN."""
@@ -101,17 +102,14 @@ def setup(plan: RunPlan, parallel: Parallel) -> tuple[Parts, LoopState]:
     Returns:
         (the run's parts, the loop's state: fresh, or restored from the newest checkpoint).
     """
-    from megasft.megatron.builder import transformer_engine_available
-
     config = plan.config
     prepare_save_dir(config, parallel)
-    packed = transformer_engine_available()  # Transformer Engine's layers and packed batches
-    model = setup_model(plan, parallel, packed=packed)
-    optimizer = setup_optimizer(config, parallel, model)
+    model = setup_model(plan, parallel)  # the layers and attention of plan.attention
+    optimizer = setup_optimizer(plan, model)
     scheduler = setup_scheduler(config, optimizer)
-    data = setup_data(plan, parallel, packed=packed)
+    data = setup_data(plan, parallel)
     state = restore(plan, parallel, model, optimizer)
-    scheduler.num_steps = state.step
+    scheduler.num_steps = state.updates
     reporting = open_reporting(plan, parallel, step=state.step, resumed_from=state.resumed_from)
     parts = Parts(
         plan=plan,
@@ -152,7 +150,7 @@ def train_loop(parts: Parts, state: LoopState) -> str:
             raise Preempted(checkpoint)
         if config.save_interval and state.step % config.save_interval == 0:
             save(parts, state)
-    if state.last_saved_step != state.step:
+    if config.final_checkpoint and state.last_saved_step != state.step:
         save(parts, state)
     return "completed"
 
@@ -167,7 +165,7 @@ def train_step(parts: Parts, state: LoopState) -> tuple[dict[str, Any], bool]:
     for chunk in parts.model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    parts.scheduler.step(1)  # the rate of this step: see build.setup_scheduler
+    parts.scheduler.step(1)  # the rate of this update: see build.setup_scheduler
 
     batches = data.sampler.micro_batches(state.step)
     forward_backward = get_forward_backward_func()
@@ -188,16 +186,17 @@ def train_step(parts: Parts, state: LoopState) -> tuple[dict[str, Any], bool]:
     loss = loss_sum / target_tokens if target_tokens else 0.0
 
     # Gradients are ready (reduced over data parallel, divided by target_tokens). Look at
-    # their norm before megatron-core's step, which would apply a non-finite update.
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
+    # their norm before updating: a non-finite step is skipped, not applied.
+    grad_norm, found_inf = prepared_grad_norm(optimizer)
     running_mean = monitor.running_mean
     skip, spike = monitor.observe(loss, grad_norm)
+    skip = skip or found_inf
     if not skip:
-        succeeded, clipped_norm, _ = optimizer.step()  # clips to config.clip_grad
-        skip = not succeeded
-        if clipped_norm is not None:
-            grad_norm = float(clipped_norm)
+        skip = not apply_update(optimizer, grad_norm)  # clipped to --clip-grad by grad_norm
+    if skip:  # no update: the schedule stays where it was for the next step
+        parts.scheduler.step(-1)
+    else:
+        state.updates += 1
     state.step += 1
     if parts.parallel.on_accelerator:
         torch.cuda.synchronize()

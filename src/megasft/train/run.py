@@ -58,6 +58,8 @@ class LoopState:
     monitor: StabilityMonitor
     step: int = 0
     """Optimizer steps completed."""
+    updates: int = 0
+    """Steps whose update was applied (not skipped): where the learning-rate schedule is."""
     totals: dict[str, float] = field(
         default_factory=lambda: {
             "tokens": 0,
@@ -141,6 +143,8 @@ def restore(
         plan.resume_from, model, optimizer, world_size=parallel.world_size, adapters_only=peft
     )
     state.step = saved["step"]
+    # Checkpoints written before skipped steps held the schedule back advanced it every step.
+    state.updates = saved.get("updates", state.step)
     state.monitor.restore(saved["monitor"])
     state.totals = saved["totals"]
     state.last_val_loss = saved.get("last_val_loss")
@@ -164,6 +168,7 @@ def save(parts: Parts, state: LoopState) -> Path:
     config = parts.config
     train_state = {
         "step": state.step,
+        "updates": state.updates,
         "adam_step": adam_step(parts.optimizer),
         "train_iters": config.train_iters,
         "consumed_samples": state.step * config.global_batch_size,
@@ -173,6 +178,8 @@ def save(parts: Parts, state: LoopState) -> Path:
         "last_val_loss": state.last_val_loss,
         "identity": data_identity(parts.plan),
         "config": asdict(config),
+        # what the optimizer state's form depends on, as resolved (see megasft.train.resume)
+        "layout": {"distributed_optimizer": parts.plan.distributed_optimizer},
     }
     if config.peft is not None:
         train_state["peft"] = {**asdict(config.peft_settings), "base": base_reference(config)}
