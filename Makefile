@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pinned so that pip never pulls the CUDA wheels on a machine without a GPU.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: setup test lint format demo demo-moe bench clean images compile setup-compat test-compat
+.PHONY: setup test lint format demo demo-moe bench clean images compile setup-compat test-compat gpu-check
 
 # kubectl renders the manifests for tests/deploy (`kubectl kustomize`, kustomize v5 from kubectl
 # 1.27 on; those tests skip without it). Where it is absent, setup installs it from the
@@ -100,10 +100,20 @@ demo-moe: setup
 compile: setup
 	$(BIN)/megasft pipeline compile --output build/sft-pipeline.yaml
 
-# Every benchmark under bench/, or a chosen few: make bench BENCHES=bench/prepare.py
-BENCHES ?= $(wildcard bench/*.py)
+# Every benchmark under bench/ (the GPU check has its own target), or a chosen few:
+# make bench BENCHES=bench/prepare.py
+BENCHES ?= $(filter-out bench/gpu_check%.py,$(wildcard bench/*.py))
 bench: setup
 	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# One command for a fresh CUDA/ROCm machine (bench/gpu_check.py; docs/train.md, "Checking a GPU
+# machine"). Not through setup: it runs on the machine's own Python and torch, offline.
+# WHEELS=DIR installs the wheels there first (megatron-core's), OUTPUT=DIR takes the report,
+# DRY_RUN=1 runs the same code at tiny shapes on the CPU.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --output $(or $(OUTPUT),gpu-check) \
+		$(if $(WHEELS),--wheels $(WHEELS)) $(if $(DRY_RUN),--dry-run)
 
 # The container images under docker/, named by src/megasft/images.py (MEGASFT_IMAGE_REGISTRY,
 # MEGASFT_IMAGE_TAG). IMAGES picks images (make images IMAGES="cpu mlflow"); PUSH=1 pushes them.

@@ -30,46 +30,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GOALS = {"fp32_logits": 1e-4, "bf16_logits": 2e-2, "speedup": 1.0, "mfu": 0.40}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The model, data and run sizes of one check."""
-
-    hidden_size: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn_hidden_size: int
-    vocab_size: int
-    seq_length: int
-    documents: int
-    """Synthetic documents, of lengths between min_document and max_document tokens."""
-    min_document: int
-    max_document: int
-    steps: int
-    global_batch_size: int
-    """Packed rows per step (one per micro-batch)."""
-    parity_tokens: tuple[int, int]
-    """[b, s] of the logits comparison."""
-    precision: str
-    """Of training and throughput: bf16 on a GPU, fp32 for the CPU dry run."""
-
-
-LLAMA_1B = Shape(2048, 16, 32, 8, 8192, 128256, 4096, 400, 128, 2048, 20, 8, (2, 1024), "bf16")
-TINY = Shape(64, 2, 4, 2, 128, 512, 256, 120, 16, 200, 4, 4, (2, 64), "fp32")
-SKIPPED_STEPS = 3
-"""Steps left out of the throughput medians (allocation, kernel selection, compilation)."""
+INSTALLED_WHEELS_ENV = "MEGASFT_GPU_CHECK_WHEELS"
+"""Set by the restart after --wheels: the wheels installed, for the report."""
 
 
 def main() -> None:
@@ -82,13 +52,23 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     if args.wheels:
         install_wheels_and_restart(args.wheels, args.output)
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a GPU machine
     sys.path.insert(0, str(REPO / "src"))
     import torch
+    from gpu_check_runs import (
+        LLAMA_1B,
+        TINY,
+        attentions,
+        build_model,
+        megasft_training,
+        parity,
+        transformers_training,
+        write_datasets,
+    )
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA/ROCm device; use --dry-run for the CPU")
-    if args.dry_run:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a GPU machine
     shape = TINY if args.dry_run else LLAMA_1B
     started = time.perf_counter()
     report: dict = {"environment": environment(), "shape": asdict(shape)}
@@ -104,12 +84,12 @@ def main() -> None:
         report["training"], report["throughput"] = {}, {}
         for attention in attentions():
             training = megasft_training(work, data, mcore, shape, attention)
-            report["throughput"][f"megasft_{attention}_attention"] = training.pop("throughput")
+            # "megasft" is what `--attention auto` runs: the last of attentions()
+            default = attention == attentions()[-1]
+            name = "megasft" if default else f"megasft_{attention}_attention"
+            report["throughput"][name] = training.pop("throughput")
             report["training"][attention] = training
             phase.done(f"megasft training, {attention} attention")
-        report["throughput"]["megasft"] = report["throughput"][
-            f"megasft_{attentions()[-1]}_attention"
-        ]
         report["throughput"]["transformers"] = transformers_training(hf, mcore, data, shape)
         phase.done("transformers training")
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -147,9 +127,9 @@ def install_wheels_and_restart(wheels: Path, output: Path) -> None:
         if not argument.startswith("--wheels="):
             arguments.append(argument)
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    os.execve(
-        sys.executable, [sys.executable, __file__, *arguments], {**os.environ, "PYTHONPATH": path}
-    )
+    names = os.pathsep.join(Path(file).name for file in files)
+    environment = {**os.environ, "PYTHONPATH": path, INSTALLED_WHEELS_ENV: names}
+    os.execve(sys.executable, [sys.executable, __file__, *arguments], environment)
 
 
 def environment() -> dict:
@@ -183,285 +163,16 @@ def environment() -> dict:
         "transformer_engine": version("transformer-engine") or version("transformer_engine"),
         "transformer_engine_importable": transformer_engine_installed(),
         "apex_gradient_accumulation_fusion": gradient_accumulation_fusion_available(),
-    }
-
-
-def attentions() -> list[str]:
-    """The attentions to check: torch always, Transformer Engine where it runs (last: the
-    default, `--attention auto`, where present)."""
-    import torch
-
-    from megasft.megatron.attention import transformer_engine_installed
-
-    if torch.cuda.is_available() and transformer_engine_installed():
-        return ["torch", "te"]
-    return ["torch"]
-
-
-def hf_config(shape: Shape):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-        intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
-
-
-def build_model(work: Path, shape: Shape) -> tuple[Path, Path]:
-    """The random model as a bf16 Hugging Face directory, and converted to megatron-core."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from megasft.checkpoint.convert import convert
-
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):  # initialised on the device: seconds instead of a minute
-        model = LlamaForCausalLM(hf_config(shape)).to(torch.bfloat16)
-    model.save_pretrained(work / "hf")
-    del model
-    convert("hf", "megatron", work / "hf", work / "mcore")
-    return work / "hf", work / "mcore"
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
-    """Max abs difference of megatron-core's logits from transformers', per precision and
-    attention, on random tokens (TF32 off, so that fp32 is fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from megasft.megatron.builder import build_model, transformer_config
-    from megasft.megatron.parallel import destroy_parallel, initialize_parallel
-    from megasft.megatron.weights import load_weights, read_architecture
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = _device()
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, shape.vocab_size, shape.parity_tokens, generator=generator)
-    tokens = tokens.to(device)
-    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    architecture = read_architecture(mcore)
-    initialize_parallel(1, 1)
-    results: dict = {}
-    try:
-        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            reference = AutoModelForCausalLM.from_pretrained(
-                hf, dtype=dtype, attn_implementation="sdpa"
-            ).to(device)
-            with torch.no_grad():
-                expected = reference(tokens).logits.float()
-            del reference
-            results[precision] = {}
-            for attention in attentions():
-                if attention == "te" and precision == "fp32":
-                    continue  # Transformer Engine: bf16 (see megasft.megatron.attention)
-                config = transformer_config(
-                    architecture, params_dtype=dtype, perform_initialization=False
-                )
-                model = build_model(
-                    architecture, config, parallel_output=False, attention=attention
-                )
-                load_weights(model, mcore)
-                model.eval()
-                with torch.no_grad():
-                    logits = model(tokens, positions, None)[..., : architecture.vocab_size]
-                difference = (logits.float() - expected).abs().max().item()
-                results[precision][attention] = {
-                    "max_abs_diff": difference,
-                    "goal": GOALS[f"{precision}_logits"],
-                    "passed": difference <= GOALS[f"{precision}_logits"],
-                }
-                del model, logits
-            del expected
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    finally:
-        destroy_parallel()
-    return results
-
-
-def write_datasets(work: Path, shape: Shape) -> dict:
-    """Synthetic SFT documents (a quarter prompt, the rest targets), packed into rows of
-    seq_length, as a `megasft prepare` output; and the documents of step 1's packed rows one
-    per row, for packed == unpacked."""
-    import numpy as np
-
-    from megasft.data.packing import pack_best_fit_decreasing
-    from megasft.train.data import StepSampler
-
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(shape.min_document, shape.max_document + 1, size=shape.documents)
-    ids = [rng.integers(3, shape.vocab_size, size=n).astype(np.int32) for n in lengths]
-    masks = []
-    for n in lengths:
-        mask = np.ones(n, np.int8)
-        mask[: max(1, n // 4)] = 0
-        masks.append(mask)
-    rows = pack_best_fit_decreasing(np.asarray(lengths), shape.seq_length)
-    packed = work / "packed"
-    _write_split(packed, shape, [[ids[d] for d in row] for row in rows],
-                 [[masks[d] for d in row] for row in rows], pack=True)  # fmt: skip
-    sampler = StepSampler(len(rows), shape.global_batch_size, 1, 1, 0, seed=1234)
-    first = [d for row in sampler.global_batch(0) for d in rows[int(row)]]
-    unpacked = work / "unpacked"
-    _write_split(
-        unpacked, shape, [[ids[d]] for d in first], [[masks[d]] for d in first], pack=False
-    )
-    return {"packed": packed, "unpacked": unpacked, "rows": rows, "lengths": lengths,
-            "ids": ids, "masks": masks, "first_batch_documents": len(first)}  # fmt: skip
-
-
-def _write_split(directory: Path, shape: Shape, ids, masks, pack: bool) -> None:
-    import numpy as np
-
-    from megasft.data.store import MANIFEST_FILE, SplitWriter, example_batch, split_file
-
-    directory.mkdir(parents=True)
-    train = SplitWriter(split_file(directory, "train"))
-    train.write(
-        example_batch(
-            [np.concatenate(row) for row in ids],
-            [np.concatenate(row) for row in masks],
-            [[len(document) for document in row] for row in ids],
-        )
-    )
-    train.close()
-    SplitWriter(split_file(directory, "val")).close()
-    manifest = {
-        "settings": {"seq_length": shape.seq_length, "pack": pack},
-        "tokenizer": {"vocab_size": shape.vocab_size, "path": "synthetic"},
-        "source": "bench/gpu_check.py synthetic documents",
-    }
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-
-
-def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attention: str) -> dict:
-    """`megasft.train` on the packed rows (shape.steps steps), then one step on step 1's
-    documents one per row; losses, packed == unpacked, throughput."""
-    from megasft.train.config import TrainConfig
-    from megasft.train.metrics import read_metrics
-    from megasft.train.recipe import train
-
-    def run(name: str, dataset: Path, steps: int, global_batch_size: int) -> list[dict]:
-        save = work / f"run-{attention}-{name}"
-        train(
-            TrainConfig(
-                data=str(dataset), load=str(mcore), save=str(save), train_iters=steps,
-                global_batch_size=global_batch_size, micro_batch_size=1,
-                precision=shape.precision, attention=attention, lr=1e-5, min_lr=1e-5,
-                warmup_iters=0, final_checkpoint=False, seed=1234,
-            )
-        )  # fmt: skip
-        return read_metrics(save / "metrics.jsonl")
-
-    packed = run("packed", data["packed"], shape.steps, shape.global_batch_size)
-    unpacked = run("unpacked", data["unpacked"], 1, data["first_batch_documents"])
-    packed_loss, unpacked_loss = packed[0]["loss"], unpacked[0]["loss"]
-    tolerance = 1e-4 if shape.precision == "fp32" else 2e-2
-    timed = packed[SKIPPED_STEPS:] or packed
-    return {
-        "losses": [record["loss"] for record in packed],
-        "packed_loss": packed_loss,
-        "unpacked_loss": unpacked_loss,
-        "packed_equals_unpacked": abs(packed_loss - unpacked_loss) <= tolerance * unpacked_loss,
-        "relative_tolerance": tolerance,
-        "throughput": {
-            "attention": attention,
-            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in timed),
-            "tflops_per_device": statistics.median(r["tflops_per_device"] for r in timed),
-            "mfu": statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] else None,
-            "step_seconds": statistics.median(r["step_seconds"] for r in timed),
-        },
-    }
-
-
-def transformers_training(hf: Path, mcore: Path, data: dict, shape: Shape) -> dict:
-    """A plain transformers loop over the same packed rows and steps: bf16 weights, fused
-    AdamW, micro-batches of one padding-free row (position ids restart at each document, so
-    transformers keeps documents apart), the loss summed over targets / the step's targets."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    from megasft.megatron.weights import read_architecture
-    from megasft.train.data import StepSampler
-    from megasft.train.metrics import model_flops, peak_tflops
-
-    device = _device()
-    dtype = torch.bfloat16 if shape.precision == "bf16" else torch.float32
-    implementation = "sdpa"
-    try:
-        import flash_attn  # noqa: F401
-
-        implementation = "flash_attention_2"
-    except ImportError:
-        pass
-    model = AutoModelForCausalLM.from_pretrained(
-        hf, dtype=dtype, attn_implementation=implementation
-    ).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda"
-    )
-    architecture = read_architecture(mcore)
-    peak = (
-        peak_tflops(torch.cuda.get_device_name(), shape.precision)
-        if device.type == "cuda"
-        else None
-    )
-    rows, ids, masks = data["rows"], data["ids"], data["masks"]
-    sampler = StepSampler(len(rows), shape.global_batch_size, 1, 1, 0, seed=1234)
-    timings = []
-    for step in range(shape.steps):
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        row_indices = [int(row) for row in sampler.global_batch(step)]
-        documents = [d for row in row_indices for d in rows[row]]
-        targets = sum(int(masks[d][1:].sum()) for d in documents)
-        for row in row_indices:
-            tokens = torch.from_numpy(np.concatenate([ids[d] for d in rows[row]])).long()
-            positions = torch.cat([torch.arange(len(ids[d])) for d in rows[row]])
-            # a target is predicted from the token before it, within its document
-            weights = torch.cat([torch.from_numpy(np.r_[masks[d][1:], 0]) for d in rows[row]])
-            tokens, positions, weights = (t.to(device)[None] for t in (tokens, positions, weights))
-            logits = model(input_ids=tokens, position_ids=positions).logits  # [1, n, v]
-            labels = torch.roll(tokens, -1, dims=1)
-            losses = F.cross_entropy(logits[0].float(), labels[0], reduction="none")
-            (losses * weights[0].float()).sum().div(targets).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        lengths = [len(ids[d]) for d in documents]
-        timings.append((seconds, sum(lengths), model_flops(architecture, lengths) / seconds / 1e12))
-    timed = timings[SKIPPED_STEPS:] or timings
-    tflops = statistics.median(t[2] for t in timed)
-    del model, optimizer
-    return {
-        "attention": implementation,
-        "tokens_per_second": statistics.median(t[1] / t[0] for t in timed),
-        "tflops_per_device": tflops,
-        "mfu": tflops / peak if peak else None,
-        "step_seconds": statistics.median(t[0] for t in timed),
+        "installed_wheels": [
+            name for name in os.environ.get(INSTALLED_WHEELS_ENV, "").split(os.pathsep) if name
+        ],
     }
 
 
 def markdown(report: dict) -> str:
     """The results as a Markdown table, each against its goal."""
+    from gpu_check_runs import GOALS
+
     environment = report["environment"]
     lines = [
         f"megasft GPU check on {environment['device']} (torch {environment['torch']}, "
@@ -481,8 +192,9 @@ def markdown(report: dict) -> str:
     for attention, result in report["training"].items():
         lines.append(
             f"| step-1 loss packed vs unpacked, {attention} attention | "
-            f"{result['packed_loss']:.5f} vs {result['unpacked_loss']:.5f} | equal within "
-            f"{result['relative_tolerance']:g} relative |"
+            f"{result['packed_loss']:.5f} vs {result['unpacked_loss']:.5f} "
+            f"({result['relative_difference']:.1e}) | ≤ {result['relative_tolerance']:g} "
+            "relative |"
         )
         lines.append(
             f"| loss over {len(result['losses'])} steps, {attention} attention | "
@@ -491,10 +203,11 @@ def markdown(report: dict) -> str:
     throughput = report["throughput"]
     for name, result in throughput.items():
         mfu = f", MFU {result['mfu']:.1%}" if result.get("mfu") else ""
+        goal = f"≥ {GOALS['mfu']:.0%} MFU" if name == "megasft" else ""
         lines.append(
             f"| {name} ({result['attention']} attention): tokens/s | "
-            f"{result['tokens_per_second']:,.0f} ({result['tflops_per_device']:.1f} TFLOP/s"
-            f"{mfu}) | {'≥ 40% MFU' if name == 'megasft' else ''} |"
+            f"{result['tokens_per_second']:,.0f} ({result['tflops_per_device']:.3g} TFLOP/s"
+            f"{mfu}) | {goal} |"
         )
     ratio = (
         throughput["megasft"]["tokens_per_second"] / throughput["transformers"]["tokens_per_second"]

@@ -1,6 +1,7 @@
 """Benchmark of `megasft train`: against a plain PyTorch loop, and packed vs unpacked rows.
 
     python bench/train.py [--examples 384] [--steps 10] [--seq-length 512] [--threads N]
+                          [--json FILE]
 
 Data: GSM8K train questions and answers from ../shared when present (generated word problems
 otherwise), in ChatML, tokenized by a byte-level BPE of 8,192 tokens trained on that text
@@ -21,7 +22,10 @@ Printed side by side from one run, all on the CPU in fp32 with the same threads,
 
 as tokens/s (real tokens, padding excluded) and trained tokens/s (target tokens), from the
 median step time over the steps after the first two (the fastest step is shown too: on a
-shared machine the median moves with the other load).
+shared machine the median moves with the other load). Goals: megasft on the same rows at
+least 0.8x the plain loop's tokens/s, on packed rows at least 2x. `--json FILE` writes the
+figures (`plain_tokens_per_s`, `megasft_unpacked_tokens_per_s`, `megasft_packed_tokens_per_s`,
+the ratios, the conditions).
 
 With a CUDA/ROCm device (and Transformer Engine), it also trains a Llama-3.2-1B-shaped
 model (hidden 2048, 16 layers, 32 heads, 8 key/value groups, SwiGLU 8192) in bf16 on packed
@@ -292,7 +296,9 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
     parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="megasft-bench-train-") as scratch:
         work = Path(scratch)
@@ -355,10 +361,42 @@ def main() -> None:
                 f"{name:<44} {result['trainable']:>12,} "
                 f"{result['optimizer_bytes'] / 1e6:>13.2f} {result['peak_mib']:>13.0f}"
             )
+    per_second = {name: result["tokens"] / result["seconds"] for name, result in results.items()}
+    plain = per_second["plain PyTorch + transformers, one per row"]
+    unpacked = per_second["megasft train, one example per row"]
+    packed = per_second["megasft train, packed rows"]
+    print(
+        f"megasft / plain, same rows: {unpacked / plain:.2f}x (goal 0.8x); packed / plain: "
+        f"{packed / plain:.2f}x (goal 2x); load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
     if gpu is None:
         print("GPU: no CUDA/ROCm device here; the Transformer Engine / bf16 / MFU run was skipped")
     else:
         print(f"GPU (Llama-3.2-1B shape, bf16, packed 4096, Transformer Engine): {gpu}")
+    if args.json:
+        best = {name: result["tokens"] / result["best"] for name, result in results.items()}
+        figures = {
+            "plain_tokens_per_s": round(plain, 1),
+            "megasft_unpacked_tokens_per_s": round(unpacked, 1),
+            "megasft_packed_tokens_per_s": round(packed, 1),
+            "unpacked_over_plain": round(unpacked / plain, 3),
+            "packed_over_plain": round(packed / plain, 3),
+            "best_step_tokens_per_s": {name: round(value, 1) for name, value in best.items()},
+            "runs": results,
+            "conditions": {
+                "threads": args.threads,
+                "cpu_count": os.cpu_count(),
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg()[0],
+                "seq_length": args.seq_length,
+                "steps": args.steps,
+                "data": source,
+                "processor": platform.processor() or platform.machine(),
+            },
+            "gpu": gpu,
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":
