@@ -161,7 +161,7 @@ def packed_attention(
     """Packed documents: query [t, heads, d], key and value [t, groups, d], documents
     delimited by `params.cu_seqlens_q`. Returns [t, heads * d]."""
     total, heads, head_dim = query.shape
-    kernel = packed_kernel(query)
+    kernel = packed_kernel(query, window)
     if kernel == "varlen":
         output = _varlen(query, key, value, params, scale, window)
     elif kernel == "flex":
@@ -171,11 +171,13 @@ def packed_attention(
     return output.reshape(total, heads * head_dim)
 
 
-def packed_kernel(query: torch.Tensor) -> str:
+def packed_kernel(query: torch.Tensor, window: int | None = None) -> str:
     """The kernel packed documents use for `query`'s device and dtype (see PACKED_KERNELS).
 
-    `varlen` needs torch's `varlen_attn` (torch >= 2.9), a CUDA device and bf16/fp16;
-    `flex` needs FlexAttention and a GPU; `sdpa` (one call per document) runs anywhere.
+    `varlen` needs torch's `varlen_attn` (torch >= 2.9; with a sliding window, one that takes
+    `window_size`), an NVIDIA GPU and bf16/fp16; `flex` needs FlexAttention and a GPU (on
+    ROCm it comes first: its Triton kernels are the better-trodden path there); `sdpa` (one
+    call per document) runs anywhere.
     """
     chosen = os.environ.get(PACKED_KERNEL_ENV)
     if chosen:
@@ -186,11 +188,12 @@ def packed_kernel(query: torch.Tensor) -> str:
         return chosen
     if query.device.type != "cuda":
         return "sdpa"
-    if query.dtype in (torch.bfloat16, torch.float16) and _varlen_function() is not None:
+    varlen = query.dtype in (torch.bfloat16, torch.float16) and _varlen_keywords(window)
+    if varlen and not torch.version.hip:
         return "varlen"
     if _flex_function() is not None:
         return "flex"
-    return "sdpa"
+    return "varlen" if varlen else "sdpa"
 
 
 @functools.cache
@@ -200,6 +203,29 @@ def _varlen_function():
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    import inspect
+
+    function = _varlen_function()
+    return frozenset(inspect.signature(function).parameters) if function else frozenset()
+
+
+def _varlen_keywords(window: int | None) -> dict | None:
+    """The installed `varlen_attn`'s keywords for causal attention within `window`, or None
+    where it has no such form (its first releases took `is_causal` and no window)."""
+    parameters = _varlen_parameters()
+    if "window_size" in parameters:
+        keywords: dict[str, Any] = {"window_size": (-1 if window is None else window, 0)}
+    elif "is_causal" in parameters and window is None:
+        keywords = {"is_causal": True}
+    else:
+        return None
+    if "enable_gqa" in parameters:
+        keywords["enable_gqa"] = True
+    return keywords
 
 
 @functools.cache
@@ -213,28 +239,26 @@ def _flex_function():
 
 
 def _varlen(query, key, value, params: PackedSeqParams, scale, window):
-    import inspect
-
-    varlen_attn = _varlen_function()
-    keywords = {"scale": scale, "window_size": (-1 if window is None else window, 0)}
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-        keywords["enable_gqa"] = True
-    else:
+    keywords = _varlen_keywords(window)
+    if keywords is None:
+        raise ConfigError(
+            f"{PACKED_KERNEL_ENV}=varlen: this torch's varlen_attn cannot do causal attention"
+            f"{' within a window' if window is not None else ''}; choose flex or sdpa"
+        )
+    if not keywords.get("enable_gqa"):
         key, value = _repeat_groups(key, value, query.size(1), dim=1)
     cu_seqlens = params.cu_seqlens_q.to(torch.int32)
-    return varlen_attn(
-        query,
-        key,
-        value,
-        cu_seqlens,
-        cu_seqlens,
-        int(params.max_seqlen_q),
-        int(params.max_seqlen_q),
-        **keywords,
+    max_length = int(params.max_seqlen_q)
+    # the flash kernels want the head dimension contiguous
+    query, key, value = (tensor.contiguous() for tensor in (query, key, value))
+    return _varlen_function()(
+        query, key, value, cu_seqlens, cu_seqlens, max_length, max_length, scale=scale, **keywords
     )
 
 
-_block_masks: dict[tuple, Any] = {}
+_block_masks: dict[str, Any] = {"params": None, "by_window": {}}
+"""The block masks of the micro-batch whose PackedSeqParams is "params", by window: built once
+and shared by its layers. Holding that object keeps its identity from being reused."""
 
 
 def _flex(query, key, value, params: PackedSeqParams, scale, window):
@@ -242,25 +266,25 @@ def _flex(query, key, value, params: PackedSeqParams, scale, window):
 
     total = query.size(0)
     cu_seqlens = params.cu_seqlens_q
-    # One mask per micro-batch, shared by its layers: keyed by the boundaries' storage.
-    cache_key = (cu_seqlens.data_ptr(), total, window)
-    block_mask = _block_masks.get(cache_key)
+    if _block_masks["params"] is not params:
+        _block_masks.update(params=params, by_window={})
+    block_mask = _block_masks["by_window"].get(window)
     if block_mask is None:
         positions = torch.arange(total, device=query.device)
         # document[i]: the index of the document token i belongs to
         document = torch.searchsorted(cu_seqlens[1:].to(positions), positions, right=True)
 
         def document_causal(batch, head, query_index, key_index):
+            # no in-place operators: the compiled kernel evaluates this per block of scores
             allowed = (document[query_index] == document[key_index]) & (query_index >= key_index)
             if window is not None:
-                allowed &= query_index - key_index <= window
+                allowed = allowed & (query_index - key_index <= window)
             return allowed
 
         block_mask = create_block_mask(
             document_causal, None, None, total, total, device=query.device
         )
-        _block_masks.clear()
-        _block_masks[cache_key] = block_mask
+        _block_masks["by_window"][window] = block_mask
     # [t, n, d] -> [1, n, t, d]
     query, key, value = (tensor.transpose(0, 1)[None] for tensor in (query, key, value))
     output = _flex_function()(
