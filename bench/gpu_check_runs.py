@@ -213,7 +213,6 @@ def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attentio
     """`megasft.train` on the packed rows (shape.steps steps), then one step on step 1's
     documents one per row; losses, packed == unpacked, throughput."""
     from megasft.train.config import TrainConfig
-    from megasft.train.metrics import read_metrics
     from megasft.train.recipe import train
 
     def run(name: str, dataset: Path, steps: int, global_batch_size: int) -> list[dict]:
@@ -226,7 +225,8 @@ def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attentio
                 warmup_iters=0, final_checkpoint=False, seed=1234,
             )
         )  # fmt: skip
-        return read_metrics(save / "metrics.jsonl")
+        lines = (save / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     packed = run("packed", data["packed"], shape.steps, shape.global_batch_size)
     unpacked = run("unpacked", data["unpacked"], 1, data["first_batch_documents"])
