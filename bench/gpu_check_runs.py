@@ -86,10 +86,29 @@ def build_model(work: Path, shape: Shape) -> tuple[Path, Path]:
     return work / "hf", work / "mcore"
 
 
+def read_architecture(checkpoint: Path):
+    """The ModelArchitecture saved with a megasft megatron checkpoint."""
+    from megasft.constants import ARCHITECTURE_FILE
+    from megasft.megatron.architecture import ModelArchitecture
+
+    return ModelArchitecture.load(Path(checkpoint) / ARCHITECTURE_FILE)
+
+
 def _device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _free_device_memory() -> None:
+    """Return what the previous phase's models held to the device before the next builds."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
@@ -100,7 +119,7 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
 
     from megasft.megatron.builder import build_model, transformer_config
     from megasft.megatron.parallel import destroy_parallel, initialize_parallel
-    from megasft.megatron.weights import load_weights, read_architecture
+    from megasft.megatron.weights import load_weights
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -213,6 +232,8 @@ def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attentio
     """`megasft.train` on the packed rows (shape.steps steps), then one step on step 1's
     documents one per row; losses, packed == unpacked, throughput."""
     from megasft.train.config import TrainConfig
+
+    _free_device_memory()
     from megasft.train.recipe import train
 
     def run(name: str, dataset: Path, steps: int, global_batch_size: int) -> list[dict]:
@@ -256,12 +277,12 @@ def transformers_training(hf: Path, mcore: Path, data: dict, shape: Shape) -> di
     """A plain transformers loop over the same packed rows and steps: bf16 weights, fused
     AdamW, micro-batches of one padding-free row (position ids restart at each document, so
     transformers keeps documents apart), the loss summed over targets / the step's targets."""
+    _free_device_memory()
     import numpy as np
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from megasft.megatron.weights import read_architecture
     from megasft.train.data import StepSampler
     from megasft.train.metrics import model_flops, peak_tflops
 

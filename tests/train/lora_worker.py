@@ -73,8 +73,9 @@ def other_base(save: Path, inputs: dict) -> dict:
     shutil.copytree(inputs["mcore_model"], changed)
     (changed / "architecture.json").write_text((changed / "architecture.json").read_text() + "\n")
     try:
+        # the checkpoint's own --train-iters: a changed schedule would be refused first
         train_worker.run(save / "run", {**inputs, "mcore_model": str(changed)}, **LORA,
-                         train_iters=2)  # fmt: skip
+                         train_iters=1, warmup_iters=0)  # fmt: skip
     except ConfigError as error:
         return {"refused": str(error)}
     return {"refused": None}
