@@ -123,8 +123,19 @@ def rows_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """Rows: query [s, b, heads, d], key and value [s, b, groups, d]; `attention_mask`
-    [b, 1, s, s] with True = masked out, or None for plain causal. Returns [s, b, heads * d]."""
+    """Causal attention over rows, one SDPA call.
+
+    Args:
+        query: [s, b, heads, d].
+        key, value: [s, b, groups, d]; each group serves heads / groups query heads.
+        attention_mask: [b, 1, s, s] bool, True = masked out (megatron-core's convention), or
+            None for plain causal attention.
+        scale: the softmax scale.
+        window: keys at most this far before the query are seen (None: all).
+
+    Returns:
+        [s, b, heads * d].
+    """
     seq_len, batch, heads, head_dim = query.shape
     # [s, b, n, d] -> [b, n, s, d], the layout SDPA takes
     query, key, value = (tensor.permute(1, 2, 0, 3) for tensor in (query, key, value))
@@ -158,8 +169,21 @@ def packed_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """Packed documents: query [t, heads, d], key and value [t, groups, d], documents
-    delimited by `params.cu_seqlens_q`. Returns [t, heads * d]."""
+    """Causal attention within each of the documents packed into one sequence.
+
+    Args:
+        query: [t, heads, d].
+        key, value: [t, groups, d].
+        params: `cu_seqlens_q` delimits the documents (and padding segments).
+        scale: the softmax scale.
+        window: keys at most this far before the query are seen (None: all).
+
+    Returns:
+        [t, heads * d].
+
+    Raises:
+        ConfigError: a kernel forced by MEGASFT_PACKED_ATTENTION that cannot run here.
+    """
     total, heads, head_dim = query.shape
     kernel = packed_kernel(query, window)
     if kernel == "varlen":
@@ -178,6 +202,16 @@ def packed_kernel(query: torch.Tensor, window: int | None = None) -> str:
     `window_size`), an NVIDIA GPU and bf16/fp16; `flex` needs FlexAttention and a GPU (on
     ROCm it comes first: its Triton kernels are the better-trodden path there); `sdpa` (one
     call per document) runs anywhere.
+
+    Args:
+        query: the queries (only their device and dtype are read).
+        window: the layer's sliding window, if any.
+
+    Returns:
+        One of PACKED_KERNELS.
+
+    Raises:
+        ConfigError: MEGASFT_PACKED_ATTENTION names no kernel.
     """
     chosen = os.environ.get(PACKED_KERNEL_ENV)
     if chosen:

@@ -14,16 +14,29 @@ import torch
 
 
 def prepared_grad_norm(optimizer: Any) -> tuple[float, bool]:
-    """Prepare the reduced gradients for the update and return (their total norm, whether
-    megatron-core found an Inf/NaN while preparing them, which only fp16 scaling reports)."""
+    """Prepare the reduced gradients for the update (once per step).
+
+    Args:
+        optimizer: megatron-core's optimizer, after the step's backward passes.
+
+    Returns:
+        (the gradients' total norm over every rank, whether megatron-core found an Inf/NaN
+        while preparing them, which only fp16 loss scaling reports).
+    """
     found_inf = bool(optimizer.prepare_grads())
     return float(optimizer.get_grad_norm()), found_inf
 
 
 @torch.no_grad()
 def apply_update(optimizer: Any, grad_norm: float) -> bool:
-    """Clip the prepared gradients to the optimizer's clip_grad by `grad_norm` (their total
-    norm over every rank), then update the weights. Returns whether the update was applied.
+    """Clip the prepared gradients to the optimizer's clip_grad, then update the weights.
+
+    Args:
+        optimizer: megatron-core's optimizer, after `prepared_grad_norm`.
+        grad_norm: the norm `prepared_grad_norm` returned (clipping scales by it).
+
+    Returns:
+        Whether the update was applied.
     """
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
