@@ -1,14 +1,12 @@
-"""The training runs the tests in this folder share: the inputs, then one single-process and
-one two-process worker launch per session (see train_worker.py)."""
+"""The training runs the tests in this folder share: the inputs (one workspace per session),
+then one launch per worker mode (see train_worker.py): single-process and two-process runs of
+the dense model, and the same for the mixture-of-experts model."""
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
-from tests.train.launching import WORKER, launch
+from tests.train.launching import WORKER, run_mode
 from tests.train.workspace import Workspace, make_workspace
 
 
@@ -22,17 +20,19 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="session")
 def single(workspace) -> dict:
-    launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=900)
-    return json.loads((workspace.root / "results_single.json").read_text())
+    return run_mode(WORKER, "single", workspace.root)
 
 
 @pytest.fixture(scope="session")
 def parallel(workspace) -> dict:
-    launch(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),
-        ],
-        timeout=900,
-    )  # fmt: skip
-    return json.loads((workspace.root / "results_parallel.json").read_text())
+    return run_mode(WORKER, "parallel", workspace.root, processes=2)
+
+
+@pytest.fixture(scope="session")
+def moe_single(workspace) -> dict:
+    return run_mode(WORKER, "moe_single", workspace.root)
+
+
+@pytest.fixture(scope="session")
+def moe_parallel(workspace) -> dict:
+    return run_mode(WORKER, "moe_parallel", workspace.root, processes=2)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -22,6 +25,17 @@ def launch(command: list[str], timeout: int) -> None:
         command, env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def run_mode(worker: Path, mode: str, work: Path, processes: int = 1) -> dict:
+    """Runs one mode of a worker (train_worker.py or lora_worker.py) on the workspace `work`,
+    in one process or under torchrun; its results, {scenario: result}."""
+    command = [sys.executable, str(worker), mode, str(work)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", str(processes)]  # fmt: skip
+    launch(command, timeout=900)
+    return json.loads((work / f"results_{mode}.json").read_text())
 
 
 def result_of(results: dict, name: str) -> dict:

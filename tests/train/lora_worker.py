@@ -1,7 +1,7 @@
 """LoRA trainings for tests/train/test_lora.py, run as train_worker.py runs its own:
 
-    python lora_worker.py single WORK [SCENARIO ...]
-    torchrun --nproc-per-node 2 lora_worker.py parallel WORK [...]
+    python lora_worker.py lora_single WORK [SCENARIO ...]
+    torchrun --nproc-per-node 2 lora_worker.py lora_parallel WORK [...]
 
 Each scenario is `train_worker.run` with --peft lora (rank 4, alpha 8, every target) and a
 larger learning rate (adapters start at zero: B = 0).
@@ -165,5 +165,4 @@ PARALLEL = {
 }
 
 if __name__ == "__main__":
-    train_worker.SINGLE, train_worker.PARALLEL = SINGLE, PARALLEL
-    train_worker.main()
+    train_worker.main({"lora_single": SINGLE, "lora_parallel": PARALLEL})

@@ -16,7 +16,6 @@ import torch
 
 from megasft.megatron.attention import transformer_engine_installed
 from tests.conftest import REPO
-from tests.train.workspace import make_workspace
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,11 +24,6 @@ pytestmark = [
 
 ATTENTIONS = ["torch", pytest.param("te", marks=pytest.mark.skipif(
     not transformer_engine_installed(), reason="needs Transformer Engine"))]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("inputs"))
 
 
 def _train(save: Path, data: Path, model: Path, *flags: str) -> list[dict]:

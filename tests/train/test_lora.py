@@ -4,14 +4,12 @@ that resume exactly, and a base that must not change under them (see lora_worker
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.train.launching import launch
-from tests.train.workspace import Workspace, make_workspace
+from tests.train.launching import result_of, run_mode
 
 pytestmark = pytest.mark.slow
 
@@ -20,45 +18,27 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("lora")
-    workspace = make_workspace(root)
-    workspace.save(root / "workspace.json")
-    return workspace
+def lora_single(workspace) -> dict:
+    """The LoRA scenarios in one process, on the folder's shared workspace (conftest.py)."""
+    return run_mode(WORKER, "lora_single", workspace.root)
 
 
 @pytest.fixture(scope="module")
-def single(workspace) -> dict:
-    launch([sys.executable, str(WORKER), "single", str(workspace.root)], timeout=600)
-    return json.loads((workspace.root / "results_single.json").read_text())
+def lora_parallel(workspace) -> dict:
+    return run_mode(WORKER, "lora_parallel", workspace.root, processes=2)
 
 
-@pytest.fixture(scope="module")
-def parallel(workspace) -> dict:
-    launch(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", str(WORKER), "parallel", str(workspace.root),
-        ],
-        timeout=600,
-    )  # fmt: skip
-    return json.loads((workspace.root / "results_parallel.json").read_text())
-
-
-def _result(results: dict, name: str) -> dict:
-    assert "error" not in results[name], results[name]["error"]
-    return results[name]
-
-
-def test_lora_learns_from_the_base_models_first_loss(single):
-    losses = _result(single, "reference")["losses"]
+def test_lora_learns_from_the_base_models_first_loss(lora_single):
+    losses = result_of(lora_single, "reference")["losses"]
     assert len(losses) == 5
     assert losses[-1] < losses[0] - 0.1  # B starts at zero: step 1 is the base model's loss
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2", "pp2"])
-def test_lora_at_a_parallel_layout_reproduces_the_single_rank_curve(single, parallel, layout):
-    reference, result = _result(single, "reference"), _result(parallel, layout)
+def test_lora_at_a_parallel_layout_reproduces_the_single_rank_curve(
+    lora_single, lora_parallel, layout
+):
+    reference, result = result_of(lora_single, "reference"), result_of(lora_parallel, layout)
     assert result["target_tokens"] == reference["target_tokens"]
     for actual, expected in zip(result["losses"], reference["losses"], strict=True):
         assert abs(actual - expected) < TOLERANCE
@@ -66,8 +46,10 @@ def test_lora_at_a_parallel_layout_reproduces_the_single_rank_curve(single, para
         assert abs(actual - expected) < TOLERANCE * expected
 
 
-def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(workspace, single):
-    result = _result(single, "trainable")
+def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(
+    workspace, lora_single
+):
+    result = result_of(lora_single, "trainable")
     targets = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
     model_keys = {key for key in result["keys"] if not key.startswith("optimizer.")}
     assert model_keys == {
@@ -83,14 +65,14 @@ def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(w
     assert peft["base"]["sha256"].startswith("sha256:")
 
 
-def test_lora_run_resumes_exactly(single):
-    result = _result(single, "resume_in_process")
+def test_lora_run_resumes_exactly(lora_single):
+    result = result_of(lora_single, "resume_in_process")
     assert result["steps"] == [1, 2, 3, 4, 5, 6]
     assert result["again"] == result["first"]
 
 
-def test_resuming_on_another_base_is_refused_naming_load(single):
-    refused = _result(single, "other_base")["refused"]
+def test_resuming_on_another_base_is_refused_naming_load(lora_single):
+    refused = result_of(lora_single, "other_base")["refused"]
     assert refused is not None and refused.startswith("--load ")
     assert "is not the base the adapters" in refused
 
@@ -98,7 +80,7 @@ def test_resuming_on_another_base_is_refused_naming_load(single):
 # --- export: merged model and Hugging Face PEFT adapter -----------------------------------------
 
 
-def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, tmp_path):
+def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, lora_single, tmp_path):
     """The merged HF model, the PEFT adapter on the HF base, and megatron's own forward of the
     trained checkpoint: the same logits (fp32)."""
     peft = pytest.importorskip("peft")
@@ -108,7 +90,7 @@ def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, single, 
     from megasft.checkpoint.convert import convert
     from megasft.checkpoint.errors import CheckpointError
 
-    result = _result(single, "reference")
+    result = result_of(lora_single, "reference")
     run_dir = Path(result["checkpoint"]).parent  # --save: its newest checkpoint is taken
     with pytest.raises(CheckpointError, match="^--base is required"):
         convert("megatron", "hf", run_dir, tmp_path / "no-base")
@@ -157,15 +139,15 @@ def test_adapter_only_without_base_is_refused():
                       adapter_only=True)  # fmt: skip
 
 
-def test_bf16_lora_keeps_fp32_main_weights_for_the_adapters_only(single):
-    result = _result(single, "bf16")
+def test_bf16_lora_keeps_fp32_main_weights_for_the_adapters_only(lora_single):
+    result = result_of(lora_single, "bf16")
     assert len(result["losses"]) == 2 and result["losses"][1] < result["losses"][0]
     main_weights = {key for key in result["keys"] if key.startswith("optimizer.state.fp32_param.")}
     assert len(main_weights) == 8  # A and B of 4 linears, what the export merges in fp32
     assert all(".adapter." in key for key in result["keys"])
 
 
-def test_lora_with_the_distributed_optimizer_resumes_exactly(parallel):
-    result = _result(parallel, "dp2_distributed_optimizer_resume")
+def test_lora_with_the_distributed_optimizer_resumes_exactly(lora_parallel):
+    result = result_of(lora_parallel, "dp2_distributed_optimizer_resume")
     assert len(result["first"]) == 4
     assert result["again"] == result["first"]

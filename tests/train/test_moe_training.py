@@ -2,67 +2,42 @@
 parallelism and either token dispatcher train the single-rank curve, with the load-balancing
 loss on and off, and the run reports its routing.
 
-Two launches do the work (train_worker.py, modes moe_single and moe_parallel) on a tiny
-random Qwen3-MoE (2 layers, 8 experts, top 2; workspace.make_moe_workspace).
+Two launches do the work (train_worker.py, modes moe_single and moe_parallel, fixtures in
+conftest.py) on the workspace's tiny random Qwen3-MoE (2 layers, 8 experts, top 2).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 from megasft.data.store import open_split
 from megasft.train.data import StepSampler
-from tests.train.test_training import TOLERANCE, WORKER, _launch, _reference_loss, _result
-from tests.train.workspace import make_moe_workspace
+from tests.train.launching import result_of
+from tests.train.reference import reference_loss
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="session")
-def moe_workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-moe")
-    (root / "workspace.json").write_text(json.dumps(make_moe_workspace(root)))
-    return root
+TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="session")
-def moe_single(moe_workspace) -> dict:
-    _launch([sys.executable, str(WORKER), "moe_single", str(moe_workspace)], timeout=600)
-    return json.loads((moe_workspace / "results_moe_single.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def moe_parallel(moe_workspace) -> dict:
-    _launch(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", str(WORKER), "moe_parallel", str(moe_workspace),
-        ],
-        timeout=900,
-    )  # fmt: skip
-    return json.loads((moe_workspace / "results_moe_parallel.json").read_text())
-
-
-def test_first_step_loss_equals_the_transformers_models(moe_workspace, moe_single):
+def test_first_step_loss_equals_the_transformers_models(workspace, moe_single):
     # The load-balancing loss is not part of the reported loss, so on or off, the first step
     # reports the language-model loss of transformers' Qwen3-MoE on the same targets.
-    inputs = json.loads((moe_workspace / "workspace.json").read_text())
     sampler = StepSampler(
-        rows=open_split(inputs["packed"]).num_rows,
+        rows=open_split(workspace.packed).num_rows,
         global_batch_size=8,
         micro_batch_size=2,
         data_parallel_size=1,
         data_parallel_rank=0,
         seed=1234,
     )
-    expected = _reference_loss(
-        inputs["hf_moe_model"], inputs["packed"], "train", sampler.global_batch(0)
+    expected = reference_loss(
+        workspace.hf_moe_model, workspace.packed, "train", sampler.global_batch(0)
     )
     for name in ("moe_reference", "moe_reference_no_aux"):
-        assert abs(_result(moe_single, name)["losses"][0] - expected) < TOLERANCE
+        assert abs(result_of(moe_single, name)["losses"][0] - expected) < TOLERANCE
 
 
 def assert_same_curve(result: dict, reference: dict) -> None:
@@ -90,11 +65,11 @@ def assert_same_curve(result: dict, reference: dict) -> None:
 def test_expert_and_tensor_parallel_reproduce_the_single_rank_curve(
     moe_single, moe_parallel, layout, reference
 ):
-    assert_same_curve(_result(moe_parallel, layout), _result(moe_single, reference))
+    assert_same_curve(result_of(moe_parallel, layout), result_of(moe_single, reference))
 
 
 def test_the_load_balancing_loss_moves_the_gradients(moe_single):
-    on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
+    on, off = result_of(moe_single, "moe_reference"), result_of(moe_single, "moe_reference_no_aux")
     assert on["losses"][0] == off["losses"][0]  # the same model and batch: the LM loss
     # at coefficient 0.1, about 1%: a thousand times what the layouts above may differ by
     assert abs(on["grad_norms"][0] - off["grad_norms"][0]) > 100 * TOLERANCE * off["grad_norms"][0]
@@ -102,7 +77,7 @@ def test_the_load_balancing_loss_moves_the_gradients(moe_single):
 
 
 def test_each_step_reports_the_routing(moe_single):
-    on, off = _result(moe_single, "moe_reference"), _result(moe_single, "moe_reference_no_aux")
+    on, off = result_of(moe_single, "moe_reference"), result_of(moe_single, "moe_reference_no_aux")
     for record, real_tokens in zip(on["routing"], on["tokens"], strict=True):
         # every token of the global batch went to its top 2 experts in each of the 2 layers;
         # padding positions are routed too, but not counted
@@ -119,11 +94,11 @@ def test_each_step_reports_the_routing(moe_single):
         )
     assert all("moe_aux_loss" not in record for record in off["routing"])
     # the coefficient from config.json (0.001) also turns the loss on
-    default = _result(moe_single, "moe_default_coefficient")
+    default = result_of(moe_single, "moe_default_coefficient")
     assert "moe_aux_loss" in default["routing"][0]
 
 
-def test_lora_on_the_attention_projections_of_an_moe_model(moe_workspace, moe_single, tmp_path):
+def test_lora_on_the_attention_projections_of_an_moe_model(workspace, moe_single, tmp_path):
     """LoRA trains an MoE model's attention adapters (experts and routers frozen), and the
     adapters export as a Hugging Face PEFT adapter and a merged model that agree."""
     peft = pytest.importorskip("peft")
@@ -132,11 +107,10 @@ def test_lora_on_the_attention_projections_of_an_moe_model(moe_workspace, moe_si
 
     from megasft.checkpoint.convert import convert
 
-    result = _result(moe_single, "moe_lora")
+    result = result_of(moe_single, "moe_lora")
     assert result["losses"][-1] < result["losses"][0]
-    inputs = json.loads((moe_workspace / "workspace.json").read_text())
-    base = inputs["hf_moe_model"]
-    checkpoint = moe_workspace / "moe_single" / "moe_lora" / "iter_0000005"
+    base = workspace.hf_moe_model
+    checkpoint = workspace.root / "moe_single" / "moe_lora" / "iter_0000005"
     convert("megatron", "hf", checkpoint, tmp_path / "merged", base=base)
     convert("megatron", "hf", checkpoint, tmp_path / "adapter", base=base, adapter_only=True)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

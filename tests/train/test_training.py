@@ -22,13 +22,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megasft.data.store import open_split
 from megasft.train.data import StepSampler
 from tests.conftest import REPO
 from tests.train.launching import launch, result_of, worker_env
 from tests.train.records import read_metrics
+from tests.train.reference import reference_loss
 from tests.train.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -37,32 +37,6 @@ TOLERANCE = 1e-5
 
 
 # --- 1. the first loss equals the transformers model's -------------------------------------------
-
-
-def _reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> float:
-    """Cross entropy over the target tokens of these rows (all for None) by the Hugging Face
-    model, each packed document run on its own (no packing tricks), summed and divided once."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    table = open_split(dataset, split)
-    table = (table.take(rows) if rows is not None else table).to_pylist()
-    loss_sum, count = 0.0, 0
-    with torch.no_grad():
-        for row in table:
-            start = 0
-            for length in row["seq_lengths"]:
-                ids = torch.tensor(row["input_ids"][start : start + length])
-                mask = torch.tensor(row["loss_mask"][start : start + length])
-                start += length
-                assert mask[0] == 0  # a document's first token is never a target
-                logits = model(ids[None]).logits[0]  # [n, vocab]
-                losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # [n - 1]
-                loss_sum += losses[mask[1:] == 1].sum().item()
-                count += int(mask[1:].sum())
-    return loss_sum / count
 
 
 def test_first_step_loss_equals_the_transformers_model(workspace, single):
@@ -75,7 +49,7 @@ def test_first_step_loss_equals_the_transformers_model(workspace, single):
         data_parallel_rank=0,
         seed=1234,
     )
-    expected = _reference_loss(
+    expected = reference_loss(
         workspace.hf_model, workspace.packed, "train", sampler.global_batch(0)
     )
     assert abs(reference["losses"][0] - expected) < TOLERANCE
@@ -90,7 +64,7 @@ def test_validation_loss_equals_the_converted_checkpoints_loss(workspace, single
     assert [step for step, _ in result["val"]] == [2, 4]
     hf = tmp_path / "hf"
     convert("megatron", "hf", result["checkpoint"], hf)
-    expected = _reference_loss(hf, workspace.with_val, "val")
+    expected = reference_loss(hf, workspace.with_val, "val")
     assert abs(result["val"][-1][1] - expected) < TOLERANCE
     # and the evaluation stage draws the run's metrics.jsonl as its training log
     from megasft.evaluate.report import read_training_log

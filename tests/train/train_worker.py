@@ -7,8 +7,9 @@ tests compare into WORK/results_<mode>.json:
     python train_worker.py single WORK [SCENARIO ...]                # one process
     torchrun --nproc-per-node 2 train_worker.py parallel WORK [...]  # two processes, gloo
 
-and the same with modes moe_single and moe_parallel for the mixture-of-experts model.
-WORK/workspace.json names the inputs (see workspace.py). The tests never switch megatron-core's
+and the same with modes moe_single and moe_parallel for the mixture-of-experts model
+(lora_worker.py adds lora_single and lora_parallel). All modes share one WORK, whose
+workspace.json names the inputs (see workspace.py); each writes under WORK/<mode>. The tests never switch megatron-core's
 CPU emulation on in the pytest process; it is process-wide.
 """
 
@@ -36,7 +37,13 @@ COMMON = dict(
 )
 
 
-def main() -> None:
+def main(modes: dict[str, dict] | None = None) -> None:
+    """Runs the scenarios of the mode named on the command line.
+
+    Args:
+        modes: {mode: {scenario: function}}; this module's modes by default (lora_worker.py
+            passes its own).
+    """
     import torch.distributed as dist
 
     from tests.train import gradient_capture
@@ -49,13 +56,14 @@ def main() -> None:
             dist.init_process_group("gloo")
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    # Looked up when called: lora_worker.py swaps in its own SINGLE and PARALLEL.
-    scenarios = {
-        "single": SINGLE,
-        "parallel": PARALLEL,
-        "moe_single": MOE_SINGLE,
-        "moe_parallel": MOE_PARALLEL,
-    }[mode]
+    if modes is None:
+        modes = {
+            "single": SINGLE,
+            "parallel": PARALLEL,
+            "moe_single": MOE_SINGLE,
+            "moe_parallel": MOE_PARALLEL,
+        }
+    scenarios = modes[mode]
     if sys.argv[3:]:  # a chosen few, when debugging
         scenarios = {name: scenarios[name] for name in sys.argv[3:]}
     results = {}
@@ -421,6 +429,7 @@ MOE_SINGLE = {
         save, inputs, peft="lora", lora_targets="linear_qkv,linear_proj", lr=1e-2, min_lr=1e-2
     ),
 }
+
 
 MOE_PARALLEL = {
     "moe_ep2": lambda save, inputs: moe(save, inputs, expert_parallel=2),

@@ -3,9 +3,10 @@
 `make_workspace` writes arithmetic word problems (the demo's generator), trains a small BPE
 tokenizer, prepares the problems (packed and unpacked), builds a random 4-layer Llama sized
 to the tokenizer (hidden 64, 4 heads in 2 key/value groups) and converts it to megatron-core;
-and a "sharp" copy whose output layer is scaled up, so that its predictions are far from
-uniform (a random model's loss is about ln V on every token, which hides how tokens are
-weighted). Nothing is downloaded.
+a "sharp" copy whose output layer is scaled up, so that its predictions are far from uniform
+(a random model's loss is about ln V on every token, which hides how tokens are weighted);
+and a tiny random Qwen3-MoE on the same tokenizer. Every test in this folder shares the one
+workspace (conftest.py). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class Workspace:
     sharp_hf_model: Path
     """`hf_model` with its output layer times SHARPNESS: confident, mostly wrong predictions."""
     sharp_mcore_model: Path
+    hf_moe_model: Path
+    """A random Qwen3-MoE: 2 layers of 8 experts, top 2, hidden 64."""
+    mcore_moe_model: Path
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({key: str(value) for key, value in asdict(self).items()}))
@@ -108,6 +112,11 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
     convert("hf", "megatron", hf_model, root / "mcore")
     sharp_hf_model = _sharpened(hf_model, root / "hf_sharp")
     convert("hf", "megatron", sharp_hf_model, root / "mcore_sharp")
+    hf_moe_model = build_tiny_qwen3_moe(
+        root / "hf-moe", tokenizer, hidden_size=64, layers=2, heads=4, kv_heads=2,
+        experts=8, experts_per_token=2, max_positions=256,
+    )  # fmt: skip
+    convert("hf", "megatron", hf_moe_model, root / "mcore-moe")
     return Workspace(
         root=root,
         tokenizer=tokenizer,
@@ -123,6 +132,8 @@ def make_workspace(root: Path, problems: int = 48, layers: int = 4) -> Workspace
         problems=source,
         sharp_hf_model=sharp_hf_model,
         sharp_mcore_model=root / "mcore_sharp",
+        hf_moe_model=hf_moe_model,
+        mcore_moe_model=root / "mcore-moe",
     )
 
 
@@ -156,44 +167,3 @@ def _rewrite_train_split(source: Path, destination: Path, change) -> None:
     writer = SplitWriter(split_file(destination, "train"))
     writer.write(pa.RecordBatch.from_pylist(rows, schema=EXAMPLE_SCHEMA))
     writer.close()
-
-
-def make_moe_workspace(root: Path, problems: int = 48) -> dict[str, str]:
-    """The inputs of the MoE training tests: the problems packed, and a tiny random Qwen3-MoE
-    (2 layers of 8 experts, top 2, hidden 64) converted to megatron-core.
-
-    Returns:
-        {"packed": data directory, "hf_moe_model": ..., "mcore_moe_model": ...}, the names
-        train_worker.py reads from workspace.json.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    source = write_problems(root / "problems.jsonl", problems, seed=3)
-    corpus = [DEFAULT_CORPUS] + [
-        json.loads(line)["question"] + " " + json.loads(line)["answer"]
-        for line in source.read_text().splitlines()
-    ]
-    tokenizer = build_tokenizer(
-        root / "tokenizer", chat_template=CHATML, corpus=corpus, vocab_size=400
-    )
-    prepare(
-        PrepareConfig(
-            inputs=(str(source),),
-            tokenizer=str(tokenizer),
-            output=str(root / "packed"),
-            column_map=(("prompt", "question"), ("response", "answer")),
-            seq_length=SEQ_LENGTH,
-            pack=True,
-            workers=1,
-            progress=False,
-        )
-    )
-    hf_model = build_tiny_qwen3_moe(
-        root / "hf-moe", tokenizer, hidden_size=64, layers=2, heads=4, kv_heads=2,
-        experts=8, experts_per_token=2, max_positions=256,
-    )  # fmt: skip
-    convert("hf", "megatron", hf_model, root / "mcore-moe")
-    return {
-        "packed": str(root / "packed"),
-        "hf_moe_model": str(hf_model),
-        "mcore_moe_model": str(root / "mcore-moe"),
-    }
