@@ -6,7 +6,9 @@ cross entropies of its target tokens summed, the sum divided once by the global 
 target count, and `backward()`. Megatron-core's gradients are captured as it finished them
 (gradient_capture.py), gathered over tensor-parallel shards and pipeline stages. The model is
 the workspace's sharp one, whose predictions are far from uniform, so that which tokens are
-targets and how they are weighted moves the loss and the gradients well beyond 1e-5.
+targets and how they are weighted moves the loss and the gradients well beyond 1e-5. The
+workspace's Qwen3-MoE (load-balancing loss off, as transformers computes its loss) checks the
+routers' and experts' gradients too, and the gradient norm at EP=2.
 
 What these tests catch (checked by injecting each bug): gradients scaled by the micro-batch
 count, a mean of per-micro-batch means, swapped K and V in the conversion, targets shifted
@@ -32,15 +34,19 @@ pytestmark = pytest.mark.slow
 
 RELATIVE = 1e-5
 
-# scenario -> (results fixture, dataset, global batch, tensor-parallel size, gradients captured)
+# scenario -> (results fixture, HF model, dataset, global batch, tensor-parallel size,
+# gradients captured)
 SCENARIOS = {
-    "gradients": ("single", "packed", 8, 1, True),  # 4 micro-batches of 2 rows
-    "gradients_one_micro_batch": ("single", "packed", 8, 1, True),
-    "gradients_unpacked": ("single", "unpacked", 8, 1, True),  # 8 micro-batches of 1 row
-    "gradients_tp2": ("parallel", "packed", 8, 2, True),
-    "gradients_pp2": ("parallel", "packed", 8, 1, True),
-    "gradients_dp2": ("parallel", "packed", 8, 1, True),  # 2 micro-batches per rank
-    "gradients_dp2_distributed_optimizer": ("parallel", "packed", 8, 1, False),
+    "gradients": ("single", "sharp_hf_model", "packed", 8, 1, True),  # 4 micro-batches of 2
+    "gradients_one_micro_batch": ("single", "sharp_hf_model", "packed", 8, 1, True),
+    "gradients_unpacked": ("single", "sharp_hf_model", "unpacked", 8, 1, True),  # 8 of 1 row
+    "gradients_tp2": ("parallel", "sharp_hf_model", "packed", 8, 2, True),
+    "gradients_pp2": ("parallel", "sharp_hf_model", "packed", 8, 1, True),
+    "gradients_dp2": ("parallel", "sharp_hf_model", "packed", 8, 1, True),  # 2 per rank
+    "gradients_dp2_distributed_optimizer": ("parallel", "sharp_hf_model", "packed", 8, 1, False),
+    # the routers and experts too; at EP=2 each rank holds half the experts (the norm only)
+    "gradients_moe": ("moe_single", "hf_moe_model", "packed", 8, 1, True),
+    "gradients_moe_ep2": ("moe_parallel", "hf_moe_model", "packed", 8, 1, False),
 }
 
 
@@ -87,7 +93,7 @@ def as_megatron(hf: dict[str, torch.Tensor], config, tensor_parallel: int) -> di
     """The HF gradients in megatron-core's parameters (local layer spec), written out here
     rather than taken from the converter, so that a conversion bug cannot hide in both."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
-    head_dim = config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_group = heads // groups
     expected = {
         "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
@@ -105,6 +111,28 @@ def as_megatron(hf: dict[str, torch.Tensor], config, tensor_parallel: int) -> di
                 k[group * head_dim : (group + 1) * head_dim],
                 v[group * head_dim : (group + 1) * head_dim],
             ]
+        expected |= {
+            f"{ours}input_layernorm.weight": hf[f"{theirs}input_layernorm.weight"],
+            f"{ours}self_attention.linear_qkv.weight": torch.cat(qkv),
+            f"{ours}self_attention.linear_proj.weight": hf[f"{theirs}self_attn.o_proj.weight"],
+            f"{ours}pre_mlp_layernorm.weight": hf[f"{theirs}post_attention_layernorm.weight"],
+        }
+        if f"{theirs}self_attn.q_norm.weight" in hf:  # Qwen3's per-head QK norm
+            expected |= {
+                f"{ours}self_attention.q_layernorm.weight": hf[f"{theirs}self_attn.q_norm.weight"],
+                f"{ours}self_attention.k_layernorm.weight": hf[f"{theirs}self_attn.k_norm.weight"],
+            }
+        if f"{theirs}mlp.gate.weight" in hf:  # MoE: the router, then each expert (TP=1)
+            # transformers 5 stacks the experts: gate_up_proj [E, 2 ffn, h] (gate rows, then
+            # up rows, as megatron-core's fc1), down_proj [E, h, ffn]
+            expected[f"{ours}mlp.router.weight"] = hf[f"{theirs}mlp.gate.weight"]
+            for expert, (fc1, fc2) in enumerate(
+                zip(hf[f"{theirs}mlp.experts.gate_up_proj"],
+                    hf[f"{theirs}mlp.experts.down_proj"], strict=True)
+            ):  # fmt: skip
+                prefix = f"{ours}mlp.experts.local_experts.{expert}"
+                expected |= {f"{prefix}.linear_fc1.weight": fc1, f"{prefix}.linear_fc2.weight": fc2}
+            continue
         # each tensor-parallel rank holds [its gate rows; its up rows]
         gate, up = hf[f"{theirs}mlp.gate_proj.weight"], hf[f"{theirs}mlp.up_proj.weight"]
         fc1 = [
@@ -112,10 +140,6 @@ def as_megatron(hf: dict[str, torch.Tensor], config, tensor_parallel: int) -> di
             for g, u in zip(gate.chunk(tensor_parallel), up.chunk(tensor_parallel), strict=True)
         ]
         expected |= {
-            f"{ours}input_layernorm.weight": hf[f"{theirs}input_layernorm.weight"],
-            f"{ours}self_attention.linear_qkv.weight": torch.cat(qkv),
-            f"{ours}self_attention.linear_proj.weight": hf[f"{theirs}self_attn.o_proj.weight"],
-            f"{ours}pre_mlp_layernorm.weight": hf[f"{theirs}post_attention_layernorm.weight"],
             f"{ours}mlp.linear_fc1.weight": torch.cat(fc1),
             f"{ours}mlp.linear_fc2.weight": hf[f"{theirs}mlp.down_proj.weight"],
         }
@@ -123,12 +147,12 @@ def as_megatron(hf: dict[str, torch.Tensor], config, tensor_parallel: int) -> di
 
 
 def _run(request, name: str):
-    fixture, dataset_name, global_batch_size, tensor_parallel, captured = SCENARIOS[name]
+    fixture, model, dataset_name, global_batch_size, tensor_parallel, captured = SCENARIOS[name]
     result = result_of(request.getfixturevalue(fixture), name)
     workspace = request.getfixturevalue("workspace")
     dataset = getattr(workspace, dataset_name)
     loss, gradients, config = reference_step(
-        workspace.sharp_hf_model, dataset, _global_batch(dataset, global_batch_size)
+        getattr(workspace, model), dataset, _global_batch(dataset, global_batch_size)
     )
     return result, loss, gradients, config, tensor_parallel, captured
 
@@ -141,7 +165,7 @@ def test_step_one_loss_and_gradient_norm_equal_plain_pytorch(request, name):
     assert abs(result["grad_norms"][0] - norm) <= RELATIVE * norm
 
 
-@pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if s[4]])
+@pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if s[5]])
 def test_step_one_parameter_gradients_equal_plain_pytorch(request, name):
     result, _, gradients, config, tensor_parallel, _ = _run(request, name)
     captured = gradient_capture.read(Path(result["gradients"]))

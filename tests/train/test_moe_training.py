@@ -68,6 +68,22 @@ def test_expert_and_tensor_parallel_reproduce_the_single_rank_curve(
     assert_same_curve(result_of(moe_parallel, layout), result_of(moe_single, reference))
 
 
+def test_resume_at_another_expert_tensor_size_continues_the_run(moe_parallel):
+    """Without the distributed optimizer, megatron-core reshards the experts and their Adam
+    state to ETP=2 (with TP=2), and the run continues its curve (megasft.train.resume)."""
+    result = result_of(moe_parallel, "moe_resume_with_another_layout")
+    assert len(result["resumed"]) == len(result["first"]) == 4
+    for resumed, first in zip(result["resumed"], result["first"], strict=True):
+        assert abs(resumed - first) < TOLERANCE
+
+
+def test_resume_that_would_give_the_experts_their_own_optimizer_is_refused(moe_parallel):
+    refused = result_of(moe_parallel, "moe_resume_with_another_layout")["at_ep2"]
+    assert refused is not None
+    assert "--ep / --etp: the checkpoint was saved at EP=1, ETP=2, TP=2" in refused
+    assert "start a new --save directory with --load" in refused
+
+
 def test_the_load_balancing_loss_moves_the_gradients(moe_single):
     on, off = result_of(moe_single, "moe_reference"), result_of(moe_single, "moe_reference_no_aux")
     assert on["losses"][0] == off["losses"][0]  # the same model and batch: the LM loss

@@ -69,6 +69,44 @@ def test_the_distributed_optimizer_keeps_its_model_parallel_layout_and_itself():
     assert _problems(_saved(distributed_optimizer=None), distributed_optimizer=True) == []
 
 
+def test_expert_parallel_sizes_may_change_within_the_optimizer_states_form():
+    ep2 = TrainConfig(**{**asdict(BASE), "expert_parallel": 2})
+    # the regular optimizer: EP and ETP reshard, as long as the experts keep (or keep not
+    # having) an optimizer of their own
+    assert _problems(_saved(ep2), expert_parallel=4) == []
+    assert _problems(_saved(ep2), expert_parallel=2, tensor_parallel=2,
+                     expert_tensor_parallel=1) == []  # fmt: skip
+    assert _problems(_saved(), tensor_parallel=2) == []  # ETP follows TP
+    (problem,) = _problems(_saved(), expert_parallel=2)
+    assert problem.startswith(
+        "--ep / --etp: the checkpoint was saved at EP=1, ETP=1, TP=1, this run is at EP=2, "
+        "ETP=1, TP=1: megatron-core keeps the experts' optimizer state apart"
+    )
+    (problem,) = _problems(_saved(), tensor_parallel=2, expert_tensor_parallel=1)
+    assert "this run is at EP=1, ETP=1, TP=2" in problem
+    # the token dispatcher and the load-balancing coefficient may change
+    assert _problems(_saved(ep2), expert_parallel=2, moe_token_dispatcher="allgather",
+                     moe_aux_loss_coeff=0.01) == []  # fmt: skip
+    # the distributed optimizer: neither EP nor ETP
+    saved = _saved(ep2, distributed_optimizer=True)
+    assert _problems(saved, expert_parallel=2, distributed_optimizer=True) == []
+    (problem,) = _problems(saved, expert_parallel=4, distributed_optimizer=True)
+    assert problem.startswith("--ep was 2, now 4: the distributed optimizer's state")
+    (problem,) = _problems(saved, expert_parallel=2, expert_tensor_parallel=2,
+                           distributed_optimizer=True)  # fmt: skip
+    assert problem.startswith("--etp was 1, now 2: the distributed optimizer's state")
+
+
+def test_an_unset_expert_tensor_size_follows_the_tensor_parallel_size():
+    saved = _saved(distributed_optimizer=True)  # --tp 1, --etp unset
+    (problem,) = _problems(saved, distributed_optimizer=True, tensor_parallel=2)
+    assert problem.startswith("--tp was 1, now 2")  # not also --etp
+    assert _problems(saved, distributed_optimizer=True, expert_tensor_parallel=1) == []
+    (problem,) = _problems(saved, distributed_optimizer=True, tensor_parallel=2,
+                           expert_tensor_parallel=1)  # fmt: skip
+    assert problem.startswith("--tp was 1, now 2")
+
+
 def test_check_resume_names_every_problem_and_the_ways_on(tmp_path):
     (tmp_path / "train_state.json").write_text(json.dumps(_saved()))
     config = TrainConfig(**{**asdict(BASE), "train_iters": 200, "precision": "fp32"})

@@ -9,8 +9,8 @@ tests compare into WORK/results_<mode>.json:
 
 and the same with modes moe_single and moe_parallel for the mixture-of-experts model
 (lora_worker.py adds lora_single and lora_parallel). All modes share one WORK, whose
-workspace.json names the inputs (see workspace.py); each writes under WORK/<mode>. The tests never switch megatron-core's
-CPU emulation on in the pytest process; it is process-wide.
+workspace.json names the inputs (see workspace.py); each writes under WORK/<mode>. The tests
+never switch megatron-core's CPU emulation on in the pytest process; it is process-wide.
 """
 
 from __future__ import annotations
@@ -424,11 +424,43 @@ MOE_SINGLE = {
     "moe_default_coefficient": lambda save, inputs: run(
         save, inputs, model="mcore_moe_model", train_iters=1, warmup_iters=0
     ),
+    # test_gradients.py: step 1 against transformers' Qwen3-MoE (the load-balancing loss off:
+    # transformers leaves it out of the loss)
+    "gradients_moe": lambda save, inputs: gradients(
+        save, inputs, model="mcore_moe_model", moe_aux_loss_coeff=0.0
+    ),
     # LoRA on the attention projections, the experts and routers frozen
     "moe_lora": lambda save, inputs: moe(
         save, inputs, peft="lora", lora_targets="linear_qkv,linear_proj", lr=1e-2, min_lr=1e-2
     ),
 }
+
+
+def moe_resume_with_another_layout(save: Path, inputs: dict) -> dict:
+    """DP=2 (EP=1) for 4 steps, checkpoints at 2 and 4; the step-4 checkpoint removed and the
+    run resumed at TP=2 (ETP=2: each expert's matrices split; megatron-core reshards the
+    experts and their regular optimizer state); then a resume at EP=2, which must be refused
+    (the experts would get an optimizer of their own)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from megasft.errors import ConfigError
+
+    settings = dict(train_iters=4, save_interval=2)
+    first = moe(save, inputs, **settings)
+    if dist.get_rank() == 0:
+        shutil.rmtree(save / "iter_0000004")
+    dist.barrier()
+    resumed = moe(save, inputs, tensor_parallel=2, **settings)
+    try:
+        moe(save, inputs, expert_parallel=2, **settings)
+        refused = None
+    except ConfigError as error:
+        refused = str(error)
+    if dist.get_rank():
+        return {}
+    return {"first": first["losses"], "resumed": resumed["losses"], "at_ep2": refused}
 
 
 MOE_PARALLEL = {
@@ -443,6 +475,16 @@ MOE_PARALLEL = {
     "moe_tp2_etp1_ep2": lambda save, inputs: moe(
         save, inputs, tensor_parallel=2, expert_tensor_parallel=1, expert_parallel=2
     ),
+    "moe_resume_with_another_layout": moe_resume_with_another_layout,
+    # test_gradients.py: each rank holds half the experts; the gradient norm only
+    "gradients_moe_ep2": lambda save, inputs: gradients(
+        save,
+        inputs,
+        capture=False,
+        model="mcore_moe_model",
+        moe_aux_loss_coeff=0.0,
+        expert_parallel=2,
+    ),  # fmt: skip
 }
 
 

@@ -8,8 +8,9 @@ with the model's output. Everything the loss means is written out here:
   token cross entropy on target tokens only. `prepare` writes the mask **unshifted**
   (`loss_mask[i] == 1` iff token `i` is a target); the logits at position `i` predict token
   `i + 1`, so `labels[i] = tokens[i + 1]` and `loss_weights[i] = loss_mask[i + 1]`, shifted
-  inside each document (nothing is trained across a document boundary). This is `megasft.train.loss.masked_token_loss`, computed with
-  megatron-core's vocab-parallel cross entropy on the shards instead of on gathered logits
+  inside each document (nothing is trained across a document boundary). This is
+  `megasft.train.loss.masked_token_loss`, computed with megatron-core's vocab-parallel cross
+  entropy on the shards instead of on gathered logits
   (gathering [b, s, vocab] on every TP rank costs vocab x s x b x 4 bytes per rank for no
   benefit); the tests check the two agree.
 - `loss_func` returns the *sum* over targets and the number of targets. With
