@@ -146,7 +146,13 @@ def read_architecture(checkpoint: str) -> ModelArchitecture:
     return ModelArchitecture.load(Path(checkpoint) / ARCHITECTURE_FILE)
 
 
-def load_model(checkpoint: str, *, parallel_output: bool = True, attention: str | None = None):
+def load_model(
+    checkpoint: str,
+    *,
+    parallel_output: bool = True,
+    attention: str | None = None,
+    overrides: dict | None = None,
+):
     architecture = read_architecture(checkpoint)
     from megatron.core import parallel_state
 
@@ -161,6 +167,7 @@ def load_model(checkpoint: str, *, parallel_output: bool = True, attention: str 
         tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         perform_initialization=False,
+        overrides=overrides,
         **experts,
     )
     model = build_model(architecture, config, parallel_output=parallel_output, attention=attention)
@@ -208,8 +215,13 @@ def packed_documents(checkpoint: str) -> dict:
             )
         return loss
 
+    # MoE models: no load-balancing loss, whose gradient depends on which tokens share a batch
+    no_aux_loss = {"moe_aux_loss_coeff": 0.0} if read_architecture(checkpoint).moe else None
+
     def run(attention, forward) -> dict:
-        architecture, _, model = load_model(checkpoint, parallel_output=False, attention=attention)
+        architecture, _, model = load_model(
+            checkpoint, parallel_output=False, attention=attention, overrides=no_aux_loss
+        )
         logits = forward(model)[..., : architecture.vocab_size]  # [2, 40, v]
         summed_loss(logits).backward()
         return {
