@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,41 +71,78 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA/ROCm device; use --dry-run for the CPU")
     shape = TINY if args.dry_run else LLAMA_1B
-    started = time.perf_counter()
-    report: dict = {"environment": environment(), "shape": asdict(shape)}
-    report["environment"]["dry_run"] = args.dry_run
+    report = Report(args.output, {"environment": environment(), "shape": asdict(shape)})
+    report.data["environment"]["dry_run"] = args.dry_run
     with tempfile.TemporaryDirectory(prefix="megasft-gpu-check-", dir=args.work) as scratch:
         work = Path(scratch)
-        phase = Phases(started)
-        hf, mcore = build_model(work, shape)
-        phase.done("model built and converted")
-        report["parity"] = parity(hf, mcore, shape)
-        phase.done("logit parity")
+        hf, mcore = build_model(work, shape)  # everything below needs it: no check without
+        report.done("model built and converted")
+        report.attempt("parity", "logit parity", parity, hf, mcore, shape)
         data = write_datasets(work, shape)
-        report["training"], report["throughput"] = {}, {}
         for attention in attentions():
-            training = megasft_training(work, data, mcore, shape, attention)
-            # "megasft" is what `--attention auto` runs: the last of attentions()
-            default = attention == attentions()[-1]
-            name = "megasft" if default else f"megasft_{attention}_attention"
-            report["throughput"][name] = training.pop("throughput")
-            report["training"][attention] = training
-            phase.done(f"megasft training, {attention} attention")
-        report["throughput"]["transformers"] = transformers_training(hf, mcore, data, shape)
-        phase.done("transformers training")
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    (args.output / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.output / "gpu-check.md").write_text(table)
-    print(table)
+            training = report.attempt(
+                f"training.{attention}", f"megasft training, {attention} attention",
+                megasft_training, work, data, mcore, shape, attention,
+            )  # fmt: skip
+            if training:
+                # "megasft" is what `--attention auto` runs: the last of attentions()
+                default = attention == attentions()[-1]
+                name = "megasft" if default else f"megasft_{attention}_attention"
+                report.put(f"throughput.{name}", training.pop("throughput"))
+                report.put(f"training.{attention}", training)
+        report.attempt(
+            "throughput.transformers", "transformers training",
+            transformers_training, hf, mcore, data, shape,
+        )  # fmt: skip
+    report.finish()
+    print(report.markdown)
+    if report.data.get("errors"):
+        raise SystemExit(f"gpu_check: {len(report.data['errors'])} check(s) failed: "
+                         f"{', '.join(report.data['errors'])} (see gpu-check.json)")  # fmt: skip
 
 
-class Phases:
-    def __init__(self, started: float):
-        self.started = started
+class Report:
+    """gpu-check.json, written again after every phase, so that a run cut short (a timeout, a
+    crash in a later phase) still leaves what it measured. A failing phase is recorded under
+    `errors` with its traceback and the phases after it still run."""
+
+    def __init__(self, output: Path, data: dict):
+        self.output, self.data, self.started = output, data, time.perf_counter()
+        self.markdown = ""
+
+    def put(self, key: str, value) -> None:
+        """Sets `a.b` in the report and writes it."""
+        *parents, last = key.split(".")
+        node = self.data
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+        self.write()
+
+    def attempt(self, key: str, what: str, function, *args):
+        """function(*args) stored at `key`; None, with the error recorded, if it raises."""
+        try:
+            result = function(*args)
+        except Exception:  # a check that fails is a result; the others still run
+            self.put(f"errors.{what}", traceback.format_exc())
+            print(f"gpu_check: {what} FAILED:\n{traceback.format_exc()}", flush=True)
+            return None
+        self.put(key, result)
+        self.done(what)
+        return result
 
     def done(self, what: str) -> None:
         print(f"gpu_check: {what} ({time.perf_counter() - self.started:.0f} s)", flush=True)
+
+    def write(self) -> None:
+        self.data["seconds"] = round(time.perf_counter() - self.started, 1)
+        text = json.dumps(self.data, indent=2) + "\n"
+        (self.output / "gpu-check.json").write_text(text)
+
+    def finish(self) -> None:
+        self.write()
+        self.markdown = markdown(self.data)
+        (self.output / "gpu-check.md").write_text(self.markdown)
 
 
 def install_wheels_and_restart(wheels: Path, output: Path) -> None:
@@ -183,13 +221,13 @@ def markdown(report: dict) -> str:
         "| check | result | goal |",
         "|---|---|---|",
     ]
-    for precision, by_attention in report["parity"].items():
+    for precision, by_attention in report.get("parity", {}).items():
         for attention, result in by_attention.items():
             lines.append(
                 f"| logits {precision}, {attention} attention: max abs diff from transformers "
                 f"| {result['max_abs_diff']:.2e} | ≤ {result['goal']:g} |"
             )
-    for attention, result in report["training"].items():
+    for attention, result in report.get("training", {}).items():
         lines.append(
             f"| step-1 loss packed vs unpacked, {attention} attention | "
             f"{result['packed_loss']:.5f} vs {result['unpacked_loss']:.5f} "
@@ -200,7 +238,21 @@ def markdown(report: dict) -> str:
             f"| loss over {len(result['losses'])} steps, {attention} attention | "
             f"{result['losses'][0]:.4f} → {result['losses'][-1]:.4f} | finite |"
         )
-    throughput = report["throughput"]
+        for kernel, loss in result.get("packed_loss_by_kernel", {}).items():
+            if isinstance(loss, str):
+                lines.append(f"| step-1 loss packed ({kernel} kernel) | FAILED: {loss} | |")
+                continue
+            difference = abs(loss - result["unpacked_loss"]) / result["unpacked_loss"]
+            lines.append(
+                f"| step-1 loss packed ({kernel} kernel) vs unpacked, {attention} attention | "
+                f"{loss:.5f} ({difference:.1e}) | ≤ {result['relative_tolerance']:g} relative |"
+            )
+        if result.get("peak_memory_gib") is not None:
+            lines.append(
+                f"| peak GPU memory allocated in training, {attention} attention | "
+                f"{result['peak_memory_gib']:.2f} GiB | |"
+            )
+    throughput = report.get("throughput", {})
     for name, result in throughput.items():
         mfu = f", MFU {result['mfu']:.1%}" if result.get("mfu") else ""
         goal = f"≥ {GOALS['mfu']:.0%} MFU" if name == "megasft" else ""
@@ -209,10 +261,16 @@ def markdown(report: dict) -> str:
             f"{result['tokens_per_second']:,.0f} ({result['tflops_per_device']:.3g} TFLOP/s"
             f"{mfu}) | {goal} |"
         )
-    ratio = (
-        throughput["megasft"]["tokens_per_second"] / throughput["transformers"]["tokens_per_second"]
-    )
-    lines.append(f"| megasft / transformers tokens/s | {ratio:.2f}× | ≥ {GOALS['speedup']:g}× |")
+    if "megasft" in throughput and "transformers" in throughput:
+        ratio = (
+            throughput["megasft"]["tokens_per_second"]
+            / throughput["transformers"]["tokens_per_second"]
+        )
+        lines.append(
+            f"| megasft / transformers tokens/s | {ratio:.2f}× | ≥ {GOALS['speedup']:g}× |"
+        )
+    for what in report.get("errors", {}):
+        lines.append(f"| {what} | FAILED (traceback in gpu-check.json) | |")
     return "\n".join(lines) + "\n"
 
 

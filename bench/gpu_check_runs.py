@@ -230,7 +230,13 @@ def _write_split(directory: Path, shape: Shape, ids, masks, pack: bool) -> None:
 
 def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attention: str) -> dict:
     """`megasft.train` on the packed rows (shape.steps steps), then one step on step 1's
-    documents one per row; losses, packed == unpacked, throughput."""
+    documents one per row; losses, packed == unpacked (also for each packed-attention kernel
+    of the torch attention on a GPU, one step each), throughput and peak memory."""
+    import os
+
+    import torch
+
+    from megasft.megatron.torch_attention import PACKED_KERNEL_ENV, PACKED_KERNELS
     from megasft.train.config import TrainConfig
 
     _free_device_memory()
@@ -249,8 +255,24 @@ def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attentio
         lines = (save / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     packed = run("packed", data["packed"], shape.steps, shape.global_batch_size)
+    # what the trainer's allocations reached: the figure `megasft plan` estimates (issue 21)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     unpacked = run("unpacked", data["unpacked"], 1, data["first_batch_documents"])
+    by_kernel = {}
+    if gpu and attention == "torch":
+        for kernel in PACKED_KERNELS:
+            os.environ[PACKED_KERNEL_ENV] = kernel
+            try:
+                first = run(f"packed-{kernel}", data["packed"], 1, shape.global_batch_size)
+                by_kernel[kernel] = first[0]["loss"]
+            except Exception as error:  # one kernel failing is its result, not the check's
+                by_kernel[kernel] = f"{type(error).__name__}: {error}"
+            finally:
+                del os.environ[PACKED_KERNEL_ENV]
     packed_loss, unpacked_loss = packed[0]["loss"], unpacked[0]["loss"]
     # bf16: the same tokens in other batch shapes run through other kernel tilings
     tolerance = 1e-5 if shape.precision == "fp32" else 1e-2
@@ -263,6 +285,8 @@ def megasft_training(work: Path, data: dict, mcore: Path, shape: Shape, attentio
         "relative_difference": difference,
         "packed_equals_unpacked": difference <= tolerance,
         "relative_tolerance": tolerance,
+        "packed_loss_by_kernel": by_kernel,
+        "peak_memory_gib": peak,
         "throughput": {
             "attention": attention,
             "tokens_per_second": statistics.median(r["tokens_per_second"] for r in timed),
