@@ -146,9 +146,14 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
                 config = transformer_config(
                     architecture, params_dtype=dtype, perform_initialization=False
                 )
+                # as the trainer builds it (train/build.py): megatron-core allocates its
+                # parallel linears on the GPU but its local norms on the CPU, and keeps
+                # those norms' weights in fp32 in a bf16 model
                 model = build_model(
                     architecture, config, parallel_output=False, attention=attention
-                )
+                ).to(device)
+                for parameter in model.parameters():
+                    parameter.data = parameter.data.to(dtype)
                 load_weights(model, mcore)
                 model.eval()
                 with torch.no_grad():

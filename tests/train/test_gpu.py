@@ -22,8 +22,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm device"),
 ]
 
-ATTENTIONS = ["torch", pytest.param("te", marks=pytest.mark.skipif(
-    not transformer_engine_installed(), reason="needs Transformer Engine"))]  # fmt: skip
+NEEDS_TE = pytest.mark.skipif(not transformer_engine_installed(), reason="needs Transformer Engine")
+ATTENTIONS = ["torch", pytest.param("te", marks=NEEDS_TE)]
 
 
 def _train(save: Path, data: Path, model: Path, *flags: str) -> list[dict]:
@@ -55,8 +55,10 @@ def test_packed_bf16_training_on_one_gpu(workspace, tmp_path, attention):
     assert summary["tflops_per_device"] > 0
 
 
-@pytest.mark.parametrize(("attention", "precision"), [*[(a, "bf16") for a in ATTENTIONS],
-                                                      ("torch", "fp32")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("attention", "precision"),
+    [("torch", "bf16"), pytest.param("te", "bf16", marks=NEEDS_TE), ("torch", "fp32")],
+)
 def test_packed_rows_give_the_loss_of_the_same_examples_unpacked(
     workspace, tmp_path, attention, precision
 ):
