@@ -49,6 +49,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("gpu-check"))
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--work", type=Path, help="scratch space (default: a temporary dir)")
+    parser.add_argument(
+        "--checks", default="parity,training,transformers",
+        help="which checks to run, comma-separated (default: all three)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     if args.wheels:
@@ -77,9 +81,11 @@ def main() -> None:
         work = Path(scratch)
         hf, mcore = build_model(work, shape)  # everything below needs it: no check without
         report.done("model built and converted")
-        report.attempt("parity", "logit parity", parity, hf, mcore, shape)
+        checks = set(args.checks.split(","))
+        if "parity" in checks:
+            report.attempt("parity", "logit parity", parity, hf, mcore, shape)
         data = write_datasets(work, shape)
-        for attention in attentions():
+        for attention in attentions() if "training" in checks else []:
             training = report.attempt(
                 f"training.{attention}", f"megasft training, {attention} attention",
                 megasft_training, work, data, mcore, shape, attention,
@@ -90,10 +96,11 @@ def main() -> None:
                 name = "megasft" if default else f"megasft_{attention}_attention"
                 report.put(f"throughput.{name}", training.pop("throughput"))
                 report.put(f"training.{attention}", training)
-        report.attempt(
-            "throughput.transformers", "transformers training",
-            transformers_training, hf, mcore, data, shape,
-        )  # fmt: skip
+        if "transformers" in checks:
+            report.attempt(
+                "throughput.transformers", "transformers training",
+                transformers_training, hf, mcore, data, shape,
+            )  # fmt: skip
     report.finish()
     print(report.markdown)
     if report.data.get("errors"):

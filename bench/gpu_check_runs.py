@@ -131,6 +131,7 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
     architecture = read_architecture(mcore)
     initialize_parallel(1, 1)
     results: dict = {}
+    exact = None  # transformers' fp32 logits: what bf16 rounding is measured from
     try:
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             reference = AutoModelForCausalLM.from_pretrained(
@@ -139,6 +140,7 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
             with torch.no_grad():
                 expected = reference(tokens).logits.float()
             del reference
+            exact = expected if exact is None else exact
             results[precision] = {}
             for attention in attentions():
                 if attention == "te" and precision == "fp32":
@@ -163,6 +165,10 @@ def parity(hf: Path, mcore: Path, shape: Shape) -> dict:
                     "max_abs_diff": difference,
                     "goal": GOALS[f"{precision}_logits"],
                     "passed": difference <= GOALS[f"{precision}_logits"],
+                    # in bf16 both sides round: how far each is from the fp32 logits tells
+                    # whether megatron-core's rounding is worse than transformers' own
+                    "max_abs_diff_from_fp32": (logits.float() - exact).abs().max().item(),
+                    "transformers_max_abs_diff_from_fp32": (expected - exact).abs().max().item(),
                 }
                 del model, logits
             del expected
