@@ -230,10 +230,19 @@ def markdown(report: dict) -> str:
     ]
     for precision, by_attention in report.get("parity", {}).items():
         for attention, result in by_attention.items():
+            rounding = GOALS["bf16_rounding"]
             lines.append(
                 f"| logits {precision}, {attention} attention: max abs diff from transformers "
-                f"| {result['max_abs_diff']:.2e} | ≤ {result['goal']:g} |"
+                f"| {result['max_abs_diff']:.2e} | ≤ {result['goal']:g}"
+                + (f", or the row below within {rounding:g}× |" if precision == "bf16" else " |")
             )
+            if precision == "bf16" and "max_abs_diff_from_fp32" in result:
+                lines.append(
+                    f"| logits bf16 from transformers' fp32, {attention} attention: megatron-core"
+                    f" vs transformers | {result['max_abs_diff_from_fp32']:.3g} vs "
+                    f"{result['transformers_max_abs_diff_from_fp32']:.3g} | "
+                    f"{'passed' if result['passed'] else 'FAILED'} |"
+                )
     for attention, result in report.get("training", {}).items():
         lines.append(
             f"| step-1 loss packed vs unpacked, {attention} attention | "
