@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megasft.data.store import open_split
+from megasft.train.data import StepSampler
 
 
 def reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> float:
@@ -19,7 +20,7 @@ def reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> flo
         model_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     table = open_split(dataset, split)
-    table = (table.take(rows) if rows is not None else table).to_pylist()
+    table = (table.take(list(rows)) if rows is not None else table).to_pylist()
     loss_sum, count = 0.0, 0
     with torch.no_grad():
         for row in table:
@@ -34,3 +35,17 @@ def reference_loss(model_dir: Path, dataset: Path, split: str, rows=None) -> flo
                 loss_sum += losses[mask[1:] == 1].sum().item()
                 count += int(mask[1:].sum())
     return loss_sum / count
+
+
+def first_global_batch(dataset: Path, global_batch_size: int) -> tuple[int, ...]:
+    """The train rows of step 1, as the trainer samples them with the tests' seed (1234). The
+    global batch does not depend on how it is split into micro-batches or data-parallel ranks."""
+    sampler = StepSampler(
+        rows=open_split(dataset).num_rows,
+        global_batch_size=global_batch_size,
+        micro_batch_size=1,
+        data_parallel_size=1,
+        data_parallel_rank=0,
+        seed=1234,
+    )
+    return tuple(int(row) for row in sampler.global_batch(0))

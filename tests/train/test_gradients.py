@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from megasft.data.store import open_split
-from megasft.train.data import StepSampler
 from tests.train import gradient_capture
 from tests.train.launching import result_of
+from tests.train.reference import first_global_batch
 
 pytestmark = pytest.mark.slow
 
@@ -75,18 +75,6 @@ def reference_step(hf_model: Path, dataset: Path, rows: tuple[int, ...]):
     loss.backward()
     gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     return loss.item(), gradients, model.config
-
-
-def _global_batch(dataset: Path, global_batch_size: int) -> tuple[int, ...]:
-    sampler = StepSampler(
-        rows=open_split(dataset).num_rows,
-        global_batch_size=global_batch_size,
-        micro_batch_size=1,
-        data_parallel_size=1,
-        data_parallel_rank=0,
-        seed=1234,
-    )
-    return tuple(int(row) for row in sampler.global_batch(0))
 
 
 def as_megatron(hf: dict[str, torch.Tensor], config, tensor_parallel: int) -> dict:
@@ -152,7 +140,7 @@ def _run(request, name: str):
     workspace = request.getfixturevalue("workspace")
     dataset = getattr(workspace, dataset_name)
     loss, gradients, config = reference_step(
-        getattr(workspace, model), dataset, _global_batch(dataset, global_batch_size)
+        getattr(workspace, model), dataset, first_global_batch(dataset, global_batch_size)
     )
     return result, loss, gradients, config, tensor_parallel, captured
 

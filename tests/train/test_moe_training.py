@@ -12,10 +12,8 @@ import json
 
 import pytest
 
-from megasft.data.store import open_split
-from megasft.train.data import StepSampler
 from tests.train.launching import result_of
-from tests.train.reference import reference_loss
+from tests.train.reference import first_global_batch, reference_loss
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +23,8 @@ TOLERANCE = 1e-5
 def test_first_step_loss_equals_the_transformers_models(workspace, moe_single):
     # The load-balancing loss is not part of the reported loss, so on or off, the first step
     # reports the language-model loss of transformers' Qwen3-MoE on the same targets.
-    sampler = StepSampler(
-        rows=open_split(workspace.packed).num_rows,
-        global_batch_size=8,
-        micro_batch_size=2,
-        data_parallel_size=1,
-        data_parallel_rank=0,
-        seed=1234,
-    )
-    expected = reference_loss(
-        workspace.hf_moe_model, workspace.packed, "train", sampler.global_batch(0)
-    )
+    rows = first_global_batch(workspace.packed, global_batch_size=8)
+    expected = reference_loss(workspace.hf_moe_model, workspace.packed, "train", rows)
     for name in ("moe_reference", "moe_reference_no_aux"):
         assert abs(result_of(moe_single, name)["losses"][0] - expected) < TOLERANCE
 

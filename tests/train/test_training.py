@@ -23,12 +23,10 @@ import psutil
 import pytest
 import torch
 
-from megasft.data.store import open_split
-from megasft.train.data import StepSampler
 from tests.conftest import REPO
 from tests.train.launching import launch, result_of, worker_env
 from tests.train.records import read_metrics
-from tests.train.reference import reference_loss
+from tests.train.reference import first_global_batch, reference_loss
 from tests.train.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -41,17 +39,8 @@ TOLERANCE = 1e-5
 
 def test_first_step_loss_equals_the_transformers_model(workspace, single):
     reference = result_of(single, "reference")
-    sampler = StepSampler(
-        rows=open_split(workspace.packed).num_rows,
-        global_batch_size=8,
-        micro_batch_size=2,
-        data_parallel_size=1,
-        data_parallel_rank=0,
-        seed=1234,
-    )
-    expected = reference_loss(
-        workspace.hf_model, workspace.packed, "train", sampler.global_batch(0)
-    )
+    rows = first_global_batch(workspace.packed, global_batch_size=8)
+    expected = reference_loss(workspace.hf_model, workspace.packed, "train", rows)
     assert abs(reference["losses"][0] - expected) < TOLERANCE
 
 

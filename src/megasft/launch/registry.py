@@ -180,31 +180,32 @@ def check_layout(launcher: Launcher, settings: Mapping[str, Any]) -> dict[str, A
         setting: settings.get(setting) or defaults[setting]
         for setting in ("tensor_parallel", "pipeline_parallel", "context_parallel")
     }
-    model_parallel = (
-        sizes["tensor_parallel"] * sizes["pipeline_parallel"] * sizes["context_parallel"]
-    )
     world = layout.per_node * layout.nodes
-    if world % model_parallel:
-        product = " x ".join(f"train.{setting} {size}" for setting, size in sizes.items())
-        raise ConfigError(
-            f"{layout.per_node_setting} {layout.per_node} x {layout.nodes_setting} "
-            f"{layout.nodes} = {world} GPUs, but the world size must be TP x PP x CP x DP "
-            f"and {product} = {model_parallel} does not divide {world}: change the GPUs or the "
-            "parallel sizes so that it does (DP, data parallelism, is what is left)"
-        )
+    _require_divides(
+        world, layout, sizes, "the world size must be TP x PP x CP x DP",
+        "change the GPUs or the parallel sizes so that it does (DP, data parallelism, is what "
+        "is left)",
+    )  # fmt: skip
     experts = {
         "expert_tensor_parallel": settings.get("expert_tensor_parallel")
         or sizes["tensor_parallel"],
         "expert_parallel": settings.get("expert_parallel") or defaults["expert_parallel"],
         "pipeline_parallel": sizes["pipeline_parallel"],
     }
-    expert_grid = math.prod(experts.values())
-    if world % expert_grid:
-        product = " x ".join(f"train.{setting} {size}" for setting, size in experts.items())
+    _require_divides(
+        world, layout, experts, "the expert layers split them as ETP x EP x expert-DP x PP",
+        "change the GPUs or the expert parallel sizes so that it does",
+    )  # fmt: skip
+    return {**settings, "nproc": layout.per_node, "nodes": layout.nodes}
+
+
+def _require_divides(world: int, layout, sizes: dict[str, int], grid: str, advice: str) -> None:
+    """Raises ConfigError naming the settings when their product does not divide the GPUs."""
+    product = math.prod(sizes.values())
+    if world % product:
+        named = " x ".join(f"train.{setting} {size}" for setting, size in sizes.items())
         raise ConfigError(
             f"{layout.per_node_setting} {layout.per_node} x {layout.nodes_setting} "
-            f"{layout.nodes} = {world} GPUs, but the expert layers split them as ETP x EP x "
-            f"expert-DP x PP and {product} = {expert_grid} does not divide {world}: change "
-            "the GPUs or the expert parallel sizes so that it does"
+            f"{layout.nodes} = {world} GPUs, but {grid} and {named} = {product} does not "
+            f"divide {world}: {advice}"
         )
-    return {**settings, "nproc": layout.per_node, "nodes": layout.nodes}
