@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasft.train.cli import add_train_command
 
     add_train_command(subparsers)
+    from megasft.plan.cli import add_plan_command
+
+    add_plan_command(subparsers)
     from megasft.pipeline.cli import add_pipeline_command
 
     add_pipeline_command(subparsers)

@@ -1,0 +1,214 @@
+"""Activation memory of one pipeline stage, after Korthikanti et al. 2022.
+
+"Reducing Activation Recomputation in Large Transformer Models" (Korthikanti, Casper, Lym,
+McAfee, Andersch, Shoeybi, Catanzaro; MLSys 2023, arXiv:2205.05198) counts, operator by
+operator, the tensors a transformer layer keeps for its backward pass: 34sbh + 5as^2b bytes
+per layer for GPT in 16-bit (their eq. 1), divided by t with tensor and sequence parallelism
+(eq. 4), 2sbh per layer with full recomputation, and the pipeline's first stage holding L
+layers' worth (their section 4.2.3). megasft's layers differ from their GPT (RMSNorm, grouped
+queries, a gated MLP, no dropout by default, flash attention on GPUs), so `layer_bytes`
+repeats their count for these layers as megatron-core 0.16 builds them, and
+`transient_bytes` adds what the backward pass allocates beyond them. docs/plan.md lists every
+term and the measured error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megasft.megatron.architecture import ModelArchitecture
+from megasft.plan.layout import Layout
+
+STATISTICS_BYTES = 4
+"""Norm statistics, softmax statistics and the cross entropy's softmax are fp32."""
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes of one pipeline stage's activations at its peak."""
+
+    stored: int
+    """Kept for backward by every micro-batch in flight."""
+    transient: int
+    """Allocated on top while backward runs: logits' gradients, a recomputed layer, ..."""
+    in_flight: int
+    """Micro-batches (model chunks' worth, with virtual stages) whose activations are kept."""
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The symbols of the formulas, for one rank and one micro-batch."""
+
+    e: int  # bytes per 16-bit (or fp32) element
+    t: int  # tensor-parallel size
+    sp: int  # t with sequence parallelism, else 1: the norms' and residuals' split
+    s: int  # sequence length on this context-parallel rank
+    tokens: int  # s x micro-batch
+    mask: int  # bytes per dropout-mask element: bool in fused kernels, a float mask on CPU
+
+    @classmethod
+    def of(cls, layout: Layout) -> _Sizes:
+        s = layout.seq_length // layout.context_parallel
+        e = layout.element_bytes
+        t = layout.tensor_parallel
+        return cls(
+            e=e,
+            t=t,
+            sp=t if layout.sequence_parallel else 1,
+            s=s,
+            tokens=s * layout.micro_batch_size,
+            mask=1 if layout.transformer_engine else e,
+        )
+
+
+def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str) -> float:
+    """Bytes one transformer layer keeps for backward, for one micro-batch.
+
+    Args:
+        architecture: the model.
+        layout: parallel sizes, micro-batch, sequence, precision, layer spec, dropout.
+        recompute: "none", "selective" or "full" for this layer.
+
+    Returns:
+        The bytes on one rank.
+    """
+    a, z = architecture, _Sizes.of(layout)
+    e, t, sp = z.e, z.t, z.sp
+    h, d, f = a.hidden_size, a.head_dim, a.ffn_hidden_size
+    heads, groups = a.num_attention_heads / t, a.num_query_groups / t
+    if recompute == "full":
+        return z.tokens * e * h / sp  # the layer's input; the rest is recomputed
+    per_token = 0.0
+    if layout.transformer_engine:
+        # Fused norm + linear (Transformer Engine): input, normalised output, 1/rms.
+        per_token += 2 * (2 * e * h / sp + STATISTICS_BYTES / sp)
+    else:
+        # megatron-core's local RMSNorm (torch): the input and the normalised input in fp32,
+        # 1/rms, and the output the next linear keeps.
+        per_token += 2 * ((2 * STATISTICS_BYTES + e) * h / sp + STATISTICS_BYTES / sp)
+    if recompute == "selective":
+        # The core-attention checkpoint keeps q and k after RoPE, and v, a view that keeps
+        # the whole fused QKV output.
+        per_token += e * (2 * heads + 3 * groups) * d
+    elif layout.transformer_engine:
+        # Flash attention keeps q, k, v and the softmax statistics; dropout is drawn inside.
+        per_token += e * (heads + 2 * groups) * d + STATISTICS_BYTES * heads
+    else:
+        # q, and k and v repeated to every query head; the softmax in fp32 and its 16-bit
+        # copy; with dropout its mask and output (replacing that copy).
+        per_token += 3 * e * heads * d + STATISTICS_BYTES * heads * z.s
+        copy = e if e < STATISTICS_BYTES else 0
+        per_token += heads * z.s * (z.mask + e if layout.attention_dropout > 0 else copy)
+    per_token += e * heads * d  # the attention output, the projection's input
+    # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate), up + 0 (a new
+    # tensor in megatron-core's glu) and their product (fc2's input).
+    per_token += 5 * e * f / t
+    if layout.hidden_dropout > 0:
+        per_token += 2 * z.mask * h / sp  # after attention and after the MLP
+    total = z.tokens * per_token
+    if not layout.transformer_engine:
+        total += 4 * e * z.s * d  # RoPE's cos and sin for q and k, made per layer
+    return total
+
+
+def layer_working_bytes(architecture: ModelArchitecture, layout: Layout) -> float:
+    """Bytes a layer allocates beyond what it keeps while its forward or backward runs, for
+    one micro-batch (the MLP's own tensors freed by then are subtracted).
+
+    Args:
+        architecture: the model.
+        layout: the run's layout.
+
+    Returns:
+        The bytes on one rank.
+    """
+    a, z = architecture, _Sizes.of(layout)
+    heads, groups = a.num_attention_heads / z.t, a.num_query_groups / z.t
+    mlp = 5 * z.e * a.ffn_hidden_size / z.t
+    if layout.transformer_engine:
+        # the MLP's gradients (fc1's output and the gate's), or flash attention's gradients of
+        # q, k and v with its fp32 accumulator for q
+        attention = z.e * (heads + 2 * groups) * a.head_dim + STATISTICS_BYTES * heads * a.head_dim
+        return z.tokens * max(2 * z.e * a.ffn_hidden_size / z.t, attention)
+    # the scores (16-bit) and their fp32 copy in forward, or the softmax's gradient and its
+    # masked copy in backward, while the MLP's tensors of this layer are gone
+    return max(0.0, z.tokens * ((STATISTICS_BYTES + z.e) * heads * z.s - mlp))
+
+
+def _chunk_layers(architecture: ModelArchitecture, layout: Layout) -> int:
+    return architecture.num_layers // (layout.pipeline_parallel * layout.virtual_pipeline_stages)
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations a pipeline stage keeps at its peak (chunk-micro-batches
+    with virtual stages): 1F1B's warm-up plus one, as megatron-core schedules them."""
+    p, v, m = layout.pipeline_parallel, layout.virtual_pipeline_stages, layout.micro_batches
+    if p == 1:
+        return 1
+    if v == 1:
+        return min(p - stage, m)
+    return min((p - stage - 1) * 2 + (v - 1) * p + 1, m * v)
+
+
+def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: int) -> Activations:
+    """The activations of one pipeline stage at its peak.
+
+    The stored part is every in-flight micro-batch's layers (and the embedding's or output
+    layer's tensors on the first or last stage). The transient part is the largest of what
+    one micro-batch's backward adds on top at any moment: the logits' gradients (last stage),
+    a layer's working memory, or the first recomputed layer re-run once the layers above it
+    were freed.
+
+    Args:
+        architecture: the model.
+        layout: the run's layout.
+        stage: the pipeline rank.
+
+    Returns:
+        Stored and transient bytes, and the micro-batches in flight.
+    """
+    a, z = architecture, _Sizes.of(layout)
+    h, sp = a.hidden_size, z.sp
+    first, last = stage == 0, stage == layout.pipeline_parallel - 1
+    count = in_flight(layout, stage)
+    # chunk-specific parts (embedding, output) are in flight once per round of chunks
+    own_chunk = math.ceil(count / layout.virtual_pipeline_stages)
+    layers = _chunk_layers(a, layout)
+    recomputed = 0
+    if layout.recompute == "full":
+        recomputed = min(layers, layout.recompute_layers or layers)
+    mode = "none" if layout.recompute == "full" else layout.recompute
+    kept = layer_bytes(a, layout, mode)
+    per_micro_batch = recomputed * layer_bytes(a, layout, "full") + (layers - recomputed) * kept
+    stored = count * per_micro_batch
+    if first and layout.hidden_dropout > 0:
+        stored += own_chunk * z.tokens * z.mask * h / sp  # the embedding's dropout mask
+    if not last and not layout.deallocate_pipeline_outputs:
+        stored += count * z.tokens * z.e * h / sp  # outputs kept after sending
+    working = layer_working_bytes(a, layout)
+    if mode == "selective":  # core attention re-run in backward, then its backward
+        working += max(0.0, layer_bytes(a, layout, "none") - kept)
+    phases = [working if layers > recomputed else 0.0]
+    if last:
+        vocab = a.padded_vocab_size / z.t
+        if layout.transformer_engine:
+            final_norm = z.e * h / sp + STATISTICS_BYTES / sp
+        else:
+            final_norm = 2 * STATISTICS_BYTES * h + STATISTICS_BYTES
+        # final norm, the output layer's input, the cross entropy's fp32 softmax
+        stored += own_chunk * z.tokens * (final_norm + z.e * h / sp + STATISTICS_BYTES * vocab)
+        # backward: the logits' gradient cast to 16 bits, with padding columns masked, and
+        # transposed back ([b, s] -> [s, b]), on top of the softmax that became the gradient
+        phases.append(z.tokens * vocab * (3 * z.e if z.e < STATISTICS_BYTES else 2 * z.e))
+    if recomputed:
+        # the top recomputed layer is re-run once every layer above it was freed
+        rerun = layer_bytes(a, layout, "none") - layer_bytes(a, layout, "full") + working
+        phases.append(max(0.0, rerun - (layers - recomputed) * kept))
+    transient = max(phases)
+    if not layout.transformer_engine:
+        # without gradient-accumulation fusion a weight's gradient is made, then added to
+        # the fp32 buffer: the largest weight of the stage (the output layer, or fc1)
+        largest = max(a.padded_vocab_size / z.t, 2 * a.ffn_hidden_size / z.t) * h
+        transient += z.e * largest
+    return Activations(stored=int(stored), transient=int(transient), in_flight=count)

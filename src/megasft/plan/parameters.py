@@ -1,0 +1,173 @@
+"""The parameters one rank holds: names, shapes on this rank, in megatron-core's order.
+
+The tensors come from the model family's weight table (`ModelFamily.weight_mappings` and
+`megatron_shape`), so a family's own tensors (Qwen2's QKV bias, Qwen3's QK norms) are counted
+without naming the family here. `PLACEMENTS` says, for each tensor of a table, where
+megatron-core registers it in a layer (the order decides the distributed optimizer's padding)
+and which dimension tensor parallelism splits. A family with a new kind of tensor adds its
+row there; `chunk_parameters` refuses a tensor it has no row for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megasft.errors import ConfigError
+from megasft.megatron import families
+from megasft.megatron.architecture import ModelArchitecture
+from megasft.megatron.families.weight_mapping import EMBEDDING, MEGATRON_LAYER, OUTPUT_LAYER
+from megasft.plan.layout import Layout
+
+FINAL_NORM = "decoder.final_layernorm.weight"
+LAYER_PREFIX = MEGATRON_LAYER.removesuffix("{layer}")  # "decoder.layers."
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where megatron-core keeps one tensor of a layer."""
+
+    local_order: int
+    """Position among the layer's parameters with megatron-core's local layers (CPU)."""
+    te_order: int
+    """Position with Transformer Engine's layers, which fuse the norms into the next linear."""
+    split_dim: int | None
+    """The dimension divided over tensor-parallel ranks; None: every rank has all of it."""
+    local_name: str | None = None
+    """The parameter's name with the local layers, where it differs from the checkpoint key."""
+
+
+PLACEMENTS: dict[str, Placement] = {
+    "self_attention.linear_qkv.layer_norm_weight": Placement(0, 1, None, "input_layernorm.weight"),
+    "self_attention.linear_proj.weight": Placement(1, 0, 1),
+    "self_attention.linear_qkv.weight": Placement(2, 2, 0),
+    "self_attention.linear_qkv.bias": Placement(3, 3, 0),
+    "self_attention.q_layernorm.weight": Placement(4, 4, None),
+    "self_attention.k_layernorm.weight": Placement(5, 5, None),
+    "mlp.linear_fc1.layer_norm_weight": Placement(6, 6, None, "pre_mlp_layernorm.weight"),
+    "mlp.linear_fc1.weight": Placement(7, 7, 0),
+    "mlp.linear_fc2.weight": Placement(8, 8, 1),
+}
+"""Every per-layer tensor of the supported families' weight tables (by its key after
+`decoder.layers.{layer}.`). The embedding and output layer split their vocabulary rows
+(dimension 0); the final norm is replicated."""
+
+
+@dataclass(frozen=True)
+class PlannedParameter:
+    """One parameter of one model chunk on one rank."""
+
+    name: str
+    """Its name in the chunk (`named_parameters()`), layers numbered within the chunk."""
+    shape: tuple[int, ...]
+    """Its shape on this tensor-parallel rank."""
+    shared_embedding: bool = False
+    """The embedding or its tied copy in the output layer on another pipeline stage:
+    megatron-core gives it a gradient bucket of its own under the distributed optimizer."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def chunk_layers(architecture: ModelArchitecture, layout: Layout, stage: int, chunk: int) -> range:
+    """The global layer numbers (from 0) of one model chunk.
+
+    Args:
+        architecture: the model.
+        layout: the parallel layout.
+        stage: the pipeline rank.
+        chunk: the virtual stage on that rank (0 without the interleaved schedule).
+
+    Returns:
+        The layers, as megatron-core assigns them (chunk-major over all pipeline ranks).
+    """
+    per_chunk = architecture.num_layers // (
+        layout.pipeline_parallel * layout.virtual_pipeline_stages
+    )
+    first = (chunk * layout.pipeline_parallel + stage) * per_chunk
+    return range(first, first + per_chunk)
+
+
+def chunk_parameters(
+    architecture: ModelArchitecture, layout: Layout, stage: int, chunk: int = 0
+) -> list[PlannedParameter]:
+    """The parameters of one model chunk on one rank, in `named_parameters()` order.
+
+    Args:
+        architecture: the model.
+        layout: the parallel layout (TP splits, PP and virtual stages, layer spec).
+        stage: the pipeline rank.
+        chunk: the virtual stage on that rank.
+
+    Returns:
+        The parameters with their shapes on this tensor-parallel rank.
+
+    Raises:
+        ConfigError: the family's table has a tensor without a row in `PLACEMENTS`.
+    """
+    family = families.family_named(architecture.family)
+    shapes = {
+        mapping.megatron: family.megatron_shape(mapping, architecture)
+        for mapping in family.weight_mappings(architecture)
+    }
+    first = stage == 0 and chunk == 0
+    last = stage == layout.pipeline_parallel - 1 and chunk == layout.virtual_pipeline_stages - 1
+    tied = architecture.tied_embeddings
+    vocab_rows = (
+        architecture.padded_vocab_size // layout.tensor_parallel,
+        architecture.hidden_size,
+    )
+    parameters = []
+    if first:
+        shared = tied and not last  # its copy lives on the last stage
+        parameters.append(PlannedParameter(EMBEDDING, vocab_rows, shared))
+    layer_tensors = sorted(
+        (key.removeprefix(MEGATRON_LAYER + "."), shape)
+        for key, shape in shapes.items()
+        if key.startswith(MEGATRON_LAYER + ".")
+    )
+    for tensor, _ in layer_tensors:
+        if tensor not in PLACEMENTS:
+            raise ConfigError(
+                f"the plan does not know how megatron-core places {tensor!r} of the "
+                f"{architecture.family} weight table; add it to megasft.plan.parameters.PLACEMENTS"
+            )
+    order = (
+        (lambda item: PLACEMENTS[item[0]].te_order)
+        if layout.transformer_engine
+        else (lambda item: PLACEMENTS[item[0]].local_order)
+    )
+    layer_tensors.sort(key=order)
+    for number, _ in enumerate(chunk_layers(architecture, layout, stage, chunk)):
+        for tensor, shape in layer_tensors:
+            placement = PLACEMENTS[tensor]
+            name = tensor if layout.transformer_engine else placement.local_name or tensor
+            parameters.append(
+                PlannedParameter(
+                    f"{LAYER_PREFIX}{number}.{name}",
+                    _split(shape, placement.split_dim, layout.tensor_parallel),
+                )
+            )
+    if last:
+        parameters.append(PlannedParameter(FINAL_NORM, shapes[FINAL_NORM]))
+        if not (tied and first):  # tied on one stage: the output layer uses the embedding
+            parameters.append(PlannedParameter(OUTPUT_LAYER, vocab_rows, tied))
+    return parameters
+
+
+def model_parameter_count(architecture: ModelArchitecture) -> int:
+    """Parameters of the whole model as megatron-core holds it (vocabulary padded), counting a
+    tied embedding once."""
+    family = families.family_named(architecture.family)
+    total = 0
+    for mapping in family.weight_mappings(architecture):
+        count = math.prod(family.megatron_shape(mapping, architecture))
+        total += count * architecture.num_layers if MEGATRON_LAYER in mapping.megatron else count
+    return total
+
+
+def _split(shape: tuple[int, ...], dim: int | None, parts: int) -> tuple[int, ...]:
+    if dim is None:
+        return shape
+    return tuple(size // parts if index == dim else size for index, size in enumerate(shape))
