@@ -14,6 +14,7 @@ from megasft.pipeline.config import (
     check_inputs,
     config_directory,
     load_pipeline_config,
+    memory_plan,
 )
 from megasft.pipeline.steps import validate
 
@@ -275,3 +276,27 @@ def test_typed_sections_travel_as_the_settings_that_are_set():
         "registered_model": "megasft-demo",
         "alias": "staging",
     }
+
+
+def test_a_train_section_naming_its_gpu_gets_the_memory_plan(tiny_config):
+    config = dataclasses.replace(tiny_config, train={**tiny_config.train, "device": "mi300x"})
+    hf_config = check_inputs(config)
+    plan = memory_plan(config, hf_config)
+    assert plan.device == "mi300x" and plan.fits
+    assert "device" not in config.train_settings()  # the trainer never sees it
+    assert memory_plan(tiny_config, hf_config) is None  # no device named: no plan
+
+
+def test_a_run_that_does_not_fit_its_gpu_fails_validation_naming_the_changes(tiny_config):
+    train = {**tiny_config.train, "device": "tiny", "device_memory": 3.0}
+    config = dataclasses.replace(tiny_config, train=train)
+    with pytest.raises(
+        ConfigError, match=r"(?s)train: the run does not fit.*verdict: does not fit"
+    ):
+        check_inputs(config)
+
+
+def test_an_unknown_gpu_is_refused(tiny_config):
+    config = dataclasses.replace(tiny_config, train={**tiny_config.train, "device": "abacus"})
+    with pytest.raises(ConfigError, match="train: --device 'abacus' is not in the table"):
+        check_inputs(config)

@@ -92,7 +92,9 @@ def build(scenario: dict, overrides: dict | None = None):
         ),
     )
     chunks = [
-        build_model(architecture, model_config, vp_stage=stage if config.virtual_pipeline_stages else None)
+        build_model(
+            architecture, model_config, vp_stage=stage if config.virtual_pipeline_stages else None
+        )
         for stage in range(config.virtual_pipeline_stages or 1)
     ]
     if bf16:  # as the trainer: every parameter in bf16
@@ -239,7 +241,9 @@ def measure_activations(scenario: dict) -> dict:
     chunk.zero_grad_buffer()
 
     def step():
-        output, loss_function = forward_step(iter([inputs]), chunk, vocab_size=architecture.vocab_size)
+        output, loss_function = forward_step(
+            iter([inputs]), chunk, vocab_size=architecture.vocab_size
+        )
         loss_sum, _, _ = loss_function(output)
         return loss_sum
 

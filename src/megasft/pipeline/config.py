@@ -3,7 +3,8 @@
 A run configuration is one YAML file with a section per stage (`data`, `model`, `train`,
 `launcher`, `evaluate`, `tracking`, `notify`), each holding that stage's own settings; the
 pipeline takes the sections as its parameters, one dict each. `PipelineConfig(...)` checks the
-shape; `check_inputs()` checks what needs the files, in the pipeline's first step and before
+shape; `check_inputs()` checks what needs the files (and, when the `train` section names its
+GPU, that the run fits in its memory), in the pipeline's first step and before
 `megasft pipeline run-local` starts. See docs/pipeline.md, "Run configurations".
 """
 
@@ -303,9 +304,9 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
         InputError: a missing data file, model, tokenizer or prompts file.
         ConfigError: a model family megasft does not convert, a gate that does not parse, GPUs
             (per node x nodes) that are not the world size the parallel settings need (naming
-            the settings), or a training layout that does not fit the model.
+            the settings), a training layout that does not fit the model, or a run that does
+            not fit in the memory of the GPU the train section names (`memory_plan`).
     """
-    from megasft.data.config import PrepareConfig
     from megasft.launch.registry import check_layout
     from megasft.megatron.architecture import architecture_from_hf_config, read_hf_config
     from megasft.train.config import TrainConfig, check_against_experts, check_against_model
@@ -333,10 +334,7 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
             parse_gate(config.evaluate["gate"])
         except ConfigError as error:
             raise ConfigError(f"evaluate.gate: {error}") from error
-    default_length = next(
-        f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length"
-    )
-    seq_length = config.prepare_settings().get("seq_length", default_length)
+    seq_length = _seq_length(config)
     placeholders = {name: "." for name in TRAIN_WIRED}  # the artifacts the pipeline wires in
     # The processes as the launcher runs them: train.nproc and train.nodes say it only locally.
     settings = check_layout(config.launcher, config.train_settings())
@@ -348,7 +346,59 @@ def check_inputs(config: PipelineConfig) -> dict[str, Any]:
         raise ConfigError(f"train: {error}") from error
     except ConfigError as error:
         raise ConfigError(f"train: {error}") from error
+    plan = memory_plan(config, hf_config)
+    if plan is not None and not plan.fits:
+        from megasft.plan.report import report
+
+        raise ConfigError(
+            f"train: the run does not fit in the memory of its GPUs (megasft plan):\n{report(plan)}"
+        )
     return hf_config
+
+
+def memory_plan(config: PipelineConfig, hf_config: dict[str, Any]):
+    """`megasft plan`'s memory plan of the training step, when the train section names its
+    GPU (`device`, or `device_memory` in GiB).
+
+    Args:
+        config: the run configuration.
+        hf_config: the base model's config.json.
+
+    Returns:
+        The MemoryPlan (megasft.plan.memory), or None when the section names no GPU.
+
+    Raises:
+        ConfigError: an unknown device, or a layout the model cannot take.
+    """
+    from megasft.launch.registry import check_layout
+    from megasft.megatron.architecture import architecture_from_hf_config
+    from megasft.plan.cli import plan_run
+    from megasft.train.config import TrainConfig
+
+    device, memory = config.train.get("device"), config.train.get("device_memory")
+    if device is None and memory is None:
+        return None
+    placeholders = {name: "." for name in TRAIN_WIRED}
+    # The processes as the launcher runs them (as check_inputs takes them).
+    settings = check_layout(config.launcher, config.train_settings())
+    try:
+        return plan_run(
+            TrainConfig(**settings, **placeholders),
+            architecture_from_hf_config(hf_config),
+            _seq_length(config),
+            device=device,
+            device_memory_gib=memory,
+        )
+    except ConfigError as error:
+        raise ConfigError(f"train: {error}") from error
+
+
+def _seq_length(config: PipelineConfig) -> int:
+    """The rows' length the data section prepares (PrepareConfig's default if not given)."""
+    from megasft.data.config import PrepareConfig
+
+    default = next(f.default for f in dataclasses.fields(PrepareConfig) if f.name == "seq_length")
+    return config.prepare_settings().get("seq_length", default)
 
 
 def _parse_value(text: str) -> Any:

@@ -17,6 +17,9 @@ _DATA_OWN = {"path"}
 _DATA_WIRED = {"inputs", "tokenizer", "output", "overwrite", "progress", "workers"}
 TRAIN_WIRED = {"data", "load", "save"}
 """The TrainConfig settings the pipeline wires in (its artifacts), not the `train` section."""
+_TRAIN_OWN = {"recipe", "device", "device_memory"}
+"""Keys of the `train` section beside TrainConfig's: the recipe, and the GPU the run's memory
+is planned for (`megasft plan --device` / `--device-memory GIB`)."""
 _EVALUATE_OWN = {"data"}
 _EVALUATE_WIRED = {"model", "output", "baseline", "val_data", "tokenizer", "convert_base"}
 
@@ -42,7 +45,7 @@ def prepare_settings(data: dict[str, Any]) -> dict[str, Any]:
 
 def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str, Any]:
     """The `train` section as TrainConfig keyword arguments: a recipe's values, then the
-    section's own (data, load and save are wired).
+    section's own (data, load and save are wired; device and device_memory are the plan's).
 
     Args:
         train: the `train` section.
@@ -56,13 +59,13 @@ def train_settings(train: dict[str, Any], read_recipe: bool = True) -> dict[str,
     """
     from megasft.train.config import TrainConfig, load_recipe
 
-    settings = dict(train)
-    recipe = settings.pop("recipe", None)
+    settings = {key: value for key, value in train.items() if key not in _TRAIN_OWN}
+    recipe = train.get("recipe")
     values = load_recipe(recipe) if recipe and read_recipe else {}
     values.update(settings)
     if isinstance(values.get("peft"), dict):
         values.update(_peft_settings(values.pop("peft")))
-    check_keys("train", values, field_names(TrainConfig) - TRAIN_WIRED, {"recipe"})
+    check_keys("train", values, field_names(TrainConfig) - TRAIN_WIRED, _TRAIN_OWN)
     return _with_whole_numbers(TrainConfig, values)
 
 

@@ -87,10 +87,13 @@ def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str)
         # megatron-core's local RMSNorm (torch): the input and the normalised input in fp32,
         # 1/rms, and the output the next linear keeps.
         per_token += 2 * ((2 * STATISTICS_BYTES + e) * h / sp + STATISTICS_BYTES / sp)
+    if a.qk_layernorm:
+        per_token += _qk_norm_bytes(layout, heads, groups, d)
     if recompute == "selective":
         # The core-attention checkpoint keeps q and k after RoPE, and v, a view that keeps
-        # the whole fused QKV output.
-        per_token += e * (2 * heads + 3 * groups) * d
+        # the whole fused QKV output (unless the key norm keeps it already).
+        fused_kept = a.qk_layernorm and (layout.transformer_engine or e == STATISTICS_BYTES)
+        per_token += e * (heads + groups) * d + (0 if fused_kept else e * (heads + 2 * groups) * d)
     elif layout.transformer_engine:
         # Flash attention keeps q, k, v and the softmax statistics; dropout is drawn inside.
         per_token += e * (heads + 2 * groups) * d + STATISTICS_BYTES * heads
@@ -110,6 +113,19 @@ def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str)
     if not layout.transformer_engine:
         total += 4 * e * z.s * d  # RoPE's cos and sin for q and k, made per layer
     return total
+
+
+def _qk_norm_bytes(layout: Layout, heads: float, groups: float, d: int) -> float:
+    """Per token: what the RMSNorms over each query and key head keep (Qwen3). Their key
+    input is a view of the fused QKV output, which it keeps whole where it is saved as is."""
+    e, fused = layout.element_bytes, (heads + 2 * groups) * d
+    statistics = STATISTICS_BYTES * (heads + groups)
+    if layout.transformer_engine:  # Transformer Engine's norm keeps its input and 1/rms
+        return e * heads * d + e * fused + statistics
+    # megatron-core's local norm: the input in fp32 (the fused output itself when fp32) and
+    # the normalised input in fp32, per head
+    key_input = STATISTICS_BYTES * (fused if e == STATISTICS_BYTES else groups * d)
+    return STATISTICS_BYTES * (2 * heads * d + groups * d) + key_input + statistics
 
 
 def layer_working_bytes(architecture: ModelArchitecture, layout: Layout) -> float:

@@ -140,16 +140,24 @@ class StaticMemory:
         return self.weights + self.gradients + self.main_weights + self.optimizer_states
 
 
-def static_memory(chunks: list[list[PlannedParameter]], layout: Layout, stage: int) -> StaticMemory:
-    """The static parts of the worst data-parallel rank of one pipeline stage.
+def rank_static_memory(
+    chunks: list[list[PlannedParameter]],
+    layout: Layout,
+    stage: int,
+    shard_rank: int,
+    bucket_elements: list[int | None] | None = None,
+) -> StaticMemory:
+    """The static parts of one rank.
 
     Args:
         chunks: the stage's model chunks, each its parameters (`chunk_parameters`).
         layout: precision, distributed optimizer, data x context-parallel ranks.
         stage: the pipeline rank (decides the gradient buckets).
+        shard_rank: the rank among the data x context-parallel ranks.
+        bucket_elements: each chunk's bucket size, where not megatron-core's default.
 
     Returns:
-        Bytes per part; the shard of the rank with the most main weights.
+        Bytes per part.
     """
     shards = layout.gradient_shards
     weight_bytes = layout.element_bytes
@@ -163,20 +171,14 @@ def static_memory(chunks: list[list[PlannedParameter]], layout: Layout, stage: i
             main_weights=main,
             optimizer_states=parameters * ADAM_STATE_BYTES,
         )
+    if bucket_elements is None:
+        bucket_elements = [bucket_size(layout, stage, index) for index in range(len(chunks))]
     buffers = [
-        buffer_layout(
-            chunk,
-            shards=shards,
-            distributed_optimizer=True,
-            bucket_elements=bucket_size(layout, stage, index),
-        )
-        for index, chunk in enumerate(chunks)
+        buffer_layout(chunk, shards=shards, distributed_optimizer=True, bucket_elements=size)
+        for chunk, size in zip(chunks, bucket_elements, strict=True)
     ]
     padded = sum(buffer.numel for buffer in buffers)
-    per_rank = [
-        sum(ranks) for ranks in zip(*(shard_elements(b, shards) for b in buffers), strict=True)
-    ]
-    shard = max(per_rank)
+    shard = sum(shard_elements(buffer, shards)[shard_rank] for buffer in buffers)
     return StaticMemory(
         parameters=parameters,
         weights=padded * weight_bytes,  # the parameters live in the padded buffer
@@ -184,4 +186,22 @@ def static_memory(chunks: list[list[PlannedParameter]], layout: Layout, stage: i
         # fp32 parameters are their own main weights
         main_weights=shard * MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0,
         optimizer_states=shard * ADAM_STATE_BYTES,
+    )
+
+
+def static_memory(chunks: list[list[PlannedParameter]], layout: Layout, stage: int) -> StaticMemory:
+    """The static parts of the fullest data-parallel rank of one pipeline stage.
+
+    Args:
+        chunks: the stage's model chunks, each its parameters (`chunk_parameters`).
+        layout: precision, distributed optimizer, data x context-parallel ranks.
+        stage: the pipeline rank.
+
+    Returns:
+        Bytes per part, of the rank with the most.
+    """
+    ranks = range(layout.gradient_shards if layout.distributed_optimizer else 1)
+    return max(
+        (rank_static_memory(chunks, layout, stage, rank) for rank in ranks),
+        key=lambda memory: memory.total,
     )

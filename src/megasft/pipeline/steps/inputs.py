@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from megasft.launch.registry import launcher_section
-from megasft.pipeline.config import PipelineConfig, check_inputs, prepare_settings
+from megasft.pipeline.config import PipelineConfig, check_inputs, memory_plan, prepare_settings
 from megasft.pipeline.steps.common import (
     PIPELINE_NAME,
     ArtifactLike,
@@ -69,7 +69,8 @@ def validate(
     )
     write_artifact(
         plan,
-        _plan_markdown(config, hf_config, data_digest, model_digest),
+        _plan_markdown(config, hf_config, data_digest, model_digest)
+        + _memory_markdown(memory_plan(config, hf_config)),
         metadata={"config": config.name, "data_sha256": data_digest, "model_sha256": model_digest},
     )
     return (
@@ -91,6 +92,15 @@ def _typed_sections(config: PipelineConfig) -> dict[str, Any]:
         "launcher": launcher_section(config.launcher),
         "evaluate": config.evaluate_settings(),
     }
+
+
+def _memory_markdown(memory) -> str:
+    """`megasft plan`'s report of the training step, when the train section names its GPU."""
+    if memory is None:
+        return "\nMemory plan: none (the train section names no `device`).\n"
+    from megasft.plan.report import report
+
+    return f"\n## Memory per GPU (megasft plan)\n\n```\n{report(memory)}```\n"
 
 
 def _plan_markdown(

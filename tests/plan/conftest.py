@@ -1,0 +1,168 @@
+"""Runs plan_worker.py once per session (one process, then two under torchrun) and hands the
+tests what it measured, beside the scenarios it was asked to build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megasft.megatron.architecture import ModelArchitecture, architecture_from_hf_config
+
+WORKER = Path(__file__).with_name("plan_worker.py")
+
+STATIC_LAYOUTS = (
+    # (name, world size, TP, PP, distributed optimizer, precision)
+    ("tp1", 1, 1, 1, False, "bf16"),
+    ("tp1_distopt", 1, 1, 1, True, "bf16"),
+    ("tp2", 2, 2, 1, False, "bf16"),
+    ("tp2_distopt", 2, 2, 1, True, "bf16"),
+    ("pp2", 2, 1, 2, False, "bf16"),
+    ("pp2_distopt", 2, 1, 2, True, "bf16"),
+    ("dp2", 2, 1, 1, False, "bf16"),
+    ("dp2_distopt", 2, 1, 1, True, "bf16"),
+)
+
+
+def tiny_architectures() -> dict[str, ModelArchitecture]:
+    """Every tiny test model (tests/checkpoint/tiny_models.py: one per family and variant)."""
+    from tests.checkpoint.tiny_models import _COMMON, TINY_MODELS
+
+    architectures = {}
+    for name, model in TINY_MODELS.items():
+        config = model.config_class(**_COMMON, **model.config_fields).to_dict()
+        config["architectures"] = [model.model_class.__name__]
+        architectures[name] = architecture_from_hf_config(config)
+    return architectures
+
+
+def static_scenarios() -> list[dict]:
+    scenarios = []
+    for family, architecture in tiny_architectures().items():
+        for name, world_size, tp, pp, distributed_optimizer, precision in STATIC_LAYOUTS:
+            scenarios.append(
+                dict(
+                    name=f"{family}_{name}",
+                    architecture=json.loads(architecture.to_json()),
+                    world_size=world_size,
+                    tp=tp,
+                    pp=pp,
+                    distributed_optimizer=distributed_optimizer,
+                    precision=precision,
+                )
+            )
+    llama = json.loads(tiny_architectures()["llama"].to_json())
+    scenarios += [
+        # fp32: the parameters are their own main weights
+        dict(name="llama_fp32_distopt", architecture=llama, world_size=2, tp=1, pp=1,
+             distributed_optimizer=True, precision="fp32"),
+        # several gradient buckets, each padded for the distributed optimizer
+        dict(name="llama_dp2_buckets", architecture=llama, world_size=2, tp=1, pp=1,
+             distributed_optimizer=True, precision="bf16", bucket_size=5000),
+        # the interleaved schedule: two chunks per pipeline rank, tied embeddings split
+        dict(name="llama_tied_pp2_vp2", world_size=2, tp=1, pp=2, vp=2,
+             distributed_optimizer=True, precision="bf16",
+             architecture=json.loads(tiny_architectures()["llama_tied"].to_json())
+             | {"num_layers": 4}),
+    ]  # fmt: skip
+    return scenarios
+
+
+ACTIVATION_MODEL = dict(
+    hidden_size=256,
+    ffn_hidden_size=704,
+    num_attention_heads=8,
+    num_query_groups=4,
+    head_dim=32,
+    num_layers=2,
+    vocab_size=1000,
+    padded_vocab_size=1024,
+    max_position_embeddings=4096,
+)
+
+
+def activation_scenarios() -> list[dict]:
+    """Small models on rows long enough that the tensors, not the allocator's rounding,
+    decide the measurement."""
+    variants = {
+        "none": {},
+        "selective": dict(recompute="selective", overrides=dict(recompute_granularity="selective")),
+        "full": dict(recompute="full", overrides=dict(
+            recompute_granularity="full", recompute_method="block", recompute_num_layers=2)),
+        "full1": dict(recompute="full", recompute_layers=1, overrides=dict(
+            recompute_granularity="full", recompute_method="block", recompute_num_layers=1)),
+        "dropout": dict(hidden_dropout=0.1, attention_dropout=0.1,
+                        overrides=dict(hidden_dropout=0.1, attention_dropout=0.1)),
+    }  # fmt: skip
+    architectures = tiny_architectures()
+    scenarios = []
+    for family in ("llama", "qwen3"):
+        architecture = json.loads(architectures[family].to_json()) | ACTIVATION_MODEL
+        for variant, settings in variants.items():
+            for seq_length, rows in ((128, 2), (512, 1)):
+                for precision in ("fp32", "bf16"):
+                    scenarios.append(
+                        dict(
+                            name=f"{family}_{variant}_s{seq_length}_b{rows}_{precision}",
+                            architecture=architecture,
+                            world_size=1,
+                            tp=1,
+                            pp=1,
+                            distributed_optimizer=False,
+                            precision=precision,
+                            seq_length=seq_length,
+                            micro_batch_size=rows,
+                            **settings,
+                        )
+                    )
+    return scenarios
+
+
+def _run(command: list[str], description: str) -> None:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+    if result.returncode != 0:
+        pytest.fail(f"{description} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+
+
+def _results(work: Path, mode: str) -> dict[str, list[dict]]:
+    """Scenario name -> what every rank measured."""
+    results: dict[str, list[dict]] = {}
+    for path in sorted(work.glob(f"{mode}_world*_rank*.json")):
+        for name, result in json.loads(path.read_text()).items():
+            results.setdefault(name, []).append(result)
+    return results
+
+
+@pytest.fixture(scope="session")
+def plan_work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("plan-worker")
+    spec = {"static": static_scenarios(), "activations": activation_scenarios()}
+    (work / "spec.json").write_text(json.dumps(spec))
+    return work
+
+
+@pytest.fixture(scope="session")
+def static_runs(plan_work) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(the scenarios, what each rank of each measured)."""
+    _run([sys.executable, str(WORKER), "static", str(plan_work)], "the one-process static run")
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    _run([*torchrun, str(WORKER), "static", str(plan_work)], "the two-process static run")
+    return static_scenarios(), _results(plan_work, "static")
+
+
+@pytest.fixture(scope="session")
+def activation_runs(plan_work) -> tuple[list[dict], dict[str, list[dict]]]:
+    _run([sys.executable, str(WORKER), "activations", str(plan_work)], "the activation run")
+    return activation_scenarios(), _results(plan_work, "activations")
