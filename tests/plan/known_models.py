@@ -80,3 +80,19 @@ PARAMETERS = {
 
 def architecture(config: dict) -> ModelArchitecture:
     return architecture_from_hf_config(config, "known_models")
+
+
+DEMO_TINY_LLAMA = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+"""The demo's model (megasft.demo.model.build_tiny_llama with its defaults)."""

@@ -141,6 +141,7 @@ def test_collate_pads_and_isolates_documents(tmp_path):
     "name",
     [
         "llama2-7b-sft-mi300x.yaml",
+        "llama3.1-70b-sft-mi300x.yaml",
         "tiny-cpu.yaml",
         "qwen3-30b-a3b-sft-mi300x.yaml",
         "mixtral-8x7b-sft-mi300x.yaml",

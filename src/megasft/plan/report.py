@@ -17,6 +17,14 @@ def _gib(value: int) -> str:
     return f"{value / GIB:7.2f}"
 
 
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f} B" if parameters >= 1e9 else f"{parameters / 1e6:.1f} M"
+
+
+def _per(plan: MemoryPlan) -> str:
+    return "per GPU" if plan.layout.accelerator else "per process"
+
+
 def layout_line(plan: MemoryPlan) -> str:
     """The layout in one line: parallel sizes, batch, precision, optimizer, recompute."""
     layout = plan.layout
@@ -79,12 +87,12 @@ def report(plan: MemoryPlan) -> str:
     """The text `megasft plan` prints."""
     a, layout = plan.architecture, plan.layout
     lines = [
-        f"model: {a.family}, {plan.model_parameters / 1e9:.2f} B parameters, {a.num_layers} layers,"
+        f"model: {a.family}, {_count(plan.model_parameters)} parameters, {a.num_layers} layers,"
         f" hidden {a.hidden_size}, vocabulary {a.padded_vocab_size}",
         f"devices: {layout.world_size} x {plan.device} ({plan.device_memory / GIB:.1f} GiB each)",
         f"layout: {layout_line(plan)}",
         "",
-        f"per GPU, pipeline stage {plan.worst.stage} (the fullest)   GiB",
+        f"{_per(plan)}, pipeline stage {plan.worst.stage} (the fullest)   GiB",
     ]
     for name, value, how in part_rows(plan):
         lines.append(f"  {name:<20} {_gib(value)}   {how}")
@@ -112,14 +120,14 @@ def report(plan: MemoryPlan) -> str:
 
 def recipe_comment(plan: MemoryPlan) -> list[str]:
     """The figures a recipe carries in its header, one per line, without the `#`."""
-    rows = {name: value for name, value, _ in part_rows(plan)}
+    gib = {name: f"{value / GIB:.1f}" for name, value, _ in part_rows(plan)}
     return [
-        f"megasft plan: {plan.model_parameters / 1e9:.2f} B parameters on "
-        f"{plan.layout.world_size} x {plan.device}, {plan.layout.seq_length}-token rows",
-        "per GPU (GiB): "
-        + ", ".join(f"{name} {value / GIB:.1f}" for name, value in rows.items() if name != "total"),
-        f"total {rows['total'] / GIB:.1f} of {plan.device_memory / GIB:.1f} GiB: "
-        + ("fits" if plan.fits else "does not fit"),
+        f"{_count(plan.model_parameters)} parameters on {plan.layout.world_size} x "
+        f"{plan.device}, {plan.layout.seq_length}-token rows; {_per(plan)}, in GiB:",
+        f"weights {gib['weights']}, gradients {gib['gradients']}, fp32 main weights "
+        f"{gib['fp32 main weights']}, optimizer states {gib['optimizer states']},",
+        f"activations {gib['activations']}, allowance {gib['allowance']}: total {gib['total']} "
+        f"of {plan.device_memory / GIB:.1f} ({'fits' if plan.fits else 'does not fit'})",
     ]
 
 

@@ -1,0 +1,41 @@
+"""Every shipped recipe fits by its own plan, and its header carries the plan's figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megasft.plan.cli import plan_run
+from megasft.plan.report import recipe_comment
+from megasft.train.config import build_config
+from tests.conftest import REPO
+from tests.plan.known_models import DEMO_TINY_LLAMA, LLAMA2_7B, LLAMA31_70B, architecture
+
+RECIPES = {
+    # recipe: (the model it is for, its rows' length, where it runs)
+    "llama2-7b-sft-mi300x.yaml": (LLAMA2_7B, 4096, dict(device="mi300x")),
+    "llama3.1-70b-sft-mi300x.yaml": (LLAMA31_70B, 4096, dict(device="mi300x")),
+    "tiny-cpu.yaml": (
+        DEMO_TINY_LLAMA,
+        512,
+        dict(device="cpu", device_memory_gib=4, accelerator=False),
+    ),
+}
+
+
+def test_every_recipe_is_planned_here():
+    shipped = sorted(path.name for path in (REPO / "recipes").glob("*.yaml"))
+    assert shipped == sorted(RECIPES), "add the new recipe's model, length and device to RECIPES"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_fits_by_its_own_plan_and_says_so(name):
+    model, seq_length, where = RECIPES[name]
+    path = REPO / "recipes" / name
+    config = build_config(path, data=".", load=".", save=".")
+    plan = plan_run(config, architecture(model), seq_length, **where)
+    assert plan.fits
+    header = Path(path).read_text()
+    for line in recipe_comment(plan):
+        assert f"#   {line}\n" in header, f"{name}: update its header to `megasft plan`'s figures"
