@@ -42,6 +42,12 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ({"precision": "fp8"}, "--precision"),
         ({"virtual_pipeline_stages": 2}, "--pp > 1"),
         ({"micro_batch_size": 0}, "--micro-batch-size"),
+        ({"hidden_dropout": 1.0}, "--hidden-dropout must be below 1"),
+        ({"attention_dropout": -0.1}, "--attention-dropout must not be negative"),
+        ({"recompute": "some"}, "--recompute must be one of none, selective, full"),
+        ({"recompute_layers": 2}, "--recompute-layers needs --recompute full"),
+        ({"fp8": "e5m2"}, "--fp8 must be one of none, hybrid, e4m3"),
+        ({"fp8": "hybrid", "precision": "fp32"}, "--fp8 hybrid needs --precision bf16"),
     ],
 )
 def test_bad_settings_fail_with_the_flag_named(settings, message):

@@ -337,6 +337,8 @@ def test_plan_resolves_epochs_and_finds_the_checkpoint_to_resume(dataset, tmp_pa
         ({"nproc": 2, "context_parallel": 2}, {}, "--cp above 1 needs GPUs"),
         ({"attention": "te"}, {}, "--attention te needs Transformer Engine on a GPU"),
         ({"require_accelerator": True}, {}, "--require-accelerator: this process sees no CUDA"),
+        ({"fp8": "hybrid"}, {}, "--fp8 hybrid needs GPUs with Transformer Engine"),
+        ({"recompute": "full", "recompute_layers": 5}, {}, "--recompute-layers 5 is more than"),
         ({"warmup_iters": 9, "train_iters": None, "epochs": 0.1}, {}, "--warmup-iters 9"),
     ],
 )

@@ -226,6 +226,21 @@ def resume_with_another_layout(save: Path, inputs: dict) -> dict:
     }
 
 
+DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def dropout_resume(save: Path, inputs: dict) -> dict:
+    """Dropout on: 4 steps with checkpoints at 2 and 4; then the step-4 checkpoint is removed
+    and the run resumes from step 2, whose saved RNG states must give the same masks."""
+    import shutil
+
+    settings = dict(train_iters=4, save_interval=2, **DROPOUT)
+    first = run(save, inputs, **settings)
+    shutil.rmtree(save / "iter_0000004")
+    again = run(save, inputs, **settings)
+    return {"first": first["losses"], "again": again["losses"]}
+
+
 def with_nan_steps(steps: str, function, *args, **kwargs):
     from megasft.train.recipe import INJECT_NAN_ENV
 
@@ -277,6 +292,10 @@ SINGLE = {
         log_interval=5,
     ),
     "validation": validation,
+    # dropout: the masks follow megatron-core's RNG tracker, and resume exactly
+    "hidden_dropout": lambda save, inputs: run(save, inputs, hidden_dropout=0.1),
+    "dropout": lambda save, inputs: run(save, inputs, **DROPOUT),
+    "dropout_resume": dropout_resume,
     "resume_in_process": resume_in_process,
     "bf16_resume": bf16_resume,
     # test 6: an injected NaN is skipped and counted; too many in a row stop the run
@@ -399,6 +418,10 @@ PARALLEL = {
         save, inputs, capture=False, distributed_optimizer=True
     ),
     "resume_with_another_layout": resume_with_another_layout,
+    "tp2_hidden_dropout": lambda save, inputs: run(
+        save, inputs, tensor_parallel=2, hidden_dropout=0.1
+    ),
+    "tp2_dropout": lambda save, inputs: run(save, inputs, tensor_parallel=2, **DROPOUT),
     # test 4: the uninterrupted run that the killed-and-resumed CLI run must reproduce
     "resume_reference": lambda save, inputs: run(
         save, inputs, train_iters=10, save_interval=2, distributed_optimizer=True

@@ -134,10 +134,15 @@ class StaticMemory:
     gradients: int
     main_weights: int
     optimizer_states: int
+    fp8_weights: int = 0
+    """With FP8: Transformer Engine's FP8 copy of each layer's weight and of its transpose."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.main_weights + self.optimizer_states
+        return (
+            self.weights + self.gradients + self.main_weights + self.optimizer_states
+            + self.fp8_weights
+        )  # fmt: skip
 
 
 def rank_static_memory(
@@ -162,6 +167,9 @@ def rank_static_memory(
     shards = layout.gradient_shards
     weight_bytes = layout.element_bytes
     parameters = sum(p.numel for chunk in chunks for p in chunk)
+    fp8 = 0
+    if layout.fp8 != "none":
+        fp8 = 2 * sum(p.numel for chunk in chunks for p in chunk if p.fp8)
     if not layout.distributed_optimizer:
         main = parameters * MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0
         return StaticMemory(
@@ -170,6 +178,7 @@ def rank_static_memory(
             gradients=parameters * GRADIENT_BYTES,
             main_weights=main,
             optimizer_states=parameters * ADAM_STATE_BYTES,
+            fp8_weights=fp8,
         )
     if bucket_elements is None:
         bucket_elements = [bucket_size(layout, stage, index) for index in range(len(chunks))]
@@ -186,6 +195,7 @@ def rank_static_memory(
         # fp32 parameters are their own main weights
         main_weights=shard * MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0,
         optimizer_states=shard * ADAM_STATE_BYTES,
+        fp8_weights=fp8,
     )
 
 

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import ModelArchitecture
-from megasft.train.config import TrainConfig
-
-RECOMPUTE_MODES = ("none", "selective", "full")
-"""Activation recomputation: none; selective (megatron-core's core-attention recompute); full
-(whole layers, keeping only each layer's input)."""
+from megasft.train.config import RECOMPUTE_MODES, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +40,9 @@ class Layout:
     """With full recompute: the first this many layers of each model chunk (None: all)."""
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    fp8: str = "none"
+    """FP8 through Transformer Engine: its FP8 weight copies are counted; activations are
+    counted at 16 bits (an upper bound)."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -131,6 +130,11 @@ def layout_from_config(config: TrainConfig, seq_length: int, *, accelerator: boo
         precision=config.precision,
         distributed_optimizer=distributed_optimizer,
         accelerator=accelerator,
+        recompute=config.recompute,
+        recompute_layers=config.recompute_layers,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        fp8=config.fp8,
     )
 
 
@@ -158,6 +162,12 @@ def check_layout(architecture: ModelArchitecture, layout: Layout) -> None:
         raise ConfigError(
             f"the model's {a.num_layers} layers cannot be split into {stages} pipeline stages "
             "(--pp x --virtual-pipeline-stages)"
+        )
+    layers = a.num_layers // stages
+    if layout.recompute_layers is not None and layout.recompute_layers > layers:
+        raise ConfigError(
+            f"--recompute-layers {layout.recompute_layers} is more than the {layers} layers of "
+            "each pipeline stage (model chunk)"
         )
     if layout.seq_length > a.max_position_embeddings:
         raise ConfigError(

@@ -35,18 +35,20 @@ class Placement:
     """The dimension divided over tensor-parallel ranks; None: every rank has all of it."""
     local_name: str | None = None
     """The parameter's name with the local layers, where it differs from the checkpoint key."""
+    linear_weight: bool = False
+    """The weight of a linear layer (Transformer Engine keeps FP8 copies of it with --fp8)."""
 
 
 PLACEMENTS: dict[str, Placement] = {
     "self_attention.linear_qkv.layer_norm_weight": Placement(0, 1, None, "input_layernorm.weight"),
-    "self_attention.linear_proj.weight": Placement(1, 0, 1),
-    "self_attention.linear_qkv.weight": Placement(2, 2, 0),
+    "self_attention.linear_proj.weight": Placement(1, 0, 1, linear_weight=True),
+    "self_attention.linear_qkv.weight": Placement(2, 2, 0, linear_weight=True),
     "self_attention.linear_qkv.bias": Placement(3, 3, 0),
     "self_attention.q_layernorm.weight": Placement(4, 4, None),
     "self_attention.k_layernorm.weight": Placement(5, 5, None),
     "mlp.linear_fc1.layer_norm_weight": Placement(6, 6, None, "pre_mlp_layernorm.weight"),
-    "mlp.linear_fc1.weight": Placement(7, 7, 0),
-    "mlp.linear_fc2.weight": Placement(8, 8, 1),
+    "mlp.linear_fc1.weight": Placement(7, 7, 0, linear_weight=True),
+    "mlp.linear_fc2.weight": Placement(8, 8, 1, linear_weight=True),
 }
 """Every per-layer tensor of the supported families' weight tables (by its key after
 `decoder.layers.{layer}.`). The embedding and output layer split their vocabulary rows
@@ -64,6 +66,8 @@ class PlannedParameter:
     shared_embedding: bool = False
     """The embedding or its tied copy in the output layer on another pipeline stage:
     megatron-core gives it a gradient bucket of its own under the distributed optimizer."""
+    fp8: bool = False
+    """A weight of a Transformer Engine linear layer, which keeps FP8 copies with --fp8."""
 
     @property
     def numel(self) -> int:
@@ -147,6 +151,7 @@ def chunk_parameters(
                 PlannedParameter(
                     f"{LAYER_PREFIX}{number}.{name}",
                     _split(shape, placement.split_dim, layout.tensor_parallel),
+                    fp8=placement.linear_weight,
                 )
             )
     if last:

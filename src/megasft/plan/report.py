@@ -46,6 +46,8 @@ def layout_line(plan: MemoryPlan) -> str:
     ]
     if layout.hidden_dropout or layout.attention_dropout:
         parts.append(f"dropout {layout.hidden_dropout}/{layout.attention_dropout}")
+    if layout.fp8 != "none":
+        parts.append(f"fp8 {layout.fp8} (activations counted at 16 bits)")
     return ", ".join(parts)
 
 
@@ -64,6 +66,11 @@ def part_rows(plan: MemoryPlan) -> list[tuple[str, int, str]]:
             f"fp32 copy{sharded}" if static.main_weights else "the fp32 weights themselves",
         ),
         ("optimizer states", static.optimizer_states, f"Adam's 2 fp32 moments{sharded}"),
+        *(
+            [("fp8 weight copies", static.fp8_weights, "FP8 weights and transposes (TE)")]
+            if static.fp8_weights
+            else []
+        ),
         (
             "activations",
             activations.stored + activations.transient,

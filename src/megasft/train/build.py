@@ -18,6 +18,43 @@ from megasft.train.distributed import Parallel
 from megasft.train.moe import moe_settings
 
 
+def uses_sequence_parallel(config: TrainConfig, parallel: Parallel) -> bool:
+    """Sequence parallelism: automatic with TP > 1 on accelerators (Transformer Engine's
+    layers); megatron-core's local layers (CPU) run without it."""
+    return parallel.on_accelerator and config.tensor_parallel > 1
+
+
+def layer_settings(plan: RunPlan) -> dict[str, Any]:
+    """megatron-core's TransformerConfig fields for --hidden-dropout, --attention-dropout,
+    --recompute, --recompute-layers and --fp8.
+
+    Args:
+        plan: the checked run (its settings, and the model's layers for full recompute).
+
+    Returns:
+        The fields by name.
+    """
+    config = plan.config
+    settings: dict[str, Any] = dict(
+        hidden_dropout=config.hidden_dropout, attention_dropout=config.attention_dropout
+    )
+    if config.recompute == "selective":  # megatron-core's default module: the core attention
+        settings.update(recompute_granularity="selective")
+    elif config.recompute == "full":
+        chunk_layers = plan.architecture.num_layers // (
+            config.pipeline_parallel * (config.virtual_pipeline_stages or 1)
+        )
+        # "block": the first N layers of each chunk keep only their input
+        settings.update(
+            recompute_granularity="full",
+            recompute_method="block",
+            recompute_num_layers=config.recompute_layers or chunk_layers,
+        )
+    if config.fp8 != "none":  # delayed scaling, megatron-core's default recipe
+        settings.update(fp8=config.fp8)
+    return settings
+
+
 def setup_model(plan: RunPlan, parallel: Parallel) -> list[torch.nn.Module]:
     """This pipeline stage's model chunks, wrapped in megatron-core's DDP.
 
@@ -57,7 +94,8 @@ def setup_model(plan: RunPlan, parallel: Parallel) -> list[torch.nn.Module]:
         overrides=dict(
             context_parallel_size=config.context_parallel,
             virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
-            sequence_parallel=parallel.on_accelerator and config.tensor_parallel > 1,
+            sequence_parallel=uses_sequence_parallel(config, parallel),
+            **layer_settings(plan),
             # loss_func returns (sum, count): megatron-core divides the gradients by the
             # number of target tokens of the whole global batch (see step.py)
             calculate_per_token_loss=True,

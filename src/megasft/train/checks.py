@@ -107,6 +107,14 @@ def plan_run(config: TrainConfig, *, on_accelerator: bool) -> RunPlan:
         seq_length,
     )
     check_against_experts(config, architecture)
+    chunk_layers = architecture.num_layers // (
+        config.pipeline_parallel * (config.virtual_pipeline_stages or 1)
+    )
+    if config.recompute_layers is not None and config.recompute_layers > chunk_layers:
+        raise ConfigError(
+            f"--recompute-layers {config.recompute_layers} is more than the {chunk_layers} "
+            "layers of each pipeline stage (model chunk)"
+        )
     tp = config.tensor_parallel
     for name, value in (
         ("intermediate_size", architecture.ffn_hidden_size),
@@ -172,6 +180,19 @@ def _check_device_features(
             raise ConfigError(
                 f"--nproc {config.nproc} processes per node, but this node has "
                 f"{torch.cuda.device_count()} GPUs; use at most one process per GPU"
+            )
+    if config.fp8 != "none":
+        import importlib.util
+
+        if not on_accelerator:
+            raise ConfigError(
+                f"--fp8 {config.fp8} needs GPUs with Transformer Engine: megatron-core's local "
+                "layers, which run on CPU, have no FP8; use --fp8 none here"
+            )
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError(
+                f"--fp8 {config.fp8} needs Transformer Engine, which is not installed here "
+                "(the training images have it); use --fp8 none"
             )
     if config.context_parallel > 1:
         if attention.backend != "te":

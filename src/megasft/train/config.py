@@ -17,7 +17,7 @@ import yaml
 from megasft.errors import ConfigError
 from megasft.megatron.attention import ATTENTION_CHOICES
 from megasft.megatron.peft.registry import PeftSettings, method_named, method_names
-from megasft.settings import raise_problems, setting, setting_problems
+from megasft.settings import flag_of, raise_problems, setting, setting_problems
 
 if TYPE_CHECKING:
     from megasft.megatron.architecture import ModelArchitecture
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 PRECISIONS = ("bf16", "fp32")
 NAN_POLICIES = ("skip", "stop")
 TOKEN_DISPATCHERS = ("alltoall", "allgather")
+RECOMPUTE_MODES = ("none", "selective", "full")
+FP8_MODES = ("none", "hybrid", "e4m3")
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,39 @@ class TrainConfig:
         "Save a checkpoint when the run ends (--no-final-checkpoint for benchmarks: then only "
         "--save-interval writes one).",
     )
+    hidden_dropout: float = setting(
+        0.0,
+        "Dropout probability on the embedding and on the output of every attention and MLP "
+        "block (megatron-core's hidden_dropout; its masks are drawn alike on every "
+        "tensor-parallel rank).",
+        at_least=0,
+    )
+    attention_dropout: float = setting(
+        0.0,
+        "Dropout probability on the attention probabilities (drawn from megatron-core's "
+        "tensor-parallel RNG stream: each rank's heads have their own masks).",
+        at_least=0,
+    )
+    recompute: str = setting(
+        "none",
+        "Activation recomputation in backward: none; selective (the core attention: saves its "
+        "s^2 tensors, little where flash attention recomputes anyway); full (whole layers, "
+        "keeping only each layer's input: about a third more compute). `megasft plan` shows "
+        "what each saves.",
+        choices=RECOMPUTE_MODES,
+    )
+    recompute_layers: int | None = setting(
+        None,
+        "With --recompute full: recompute only the first this many layers of each pipeline "
+        "stage (of each model chunk with virtual stages); default all.",
+        at_least=1,
+    )
+    fp8: str = setting(
+        "none",
+        "FP8 matrix multiplies in Transformer Engine's layers: none; hybrid (e4m3 forward, "
+        "e5m2 gradients); e4m3 (both). Needs GPUs with Transformer Engine and --precision bf16.",
+        choices=FP8_MODES,
+    )
 
     def __post_init__(self) -> None:
         problems = setting_problems(self)
@@ -194,6 +229,13 @@ class TrainConfig:
             self.virtual_pipeline_stages < 1 or self.pipeline_parallel == 1
         ):
             problems.append("--virtual-pipeline-stages needs --pp > 1 and a value of at least 1")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if getattr(self, name) >= 1:
+                problems.append(f"{flag_of(self, name)} must be below 1, got {getattr(self, name)}")
+        if self.recompute_layers is not None and self.recompute != "full":
+            problems.append("--recompute-layers needs --recompute full")
+        if self.fp8 != "none" and self.precision != "bf16":
+            problems.append(f"--fp8 {self.fp8} needs --precision bf16 (the weights FP8 casts from)")
         # The checks below combine settings, and need each of them valid on its own.
         raise_problems(problems)
         if self.peft is not None:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from megasft.data.store import open_split
+from megasft.train.build import uses_sequence_parallel
 from megasft.train.checks import RunPlan
 from megasft.train.data import MicroBatch, StepSampler, collate
 from megasft.train.distributed import Parallel
@@ -140,5 +141,5 @@ def setup_data(plan: RunPlan, parallel: Parallel) -> RunData:
         context_parallel=config.context_parallel,
         context_rank=parallel.context_rank,
         tensor_parallel=config.tensor_parallel,
-        sequence_parallel=parallel.on_accelerator and config.tensor_parallel > 1,
+        sequence_parallel=uses_sequence_parallel(config, parallel),
     )

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from megasft.tracking import MetricsTracker
+from megasft.train.build import uses_sequence_parallel
 from megasft.train.checks import RunPlan
 from megasft.train.distributed import Parallel
 from megasft.train.metrics import SUMMARY_FILE, MetricsLog, Progress, model_flops, peak_tflops
@@ -86,6 +87,12 @@ def open_reporting(
         print(f"megasft train: resuming from {resumed_from} (step {step})", flush=True)
     else:
         log.start_fresh()
+    if uses_sequence_parallel(config, parallel):
+        print(
+            f"megasft train: sequence parallelism on (TP {config.tensor_parallel}): norms, "
+            "residuals and dropout run on 1/TP of each sequence",
+            flush=True,
+        )
     tracker = MetricsTracker(config.tracking_uri, config.experiment, save.name)
     tracker.log_params(asdict(config))
     progress = Progress(True, total=config.train_iters, initial=step)
@@ -206,6 +213,7 @@ def finish(parts: Parts, state: LoopState, status: str) -> dict[str, Any]:
         else None,
         "resumed_from": state.resumed_from,
         "world_size": parts.parallel.world_size,
+        "sequence_parallel": uses_sequence_parallel(config, parts.parallel),
         "host": socket.gethostname(),
         "config": asdict(config),
     }
