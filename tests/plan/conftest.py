@@ -90,14 +90,11 @@ def activation_scenarios() -> list[dict]:
     decide the measurement."""
     variants = {
         "none": {},
-        "selective": dict(recompute="selective", overrides=dict(recompute_granularity="selective")),
-        "full": dict(recompute="full", overrides=dict(
-            recompute_granularity="full", recompute_method="block", recompute_num_layers=2)),
-        "full1": dict(recompute="full", recompute_layers=1, overrides=dict(
-            recompute_granularity="full", recompute_method="block", recompute_num_layers=1)),
-        "dropout": dict(hidden_dropout=0.1, attention_dropout=0.1,
-                        overrides=dict(hidden_dropout=0.1, attention_dropout=0.1)),
-    }  # fmt: skip
+        "selective": dict(recompute="selective"),
+        "full": dict(recompute="full"),
+        "full1": dict(recompute="full", recompute_layers=1),
+        "dropout": dict(hidden_dropout=0.1, attention_dropout=0.1),
+    }
     architectures = tiny_architectures()
     scenarios = []
     for family in ("llama", "qwen3"):

@@ -7,9 +7,9 @@ process-wide); they run this script and compare what it writes:
     torchrun --nproc-per-node 2 plan_worker.py static WORK     # two processes, gloo
     python plan_worker.py activations WORK                     # one process
 
-WORK/spec.json lists the scenarios (see conftest.py). `static` builds each scenario whose
-world size matches with the trainer's own parallel setup, DDP and optimizer settings, takes
-one optimizer step (so Adam's states exist) and records, per rank, every parameter (name,
+WORK/spec.json lists the scenarios (see conftest.py). Each scenario whose world size matches is
+built by the trainer itself (`setup_parallel`, `setup_model`, `setup_optimizer`) from its
+TrainConfig settings. `static` takes one optimizer step (so Adam's states exist) and records, per rank, every parameter (name,
 shape) and the bytes of the weights, gradient buffers, fp32 main weights and Adam states, by
 the storages that hold them. `activations` runs one micro-batch forward and backward through
 the trainer's `forward_step` and `loss_func` and records the memory in use after the forward
@@ -53,17 +53,21 @@ def main() -> None:
 # --- building the model as the trainer does ----------------------------------------------------
 
 
-def build(scenario: dict, overrides: dict | None = None):
-    """(parallel, config, DDP chunks, optimizer) as `megasft.train.recipe.setup` builds them."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def build(scenario: dict):
+    """(architecture, config, parallel, DDP chunks, optimizer), built by the trainer itself
+    (`megasft.train.build.setup_model` and `setup_optimizer`) with the scenario's settings."""
+    from pathlib import Path
+
+    import megatron.core.distributed
 
     from megasft.megatron.architecture import ModelArchitecture
-    from megasft.megatron.builder import build_model, transformer_config
+    from megasft.train.build import setup_model, setup_optimizer
+    from megasft.train.checks import RunPlan
     from megasft.train.config import TrainConfig
     from megasft.train.distributed import setup_parallel
 
     architecture = ModelArchitecture.from_json(json.dumps(scenario["architecture"]))
+    rows = scenario.get("micro_batch_size", 1)
     config = TrainConfig(
         data=".",
         load=".",
@@ -75,54 +79,38 @@ def build(scenario: dict, overrides: dict | None = None):
         virtual_pipeline_stages=scenario.get("vp"),
         precision=scenario["precision"],
         distributed_optimizer=scenario["distributed_optimizer"],
-        micro_batch_size=scenario.get("micro_batch_size", 1),
-        global_batch_size=scenario.get("micro_batch_size", 1) * 8,
+        micro_batch_size=rows,
+        global_batch_size=rows * 8,
+        recompute=scenario.get("recompute", "none"),
+        recompute_layers=scenario.get("recompute_layers"),
+        hidden_dropout=scenario.get("hidden_dropout", 0.0),
+        attention_dropout=scenario.get("attention_dropout", 0.0),
     )
     parallel = setup_parallel(config)
-    bf16 = config.precision == "bf16"
-    model_config = transformer_config(
-        architecture,
-        tensor_parallel_size=config.tensor_parallel,
-        pipeline_parallel_size=config.pipeline_parallel,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        overrides=dict(
-            virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
-            calculate_per_token_loss=True,
-            **(overrides or {}),
-        ),
+    plan = RunPlan(
+        config=config,
+        architecture=architecture,
+        seq_length=scenario.get("seq_length", 8),
+        train_rows=8,
+        val_rows=0,
+        data_fingerprint="",
+        # as for a resumed run, setup_model leaves the weights as initialised (they do not
+        # change the memory)
+        resume_from=Path("not-loaded"),
     )
-    chunks = [
-        build_model(
-            architecture, model_config, vp_stage=stage if config.virtual_pipeline_stages else None
-        )
-        for stage in range(config.virtual_pipeline_stages or 1)
-    ]
-    if bf16:  # as the trainer: every parameter in bf16
-        for chunk in chunks:
-            for parameter in chunk.parameters():
-                if parameter.dtype == torch.float32:
-                    parameter.data = parameter.data.to(torch.bfloat16)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=scenario.get("bucket_size") is not None,
-        use_distributed_optimizer=config.distributed_optimizer,
-        bucket_size=scenario.get("bucket_size"),
-    )
-    model = [
-        DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=index > 0)
-        for index, chunk in enumerate(chunks)
-    ]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=1e-4,
-            bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=config.distributed_optimizer,
-        ),
-        model,
-    )
-    return architecture, config, parallel, model, optimizer
+    ddp_config = megatron.core.distributed.DistributedDataParallelConfig
+    if scenario.get("bucket_size"):  # the trainer buckets gradients on GPUs only
+
+        def bucketed(**fields):
+            bucketing = dict(overlap_grad_reduce=True, bucket_size=scenario["bucket_size"])
+            return ddp_config(**{**fields, **bucketing})
+
+        megatron.core.distributed.DistributedDataParallelConfig = bucketed
+    try:
+        model = setup_model(plan, parallel, packed=False)
+    finally:
+        megatron.core.distributed.DistributedDataParallelConfig = ddp_config
+    return architecture, config, parallel, model, setup_optimizer(config, parallel, model)
 
 
 def storage_bytes(tensors) -> tuple[int, set[int]]:
@@ -221,9 +209,7 @@ def measure_activations(scenario: dict) -> dict:
     from megasft.train.distributed import teardown_parallel
     from megasft.train.step import bshd_inputs, forward_step
 
-    architecture, config, parallel, model, optimizer = build(
-        scenario, overrides=scenario.get("overrides")
-    )
+    architecture, config, parallel, model, optimizer = build(scenario)
     rows, seq_length = config.micro_batch_size, scenario["seq_length"]
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, architecture.vocab_size, (rows, seq_length), generator=generator)

@@ -2,8 +2,8 @@
 allocated bytes after every operator) for small llama and qwen3 models, with and without
 recomputation and dropout, in fp32 and bf16.
 
-What a micro-batch keeps for backward is within 3% of the measurement (the rest is the
-allocator's rounding of small tensors); the peak, with backward's working memory, within
+What a micro-batch keeps for backward is within 3% (or 64 KiB) of the measurement (the rest
+is the allocator's rounding of small tensors); the peak, with backward's working memory, within
 -10% .. +20% (the plan errs high). docs/plan.md states these figures.
 """
 
@@ -19,7 +19,9 @@ from megasft.plan.layout import Layout
 from tests.plan.conftest import activation_scenarios
 
 SCENARIOS = {scenario["name"]: scenario for scenario in activation_scenarios()}
-STORED_TOLERANCE = (-0.03, 0.03)
+STORED_TOLERANCE = 0.03
+ROUNDING = 64 * 1024
+"""What the allocator's rounding of a few dozen small tensors can add to a measurement."""
 PEAK_TOLERANCE = (-0.10, 0.20)
 
 
@@ -45,10 +47,9 @@ def test_activations_match_the_measured_memory(activation_runs, name):
     _, measured = activation_runs
     (result,) = measured[name]
     plan = planned(SCENARIOS[name])
-    stored_error = plan.stored / result["stored"] - 1
+    allowed = max(STORED_TOLERANCE * result["stored"], ROUNDING)
+    assert abs(plan.stored - result["stored"]) <= allowed, f"stored: plan {plan.stored}, {result}"
     peak_error = (plan.stored + plan.transient) / result["peak"] - 1
-    low, high = STORED_TOLERANCE
-    assert low <= stored_error <= high, f"stored: plan {plan.stored}, measured {result}"
     low, high = PEAK_TOLERANCE
     assert low <= peak_error <= high, (
         f"peak: plan {plan.stored + plan.transient}, measured {result}"
