@@ -214,6 +214,10 @@ def finish(parts: Parts, state: LoopState, status: str) -> dict[str, Any]:
         "resumed_from": state.resumed_from,
         "world_size": parts.parallel.world_size,
         "sequence_parallel": uses_sequence_parallel(config, parts.parallel),
+        # this rank's most allocated at once, to hold against `megasft plan`
+        "peak_memory_bytes": torch.cuda.max_memory_allocated()
+        if parts.parallel.on_accelerator
+        else None,
         "host": socket.gethostname(),
         "config": asdict(config),
     }
