@@ -1,15 +1,12 @@
 """Activation memory of one pipeline stage, after Korthikanti et al. 2022.
 
-"Reducing Activation Recomputation in Large Transformer Models" (Korthikanti, Casper, Lym,
-McAfee, Andersch, Shoeybi, Catanzaro; MLSys 2023, arXiv:2205.05198) counts, operator by
-operator, the tensors a transformer layer keeps for its backward pass: 34sbh + 5as^2b bytes
-per layer for GPT in 16-bit (their eq. 1), divided by t with tensor and sequence parallelism
-(eq. 4), 2sbh per layer with full recomputation, and the pipeline's first stage holding L
-layers' worth (their section 4.2.3). megasft's layers differ from their GPT (RMSNorm, grouped
-queries, a gated MLP, no dropout by default, flash attention on GPUs), so `layer_bytes`
-repeats their count for these layers as megatron-core 0.16 builds them, and
-`transient_bytes` adds what the backward pass allocates beyond them. docs/plan.md lists every
-term and the measured error.
+"Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198) counts,
+operator by operator, what a transformer layer keeps for backward: 34sbh + 5as^2b bytes per
+GPT layer in 16 bits (eq. 1), /t with tensor and sequence parallelism (eq. 4), 2sbh with full
+recomputation, and L layers' worth on the first pipeline stage. `layer_bytes` redoes that
+count for megasft's layers (RMSNorm, grouped queries, a gated MLP, flash attention on GPUs) as
+megatron-core 0.16 builds them; `stage_activations` adds the pipeline's micro-batches in
+flight and what backward allocates on top. docs/plan.md lists every term and the error.
 """
 
 from __future__ import annotations
