@@ -114,54 +114,58 @@ def plan_memory(
 
 @dataclass(frozen=True)
 class Change:
-    """One setting to change, as flags, and what it does to the layout."""
+    """One setting to change: what it does to the layout, and the flags that do it."""
 
-    flags: str
     apply: Callable[[Layout], Layout | None]
     """The changed layout, or None where the change does not apply."""
+    flags: Callable[[Layout], str]
+    """The flags, given the changed layout."""
 
 
-def _doubled(name: str, flag: str) -> Change:
-    return Change(
-        f"{flag} x2",
-        lambda layout: layout.replace(**{name: 2 * getattr(layout, name)}),
-    )
+def _when(condition: Callable[[Layout], bool], **changes) -> Callable[[Layout], Layout | None]:
+    return lambda layout: layout.replace(**changes) if condition(layout) else None
 
 
 CHANGES: tuple[Change, ...] = (
     Change(
-        "--recompute selective",
-        lambda layout: (
-            layout.replace(recompute="selective") if layout.recompute == "none" else None
-        ),
+        _when(lambda layout: layout.recompute == "none", recompute="selective"),
+        lambda _: "--recompute selective",
     ),
     Change(
-        "--recompute full",
-        lambda layout: (
-            layout.replace(recompute="full", recompute_layers=None)
-            if layout.recompute != "full" or layout.recompute_layers
-            else None
+        _when(
+            lambda layout: layout.recompute != "full" or layout.recompute_layers is not None,
+            recompute="full",
+            recompute_layers=None,
         ),
+        lambda _: "--recompute full",
     ),
     Change(
-        "--micro-batch-size /2",
         lambda layout: (
             layout.replace(micro_batch_size=layout.micro_batch_size // 2)
             if layout.micro_batch_size > 1
             else None
         ),
+        lambda layout: f"--micro-batch-size {layout.micro_batch_size}",
     ),
     Change(
-        "--distributed-optimizer",
-        lambda layout: (
-            layout.replace(distributed_optimizer=True)
-            if not layout.distributed_optimizer and layout.gradient_shards > 1
-            else None
+        _when(
+            lambda layout: not layout.distributed_optimizer and layout.gradient_shards > 1,
+            distributed_optimizer=True,
         ),
+        lambda _: "--distributed-optimizer",
     ),
-    _doubled("tensor_parallel", "--tp"),
-    _doubled("pipeline_parallel", "--pp"),
-    _doubled("world_size", "--nodes"),
+    Change(
+        lambda layout: layout.replace(tensor_parallel=2 * layout.tensor_parallel),
+        lambda layout: f"--tp {layout.tensor_parallel}",
+    ),
+    Change(
+        lambda layout: layout.replace(pipeline_parallel=2 * layout.pipeline_parallel),
+        lambda layout: f"--pp {layout.pipeline_parallel}",
+    ),
+    Change(
+        lambda layout: layout.replace(world_size=2 * layout.world_size),
+        lambda layout: f"twice the GPUs ({layout.world_size}: --nodes or --nproc)",
+    ),
 )
 """What `suggestions` tries, one at a time, in this order. A way of training with less memory
 (LoRA, when megasft has it) adds its change here."""
@@ -174,7 +178,7 @@ def suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
         plan: a plan that does not fit.
 
     Returns:
-        (the change as flags, with its new value, the new plan) for each change that fits, in
+        (the flags that make the change, the new plan) for each change that fits, in
         `CHANGES` order.
     """
     found = []
@@ -187,20 +191,5 @@ def suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
         except ConfigError:  # the change does not suit this model or world size
             continue
         if changed.fits:
-            found.append((_flags(change, plan.layout, layout), changed))
+            found.append((change.flags(layout), changed))
     return found
-
-
-def _flags(change: Change, before: Layout, after: Layout) -> str:
-    """The change as the flags to give, with their new values."""
-    numbers = {
-        "--tp": after.tensor_parallel,
-        "--pp": after.pipeline_parallel,
-        "--micro-batch-size": after.micro_batch_size,
-    }
-    flag = change.flags.split(" ")[0]
-    if flag in numbers:
-        return f"{flag} {numbers[flag]}"
-    if flag == "--nodes":
-        return f"twice the GPUs ({after.world_size}; --nodes or --nproc)"
-    return change.flags
