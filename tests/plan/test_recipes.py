@@ -39,3 +39,23 @@ def test_recipe_fits_by_its_own_plan_and_says_so(name):
     header = Path(path).read_text()
     for line in recipe_comment(plan):
         assert f"#   {line}\n" in header, f"{name}: update its header to `megasft plan`'s figures"
+
+
+PIPELINE_CONFIGS = {
+    # a shipped pipeline configuration whose train section names its GPU: the model it is for
+    "llama2-7b-mi300x": LLAMA2_7B,
+}
+
+
+def test_pipeline_configs_that_name_their_gpu_fit_as_validate_plans_them():
+    from megasft.pipeline.config import config_directory, load_pipeline_config, memory_plan
+
+    named = sorted(
+        path.stem
+        for path in config_directory().glob("*.yaml")
+        if memory_plan(load_pipeline_config(path), LLAMA2_7B) is not None
+    )
+    assert named == sorted(PIPELINE_CONFIGS)
+    for name, model in PIPELINE_CONFIGS.items():
+        plan = memory_plan(load_pipeline_config(name), model)
+        assert plan.fits and plan.layout.world_size == 8

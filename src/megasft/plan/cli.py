@@ -1,7 +1,7 @@
 """`megasft plan`: will this training run fit on its GPUs? Answered before anything starts.
 
-    megasft plan --config recipes/llama2-7b-sft-mi300x.yaml --model /models/Llama-2-7b-hf \
-        --seq-length 4096 [--device mi300x | --device-memory GIB] [--json]
+    megasft plan --config recipes/llama2-7b-sft-mi300x.yaml --seq-length 4096
+        --model /models/Llama-2-7b-hf [--device mi300x | --device-memory GIB] [--json]
 
 It takes `megasft train`'s settings (a recipe with --config, and the same flags; --data gives
 the sequence length, --load the model), plus --model and --seq-length. It prints each GPU's
