@@ -15,6 +15,8 @@ from megasft.megatron.architecture import ModelArchitecture, architecture_from_h
 
 WORKER = Path(__file__).with_name("plan_worker.py")
 
+LORA = dict(peft="lora", lora_rank=8, lora_alpha=16.0)
+"""TrainConfig's LoRA settings for the scenarios that train adapters."""
 STATIC_LAYOUTS = (
     # (name, world size, TP, PP, distributed optimizer, precision)
     ("tp1", 1, 1, 1, False, "bf16"),
@@ -26,6 +28,17 @@ STATIC_LAYOUTS = (
     ("dp2", 2, 1, 1, False, "bf16"),
     ("dp2_distopt", 2, 1, 1, True, "bf16"),
 )
+
+
+def peft_settings(scenario: dict):
+    """The PeftSettings a scenario's TrainConfig settings give (None: full fine-tuning)."""
+    from megasft.train.config import TrainConfig
+
+    if "peft" not in scenario:
+        return None
+    return TrainConfig(
+        data=".", load=".", save=".", train_iters=1, **scenario["peft"]
+    ).peft_settings
 
 
 def tiny_architectures() -> dict[str, ModelArchitecture]:
@@ -55,8 +68,27 @@ def static_scenarios() -> list[dict]:
                     precision=precision,
                 )
             )
+    for family in ("llama", "qwen2", "qwen3"):  # LoRA: biases and QK norms stay frozen
+        for name, world_size, tp, pp, distributed_optimizer, precision in STATIC_LAYOUTS[1::2]:
+            scenarios.append(
+                dict(
+                    name=f"{family}_lora_{name}",
+                    architecture=json.loads(tiny_architectures()[family].to_json()),
+                    world_size=world_size,
+                    tp=tp,
+                    pp=pp,
+                    distributed_optimizer=distributed_optimizer,
+                    precision=precision,
+                    peft=LORA,
+                )
+            )
     llama = json.loads(tiny_architectures()["llama"].to_json())
     scenarios += [
+        # two of the four linears adapted, without the distributed optimizer
+        dict(name="qwen2_lora_two_targets_tp2", world_size=2, tp=2, pp=1,
+             distributed_optimizer=False, precision="bf16",
+             architecture=json.loads(tiny_architectures()["qwen2"].to_json()),
+             peft=LORA | {"lora_targets": "linear_qkv,linear_fc2"}),
         # fp32: the parameters are their own main weights
         dict(name="llama_fp32_distopt", architecture=llama, world_size=2, tp=1, pp=1,
              distributed_optimizer=True, precision="fp32"),
@@ -94,6 +126,8 @@ def activation_scenarios() -> list[dict]:
         "full": dict(recompute="full"),
         "full1": dict(recompute="full", recompute_layers=1),
         "dropout": dict(hidden_dropout=0.1, attention_dropout=0.1),
+        "lora": dict(peft=LORA),
+        "lora_dropout": dict(peft=LORA | {"lora_dropout": 0.1}),
     }
     architectures = tiny_architectures()
     scenarios = []

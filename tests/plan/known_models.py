@@ -40,6 +40,9 @@ LLAMA31_70B = dict(
     ),
     tie_word_embeddings=False,
 )
+LLAMA31_8B = LLAMA31_70B | dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32
+)
 QWEN25_7B = dict(
     model_type="qwen2",
     architectures=["Qwen2ForCausalLM"],
@@ -72,6 +75,7 @@ QWEN3_8B = dict(
 
 PARAMETERS = {
     "llama2-7b": (LLAMA2_7B, 6_738_415_616),
+    "llama3.1-8b": (LLAMA31_8B, 8_030_261_248),
     "llama3.1-70b": (LLAMA31_70B, 70_553_706_496),
     "qwen2.5-7b": (QWEN25_7B, 7_615_616_512),
     "qwen3-8b": (QWEN3_8B, 8_190_735_360),

@@ -56,10 +56,9 @@ def main() -> None:
 def build(scenario: dict):
     """(architecture, config, parallel, DDP chunks, optimizer), built by the trainer itself
     (`megasft.train.build.setup_model` and `setup_optimizer`) with the scenario's settings."""
-    from pathlib import Path
-
     import megatron.core.distributed
 
+    import megasft.megatron.weights
     from megasft.megatron.architecture import ModelArchitecture
     from megasft.train.build import setup_model, setup_optimizer
     from megasft.train.checks import RunPlan
@@ -85,6 +84,7 @@ def build(scenario: dict):
         recompute_layers=scenario.get("recompute_layers"),
         hidden_dropout=scenario.get("hidden_dropout", 0.0),
         attention_dropout=scenario.get("attention_dropout", 0.0),
+        **scenario.get("peft", {}),
     )
     parallel = setup_parallel(config)
     plan = RunPlan(
@@ -94,10 +94,11 @@ def build(scenario: dict):
         train_rows=8,
         val_rows=0,
         data_fingerprint="",
-        # as for a resumed run, setup_model leaves the weights as initialised (they do not
-        # change the memory)
-        resume_from=Path("not-loaded"),
+        resume_from=None,
     )
+    load_weights = megasft.megatron.weights.load_weights
+    # the weights stay as initialised: they do not change the memory
+    megasft.megatron.weights.load_weights = lambda chunks, path: None
     ddp_config = megatron.core.distributed.DistributedDataParallelConfig
     if scenario.get("bucket_size"):  # the trainer buckets gradients on GPUs only
 
@@ -110,6 +111,7 @@ def build(scenario: dict):
         model = setup_model(plan, parallel, packed=False)
     finally:
         megatron.core.distributed.DistributedDataParallelConfig = ddp_config
+        megasft.megatron.weights.load_weights = load_weights
     return architecture, config, parallel, model, setup_optimizer(config, parallel, model)
 
 
@@ -135,7 +137,7 @@ def measure_static(scenario: dict) -> dict:
     optimizer.step()  # zero gradients: Adam creates its states and changes nothing
     parameters = [p for chunk in model for p in chunk.module.parameters()]
     weights, weight_storages = storage_bytes(parameters)
-    gradients, _ = storage_bytes(p.main_grad for p in parameters)
+    gradients, _ = storage_bytes(p.main_grad for p in parameters if p.requires_grad)
     main_parameters = [
         p
         for inner in inner_optimizers(optimizer)

@@ -16,7 +16,7 @@ import pytest
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.plan.activations import stage_activations
 from megasft.plan.layout import Layout
-from tests.plan.conftest import activation_scenarios
+from tests.plan.conftest import activation_scenarios, peft_settings
 
 SCENARIOS = {scenario["name"]: scenario for scenario in activation_scenarios()}
 STORED_TOLERANCE = 0.03
@@ -38,6 +38,7 @@ def planned(scenario: dict):
         recompute_layers=scenario.get("recompute_layers"),
         hidden_dropout=scenario.get("hidden_dropout", 0.0),
         attention_dropout=scenario.get("attention_dropout", 0.0),
+        peft=peft_settings(scenario),
     )
     return stage_activations(architecture, layout, 0)
 

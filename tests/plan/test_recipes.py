@@ -10,12 +10,20 @@ from megasft.plan.cli import plan_run
 from megasft.plan.report import recipe_comment
 from megasft.train.config import build_config
 from tests.conftest import REPO
-from tests.plan.known_models import DEMO_TINY_LLAMA, LLAMA2_7B, LLAMA31_70B, architecture
+from tests.plan.known_models import (
+    DEMO_TINY_LLAMA,
+    LLAMA2_7B,
+    LLAMA31_8B,
+    LLAMA31_70B,
+    architecture,
+)
 
 RECIPES = {
     # recipe: (the model it is for, its rows' length, where it runs)
     "llama2-7b-sft-mi300x.yaml": (LLAMA2_7B, 4096, dict(device="mi300x")),
     "llama3.1-70b-sft-mi300x.yaml": (LLAMA31_70B, 4096, dict(device="mi300x")),
+    "llama3.1-8b-lora-mi300x.yaml": (LLAMA31_8B, 4096, dict(device="mi300x")),
+    "llama3.1-70b-lora-mi300x.yaml": (LLAMA31_70B, 4096, dict(device="mi300x")),
     "tiny-cpu.yaml": (
         DEMO_TINY_LLAMA,
         512,

@@ -13,7 +13,7 @@ from megasft.megatron.architecture import ModelArchitecture
 from megasft.plan.buffers import rank_static_memory
 from megasft.plan.layout import Layout
 from megasft.plan.parameters import chunk_parameters
-from tests.plan.conftest import static_scenarios
+from tests.plan.conftest import peft_settings, static_scenarios
 
 SCENARIOS = {scenario["name"]: scenario for scenario in static_scenarios()}
 
@@ -30,6 +30,7 @@ def planned(scenario: dict, pipeline_rank: int, data_rank: int):
         precision=scenario["precision"],
         distributed_optimizer=scenario["distributed_optimizer"],
         accelerator=False,  # the CPU path: megatron-core's local layers, no buckets
+        peft=peft_settings(scenario),
     )
     chunks = [
         chunk_parameters(architecture, layout, pipeline_rank, chunk)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from megasft.megatron.architecture import ModelArchitecture
+from megasft.megatron.peft import method_named
 from megasft.plan.layout import Layout
 
 STATISTICS_BYTES = 4
@@ -78,12 +79,15 @@ def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str)
         return z.tokens * e * h / sp  # the layer's input; the rest is recomputed
     per_token = 0.0
     if layout.transformer_engine:
-        # Fused norm + linear (Transformer Engine): input, normalised output, 1/rms.
-        per_token += 2 * (2 * e * h / sp + STATISTICS_BYTES / sp)
+        # Fused norm + linear (Transformer Engine): the input and 1/rms (its normalised
+        # output is the linear's input, below).
+        per_token += 2 * (e * h / sp + STATISTICS_BYTES / sp)
     else:
-        # megatron-core's local RMSNorm (torch): the input and the normalised input in fp32,
-        # 1/rms, and the output the next linear keeps.
-        per_token += 2 * ((2 * STATISTICS_BYTES + e) * h / sp + STATISTICS_BYTES / sp)
+        # megatron-core's local RMSNorm (torch): the input in fp32, the normalised input in
+        # fp32 (for the weight's gradient: not when PEFT freezes it) and 1/rms (its output
+        # is the linear's input, below).
+        per_token += 2 * (_norm_copies(layout) * STATISTICS_BYTES * h / sp)
+        per_token += 2 * STATISTICS_BYTES / sp
     if a.qk_layernorm:
         per_token += _qk_norm_bytes(layout, heads, groups, d)
     if recompute == "selective":
@@ -92,23 +96,65 @@ def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str)
         fused_kept = a.qk_layernorm and (layout.transformer_engine or e == STATISTICS_BYTES)
         per_token += e * (heads + groups) * d + (0 if fused_kept else e * (heads + 2 * groups) * d)
     elif layout.transformer_engine:
-        # Flash attention keeps q, k, v and the softmax statistics; dropout is drawn inside.
-        per_token += e * (heads + 2 * groups) * d + STATISTICS_BYTES * heads
+        # Flash attention keeps q, k, v, its output and the softmax statistics; dropout is
+        # drawn inside.
+        per_token += e * (heads + 2 * groups) * d + e * heads * d + STATISTICS_BYTES * heads
     else:
         # q, and k and v repeated to every query head; the softmax in fp32 and its 16-bit
         # copy; with dropout its mask and output (replacing that copy).
         per_token += 3 * e * heads * d + STATISTICS_BYTES * heads * z.s
         copy = e if e < STATISTICS_BYTES else 0
         per_token += heads * z.s * (z.mask + e if layout.attention_dropout > 0 else copy)
-    per_token += e * heads * d  # the attention output, the projection's input
-    # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate), up + 0 (a new
-    # tensor in megatron-core's glu) and their product (fc2's input).
-    per_token += 5 * e * f / t
+    # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate) and up + 0 (a
+    # new tensor in megatron-core's glu); their product is fc2's input.
+    per_token += 4 * e * f / t
+    per_token += _linear_input_bytes(a, layout)
     if layout.hidden_dropout > 0:
         per_token += 2 * z.mask * h / sp  # after attention and after the MLP
     total = z.tokens * per_token
     if not layout.transformer_engine:
         total += 4 * e * z.s * d  # RoPE's cos and sin for q and k, made per layer
+    return total
+
+
+def _norm_copies(layout: Layout) -> int:
+    """fp32 copies of its input a local (torch) RMSNorm keeps: the input, and the normalised
+    input for the weight's gradient, which a frozen weight (PEFT) does not need."""
+    return 1 if layout.peft is not None else 2
+
+
+LINEAR_INPUTS = {
+    "linear_qkv": lambda a, t, sp: a.hidden_size / sp,
+    "linear_proj": lambda a, t, sp: a.num_attention_heads * a.head_dim / t,
+    "linear_fc1": lambda a, t, sp: a.hidden_size / sp,
+    "linear_fc2": lambda a, t, sp: a.ffn_hidden_size / t,
+}
+"""The input width of each megatron-core linear of a layer, per token on one rank."""
+FUSED_NORMS = ("linear_qkv", "linear_fc1")
+"""Transformer Engine's linears that normalise their input inside."""
+
+
+def _linear_input_bytes(architecture: ModelArchitecture, layout: Layout) -> float:
+    """Per token: the input each linear keeps for its weight's gradient, or under PEFT what
+    the adapters keep (a frozen linear keeps nothing: megatron-core's frozen-weight linear
+    needs only its weight). Flash attention keeps its output, the projection's input, anyway.
+    Over a Transformer Engine linear that normalises inside, an adapter normalises again
+    (megasft.megatron.peft.lora_layers), keeping the input in fp32 and 1/rms."""
+    z, peft = _Sizes.of(layout), layout.peft
+    method = method_named(peft.method) if peft is not None else None
+    kept_elsewhere = ("linear_proj",) if layout.transformer_engine else ()
+    total = 0.0
+    for linear, width in LINEAR_INPUTS.items():
+        inputs = width(architecture, z.t, z.sp)
+        targeted = peft is not None and linear in peft.targets
+        besides, keeps_input = (0.0, False)
+        if targeted:
+            besides, keeps_input = method.adapter_kept(peft, inputs=inputs)
+        if (peft is None or keeps_input) and linear not in kept_elsewhere:
+            total += z.e * inputs
+        total += z.e * besides
+        if targeted and layout.transformer_engine and linear in FUSED_NORMS:
+            total += STATISTICS_BYTES * (inputs + 1 / z.sp)
     return total
 
 
@@ -119,10 +165,11 @@ def _qk_norm_bytes(layout: Layout, heads: float, groups: float, d: int) -> float
     statistics = STATISTICS_BYTES * (heads + groups)
     if layout.transformer_engine:  # Transformer Engine's norm keeps its input and 1/rms
         return e * heads * d + e * fused + statistics
-    # megatron-core's local norm: the input in fp32 (the fused output itself when fp32) and
-    # the normalised input in fp32, per head
+    # megatron-core's local norm: the input in fp32 (the fused output itself when fp32) and,
+    # unless PEFT froze the norms, the normalised input in fp32, per head
     key_input = STATISTICS_BYTES * (fused if e == STATISTICS_BYTES else groups * d)
-    return STATISTICS_BYTES * (2 * heads * d + groups * d) + key_input + statistics
+    normalised = (_norm_copies(layout) - 1) * STATISTICS_BYTES * (heads + groups) * d
+    return STATISTICS_BYTES * heads * d + key_input + normalised + statistics
 
 
 def layer_working_bytes(architecture: ModelArchitecture, layout: Layout) -> float:
@@ -195,6 +242,12 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
     kept = layer_bytes(a, layout, mode)
     per_micro_batch = recomputed * layer_bytes(a, layout, "full") + (layers - recomputed) * kept
     stored = count * per_micro_batch
+    if first and layout.peft is not None:
+        # the frozen embedding's output needs no gradient: the first norm keeps nothing
+        first_norm = (
+            _norm_copies(layout) * STATISTICS_BYTES if not layout.transformer_engine else z.e
+        )
+        stored -= own_chunk * z.tokens * (first_norm * h / sp + STATISTICS_BYTES / sp)
     if first and layout.hidden_dropout > 0:
         stored += own_chunk * z.tokens * z.mask * h / sp  # the embedding's dropout mask
     if not last and not layout.deallocate_pipeline_outputs:
@@ -208,7 +261,7 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
         if layout.transformer_engine:
             final_norm = z.e * h / sp + STATISTICS_BYTES / sp
         else:
-            final_norm = 2 * STATISTICS_BYTES * h + STATISTICS_BYTES
+            final_norm = _norm_copies(layout) * STATISTICS_BYTES * h + STATISTICS_BYTES
         # final norm, the output layer's input, the cross entropy's fp32 softmax
         stored += own_chunk * z.tokens * (final_norm + z.e * h / sp + STATISTICS_BYTES * vocab)
         # backward: the logits' gradient cast to 16 bits, with padding columns masked, and
@@ -219,7 +272,7 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
         rerun = layer_bytes(a, layout, "none") - layer_bytes(a, layout, "full") + working
         phases.append(max(0.0, rerun - (layers - recomputed) * kept))
     transient = max(phases)
-    if not layout.transformer_engine:
+    if not layout.transformer_engine and layout.peft is None:
         # without gradient-accumulation fusion a weight's gradient is made, then added to
         # the fp32 buffer: the largest weight of the stage (the output layer, or fc1)
         largest = max(a.padded_vocab_size / z.t, 2 * a.ffn_hidden_size / z.t) * h

@@ -130,6 +130,8 @@ class StaticMemory:
 
     parameters: int
     """Parameters this rank holds (elements, no padding)."""
+    trainable: int
+    """Of which trained (all of them, but for PEFT's frozen base)."""
     weights: int
     gradients: int
     main_weights: int
@@ -167,33 +169,38 @@ def rank_static_memory(
     shards = layout.gradient_shards
     weight_bytes = layout.element_bytes
     parameters = sum(p.numel for chunk in chunks for p in chunk)
+    # DDP and the optimizer hold the trainable parameters only (all of them without PEFT).
+    trained = [[p for p in chunk if p.trainable] for chunk in chunks]
+    trainable = sum(p.numel for chunk in trained for p in chunk)
+    frozen_weights = (parameters - trainable) * weight_bytes
     fp8 = 0
     if layout.fp8 != "none":
         fp8 = 2 * sum(p.numel for chunk in chunks for p in chunk if p.fp8)
+    main_bytes = MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0
     if not layout.distributed_optimizer:
-        main = parameters * MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0
         return StaticMemory(
             parameters=parameters,
-            weights=parameters * weight_bytes,
-            gradients=parameters * GRADIENT_BYTES,
-            main_weights=main,
-            optimizer_states=parameters * ADAM_STATE_BYTES,
+            trainable=trainable,
+            weights=frozen_weights + trainable * weight_bytes,
+            gradients=trainable * GRADIENT_BYTES,
+            main_weights=trainable * main_bytes,
+            optimizer_states=trainable * ADAM_STATE_BYTES,
             fp8_weights=fp8,
         )
     if bucket_elements is None:
         bucket_elements = [bucket_size(layout, stage, index) for index in range(len(chunks))]
     buffers = [
         buffer_layout(chunk, shards=shards, distributed_optimizer=True, bucket_elements=size)
-        for chunk, size in zip(chunks, bucket_elements, strict=True)
+        for chunk, size in zip(trained, bucket_elements, strict=True)
     ]
     padded = sum(buffer.numel for buffer in buffers)
     shard = sum(shard_elements(buffer, shards)[shard_rank] for buffer in buffers)
     return StaticMemory(
         parameters=parameters,
-        weights=padded * weight_bytes,  # the parameters live in the padded buffer
+        trainable=trainable,
+        weights=frozen_weights + padded * weight_bytes,  # trained ones live in the buffer
         gradients=padded * GRADIENT_BYTES,
-        # fp32 parameters are their own main weights
-        main_weights=shard * MAIN_WEIGHT_BYTES if layout.precision == "bf16" else 0,
+        main_weights=shard * main_bytes,  # fp32 parameters are their own main weights
         optimizer_states=shard * ADAM_STATE_BYTES,
         fp8_weights=fp8,
     )

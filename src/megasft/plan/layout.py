@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import ModelArchitecture
+from megasft.megatron.peft import PeftSettings
 from megasft.train.config import RECOMPUTE_MODES, TrainConfig
 
 
@@ -43,6 +44,8 @@ class Layout:
     fp8: str = "none"
     """FP8 through Transformer Engine: its FP8 weight copies are counted; activations are
     counted at 16 bits (an upper bound)."""
+    peft: PeftSettings | None = None
+    """A PEFT method's settings (--peft): the base is frozen, its adapters trained."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -135,6 +138,7 @@ def layout_from_config(config: TrainConfig, seq_length: int, *, accelerator: boo
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         fp8=config.fp8,
+        peft=config.peft_settings,
     )
 
 

@@ -167,8 +167,27 @@ CHANGES: tuple[Change, ...] = (
         lambda layout: f"twice the GPUs ({layout.world_size}: --nodes or --nproc)",
     ),
 )
-"""What `suggestions` tries, one at a time, in this order. A way of training with less memory
-(LoRA, when megasft has it) adds its change here."""
+"""What `suggestions` tries, one at a time, in this order (then each PEFT method)."""
+
+
+def _peft_changes() -> tuple[Change, ...]:
+    """Training adapters of each registered PEFT method (with its default settings) instead of
+    the whole model."""
+    from megasft.megatron.peft import method_names
+    from megasft.train.config import TrainConfig
+
+    changes = []
+    for name in method_names():
+        settings = TrainConfig(data=".", load=".", save=".", train_iters=1, peft=name)
+        changes.append(
+            Change(
+                lambda layout, peft=settings.peft_settings: (
+                    layout.replace(peft=peft) if layout.peft is None else None
+                ),
+                lambda _, name=name: f"--peft {name}",
+            )
+        )
+    return tuple(changes)
 
 
 def suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
@@ -182,7 +201,7 @@ def suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
         `CHANGES` order.
     """
     found = []
-    for change in CHANGES:
+    for change in CHANGES + _peft_changes():
         try:
             layout = change.apply(plan.layout)
             if layout is None:

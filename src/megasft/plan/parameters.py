@@ -10,6 +10,7 @@ row there; `chunk_parameters` refuses a tensor it has no row for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from megasft.errors import ConfigError
 from megasft.megatron import families
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.families.weight_mapping import EMBEDDING, MEGATRON_LAYER, OUTPUT_LAYER
+from megasft.megatron.peft import method_named
+from megasft.megatron.peft.registry import ADAPTER_MODULE
 from megasft.plan.layout import Layout
 
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -68,6 +71,8 @@ class PlannedParameter:
     megatron-core gives it a gradient bucket of its own under the distributed optimizer."""
     fp8: bool = False
     """A weight of a Transformer Engine linear layer, which keeps FP8 copies with --fp8."""
+    trainable: bool = True
+    """False for a frozen base weight under PEFT: no gradient, main weight or Adam state."""
 
     @property
     def numel(self) -> int:
@@ -122,10 +127,11 @@ def chunk_parameters(
         architecture.padded_vocab_size // layout.tensor_parallel,
         architecture.hidden_size,
     )
+    trainable = layout.peft is None  # PEFT freezes every base weight
     parameters = []
     if first:
         shared = tied and not last  # its copy lives on the last stage
-        parameters.append(PlannedParameter(EMBEDDING, vocab_rows, shared))
+        parameters.append(PlannedParameter(EMBEDDING, vocab_rows, shared, trainable=trainable))
     layer_tensors = sorted(
         (key.removeprefix(MEGATRON_LAYER + "."), shape)
         for key, shape in shapes.items()
@@ -144,21 +150,64 @@ def chunk_parameters(
     )
     layer_tensors.sort(key=order)
     for number, _ in enumerate(chunk_layers(architecture, layout, stage, chunk)):
+        layer = []
         for tensor, shape in layer_tensors:
             placement = PLACEMENTS[tensor]
             name = tensor if layout.transformer_engine else placement.local_name or tensor
-            parameters.append(
+            layer.append(
                 PlannedParameter(
-                    f"{LAYER_PREFIX}{number}.{name}",
+                    name,
                     _split(shape, placement.split_dim, layout.tensor_parallel),
                     fp8=placement.linear_weight,
+                    trainable=trainable,
                 )
             )
+        if layout.peft is not None:
+            layer = _with_adapters(layer, dict(layer_tensors), layout)
+        parameters += [
+            dataclasses.replace(p, name=f"{LAYER_PREFIX}{number}.{p.name}") for p in layer
+        ]
     if last:
-        parameters.append(PlannedParameter(FINAL_NORM, shapes[FINAL_NORM]))
+        parameters.append(PlannedParameter(FINAL_NORM, shapes[FINAL_NORM], trainable=trainable))
         if not (tied and first):  # tied on one stage: the output layer uses the embedding
-            parameters.append(PlannedParameter(OUTPUT_LAYER, vocab_rows, tied))
+            parameters.append(PlannedParameter(OUTPUT_LAYER, vocab_rows, tied, trainable=trainable))
     return parameters
+
+
+def _with_adapters(
+    layer: list[PlannedParameter], shapes: dict[str, tuple[int, ...]], layout: Layout
+) -> list[PlannedParameter]:
+    """A layer's parameters with PEFT's adapters: each target linear's own parameters under
+    `<linear>.base.`, then its adapter's under `<linear>.adapter.` (as the PEFT method wraps
+    the linear in place, keeping the layer's order)."""
+    settings = layout.peft
+    method = method_named(settings.method)
+    adapted = []
+    for index, parameter in enumerate(layer):
+        path = parameter.name.split(".")
+        target = next((t for t in settings.targets if t in path[:-1]), None)
+        if target is None:
+            adapted.append(parameter)
+            continue
+        module = ".".join(path[: path.index(target) + 1])
+        adapted.append(dataclasses.replace(parameter, name=f"{module}.base.{path[-1]}"))
+        following = layer[index + 1].name if index + 1 < len(layer) else ""
+        if following.startswith(module + "."):
+            continue  # the adapter comes after the linear's last parameter
+        weight = f"{module}.weight"
+        rows, columns = shapes[weight]
+        adapter = method.adapter_shapes(
+            settings,
+            rows=rows,
+            columns=columns,
+            split_dim=PLACEMENTS[weight].split_dim,
+            parts=layout.tensor_parallel,
+        )
+        adapted += [
+            PlannedParameter(f"{module}.{ADAPTER_MODULE}.{name}", shape)
+            for name, shape in adapter.items()
+        ]
+    return adapted
 
 
 def model_parameter_count(architecture: ModelArchitecture) -> int:

@@ -48,6 +48,12 @@ def layout_line(plan: MemoryPlan) -> str:
         parts.append(f"dropout {layout.hidden_dropout}/{layout.attention_dropout}")
     if layout.fp8 != "none":
         parts.append(f"fp8 {layout.fp8} (activations counted at 16 bits)")
+    if layout.peft is not None:
+        peft = layout.peft
+        parts.append(
+            f"{peft.method} rank {peft.rank} on {', '.join(peft.targets)}"
+            + (f", dropout {peft.dropout}" if peft.dropout else "")
+        )
     return ", ".join(parts)
 
 
@@ -58,7 +64,12 @@ def part_rows(plan: MemoryPlan) -> list[tuple[str, int, str]]:
     shards = layout.gradient_shards if layout.distributed_optimizer else 1
     sharded = f", 1/{shards} per rank" if shards > 1 else ""
     return [
-        ("weights", static.weights, f"{static.parameters:,} parameters in {layout.precision}"),
+        (
+            "weights",
+            static.weights,
+            f"{static.parameters:,} parameters in {layout.precision}"
+            + (f", {static.trainable:,} trained" if static.trainable < static.parameters else ""),
+        ),
         ("gradients", static.gradients, "fp32 buffer"),
         (
             "fp32 main weights",

@@ -63,6 +63,23 @@ class Lora(PeftMethod):
                 )
                 setattr(parent, linear_name, wrapped)
 
+    def adapter_shapes(
+        self, settings: PeftSettings, *, rows: int, columns: int, split_dim: int, parts: int
+    ) -> dict[str, tuple[int, ...]]:
+        """A [r, in] and B [out, r], split like the weight (`lora_layers`): B's rows for a
+        column-parallel linear, A's columns for a row-parallel one."""
+        r = settings.rank
+        if split_dim == 0:
+            return {"lora_a": (r, columns), "lora_b": (rows // parts, r)}
+        return {"lora_a": (r, columns // parts), "lora_b": (rows, r)}
+
+    def adapter_kept(self, settings: PeftSettings, *, inputs: float) -> tuple[float, bool]:
+        """A x (r elements, for B's gradient) and the input x (for A's); with dropout, the
+        dropped input and its mask instead of x."""
+        if settings.dropout:
+            return settings.rank + 2 * inputs, False
+        return settings.rank, True
+
 
 def _adapter_seed(seed: int, layer_number: int, target: str) -> int:
     """A seed per adapter that does not depend on the process layout (nor on Python's

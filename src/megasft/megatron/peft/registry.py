@@ -57,6 +57,36 @@ class PeftMethod:
         """Wrap `chunk`'s targets with adapters (in place) and freeze everything else."""
         raise NotImplementedError
 
+    def adapter_shapes(
+        self, settings: PeftSettings, *, rows: int, columns: int, split_dim: int, parts: int
+    ) -> dict[str, tuple[int, ...]]:
+        """The trainable tensors the method adds to one target linear, as one rank holds them
+        (`megasft plan` counts them).
+
+        Args:
+            settings: the method's settings.
+            rows, columns: the linear's whole weight shape [out, in].
+            split_dim: the dimension tensor parallelism splits the weight along.
+            parts: the tensor-parallel size.
+
+        Returns:
+            Shape by name under the adapter module, in registration order.
+        """
+        raise NotImplementedError
+
+    def adapter_kept(self, settings: PeftSettings, *, inputs: float) -> tuple[float, bool]:
+        """What one target linear's adapter keeps for backward, per token (`megasft plan`
+        counts it).
+
+        Args:
+            settings: the method's settings.
+            inputs: the width of the linear's input on this rank.
+
+        Returns:
+            (elements kept besides the linear's input, whether it keeps that input).
+        """
+        raise NotImplementedError
+
 
 _METHODS: dict[str, PeftMethod] = {}
 
