@@ -5,6 +5,7 @@ MLflow failure handling, and the checks that run before anything heavy."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import time
@@ -346,6 +347,17 @@ def test_bad_settings_fail_before_any_heavy_work(dataset, tmp_path, settings, mo
     config = _config(dataset, tmp_path, model=_model(tmp_path, **model), **settings)
     with pytest.raises(ConfigError, match=message):
         plan_run(config, on_accelerator=False)
+
+
+def test_fp8_on_gpus_without_transformer_engine_is_refused_naming_it(
+    dataset, tmp_path, monkeypatch
+):
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # as on a GPU node
+    config = _config(dataset, tmp_path, fp8="hybrid")
+    with pytest.raises(ConfigError, match="--fp8 hybrid needs Transformer Engine, which is not"):
+        plan_run(config, on_accelerator=True)
 
 
 def test_missing_inputs_are_named(dataset, tmp_path):
