@@ -12,16 +12,20 @@ from typing import Any
 
 import torch
 
+from megasft.megatron.architecture import ModelArchitecture
 from megasft.train.checks import RunPlan
 from megasft.train.config import TrainConfig
 from megasft.train.distributed import Parallel
 from megasft.train.moe import moe_settings
 
 
-def uses_sequence_parallel(config: TrainConfig, parallel: Parallel) -> bool:
+def uses_sequence_parallel(
+    config: TrainConfig, parallel: Parallel, architecture: ModelArchitecture
+) -> bool:
     """Sequence parallelism: automatic with TP > 1 on accelerators (Transformer Engine's
-    layers); megatron-core's local layers (CPU) run without it."""
-    return parallel.on_accelerator and config.tensor_parallel > 1
+    layers); megatron-core's local layers (CPU) run without it, but for MoE models, whose
+    MoE layer trains with TP only under it (megasft.train.moe)."""
+    return config.tensor_parallel > 1 and (parallel.on_accelerator or architecture.moe is not None)
 
 
 def layer_settings(plan: RunPlan) -> dict[str, Any]:
@@ -94,7 +98,7 @@ def setup_model(plan: RunPlan, parallel: Parallel) -> list[torch.nn.Module]:
         overrides=dict(
             context_parallel_size=config.context_parallel,
             virtual_pipeline_model_parallel_size=config.virtual_pipeline_stages,
-            sequence_parallel=uses_sequence_parallel(config, parallel),
+            sequence_parallel=uses_sequence_parallel(config, parallel, plan.architecture),
             **layer_settings(plan),
             # loss_func returns (sum, count): megatron-core divides the gradients by the
             # number of target tokens of the whole global batch (see step.py)

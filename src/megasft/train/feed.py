@@ -141,5 +141,5 @@ def setup_data(plan: RunPlan, parallel: Parallel) -> RunData:
         context_parallel=config.context_parallel,
         context_rank=parallel.context_rank,
         tensor_parallel=config.tensor_parallel,
-        sequence_parallel=uses_sequence_parallel(config, parallel),
+        sequence_parallel=uses_sequence_parallel(config, parallel, plan.architecture),
     )

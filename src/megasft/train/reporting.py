@@ -87,7 +87,7 @@ def open_reporting(
         print(f"megasft train: resuming from {resumed_from} (step {step})", flush=True)
     else:
         log.start_fresh()
-    if uses_sequence_parallel(config, parallel):
+    if uses_sequence_parallel(config, parallel, plan.architecture):
         print(
             f"megasft train: sequence parallelism on (TP {config.tensor_parallel}): norms, "
             "residuals and dropout run on 1/TP of each sequence",
@@ -213,7 +213,9 @@ def finish(parts: Parts, state: LoopState, status: str) -> dict[str, Any]:
         else None,
         "resumed_from": state.resumed_from,
         "world_size": parts.parallel.world_size,
-        "sequence_parallel": uses_sequence_parallel(config, parts.parallel),
+        "sequence_parallel": uses_sequence_parallel(
+            config, parts.parallel, parts.plan.architecture
+        ),
         # this rank's most allocated at once, to hold against `megasft plan`
         "peak_memory_bytes": torch.cuda.max_memory_allocated()
         if parts.parallel.on_accelerator
