@@ -14,6 +14,7 @@ import pytest
 from megasft.megatron.architecture import ModelArchitecture, architecture_from_hf_config
 
 WORKER = Path(__file__).with_name("plan_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 LORA = dict(peft="lora", lora_rank=8, lora_alpha=16.0)
 """TrainConfig's LoRA settings for the scenarios that train adapters."""
@@ -83,6 +84,29 @@ def static_scenarios() -> list[dict]:
                 )
             )
     llama = json.loads(tiny_architectures()["llama"].to_json())
+    qwen3_moe = json.loads(tiny_architectures()["qwen3_moe"].to_json())
+    scenarios += [
+        # the experts over EP 2: a buffer of their own, each rank half the experts
+        dict(name="qwen3_moe_ep2", architecture=qwen3_moe, world_size=2, tp=1, pp=1, ep=2,
+             distributed_optimizer=False, precision="bf16"),
+        dict(name="qwen3_moe_ep2_distopt", architecture=qwen3_moe, world_size=2, tp=1, pp=1,
+             ep=2, distributed_optimizer=True, precision="bf16"),
+        dict(name="mixtral_ep2_distopt", world_size=2, tp=1, pp=1, ep=2,
+             distributed_optimizer=True, precision="bf16",
+             architecture=json.loads(tiny_architectures()["mixtral"].to_json())),
+        dict(name="qwen3_moe_dense_ep2_distopt", world_size=2, tp=1, pp=1, ep=2,
+             distributed_optimizer=True, precision="bf16",
+             architecture=json.loads(tiny_architectures()["qwen3_moe_dense"].to_json())),
+        # TP 2 with whole experts (ETP 1), over EP 2 or replicated on both TP ranks
+        dict(name="qwen3_moe_tp2_ep2_etp1_distopt", architecture=qwen3_moe, world_size=2,
+             tp=2, pp=1, ep=2, etp=1, distributed_optimizer=True, precision="bf16"),
+        dict(name="qwen3_moe_tp2_etp1_distopt", architecture=qwen3_moe, world_size=2, tp=2,
+             pp=1, etp=1, distributed_optimizer=True, precision="bf16"),
+        # LoRA on the attention of an MoE model, its experts frozen
+        dict(name="qwen3_moe_lora_ep2_distopt", architecture=qwen3_moe, world_size=2, tp=1,
+             pp=1, ep=2, distributed_optimizer=True, precision="bf16",
+             peft=LORA | {"lora_targets": "linear_qkv,linear_proj"}),
+    ]  # fmt: skip
     scenarios += [
         # two of the four linears adapted, without the distributed optimizer
         dict(name="qwen2_lora_two_targets_tp2", world_size=2, tp=2, pp=1,
@@ -117,9 +141,13 @@ ACTIVATION_MODEL = dict(
 )
 
 
+MOE_ACTIVATION_MODEL = dict(num_experts=8, router_topk=2, expert_ffn_hidden_size=128)
+"""The MoE blocks of the activation scenarios' MoE models."""
+
+
 def activation_scenarios() -> list[dict]:
     """Small models on rows long enough that the tensors, not the allocator's rounding,
-    decide the measurement."""
+    decide the measurement; MoE models also at EP 2 and TP 2 (two processes)."""
     variants = {
         "none": {},
         "selective": dict(recompute="selective"),
@@ -129,11 +157,23 @@ def activation_scenarios() -> list[dict]:
         "lora": dict(peft=LORA),
         "lora_dropout": dict(peft=LORA | {"lora_dropout": 0.1}),
     }
+    moe_lora = dict(peft=LORA | {"lora_targets": "linear_qkv,linear_proj"})
+    moe_variants = {name: variants[name] for name in ("none", "selective", "full", "dropout")}
+    families = {
+        "llama": variants,
+        "qwen3": variants,
+        "qwen3_moe": moe_variants | {"lora": moe_lora},
+        "mixtral": {"none": {}},
+        "qwen3_moe_dense": {"none": {}, "full1": variants["full1"]},  # layer 0 dense
+    }
     architectures = tiny_architectures()
     scenarios = []
-    for family in ("llama", "qwen3"):
+    for family, family_variants in families.items():
         architecture = json.loads(architectures[family].to_json()) | ACTIVATION_MODEL
-        for variant, settings in variants.items():
+        if architecture["moe"] is not None:
+            architecture["moe"] |= MOE_ACTIVATION_MODEL
+            architecture["sliding_window"] = None  # Mixtral's: no change to what is kept
+        for variant, settings in family_variants.items():
             for seq_length, rows in ((128, 2), (512, 1)):
                 for precision in ("fp32", "bf16"):
                     scenarios.append(
@@ -150,6 +190,25 @@ def activation_scenarios() -> list[dict]:
                             **settings,
                         )
                     )
+    moe = json.loads(architectures["qwen3_moe"].to_json()) | ACTIVATION_MODEL
+    moe["moe"] |= MOE_ACTIVATION_MODEL
+    for name, tp, ep, etp in (("ep2", 1, 2, None), ("tp2", 2, 1, None), ("tp2_ep2_etp1", 2, 2, 1)):
+        for precision in ("fp32", "bf16"):
+            scenarios.append(
+                dict(
+                    name=f"qwen3_moe_{name}_s512_b1_{precision}",
+                    architecture=moe,
+                    world_size=2,
+                    tp=tp,
+                    pp=1,
+                    ep=ep,
+                    etp=etp,
+                    distributed_optimizer=False,
+                    precision=precision,
+                    seq_length=512,
+                    micro_batch_size=1,
+                )
+            )
     return scenarios
 
 
@@ -181,19 +240,12 @@ def plan_work(tmp_path_factory) -> Path:
 def static_runs(plan_work) -> tuple[list[dict], dict[str, list[dict]]]:
     """(the scenarios, what each rank of each measured)."""
     _run([sys.executable, str(WORKER), "static", str(plan_work)], "the one-process static run")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    _run([*torchrun, str(WORKER), "static", str(plan_work)], "the two-process static run")
+    _run([*TORCHRUN, str(WORKER), "static", str(plan_work)], "the two-process static run")
     return static_scenarios(), _results(plan_work, "static")
 
 
 @pytest.fixture(scope="session")
 def activation_runs(plan_work) -> tuple[list[dict], dict[str, list[dict]]]:
     _run([sys.executable, str(WORKER), "activations", str(plan_work)], "the activation run")
+    _run([*TORCHRUN, str(WORKER), "activations", str(plan_work)], "the two-process activation run")
     return activation_scenarios(), _results(plan_work, "activations")

@@ -72,6 +72,46 @@ QWEN3_8B = dict(
     rope_theta=1000000.0,
     tie_word_embeddings=False,
 )
+QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe",
+    architectures=["Qwen3MoeForCausalLM"],
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    router_aux_loss_coef=0.001,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+)
+MIXTRAL_8X7B = dict(
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.02,
+    vocab_size=32000,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    sliding_window=None,
+    tie_word_embeddings=False,
+)
 
 PARAMETERS = {
     "llama2-7b": (LLAMA2_7B, 6_738_415_616),
@@ -79,6 +119,8 @@ PARAMETERS = {
     "llama3.1-70b": (LLAMA31_70B, 70_553_706_496),
     "qwen2.5-7b": (QWEN25_7B, 7_615_616_512),
     "qwen3-8b": (QWEN3_8B, 8_190_735_360),
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, 30_532_122_624),
+    "mixtral-8x7b": (MIXTRAL_8X7B, 46_702_792_704),
 }
 
 

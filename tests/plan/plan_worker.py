@@ -48,6 +48,7 @@ def main() -> None:
         results[scenario["name"]] = measure(scenario)
     rank = dist.get_rank() if dist.is_initialized() else 0
     (work / f"{mode}_world{world_size}_rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()  # left to exit, gloo hangs there with megatron-core 0.19
 
 
 # --- building the model as the trainer does ----------------------------------------------------
@@ -76,6 +77,8 @@ def build(scenario: dict):
         tensor_parallel=scenario["tp"],
         pipeline_parallel=scenario["pp"],
         virtual_pipeline_stages=scenario.get("vp"),
+        expert_parallel=scenario.get("ep", 1),
+        expert_tensor_parallel=scenario.get("etp"),
         precision=scenario["precision"],
         distributed_optimizer=scenario["distributed_optimizer"],
         micro_batch_size=rows,
@@ -129,6 +132,8 @@ def inner_optimizers(optimizer):
 
 
 def measure_static(scenario: dict) -> dict:
+    from megatron.core import parallel_state
+
     from megasft.train.distributed import teardown_parallel
 
     _, _, parallel, model, optimizer = build(scenario)
@@ -155,6 +160,7 @@ def measure_static(scenario: dict) -> dict:
     result = {
         "pipeline_rank": parallel.pipeline_rank,
         "data_rank": parallel.data_rank,
+        "expert_data_rank": parallel_state.get_expert_data_parallel_rank(),
         "tensor_rank": parallel.tensor_rank,
         "chunks": [
             [[name, list(p.shape)] for name, p in chunk.module.named_parameters()]
@@ -207,6 +213,8 @@ class PeakMemory(TorchDispatchMode):
 
 
 def measure_activations(scenario: dict) -> dict:
+    from megatron.core import tensor_parallel
+
     from megasft.train.data import MicroBatch
     from megasft.train.distributed import teardown_parallel
     from megasft.train.step import bshd_inputs, forward_step
@@ -235,11 +243,24 @@ def measure_activations(scenario: dict) -> dict:
         loss_sum, _, _ = loss_function(output)
         return loss_sum
 
+    def same_draws():
+        # Both passes draw the same dropout masks, so the measured one routes tokens to the
+        # experts as the first did: on CPU a bf16 matrix multiply caches a kernel per shape
+        # (an expert's is its token count), which would count as kept.
+        torch.manual_seed(0)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+
+    same_draws()
     step().backward()  # once before measuring: lazily made buffers exist from here on
     chunk.zero_grad_buffer()
+    with torch.no_grad():
+        # An MoE layer recomputed in backward leaves tensors referenced until the next
+        # forward, which would free them while measuring.
+        step()
     gc.collect()  # what earlier scenarios left must not be freed while measuring
     gc.disable()
     try:
+        same_draws()
         before = allocated_bytes()
         with PeakMemory() as peak:
             loss = step()

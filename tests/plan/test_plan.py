@@ -14,7 +14,14 @@ from megasft.plan.devices import GIB, device_memory_bytes
 from megasft.plan.layout import Layout
 from megasft.plan.memory import plan_memory, suggestions
 from megasft.plan.parameters import PlannedParameter, chunk_parameters, model_parameter_count
-from tests.plan.known_models import LLAMA2_7B, LLAMA31_70B, PARAMETERS, architecture
+from tests.plan.conftest import LORA, peft_settings
+from tests.plan.known_models import (
+    LLAMA2_7B,
+    LLAMA31_70B,
+    PARAMETERS,
+    QWEN3_30B_A3B,
+    architecture,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
@@ -31,6 +38,28 @@ def test_every_rank_of_a_layout_holds_the_model_once():
         for parameter in chunk_parameters(model, layout, stage):
             replicated = "norm" in parameter.name  # every TP rank holds the norms whole
             held += parameter.numel * (1 if replicated else 4)
+    assert held == model_parameter_count(model)
+
+
+def test_every_rank_of_an_expert_parallel_layout_holds_the_model_once():
+    model = architecture(QWEN3_30B_A3B)
+    layout = Layout(
+        seq_length=4096, world_size=16, tensor_parallel=2, pipeline_parallel=2,
+        expert_parallel=4, expert_tensor_parallel=2, global_batch_size=4,
+    )  # fmt: skip
+    held = 0
+    for stage in range(2):
+        parameters = chunk_parameters(model, layout, stage)
+        # each layer: the 128 experts over EP 4, 32 here, each fc1 and fc2 split over ETP 2
+        assert sum(".mlp.experts." in p.name for p in parameters) == 24 * 32 * 2
+        for parameter in parameters:
+            if ".mlp.experts." in parameter.name:
+                assert parameter.expert_parallel
+                held += parameter.numel * 4 * 2  # EP x ETP ranks hold the others
+            elif "norm" in parameter.name or "router" in parameter.name:
+                held += parameter.numel  # every TP rank holds the norms and routers whole
+            else:
+                held += parameter.numel * 2
     assert held == model_parameter_count(model)
 
 
@@ -116,6 +145,25 @@ def test_a_plan_that_does_not_fit_names_the_changes_that_would():
     assert "--micro-batch-size 4" not in found  # halving is not enough here
 
 
+def test_an_moe_plan_names_expert_parallelism_and_lora_on_its_attention():
+    # Qwen3-30B-A3B whole on each of 8 MI300X: 30.5 B parameters' weights and fp32 gradients
+    # alone are 171 GiB
+    model = architecture(QWEN3_30B_A3B)
+    plan = plan_memory(
+        model, Layout(seq_length=4096, world_size=8, global_batch_size=8), "mi300x", 192 * GIB
+    )
+    assert not plan.fits
+    found = dict(suggestions(plan))
+    # EP 2 halves the experts' weights and gradients (about 85% of the model's)
+    static = plan.worst.static
+    assert found["--ep 2"].worst.static.gradients < 0.6 * static.gradients
+    assert found["--peft lora --lora-targets linear_qkv,linear_proj"].fits
+    assert "--peft lora" not in found  # the trainer refuses adapters on the experts
+    lora_on_mlp = plan.layout.replace(peft=peft_settings({"peft": LORA}))
+    with pytest.raises(ConfigError, match="MoE model adapts the attention projections only"):
+        plan_memory(model, lora_on_mlp, "mi300x", 192 * GIB)
+
+
 @pytest.fixture()
 def hf_model(tmp_path):
     directory = tmp_path / "llama2-7b"
@@ -148,6 +196,18 @@ def test_cli_takes_a_recipe_and_prints_json(hf_model, capsys):
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["fits"] and record["device"] == "mi300x"
     assert record["parts"]["total"] == sum(v for k, v in record["parts"].items() if k != "total")
+
+
+def test_cli_takes_the_expert_parallel_size(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(QWEN3_30B_A3B))
+    arguments = ["plan", "--model", str(config), "--seq-length", "4096", "--nproc", "8",
+                 "--global-batch-size", "8", "--json"]  # fmt: skip
+    assert main(arguments) == 1  # every expert on every GPU
+    capsys.readouterr()
+    assert main([*arguments, "--ep", "8"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert "EP 8 x ETP 1 x expert-DP 1" in record["layout"]
 
 
 def test_cli_without_a_sequence_length_is_a_usage_error(hf_model, capsys):

@@ -15,6 +15,8 @@ from tests.plan.known_models import (
     LLAMA2_7B,
     LLAMA31_8B,
     LLAMA31_70B,
+    MIXTRAL_8X7B,
+    QWEN3_30B_A3B,
     architecture,
 )
 
@@ -24,6 +26,8 @@ RECIPES = {
     "llama3.1-70b-sft-mi300x.yaml": (LLAMA31_70B, 4096, dict(device="mi300x")),
     "llama3.1-8b-lora-mi300x.yaml": (LLAMA31_8B, 4096, dict(device="mi300x")),
     "llama3.1-70b-lora-mi300x.yaml": (LLAMA31_70B, 4096, dict(device="mi300x")),
+    "qwen3-30b-a3b-sft-mi300x.yaml": (QWEN3_30B_A3B, 4096, dict(device="mi300x")),
+    "mixtral-8x7b-sft-mi300x.yaml": (MIXTRAL_8X7B, 4096, dict(device="mi300x")),
     "tiny-cpu.yaml": (
         DEMO_TINY_LLAMA,
         512,

@@ -1,6 +1,7 @@
 """The plan's parameters and static memory equal the live megatron-core model's, to the
 element and the byte, for every family at TP1, TP2, PP2 and DP2, with and without the
-distributed optimizer (plan_worker.py builds each with the trainer's settings on CPU)."""
+distributed optimizer, and for the MoE families with their experts over EP 2 and whole
+experts under TP 2 (plan_worker.py builds each with the trainer's settings on CPU)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.plan.conftest import peft_settings, static_scenarios
 SCENARIOS = {scenario["name"]: scenario for scenario in static_scenarios()}
 
 
-def planned(scenario: dict, pipeline_rank: int, data_rank: int):
+def planned(scenario: dict, pipeline_rank: int, data_rank: int, expert_data_rank: int = 0):
     architecture = ModelArchitecture.from_json(json.dumps(scenario["architecture"]))
     layout = Layout(
         seq_length=8,
@@ -26,6 +27,8 @@ def planned(scenario: dict, pipeline_rank: int, data_rank: int):
         tensor_parallel=scenario["tp"],
         pipeline_parallel=scenario["pp"],
         virtual_pipeline_stages=scenario.get("vp") or 1,
+        expert_parallel=scenario.get("ep", 1),
+        expert_tensor_parallel=scenario.get("etp"),
         global_batch_size=8,
         precision=scenario["precision"],
         distributed_optimizer=scenario["distributed_optimizer"],
@@ -39,7 +42,9 @@ def planned(scenario: dict, pipeline_rank: int, data_rank: int):
     buckets = [scenario.get("bucket_size") if index == 0 else None for index in range(len(chunks))]
     if pipeline_rank > 0:
         buckets = [None] * len(chunks)  # megatron-core buckets the first stage only
-    return chunks, rank_static_memory(chunks, layout, pipeline_rank, data_rank, buckets)
+    return chunks, rank_static_memory(
+        chunks, layout, pipeline_rank, data_rank, buckets, expert_shard_rank=expert_data_rank
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -48,7 +53,9 @@ def test_static_memory_of_every_rank_is_exact(static_runs, name):
     ranks = measured[name]
     assert len(ranks) == SCENARIOS[name]["world_size"], f"{name}: not every rank reported"
     for rank in ranks:
-        chunks, memory = planned(SCENARIOS[name], rank["pipeline_rank"], rank["data_rank"])
+        chunks, memory = planned(
+            SCENARIOS[name], rank["pipeline_rank"], rank["data_rank"], rank["expert_data_rank"]
+        )
         assert [[[p.name, list(p.shape)] for p in chunk] for chunk in chunks] == rank["chunks"]
         assert {
             "weights": memory.weights,

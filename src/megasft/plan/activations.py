@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.peft import method_named
-from megasft.plan.layout import Layout
+from megasft.plan.experts import moe_kept_per_token, moe_working_per_token
+from megasft.plan.layout import Layout, sequence_parallel
+from megasft.plan.parameters import chunk_layers
 
 STATISTICS_BYTES = 4
 """Norm statistics, softmax statistics and the cross entropy's softmax are fp32."""
@@ -46,32 +48,35 @@ class _Sizes:
     mask: int  # bytes per dropout-mask element: bool in fused kernels, a float mask on CPU
 
     @classmethod
-    def of(cls, layout: Layout) -> _Sizes:
+    def of(cls, architecture: ModelArchitecture, layout: Layout) -> _Sizes:
         s = layout.seq_length // layout.context_parallel
         e = layout.element_bytes
         t = layout.tensor_parallel
         return cls(
             e=e,
             t=t,
-            sp=t if layout.sequence_parallel else 1,
+            sp=t if sequence_parallel(architecture, layout) else 1,
             s=s,
             tokens=s * layout.micro_batch_size,
             mask=1 if layout.transformer_engine else e,
         )
 
 
-def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str) -> float:
+def layer_bytes(
+    architecture: ModelArchitecture, layout: Layout, recompute: str, moe: bool = False
+) -> float:
     """Bytes one transformer layer keeps for backward, for one micro-batch.
 
     Args:
         architecture: the model.
         layout: parallel sizes, micro-batch, sequence, precision, layer spec, dropout.
         recompute: "none", "selective" or "full" for this layer.
+        moe: the layer has the MoE block instead of the dense MLP.
 
     Returns:
         The bytes on one rank.
     """
-    a, z = architecture, _Sizes.of(layout)
+    a, z = architecture, _Sizes.of(architecture, layout)
     e, t, sp = z.e, z.t, z.sp
     h, d, f = a.hidden_size, a.head_dim, a.ffn_hidden_size
     heads, groups = a.num_attention_heads / t, a.num_query_groups / t
@@ -105,10 +110,14 @@ def layer_bytes(architecture: ModelArchitecture, layout: Layout, recompute: str)
         per_token += 3 * e * heads * d + STATISTICS_BYTES * heads * z.s
         copy = e if e < STATISTICS_BYTES else 0
         per_token += heads * z.s * (z.mask + e if layout.attention_dropout > 0 else copy)
-    # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate) and up + 0 (a
-    # new tensor in megatron-core's glu); their product is fc2's input.
-    per_token += 4 * e * f / t
-    per_token += _linear_input_bytes(a, layout)
+    if moe:
+        per_token += moe_kept_per_token(a, layout) / sp
+        per_token += _linear_input_bytes(a, layout, ("linear_qkv", "linear_proj"))
+    else:
+        # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate) and up + 0
+        # (a new tensor in megatron-core's glu); their product is fc2's input.
+        per_token += 4 * e * f / t
+        per_token += _linear_input_bytes(a, layout, tuple(LINEAR_INPUTS))
     if layout.hidden_dropout > 0:
         per_token += 2 * z.mask * h / sp  # after attention and after the MLP
     total = z.tokens * per_token
@@ -134,18 +143,20 @@ FUSED_NORMS = ("linear_qkv", "linear_fc1")
 """Transformer Engine's linears that normalise their input inside."""
 
 
-def _linear_input_bytes(architecture: ModelArchitecture, layout: Layout) -> float:
+def _linear_input_bytes(
+    architecture: ModelArchitecture, layout: Layout, linears: tuple[str, ...]
+) -> float:
     """Per token: the input each linear keeps for its weight's gradient, or under PEFT what
     the adapters keep (a frozen linear keeps nothing: megatron-core's frozen-weight linear
     needs only its weight). Flash attention keeps its output, the projection's input, anyway.
     Over a Transformer Engine linear that normalises inside, an adapter normalises again
     (megasft.megatron.peft.lora_layers), keeping the input in fp32 and 1/rms."""
-    z, peft = _Sizes.of(layout), layout.peft
+    z, peft = _Sizes.of(architecture, layout), layout.peft
     method = method_named(peft.method) if peft is not None else None
     kept_elsewhere = ("linear_proj",) if layout.transformer_engine else ()
     total = 0.0
-    for linear, width in LINEAR_INPUTS.items():
-        inputs = width(architecture, z.t, z.sp)
+    for linear in linears:
+        inputs = LINEAR_INPUTS[linear](architecture, z.t, z.sp)
         targeted = peft is not None and linear in peft.targets
         besides, keeps_input = (0.0, False)
         if targeted:
@@ -172,32 +183,37 @@ def _qk_norm_bytes(layout: Layout, heads: float, groups: float, d: int) -> float
     return STATISTICS_BYTES * heads * d + key_input + normalised + statistics
 
 
-def layer_working_bytes(architecture: ModelArchitecture, layout: Layout) -> float:
+def layer_working_bytes(
+    architecture: ModelArchitecture, layout: Layout, moe: bool = False
+) -> float:
     """Bytes a layer allocates beyond what it keeps while its forward or backward runs, for
     one micro-batch (the MLP's own tensors freed by then are subtracted).
 
     Args:
         architecture: the model.
         layout: the run's layout.
+        moe: the layer has the MoE block instead of the dense MLP.
 
     Returns:
         The bytes on one rank.
     """
-    a, z = architecture, _Sizes.of(layout)
+    a, z = architecture, _Sizes.of(architecture, layout)
     heads, groups = a.num_attention_heads / z.t, a.num_query_groups / z.t
-    mlp = 5 * z.e * a.ffn_hidden_size / z.t
+    if moe:
+        mlp_kept = moe_kept_per_token(a, layout) / z.sp
+        mlp_working = moe_working_per_token(a, layout) / z.sp
+    else:
+        # the MLP's gradients (fc1's output and the gate's)
+        mlp_kept, mlp_working = 5 * z.e * a.ffn_hidden_size / z.t, 2 * z.e * a.ffn_hidden_size / z.t
     if layout.transformer_engine:
-        # the MLP's gradients (fc1's output and the gate's), or flash attention's gradients of
-        # q, k and v with its fp32 accumulator for q
+        # the MLP's, or flash attention's gradients of q, k and v with its fp32 accumulator
+        # for q
         attention = z.e * (heads + 2 * groups) * a.head_dim + STATISTICS_BYTES * heads * a.head_dim
-        return z.tokens * max(2 * z.e * a.ffn_hidden_size / z.t, attention)
+        return z.tokens * max(mlp_working, attention)
     # the scores (16-bit) and their fp32 copy in forward, or the softmax's gradient and its
     # masked copy in backward, while the MLP's tensors of this layer are gone
-    return max(0.0, z.tokens * ((STATISTICS_BYTES + z.e) * heads * z.s - mlp))
-
-
-def _chunk_layers(architecture: ModelArchitecture, layout: Layout) -> int:
-    return architecture.num_layers // (layout.pipeline_parallel * layout.virtual_pipeline_stages)
+    attention = (STATISTICS_BYTES + z.e) * heads * z.s - mlp_kept
+    return z.tokens * max(0.0, attention, mlp_working if moe else 0.0)
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -228,19 +244,30 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
     Returns:
         Stored and transient bytes, and the micro-batches in flight.
     """
-    a, z = architecture, _Sizes.of(layout)
+    a, z = architecture, _Sizes.of(architecture, layout)
     h, sp = a.hidden_size, z.sp
     first, last = stage == 0, stage == layout.pipeline_parallel - 1
     count = in_flight(layout, stage)
     # chunk-specific parts (embedding, output) are in flight once per round of chunks
     own_chunk = math.ceil(count / layout.virtual_pipeline_stages)
-    layers = _chunk_layers(a, layout)
+    mode = "none" if layout.recompute == "full" else layout.recompute
+    chunks = [
+        [a.is_moe_layer(layer) for layer in chunk_layers(a, layout, stage, chunk)]
+        for chunk in range(layout.virtual_pipeline_stages)
+    ]
+    layers = len(chunks[0])
     recomputed = 0
     if layout.recompute == "full":
         recomputed = min(layers, layout.recompute_layers or layers)
-    mode = "none" if layout.recompute == "full" else layout.recompute
-    kept = layer_bytes(a, layout, mode)
-    per_micro_batch = recomputed * layer_bytes(a, layout, "full") + (layers - recomputed) * kept
+    # the chunk that keeps the most (the stage's only one without virtual stages)
+    per_micro_batch, moe_layers = max(
+        (
+            recomputed * layer_bytes(a, layout, "full")
+            + sum(layer_bytes(a, layout, mode, moe) for moe in chunk[recomputed:]),
+            chunk,
+        )
+        for chunk in chunks
+    )
     stored = count * per_micro_batch
     if first and layout.peft is not None:
         # the frozen embedding's output needs no gradient: the first norm keeps nothing
@@ -252,9 +279,9 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
         stored += own_chunk * z.tokens * z.mask * h / sp  # the embedding's dropout mask
     if not last and not layout.deallocate_pipeline_outputs:
         stored += count * z.tokens * z.e * h / sp  # outputs kept after sending
-    working = layer_working_bytes(a, layout)
+    working = max(layer_working_bytes(a, layout, moe) for moe in moe_layers[recomputed:] or [0])
     if mode == "selective":  # core attention re-run in backward, then its backward
-        working += max(0.0, layer_bytes(a, layout, "none") - kept)
+        working += max(0.0, layer_bytes(a, layout, "none") - layer_bytes(a, layout, "selective"))
     phases = [working if layers > recomputed else 0.0]
     if last:
         vocab = a.padded_vocab_size / z.t
@@ -269,12 +296,20 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
         phases.append(z.tokens * vocab * (3 * z.e if z.e < STATISTICS_BYTES else 2 * z.e))
     if recomputed:
         # the top recomputed layer is re-run once every layer above it was freed
-        rerun = layer_bytes(a, layout, "none") - layer_bytes(a, layout, "full") + working
-        phases.append(max(0.0, rerun - (layers - recomputed) * kept))
+        top = moe_layers[recomputed - 1]
+        rerun = (
+            layer_bytes(a, layout, "none", top)
+            - layer_bytes(a, layout, "full")
+            + layer_working_bytes(a, layout, top)
+        )
+        above = sum(layer_bytes(a, layout, mode, moe) for moe in moe_layers[recomputed:])
+        phases.append(max(0.0, rerun - above))
     transient = max(phases)
     if not layout.transformer_engine and layout.peft is None:
         # without gradient-accumulation fusion a weight's gradient is made, then added to
         # the fp32 buffer: the largest weight of the stage (the output layer, or fc1)
-        largest = max(a.padded_vocab_size / z.t, 2 * a.ffn_hidden_size / z.t) * h
-        transient += z.e * largest
+        fc1 = 2 * a.ffn_hidden_size / z.t
+        if all(moe_layers):  # no dense MLP: an expert's
+            fc1 = 2 * a.moe.expert_ffn_hidden_size / layout.expert_tensor_size
+        transient += z.e * max(a.padded_vocab_size / z.t, fc1) * h
     return Activations(stored=int(stored), transient=int(transient), in_flight=count)

@@ -7,7 +7,9 @@ ranks. `buffer_layout` reproduces that layout (megatron-core 0.16's `_ParamAndGr
 parameters in reverse order, each started at a multiple of 64 elements, each bucket padded
 to a multiple of lcm(ranks, 128), the shared embedding in a bucket of its own), so the
 distributed optimizer's shard on each rank, and so its fp32 main weights and Adam states,
-come out to the element. Without the distributed optimizer nothing is padded or sharded.
+come out to the element. With EP > 1 the experts' weights have buffers of their own, sharded
+over the expert-data-parallel ranks. Without the distributed optimizer nothing is padded or
+sharded.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def rank_static_memory(
     stage: int,
     shard_rank: int,
     bucket_elements: list[int | None] | None = None,
+    expert_shard_rank: int = 0,
 ) -> StaticMemory:
     """The static parts of one rank.
 
@@ -162,16 +165,15 @@ def rank_static_memory(
         stage: the pipeline rank (decides the gradient buckets).
         shard_rank: the rank among the data x context-parallel ranks.
         bucket_elements: each chunk's bucket size, where not megatron-core's default.
+        expert_shard_rank: the rank among the expert-data-parallel ranks (EP > 1).
 
     Returns:
         Bytes per part.
     """
-    shards = layout.gradient_shards
     weight_bytes = layout.element_bytes
     parameters = sum(p.numel for chunk in chunks for p in chunk)
     # DDP and the optimizer hold the trainable parameters only (all of them without PEFT).
-    trained = [[p for p in chunk if p.trainable] for chunk in chunks]
-    trainable = sum(p.numel for chunk in trained for p in chunk)
+    trainable = sum(p.numel for chunk in chunks for p in chunk if p.trainable)
     frozen_weights = (parameters - trainable) * weight_bytes
     fp8 = 0
     if layout.fp8 != "none":
@@ -189,16 +191,24 @@ def rank_static_memory(
         )
     if bucket_elements is None:
         bucket_elements = [bucket_size(layout, stage, index) for index in range(len(chunks))]
-    buffers = [
-        buffer_layout(chunk, shards=shards, distributed_optimizer=True, bucket_elements=size)
-        for chunk, size in zip(trained, bucket_elements, strict=True)
-    ]
-    padded = sum(buffer.numel for buffer in buffers)
-    shard = sum(shard_elements(buffer, shards)[shard_rank] for buffer in buffers)
+    padded = shard = 0
+    # With EP > 1 the experts' weights have buffers of their own, sharded over fewer ranks.
+    for expert_parallel, shards, rank in (
+        (False, layout.gradient_shards, shard_rank),
+        (True, layout.expert_data_parallel, expert_shard_rank),
+    ):
+        for chunk, size in zip(chunks, bucket_elements, strict=True):
+            held = [p for p in chunk if p.trainable and p.expert_parallel == expert_parallel]
+            if held:
+                buffer = buffer_layout(
+                    held, shards=shards, distributed_optimizer=True, bucket_elements=size
+                )
+                padded += buffer.numel
+                shard += shard_elements(buffer, shards)[rank]
     return StaticMemory(
         parameters=parameters,
         trainable=trainable,
-        weights=frozen_weights + padded * weight_bytes,  # trained ones live in the buffer
+        weights=frozen_weights + padded * weight_bytes,  # trained ones live in the buffers
         gradients=padded * GRADIENT_BYTES,
         main_weights=shard * main_bytes,  # fp32 parameters are their own main weights
         optimizer_states=shard * ADAM_STATE_BYTES,
@@ -215,10 +225,20 @@ def static_memory(chunks: list[list[PlannedParameter]], layout: Layout, stage: i
         stage: the pipeline rank.
 
     Returns:
-        Bytes per part, of the rank with the most.
+        Bytes per part, of the rank with the most (with EP > 1: the fullest shard of the
+        dense buffers with the fullest of the experts' buffers).
     """
-    ranks = range(layout.gradient_shards if layout.distributed_optimizer else 1)
+    if not layout.distributed_optimizer:
+        return rank_static_memory(chunks, layout, stage, 0)
+    dense = max(
+        range(layout.gradient_shards),
+        key=lambda rank: rank_static_memory(chunks, layout, stage, rank).total,
+    )
+    has_experts = any(p.expert_parallel for chunk in chunks for p in chunk)
     return max(
-        (rank_static_memory(chunks, layout, stage, rank) for rank in ranks),
+        (
+            rank_static_memory(chunks, layout, stage, dense, expert_shard_rank=rank)
+            for rank in range(layout.expert_data_parallel if has_experts else 1)
+        ),
         key=lambda memory: memory.total,
     )

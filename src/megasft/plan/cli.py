@@ -21,7 +21,7 @@ from megasft.megatron.architecture import ModelArchitecture, architecture_from_h
 from megasft.plan.devices import DEFAULT_DEVICE, DEVICE_MEMORY_GIB, device_memory_bytes
 from megasft.plan.layout import layout_from_config
 from megasft.plan.memory import MemoryPlan, plan_memory
-from megasft.train.config import TrainConfig
+from megasft.train.config import TrainConfig, check_against_experts
 
 DOES_NOT_FIT_EXIT_CODE = 1
 
@@ -82,8 +82,10 @@ def plan_run(
         The plan.
 
     Raises:
-        ConfigError: a layout the model cannot take, or an unknown device.
+        ConfigError: a layout the model cannot take (as the trainer checks it too), or an
+            unknown device.
     """
+    check_against_experts(config, architecture)
     name, memory = device_memory_bytes(device, device_memory_gib)
     return plan_memory(
         architecture, layout_from_config(config, seq_length, accelerator=accelerator), name, memory

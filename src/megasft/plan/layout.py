@@ -1,9 +1,10 @@
 """The settings of a run that decide its memory, as the plan reads them (`Layout`).
 
 `layout_from_config` takes a `TrainConfig` and the sequence length. What the trainer decides
-by itself follows from `accelerator` as it does in megasft.train.recipe: Transformer Engine
-layers, sequence parallelism with TP > 1, the distributed optimizer by default, gradients
-reduced in buckets during backward, and a pipeline stage's output freed once sent.
+by itself follows from `accelerator` as it does in megasft.train.build: Transformer Engine
+layers, sequence parallelism with TP > 1 (`sequence_parallel`: on CPU too for MoE models), the
+distributed optimizer by default, gradients reduced in buckets during backward, and a
+pipeline stage's output freed once sent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.peft import PeftSettings
-from megasft.train.config import RECOMPUTE_MODES, TrainConfig
+from megasft.train.config import MLP_LINEARS, RECOMPUTE_MODES, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Layout:
     virtual_pipeline_stages: int = 1
     """Model chunks per pipeline stage (1: the plain 1F1B schedule)."""
     context_parallel: int = 1
+    expert_parallel: int = 1
+    """EP: each MoE layer's experts split over this many ranks."""
+    expert_tensor_parallel: int | None = None
+    """ETP: each expert's matrices split over this many ranks (None: TP)."""
     micro_batch_size: int = 1
     global_batch_size: int = 1
     precision: str = "bf16"
@@ -55,6 +60,11 @@ class Layout:
             raise ConfigError(
                 f"world size {self.world_size} is not divisible by TP x PP x CP = {model_parallel}"
             )
+        expert_grid = self.expert_parallel * self.expert_tensor_size * self.pipeline_parallel
+        if self.world_size % expert_grid:
+            raise ConfigError(
+                f"world size {self.world_size} is not divisible by EP x ETP x PP = {expert_grid}"
+            )
         if self.global_batch_size % (self.micro_batch_size * self.data_parallel):
             raise ConfigError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
@@ -70,6 +80,19 @@ class Layout:
     def data_parallel(self) -> int:
         return self.world_size // (
             self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        )
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP: `expert_tensor_parallel`, or TP when that is not given."""
+        return self.expert_tensor_parallel or self.tensor_parallel
+
+    @property
+    def expert_data_parallel(self) -> int:
+        """The ranks an expert's weights are replicated over, which the distributed optimizer
+        shards their buffer over (megatron-core folds CP into them)."""
+        return self.world_size // (
+            self.expert_parallel * self.expert_tensor_size * self.pipeline_parallel
         )
 
     @property
@@ -90,10 +113,6 @@ class Layout:
     @property
     def transformer_engine(self) -> bool:
         return self.accelerator
-
-    @property
-    def sequence_parallel(self) -> bool:
-        return self.accelerator and self.tensor_parallel > 1
 
     @property
     def overlap_grad_reduce(self) -> bool:
@@ -128,6 +147,8 @@ def layout_from_config(config: TrainConfig, seq_length: int, *, accelerator: boo
         pipeline_parallel=config.pipeline_parallel,
         virtual_pipeline_stages=config.virtual_pipeline_stages or 1,
         context_parallel=config.context_parallel,
+        expert_parallel=config.expert_parallel,
+        expert_tensor_parallel=config.expert_tensor_parallel,
         micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size,
         precision=config.precision,
@@ -140,6 +161,13 @@ def layout_from_config(config: TrainConfig, seq_length: int, *, accelerator: boo
         fp8=config.fp8,
         peft=config.peft_settings,
     )
+
+
+def sequence_parallel(architecture: ModelArchitecture, layout: Layout) -> bool:
+    """Sequence parallelism, as the trainer decides it (megasft.train.build's
+    `uses_sequence_parallel`): with TP > 1 on GPUs, and on CPU too for a model with MoE
+    layers (megatron-core's MoE layer trains with TP only under it)."""
+    return layout.tensor_parallel > 1 and (layout.accelerator or architecture.moe is not None)
 
 
 def check_layout(architecture: ModelArchitecture, layout: Layout) -> None:
@@ -161,6 +189,32 @@ def check_layout(architecture: ModelArchitecture, layout: Layout) -> None:
     ):
         if value % tp:
             raise ConfigError(f"--tp {tp} does not divide the model's {name} ({value})")
+    moe = a.moe
+    if moe is None and (layout.expert_parallel > 1 or layout.expert_tensor_size != tp):
+        raise ConfigError(
+            f"--ep {layout.expert_parallel} / --etp {layout.expert_tensor_size}: the model "
+            f"({a.family}) has no experts"
+        )
+    if moe is not None and moe.num_experts % layout.expert_parallel:
+        raise ConfigError(
+            f"--ep {layout.expert_parallel} does not divide the model's {moe.num_experts} experts"
+        )
+    if moe is not None and moe.expert_ffn_hidden_size % layout.expert_tensor_size:
+        raise ConfigError(
+            f"--etp {layout.expert_tensor_size} does not divide the experts' intermediate size "
+            f"({moe.expert_ffn_hidden_size})"
+        )
+    peft = layout.peft
+    # as the trainer refuses them (megasft.train.config.check_against_experts)
+    if (
+        moe is not None
+        and peft is not None
+        and (set(peft.targets) & set(MLP_LINEARS) or not a.stacked_layers)
+    ):
+        raise ConfigError(
+            f"--peft {peft.method} on an MoE model adapts the attention projections only "
+            "(--lora-targets linear_qkv,linear_proj), of a model without dense layers"
+        )
     stages = layout.pipeline_parallel * layout.virtual_pipeline_stages
     if a.num_layers % stages:
         raise ConfigError(

@@ -8,6 +8,7 @@ the run with one setting changed at a time and names the changes that fit. See d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,6 +163,10 @@ CHANGES: tuple[Change, ...] = (
         lambda layout: layout.replace(pipeline_parallel=2 * layout.pipeline_parallel),
         lambda layout: f"--pp {layout.pipeline_parallel}",
     ),
+    Change(  # refused for a dense model, or where EP would exceed the experts
+        lambda layout: layout.replace(expert_parallel=2 * layout.expert_parallel),
+        lambda layout: f"--ep {layout.expert_parallel}",
+    ),
     Change(
         lambda layout: layout.replace(world_size=2 * layout.world_size),
         lambda layout: f"twice the GPUs ({layout.world_size}: --nodes or --nproc)",
@@ -170,21 +175,26 @@ CHANGES: tuple[Change, ...] = (
 """What `suggestions` tries, one at a time, in this order (then each PEFT method)."""
 
 
-def _peft_changes() -> tuple[Change, ...]:
-    """Training adapters of each registered PEFT method (with its default settings) instead of
-    the whole model."""
+def _peft_changes(architecture: ModelArchitecture) -> tuple[Change, ...]:
+    """Training adapters of each registered PEFT method (with its default settings; on an MoE
+    model's attention projections only) instead of the whole model."""
     from megasft.megatron.peft import method_names
-    from megasft.train.config import TrainConfig
+    from megasft.train.config import MLP_LINEARS, TrainConfig
 
     changes = []
     for name in method_names():
         settings = TrainConfig(data=".", load=".", save=".", train_iters=1, peft=name)
+        peft, flags = settings.peft_settings, f"--peft {name}"
+        if architecture.moe is not None:
+            targets = tuple(target for target in peft.targets if target not in MLP_LINEARS)
+            peft = dataclasses.replace(peft, targets=targets)
+            flags += f" --lora-targets {','.join(targets)}"
         changes.append(
             Change(
-                lambda layout, peft=settings.peft_settings: (
+                lambda layout, peft=peft: (
                     layout.replace(peft=peft) if layout.peft is None else None
                 ),
-                lambda _, name=name: f"--peft {name}",
+                lambda _, flags=flags: flags,
             )
         )
     return tuple(changes)
@@ -201,7 +211,7 @@ def suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
         `CHANGES` order.
     """
     found = []
-    for change in CHANGES + _peft_changes():
+    for change in CHANGES + _peft_changes(plan.architecture):
         try:
             layout = change.apply(plan.layout)
             if layout is None:

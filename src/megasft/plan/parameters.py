@@ -5,12 +5,16 @@ The tensors come from the model family's weight table (`ModelFamily.weight_mappi
 without naming the family here. `PLACEMENTS` says, for each tensor of a table, where
 megatron-core registers it in a layer (the order decides the distributed optimizer's padding)
 and which dimension tensor parallelism splits. A family with a new kind of tensor adds its
-row there; `chunk_parameters` refuses a tensor it has no row for.
+row there; `chunk_parameters` refuses a tensor it has no row for. An MoE layer's experts
+tensors ([experts, ...]) become one parameter per expert of this expert-parallel rank, split
+over ETP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import math
 from dataclasses import dataclass
 
@@ -40,6 +44,8 @@ class Placement:
     """The parameter's name with the local layers, where it differs from the checkpoint key."""
     linear_weight: bool = False
     """The weight of a linear layer (Transformer Engine keeps FP8 copies of it with --fp8)."""
+    experts: str | None = None
+    """For an MoE layer's experts tensor, the linear's name in each expert ("linear_fc1")."""
 
 
 PLACEMENTS: dict[str, Placement] = {
@@ -52,10 +58,20 @@ PLACEMENTS: dict[str, Placement] = {
     "mlp.linear_fc1.layer_norm_weight": Placement(6, 6, None, "pre_mlp_layernorm.weight"),
     "mlp.linear_fc1.weight": Placement(7, 7, 0, linear_weight=True),
     "mlp.linear_fc2.weight": Placement(8, 8, 1, linear_weight=True),
+    "pre_mlp_layernorm.weight": Placement(6, 6, None),
+    "mlp.router.weight": Placement(7, 7, None),
+    "mlp.experts.experts.linear_fc1.weight": Placement(
+        8, 8, 0, linear_weight=True, experts="linear_fc1"
+    ),
+    "mlp.experts.experts.linear_fc2.weight": Placement(
+        9, 9, 1, linear_weight=True, experts="linear_fc2"
+    ),
 }
 """Every per-layer tensor of the supported families' weight tables (by its key after
 `decoder.layers.{layer}.`). The embedding and output layer split their vocabulary rows
-(dimension 0); the final norm is replicated."""
+(dimension 0); the final norm is replicated. An experts tensor's split dimension is that of
+each expert's matrix, split over ETP; with the local layers each expert's fc1 and fc2 follow
+each other (`SequentialMLP`), with Transformer Engine every fc1 comes first (`TEGroupedMLP`)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,9 @@ class PlannedParameter:
     """A weight of a Transformer Engine linear layer, which keeps FP8 copies with --fp8."""
     trainable: bool = True
     """False for a frozen base weight under PEFT: no gradient, main weight or Adam state."""
+    expert_parallel: bool = False
+    """An expert's weight with EP > 1: megatron-core keeps it in a buffer of its own, sharded
+    by the distributed optimizer over the expert-data-parallel ranks."""
 
     @property
     def numel(self) -> int:
@@ -116,9 +135,9 @@ def chunk_parameters(
         ConfigError: the family's table has a tensor without a row in `PLACEMENTS`.
     """
     family = families.family_named(architecture.family)
+    mappings = family.weight_mappings(architecture)
     shapes = {
-        mapping.megatron: family.megatron_shape(mapping, architecture)
-        for mapping in family.weight_mappings(architecture)
+        mapping.megatron: family.megatron_shape(mapping, architecture) for mapping in mappings
     }
     first = stage == 0 and chunk == 0
     last = stage == layout.pipeline_parallel - 1 and chunk == layout.virtual_pipeline_stages - 1
@@ -132,13 +151,9 @@ def chunk_parameters(
     if first:
         shared = tied and not last  # its copy lives on the last stage
         parameters.append(PlannedParameter(EMBEDDING, vocab_rows, shared, trainable=trainable))
-    layer_tensors = sorted(
-        (key.removeprefix(MEGATRON_LAYER + "."), shape)
-        for key, shape in shapes.items()
-        if key.startswith(MEGATRON_LAYER + ".")
-    )
-    for tensor, _ in layer_tensors:
-        if tensor not in PLACEMENTS:
+    for mapping in mappings:
+        tensor = mapping.megatron.removeprefix(MEGATRON_LAYER + ".")
+        if mapping.megatron.startswith(MEGATRON_LAYER + ".") and tensor not in PLACEMENTS:
             raise ConfigError(
                 f"the plan does not know how megatron-core places {tensor!r} of the "
                 f"{architecture.family} weight table; add it to megasft.plan.parameters.PLACEMENTS"
@@ -148,11 +163,22 @@ def chunk_parameters(
         if layout.transformer_engine
         else (lambda item: PLACEMENTS[item[0]].local_order)
     )
-    layer_tensors.sort(key=order)
-    for number, _ in enumerate(chunk_layers(architecture, layout, stage, chunk)):
+    for number, global_layer in enumerate(chunk_layers(architecture, layout, stage, chunk)):
+        layer_tensors = sorted(
+            (
+                (mapping.megatron.removeprefix(MEGATRON_LAYER + "."), shapes[mapping.megatron])
+                for mapping in mappings
+                if mapping.megatron.startswith(MEGATRON_LAYER + ".")
+                and (mapping.layers is None or global_layer in mapping.layers)
+            ),
+            key=order,
+        )
         layer = []
         for tensor, shape in layer_tensors:
             placement = PLACEMENTS[tensor]
+            if placement.experts is not None:
+                layer += _expert_parameters(placement, shape, layout, trainable)
+                continue
             name = tensor if layout.transformer_engine else placement.local_name or tensor
             layer.append(
                 PlannedParameter(
@@ -162,6 +188,8 @@ def chunk_parameters(
                     trainable=trainable,
                 )
             )
+        if not layout.transformer_engine:  # SequentialMLP: each expert's fc1, then its fc2
+            layer.sort(key=_local_expert_order)
         if layout.peft is not None:
             layer = _with_adapters(layer, dict(layer_tensors), layout)
         parameters += [
@@ -172,6 +200,71 @@ def chunk_parameters(
         if not (tied and first):  # tied on one stage: the output layer uses the embedding
             parameters.append(PlannedParameter(OUTPUT_LAYER, vocab_rows, tied, trainable=trainable))
     return parameters
+
+
+LOCAL_EXPERTS = "mlp.experts.local_experts."
+
+
+def _expert_parameters(
+    placement: Placement, shape: tuple[int, ...], layout: Layout, trainable: bool
+) -> list[PlannedParameter]:
+    """One experts tensor [experts, rows, columns] as the parameters of this rank's experts:
+    `mlp.experts.local_experts.{i}.<linear>.weight` with the local layers (SequentialMLP),
+    `mlp.experts.<linear>.weight{i}` with Transformer Engine's grouped linears."""
+    experts, *matrix = shape
+    local = experts // layout.expert_parallel
+    split = _split(tuple(matrix), placement.split_dim, layout.expert_tensor_size)
+    names = [
+        f"mlp.experts.{placement.experts}.weight{i}"
+        if layout.transformer_engine
+        else f"{LOCAL_EXPERTS}{i}.{placement.experts}.weight"
+        for i in range(local)
+    ]
+    return [
+        PlannedParameter(
+            name,
+            split,
+            fp8=True,
+            trainable=trainable,
+            expert_parallel=experts_buffered_apart(layout),
+        )
+        for name in names
+    ]
+
+
+def experts_buffered_apart(layout: Layout) -> bool:
+    """Whether megatron-core keeps the experts' weights in buffers of their own (reduced over
+    the expert-data-parallel ranks): with EP > 1, and from megatron-core 0.19 on also where
+    ETP differs from TP (0.16 reduces them with the other weights then).
+
+    Args:
+        layout: the parallel layout.
+
+    Returns:
+        True for buffers of their own.
+    """
+    if layout.expert_parallel > 1:
+        return True
+    return layout.expert_tensor_size != layout.tensor_parallel and _megatron_core() >= (0, 19)
+
+
+@functools.cache
+def _megatron_core() -> tuple[int, int]:
+    """The installed megatron-core's (major, minor), read from its metadata without importing
+    it; the newest behaviour where it is not installed (a laptop planning a cluster run)."""
+    try:
+        major, minor = importlib.metadata.version("megatron-core").split(".")[:2]
+    except importlib.metadata.PackageNotFoundError:
+        return (999, 0)
+    return int(major), int(minor)
+
+
+def _local_expert_order(parameter: PlannedParameter) -> int:
+    """A stable sort on this puts a layer's parameters in SequentialMLP's order: every other
+    parameter first (as they were), then expert by expert."""
+    if not parameter.name.startswith(LOCAL_EXPERTS):
+        return -1
+    return int(parameter.name.removeprefix(LOCAL_EXPERTS).split(".")[0])
 
 
 def _with_adapters(
@@ -217,7 +310,10 @@ def model_parameter_count(architecture: ModelArchitecture) -> int:
     total = 0
     for mapping in family.weight_mappings(architecture):
         count = math.prod(family.megatron_shape(mapping, architecture))
-        total += count * architecture.num_layers if MEGATRON_LAYER in mapping.megatron else count
+        if MEGATRON_LAYER in mapping.megatron:
+            layers = architecture.num_layers if mapping.layers is None else len(mapping.layers)
+            count *= layers
+        total += count
     return total
 
 

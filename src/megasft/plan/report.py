@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from megasft.plan.devices import GIB
+from megasft.plan.layout import sequence_parallel
 from megasft.plan.memory import ALLOWANCE_FIXED_GIB, FRAGMENTATION, MemoryPlan, suggestions
+from megasft.plan.parameters import experts_buffered_apart
 
 
 def _gib(value: int) -> str:
@@ -35,12 +37,18 @@ def layout_line(plan: MemoryPlan) -> str:
             if layout.virtual_pipeline_stages > 1
             else ""
         )
-        + f" x CP {layout.context_parallel} x DP {layout.data_parallel}",
+        + f" x CP {layout.context_parallel} x DP {layout.data_parallel}"
+        + (
+            f" (experts: EP {layout.expert_parallel} x ETP {layout.expert_tensor_size}"
+            f" x expert-DP {layout.expert_data_parallel})"
+            if plan.architecture.moe is not None
+            else ""
+        ),
         f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens,"
         f" {layout.micro_batches} per step",
         layout.precision,
         "distributed optimizer" if layout.distributed_optimizer else "no distributed optimizer",
-        f"sequence parallel {'on' if layout.sequence_parallel else 'off'}",
+        f"sequence parallel {'on' if sequence_parallel(plan.architecture, layout) else 'off'}",
         f"recompute {layout.recompute}"
         + (f" ({layout.recompute_layers} layers)" if layout.recompute_layers else ""),
     ]
@@ -63,6 +71,12 @@ def part_rows(plan: MemoryPlan) -> list[tuple[str, int, str]]:
     static, activations = stage.static, stage.activations
     shards = layout.gradient_shards if layout.distributed_optimizer else 1
     sharded = f", 1/{shards} per rank" if shards > 1 else ""
+    if (
+        plan.architecture.moe is not None
+        and layout.distributed_optimizer
+        and experts_buffered_apart(layout)
+    ):
+        sharded += f" (the experts' 1/{layout.expert_data_parallel})"
     return [
         (
             "weights",
@@ -104,9 +118,12 @@ def part_rows(plan: MemoryPlan) -> list[tuple[str, int, str]]:
 def report(plan: MemoryPlan) -> str:
     """The text `megasft plan` prints."""
     a, layout = plan.architecture, plan.layout
+    experts = ""
+    if a.moe is not None:
+        experts = f", {a.moe.num_experts} experts (top {a.moe.router_topk})"
     lines = [
         f"model: {a.family}, {_count(plan.model_parameters)} parameters, {a.num_layers} layers,"
-        f" hidden {a.hidden_size}, vocabulary {a.padded_vocab_size}",
+        f" hidden {a.hidden_size}, vocabulary {a.padded_vocab_size}{experts}",
         f"devices: {layout.world_size} x {plan.device} ({plan.device_memory / GIB:.1f} GiB each)",
         f"layout: {layout_line(plan)}",
         "",
