@@ -64,10 +64,10 @@ COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TORCH := torch==2.13.0
 PYTHON_COMPAT ?= $(firstword $(foreach candidate,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(candidate) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(candidate))))
 # Every test that runs megatron-core: its models and CPU emulation, checkpoint conversion,
-# training, evaluation of a megatron checkpoint, the demo pipeline at test size, and the GPU
-# check's dry run.
+# training, evaluation of a megatron checkpoint, the demo pipeline at test size, the GPU
+# check's dry run, and the plan held against the live models.
 COMPAT_TESTS := tests/megatron tests/checkpoint tests/train tests/evaluate/test_stage.py tests/test_demo.py \
-	tests/test_gpu_check.py
+	tests/test_gpu_check.py tests/plan/test_static.py tests/plan/test_activations.py
 
 setup-compat: $(COMPAT_STAMP)
 

@@ -117,3 +117,25 @@ def test_lora_on_an_moe_model_covers_the_attention_projections():
         check_against_experts(TrainConfig(**REQUIRED, peft="lora"), qwen3_moe)
     with pytest.raises(ConfigError, match="mixes dense and MoE layers"):
         check_against_experts(attention, architecture("qwen3_moe_dense"))
+
+
+def test_sequence_parallelism_is_on_at_tp2_on_gpus_and_for_moe_models_on_cpu_too():
+    import torch
+
+    from megasft.train.build import uses_sequence_parallel
+    from megasft.train.distributed import Parallel
+
+    def parallel(on_accelerator: bool) -> Parallel:
+        return Parallel(
+            device=torch.device("cpu"), on_accelerator=on_accelerator, rank=0, world_size=2,
+            tensor_rank=0, pipeline_rank=0, context_rank=0, data_rank=0, data_size=1,
+            owns_process_group=False,
+        )  # fmt: skip
+
+    tp2, tp1 = TrainConfig(**REQUIRED, nproc=2, tensor_parallel=2), TrainConfig(**REQUIRED)
+    dense, moe = architecture("llama"), architecture("qwen3_moe")
+    assert uses_sequence_parallel(tp2, parallel(True), dense)
+    assert not uses_sequence_parallel(tp2, parallel(False), dense)  # local layers refuse it
+    assert uses_sequence_parallel(tp2, parallel(False), moe)  # as moe_settings turns it on
+    assert moe_settings(tp2, moe)["sequence_parallel"]
+    assert not uses_sequence_parallel(tp1, parallel(True), moe)
