@@ -6,15 +6,16 @@ process-wide); they run this script and compare what it writes:
     python plan_worker.py static WORK                          # one process
     torchrun --nproc-per-node 2 plan_worker.py static WORK     # two processes, gloo
     python plan_worker.py activations WORK                     # one process
+    torchrun --nproc-per-node 2 plan_worker.py activations WORK
 
 WORK/spec.json lists the scenarios (see conftest.py). Each scenario whose world size matches is
 built by the trainer itself (`setup_parallel`, `setup_model`, `setup_optimizer`) from its
-TrainConfig settings. `static` takes one optimizer step (so Adam's states exist) and records, per rank, every parameter (name,
-shape) and the bytes of the weights, gradient buffers, fp32 main weights and Adam states, by
-the storages that hold them. `activations` runs one micro-batch forward and backward through
-the trainer's `forward_step` and `loss_func` and records the memory in use after the forward
-and its peak during forward and backward, above what was in use before (glibc's count of
-allocated bytes, read after every operator).
+TrainConfig settings. `static` takes one optimizer step (so Adam's states exist) and records,
+per rank, every parameter (name, shape) and the bytes of the weights, gradient buffers, fp32
+main weights and Adam states, by the storages that hold them. `activations` runs one
+micro-batch forward and backward through the trainer's `forward_step` and `loss_func` and
+records the memory in use after the forward and its peak during forward and backward, above
+what was in use before (glibc's count of allocated bytes, read after every operator).
 """
 
 from __future__ import annotations
@@ -45,10 +46,20 @@ def main() -> None:
         if scenario["world_size"] != world_size:
             continue
         measure = measure_static if mode == "static" else measure_activations
+        groups = set(_process_groups())
         results[scenario["name"]] = measure(scenario)
+        # megatron-core leaves its groups to the process's end; their gloo threads would slow
+        # every later scenario (under 0.19 each to tens of seconds)
+        for group in set(_process_groups()) - groups:
+            dist.destroy_process_group(group)
     rank = dist.get_rank() if dist.is_initialized() else 0
     (work / f"{mode}_world{world_size}_rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()  # left to exit, gloo hangs there with megatron-core 0.19
+
+
+def _process_groups() -> list:
+    """The process groups that exist now, the default one included."""
+    return list(dist.distributed_c10d._world.pg_map)
 
 
 # --- building the model as the trainer does ----------------------------------------------------
@@ -61,6 +72,7 @@ def build(scenario: dict):
 
     import megasft.megatron.weights
     from megasft.megatron.architecture import ModelArchitecture
+    from megasft.megatron.attention import choose_attention
     from megasft.train.build import setup_model, setup_optimizer
     from megasft.train.checks import RunPlan
     from megasft.train.config import TrainConfig
@@ -98,6 +110,14 @@ def build(scenario: dict):
         val_rows=0,
         data_fingerprint="",
         resume_from=None,
+        # as megasft.train.checks.plan_run resolves them on this machine (a CPU)
+        attention=choose_attention(
+            config.attention,
+            precision=config.precision,
+            on_accelerator=parallel.on_accelerator,
+            transformer_engine=False,
+        ),
+        distributed_optimizer=scenario["distributed_optimizer"],
     )
     load_weights = megasft.megatron.weights.load_weights
     # the weights stay as initialised: they do not change the memory
@@ -111,11 +131,11 @@ def build(scenario: dict):
 
         megatron.core.distributed.DistributedDataParallelConfig = bucketed
     try:
-        model = setup_model(plan, parallel, packed=False)
+        model = setup_model(plan, parallel)
     finally:
         megatron.core.distributed.DistributedDataParallelConfig = ddp_config
         megasft.megatron.weights.load_weights = load_weights
-    return architecture, config, parallel, model, setup_optimizer(config, parallel, model)
+    return architecture, config, parallel, model, setup_optimizer(plan, model)
 
 
 def storage_bytes(tensors) -> tuple[int, set[int]]:

@@ -86,23 +86,23 @@ def test_dropout_is_on_and_tp2_draws_the_masks_of_tp1(single, parallel):
     dropout draws from megatron-core's tensor-parallel stream, one per rank (each rank's heads
     their own masks, as in Megatron-LM): the curve of TP=2 is then another sample of the same
     training, close to TP=1's but not equal."""
-    reference = _result(single, "reference")["losses"]
-    hidden = _result(single, "hidden_dropout")
-    dropout = _result(single, "dropout")["losses"]
+    reference = result_of(single, "reference")["losses"]
+    hidden = result_of(single, "hidden_dropout")
+    dropout = result_of(single, "dropout")["losses"]
     assert all(abs(a - b) > 1e-4 for a, b in zip(hidden["losses"], reference, strict=True))
-    tp2 = _result(parallel, "tp2_hidden_dropout")
+    tp2 = result_of(parallel, "tp2_hidden_dropout")
     for actual, expected in zip(tp2["losses"], hidden["losses"], strict=True):
         assert abs(actual - expected) < TOLERANCE
     for actual, expected in zip(tp2["grad_norms"], hidden["grad_norms"], strict=True):
         assert abs(actual - expected) < TOLERANCE * expected
-    tp2_both = _result(parallel, "tp2_dropout")["losses"]
+    tp2_both = result_of(parallel, "tp2_dropout")["losses"]
     assert tp2_both != dropout
     for actual, expected in zip(tp2_both, dropout, strict=True):
         assert abs(actual - expected) < 0.05 * expected
 
 
 def test_dropout_run_resumes_exactly(single):
-    result = _result(single, "dropout_resume")
+    result = result_of(single, "dropout_resume")
     assert result["again"] == result["first"]
 
 
