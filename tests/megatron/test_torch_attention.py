@@ -73,3 +73,36 @@ def test_te_attention_is_refused_for_fp32_and_without_a_gpu_naming_the_fix():
         choose_attention("te", precision="bf16", on_accelerator=False, transformer_engine=True)
     with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
         choose_attention("te", precision="bf16", on_accelerator=True, transformer_engine=False)
+
+
+# --- attention dropout ---------------------------------------------------------------------------
+
+
+def test_attention_dropout_on_rows_draws_from_the_default_generator():
+    from megasft.megatron.torch_attention import rows_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(16, 2, 4, 8, generator=generator) for _ in range(3))
+
+    def attend(dropout: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        return rows_attention(query, key, value, None, 8**-0.5, None, dropout)
+
+    plain = attend(0.0)
+    dropped = attend(0.5)
+    assert dropped.shape == plain.shape == (16, 2, 32)
+    assert not torch.allclose(dropped, plain)
+    assert torch.equal(attend(0.5), dropped)  # the same draws from the same seed
+
+
+def test_attention_dropout_with_the_torch_attention_on_packed_documents_is_refused():
+    from megasft.megatron.attention import AttentionPlan
+    from megasft.train.checks import _check_device_features
+    from megasft.train.config import TrainConfig
+
+    config = TrainConfig(data=".", load=".", save=".", train_iters=1, attention_dropout=0.1)
+    packed = AttentionPlan(backend="torch", packed=True, transformer_engine_layers=True)
+    with pytest.raises(ConfigError, match="--attention-dropout 0.1: the torch attention has none"):
+        _check_device_features(config, packed, on_accelerator=False)
+    rows = AttentionPlan(backend="torch", packed=False, transformer_engine_layers=False)
+    _check_device_features(config, rows, on_accelerator=False)  # rows (CPU) have it

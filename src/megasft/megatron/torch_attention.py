@@ -4,7 +4,8 @@
 Engine's) stands in a layer spec, and computes the same softmax attention with torch's kernels:
 
 - rows ([s, b, heads, d], the CPU layout) with megatron-core's boolean mask (True = masked
-  out; `megasft.train.batch.block_causal_mask`): one `scaled_dot_product_attention` call;
+  out; `megasft.train.batch.block_causal_mask`): one `scaled_dot_product_attention` call,
+  with the attention dropout drawn as megatron-core's `DotProductAttention` draws it;
 - packed documents ([t, heads, d] with `cu_seqlens`, the GPU layout): torch's variable-length
   flash attention, else FlexAttention with a document mask, else SDPA per document, whichever
   the installed torch and the device offer (`packed_kernel`).
@@ -14,6 +15,7 @@ See docs/train.md ("Attention") for when training uses it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -54,8 +56,6 @@ class TorchDotProductAttention(MegatronModule):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         problems = []
-        if dropout:
-            problems.append(f"attention dropout {dropout} (megasft trains with 0)")
         if config.context_parallel_size > 1:
             problems.append("context parallelism (use --attention te)")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
@@ -69,6 +69,8 @@ class TorchDotProductAttention(MegatronModule):
         )
         self.window = _layer_window(config, layer_number)
         """Keys at distance 0 .. window from the query are seen (None: all earlier ones)."""
+        self.dropout = float(dropout or 0.0)
+        """The attention dropout, on rows only (`packed_attention` has none)."""
 
     def forward(
         self,
@@ -83,11 +85,31 @@ class TorchDotProductAttention(MegatronModule):
         """Returns [s, b, heads * d] for rows, [t, heads * d] for packed documents."""
         if attention_bias is not None:
             raise ConfigError("the torch attention does not support an attention bias")
+        dropout = self.dropout if self.training else 0.0
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if dropout:
+                raise ConfigError(
+                    "the torch attention has no attention dropout on packed documents; use "
+                    "--attention te, or --attention-dropout 0"
+                )
             return packed_attention(
                 query, key, value, packed_seq_params, self.softmax_scale, self.window
             )
-        return rows_attention(query, key, value, attention_mask, self.softmax_scale, self.window)
+        if not dropout:
+            return rows_attention(
+                query, key, value, attention_mask, self.softmax_scale, self.window
+            )
+        # As megatron-core's DotProductAttention: each tensor-parallel rank draws its heads'
+        # masks from the model-parallel stream; under sequence parallelism from the default one.
+        from megatron.core import tensor_parallel
+
+        fork = contextlib.nullcontext()
+        if not self.config.sequence_parallel:
+            fork = tensor_parallel.get_cuda_rng_tracker().fork()
+        with fork:
+            return rows_attention(
+                query, key, value, attention_mask, self.softmax_scale, self.window, dropout
+            )
 
 
 def _layer_window(config: TransformerConfig, layer_number: int) -> int | None:
@@ -122,6 +144,7 @@ def rows_attention(
     attention_mask: torch.Tensor | None,
     scale: float,
     window: int | None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention over rows, one SDPA call.
 
@@ -132,6 +155,8 @@ def rows_attention(
             None for plain causal attention.
         scale: the softmax scale.
         window: keys at most this far before the query are seen (None: all).
+        dropout: the probability of dropping an attention weight (drawn from the default
+            generator).
 
     Returns:
         [s, b, heads * d].
@@ -148,7 +173,7 @@ def rows_attention(
         windowed = _allowed(positions, positions, window)
         mask = windowed if mask is None else mask & windowed
     output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout
     )  # [b, n, s, d]
     return output.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * head_dim)
 

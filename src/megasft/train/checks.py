@@ -194,6 +194,11 @@ def _check_device_features(
                 f"--fp8 {config.fp8} needs Transformer Engine, which is not installed here "
                 "(the training images have it); use --fp8 none"
             )
+    if config.attention_dropout and attention.backend == "torch" and attention.packed:
+        raise ConfigError(
+            f"--attention-dropout {config.attention_dropout}: the torch attention has none on "
+            "packed documents (GPUs); use --attention te, or --attention-dropout 0"
+        )
     if config.context_parallel > 1:
         if attention.backend != "te":
             raise ConfigError(
