@@ -4,8 +4,8 @@
 operator by operator, what a transformer layer keeps for backward: 34sbh + 5as^2b bytes per
 GPT layer in 16 bits (eq. 1), /t with tensor and sequence parallelism (eq. 4), 2sbh with full
 recomputation, and L layers' worth on the first pipeline stage. `layer_bytes` redoes that
-count for megasft's layers (RMSNorm, grouped queries, a gated MLP, flash attention on GPUs) as
-megatron-core 0.16 builds them; `stage_activations` adds the pipeline's micro-batches in
+count for megasft's layers (RMSNorm, grouped queries, a gated MLP, flash attention on GPUs,
+SDPA on CPU) as megatron-core builds them; `stage_activations` adds the pipeline's micro-batches in
 flight and what backward allocates on top. docs/plan.md lists every term and the error.
 """
 
@@ -104,20 +104,24 @@ def layer_bytes(
         # Flash attention keeps q, k, v, its output and the softmax statistics; dropout is
         # drawn inside.
         per_token += e * (heads + 2 * groups) * d + e * heads * d + STATISTICS_BYTES * heads
+    elif layout.attention_dropout > 0:
+        # The torch attention (SDPA) with dropout takes torch's math kernel, in fp32: q, and
+        # k and v repeated to every query head, the softmax, its dropout mask and the dropped
+        # weights.
+        per_token += STATISTICS_BYTES * (3 * heads * d + 3 * heads * z.s)
     else:
-        # q, and k and v repeated to every query head; the softmax in fp32 and its 16-bit
-        # copy; with dropout its mask and output (replacing that copy).
-        per_token += 3 * e * heads * d + STATISTICS_BYTES * heads * z.s
-        copy = e if e < STATISTICS_BYTES else 0
-        per_token += heads * z.s * (z.mask + e if layout.attention_dropout > 0 else copy)
+        # The torch attention (SDPA's flash kernel on CPU): q, and k and v repeated to every
+        # query head, its output (the projection's input), the log-sum-exp, and the document
+        # mask as floats (made per layer).
+        per_token += 4 * e * heads * d + STATISTICS_BYTES * heads + e * z.s
     if moe:
         per_token += moe_kept_per_token(a, layout) / sp
-        per_token += _linear_input_bytes(a, layout, ("linear_qkv", "linear_proj"))
+        per_token += _linear_input_bytes(a, layout, ("linear_qkv", "linear_proj"), recompute)
     else:
         # The gated MLP: fc1's output (kept whole by the gate's view), silu(gate) and up + 0
         # (a new tensor in megatron-core's glu); their product is fc2's input.
         per_token += 4 * e * f / t
-        per_token += _linear_input_bytes(a, layout, tuple(LINEAR_INPUTS))
+        per_token += _linear_input_bytes(a, layout, tuple(LINEAR_INPUTS), recompute)
     if layout.hidden_dropout > 0:
         per_token += 2 * z.mask * h / sp  # after attention and after the MLP
     total = z.tokens * per_token
@@ -144,16 +148,19 @@ FUSED_NORMS = ("linear_qkv", "linear_fc1")
 
 
 def _linear_input_bytes(
-    architecture: ModelArchitecture, layout: Layout, linears: tuple[str, ...]
+    architecture: ModelArchitecture, layout: Layout, linears: tuple[str, ...], recompute: str
 ) -> float:
     """Per token: the input each linear keeps for its weight's gradient, or under PEFT what
     the adapters keep (a frozen linear keeps nothing: megatron-core's frozen-weight linear
-    needs only its weight). Flash attention keeps its output, the projection's input, anyway.
+    needs only its weight). Flash attention keeps its output, the projection's input, anyway
+    (but under selective recompute).
     Over a Transformer Engine linear that normalises inside, an adapter normalises again
     (megasft.megatron.peft.lora_layers), keeping the input in fp32 and 1/rms."""
     z, peft = _Sizes.of(architecture, layout), layout.peft
     method = method_named(peft.method) if peft is not None else None
-    kept_elsewhere = ("linear_proj",) if layout.transformer_engine else ()
+    # the attention's output, unless its checkpoint (selective recompute) dropped it
+    output_kept = recompute != "selective" and _attention_keeps_output(layout)
+    kept_elsewhere = ("linear_proj",) if output_kept else ()
     total = 0.0
     for linear in linears:
         inputs = LINEAR_INPUTS[linear](architecture, z.t, z.sp)
@@ -167,6 +174,12 @@ def _linear_input_bytes(
         if targeted and layout.transformer_engine and linear in FUSED_NORMS:
             total += STATISTICS_BYTES * (inputs + 1 / z.sp)
     return total
+
+
+def _attention_keeps_output(layout: Layout) -> bool:
+    """Flash attention (Transformer Engine's, SDPA's) keeps its output, the projection's
+    input; SDPA's math kernel (with dropout, on CPU) does not."""
+    return layout.transformer_engine or layout.attention_dropout == 0
 
 
 def _qk_norm_bytes(layout: Layout, heads: float, groups: float, d: int) -> float:
@@ -205,15 +218,16 @@ def layer_working_bytes(
     else:
         # the MLP's gradients (fc1's output and the gate's)
         mlp_kept, mlp_working = 5 * z.e * a.ffn_hidden_size / z.t, 2 * z.e * a.ffn_hidden_size / z.t
-    if layout.transformer_engine:
-        # the MLP's, or flash attention's gradients of q, k and v with its fp32 accumulator
-        # for q
-        attention = z.e * (heads + 2 * groups) * a.head_dim + STATISTICS_BYTES * heads * a.head_dim
+    if layout.transformer_engine or layout.attention_dropout == 0:
+        # the MLP's, or flash attention's gradients of q, k and v (k and v repeated to every
+        # query head on CPU) with its fp32 accumulator for q
+        kv = groups if layout.transformer_engine else heads
+        attention = z.e * (heads + 2 * kv) * a.head_dim + STATISTICS_BYTES * heads * a.head_dim
         return z.tokens * max(mlp_working, attention)
-    # the scores (16-bit) and their fp32 copy in forward, or the softmax's gradient and its
-    # masked copy in backward, while the MLP's tensors of this layer are gone
-    attention = (STATISTICS_BYTES + z.e) * heads * z.s - mlp_kept
-    return z.tokens * max(0.0, attention, mlp_working if moe else 0.0)
+    # SDPA's math kernel: the fp32 scores in forward, or the dropped weights' and the
+    # softmax's gradients in backward, while the MLP's tensors of this layer are gone
+    attention = 2 * STATISTICS_BYTES * heads * z.s - mlp_kept
+    return z.tokens * max(0.0, attention, mlp_working)
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -283,6 +297,7 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
     if mode == "selective":  # core attention re-run in backward, then its backward
         working += max(0.0, layer_bytes(a, layout, "none") - layer_bytes(a, layout, "selective"))
     phases = [working if layers > recomputed else 0.0]
+    head = 0.0  # what the last stage keeps after the layers, per micro-batch
     if last:
         vocab = a.padded_vocab_size / z.t
         if layout.transformer_engine:
@@ -290,12 +305,14 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
         else:
             final_norm = _norm_copies(layout) * STATISTICS_BYTES * h + STATISTICS_BYTES
         # final norm, the output layer's input, the cross entropy's fp32 softmax
-        stored += own_chunk * z.tokens * (final_norm + z.e * h / sp + STATISTICS_BYTES * vocab)
+        head = z.tokens * (final_norm + z.e * h / sp + STATISTICS_BYTES * vocab)
+        stored += own_chunk * head
         # backward: the logits' gradient cast to 16 bits, with padding columns masked, and
         # transposed back ([b, s] -> [s, b]), on top of the softmax that became the gradient
         phases.append(z.tokens * vocab * (3 * z.e if z.e < STATISTICS_BYTES else 2 * z.e))
     if recomputed:
-        # the top recomputed layer is re-run once every layer above it was freed
+        # the top recomputed layer is re-run once every layer above it (and the last stage's
+        # head) was freed
         top = moe_layers[recomputed - 1]
         rerun = (
             layer_bytes(a, layout, "none", top)
@@ -303,7 +320,7 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
             + layer_working_bytes(a, layout, top)
         )
         above = sum(layer_bytes(a, layout, mode, moe) for moe in moe_layers[recomputed:])
-        phases.append(max(0.0, rerun - above))
+        phases.append(max(0.0, rerun - above - head))
     transient = max(phases)
     if not layout.transformer_engine and layout.peft is None:
         # without gradient-accumulation fusion a weight's gradient is made, then added to
