@@ -46,20 +46,16 @@ def main() -> None:
         if scenario["world_size"] != world_size:
             continue
         measure = measure_static if mode == "static" else measure_activations
-        groups = set(_process_groups())
         results[scenario["name"]] = measure(scenario)
-        # megatron-core leaves its groups to the process's end; their gloo threads would slow
-        # every later scenario (under 0.19 each to tens of seconds)
-        for group in set(_process_groups()) - groups:
-            dist.destroy_process_group(group)
+        # teardown_parallel destroyed the scenario's process groups; their gloo threads end
+        # when the model and optimizer that refer to them are collected (left to the
+        # collector's own pace, a two-process run kept thousands, and ran minutes longer)
+        gc.collect()
+        if len(results) == 1:
+            gc.freeze()  # what is alive now lives on: later collections need not scan it
     rank = dist.get_rank() if dist.is_initialized() else 0
     (work / f"{mode}_world{world_size}_rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()  # left to exit, gloo hangs there with megatron-core 0.19
-
-
-def _process_groups() -> list:
-    """The process groups that exist now, the default one included."""
-    return list(dist.distributed_c10d._world.pg_map)
 
 
 # --- building the model as the trainer does ----------------------------------------------------

@@ -41,6 +41,8 @@ class Parallel:
     data_size: int
     owns_process_group: bool
     """This setup started torch.distributed (and so its teardown ends it)."""
+    earlier_groups: frozenset = frozenset()
+    """The process groups that existed before this setup (its teardown leaves them)."""
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +85,7 @@ def setup_parallel(config: TrainConfig) -> Parallel:
             dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
         else:  # a plain `megasft train` without torchrun: a group of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    earlier_groups = frozenset(_process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_parallel,
         pipeline_model_parallel_size=config.pipeline_parallel,
@@ -107,14 +110,34 @@ def setup_parallel(config: TrainConfig) -> Parallel:
         data_rank=parallel_state.get_data_parallel_rank(),
         data_size=parallel_state.get_data_parallel_world_size(),
         owns_process_group=owns_process_group,
+        earlier_groups=earlier_groups,
     )
 
 
 def teardown_parallel(parallel: Parallel) -> None:
     """Undo `setup_parallel`: megatron-core's groups, and the process group if it started it
-    (a caller that started torch.distributed itself can run several trainings in turn)."""
+    (a caller that started torch.distributed itself can run several trainings in turn).
+
+    Args:
+        parallel: what `setup_parallel` returned.
+    """
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if parallel.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if parallel.owns_process_group:
+        dist.destroy_process_group()  # every group with it
+        return
+    # megatron-core only forgets its groups; each keeps gloo's threads to the process's end
+    # (about 20 groups a setup), which slowed a process running many trainings to minutes.
+    # The threads end once the model and optimizer that refer to a group are collected.
+    names = dist.distributed_c10d._world.pg_names
+    for group in sorted(set(_process_groups()) - parallel.earlier_groups, key=names.get):
+        dist.destroy_process_group(group)
+
+
+def _process_groups() -> list:
+    """Every process group of this process, the default one included (torch keeps the list
+    private: there is no public call for it)."""
+    return list(dist.distributed_c10d._world.pg_map)
