@@ -38,6 +38,14 @@ def test_data_parallel_size_and_model_parallel_sizes_may_change_without_the_dist
     assert _problems(_saved(distributed_optimizer=True), distributed_optimizer=True, nproc=8) == []
 
 
+def test_recompute_dropout_and_fp8_may_change():
+    # none is in the optimizer state's form: recompute changes memory, not the numbers
+    assert _problems(_saved(), recompute="full", recompute_layers=1) == []
+    assert _problems(_saved(), recompute="selective") == []
+    assert _problems(_saved(), hidden_dropout=0.1, attention_dropout=0.05) == []
+    assert _problems(_saved(), fp8="hybrid") == []
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

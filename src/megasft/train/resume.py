@@ -13,7 +13,8 @@ that run, so these must not change:
 
 Without the distributed optimizer the state is saved per tensor, and megatron-core reshards it
 to another --tp, --pp, --ep or --etp on load (within the form above). The MoE token
-dispatcher and load-balancing coefficient may change. The data order (--global-batch-size,
+dispatcher and load-balancing coefficient may change, and so may --recompute (memory only),
+the dropout rates and --fp8 (neither is in the optimizer state). The data order (--global-batch-size,
 --seed, the dataset) is checked by `megasft.train.checkpointing.check_resumable`. See
 docs/train.md ("Checkpoints and resuming").
 """
