@@ -15,7 +15,8 @@ per rank, every parameter (name, shape) and the bytes of the weights, gradient b
 main weights and Adam states, by the storages that hold them. `activations` runs one
 micro-batch forward and backward through the trainer's `forward_step` and `loss_func` and
 records the memory in use after the forward and its peak during forward and backward, above
-what was in use before (glibc's count of allocated bytes, read after every operator).
+what was in use before (glibc's count of allocated bytes, read after every operator). Both
+record the process's threads after each scenario.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
         gc.collect()
         if len(results) == 1:
             gc.freeze()  # what is alive now lives on: later collections need not scan it
+        results[scenario["name"]]["threads"] = len(os.listdir("/proc/self/task"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     (work / f"{mode}_world{world_size}_rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()  # left to exit, gloo hangs there with megatron-core 0.19

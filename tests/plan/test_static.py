@@ -74,3 +74,14 @@ def test_the_scenarios_cover_padding_and_uneven_shards(static_runs):
     assert dp2[0]["gradients"] > 4 * elements  # qwen3's 32-element QK norms start at 64
     assert dp2[0]["main_weights"] != dp2[1]["main_weights"]  # the padding sits in one shard
     assert measured["llama_fp32_distopt"][0]["main_weights"] == 0  # fp32: its own main weights
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_worker_ends_each_scenarios_process_groups(static_runs, world_size):
+    # a scenario's groups left alive keep gloo's threads, about 60 a layout, and slowed the
+    # two-process run to minutes of system time
+    _, measured = static_runs
+    names = [s["name"] for s in static_scenarios() if s["world_size"] == world_size]
+    for rank in range(world_size):
+        threads = [measured[name][rank]["threads"] for name in names]
+        assert len(threads) > 10 and max(threads) <= threads[0] + 16, threads
