@@ -26,29 +26,13 @@ def build_tiny_llama(
     seed: int = 0,
 ) -> Path:
     """Writes a random `LlamaForCausalLM` sized to the tokenizer's vocabulary; returns its path."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
-    vocab_size, eos_id, pad_id = _token_ids(tokenizer_dir)
-
-    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 3,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        **_decoder_fields(tokenizer_dir, hidden_size, layers, heads, kv_heads, max_positions)
     )
-    return _save(LlamaForCausalLM(config), directory, tokenizer_dir, eos_id, pad_id)
+    return _save(LlamaForCausalLM, config, seed, directory, tokenizer_dir)
 
 
 def build_tiny_qwen3_moe(
@@ -66,25 +50,39 @@ def build_tiny_qwen3_moe(
     """Writes a random `Qwen3MoeForCausalLM` sized to the tokenizer's vocabulary: every layer an
     MoE block of `experts` experts, each a third as wide as the Llama's MLP, so that the
     `experts_per_token` active ones cost about what that MLP does; returns its path."""
-    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
-    vocab_size, eos_id, pad_id = _token_ids(tokenizer_dir)
-    torch.manual_seed(seed)
     config = Qwen3MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 3,
+        **_decoder_fields(tokenizer_dir, hidden_size, layers, heads, kv_heads, max_positions),
         moe_intermediate_size=hidden_size,
         num_experts=experts,
         num_experts_per_tok=experts_per_token,
         norm_topk_prob=True,
         router_aux_loss_coef=0.001,
+        head_dim=hidden_size // heads,
+    )
+    return _save(Qwen3MoeForCausalLM, config, seed, directory, tokenizer_dir)
+
+
+def _decoder_fields(
+    tokenizer_dir: Path,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int,
+) -> dict:
+    """The Hugging Face config fields both demo models share: the decoder's sizes, an MLP 3x
+    the hidden size, RoPE, untied embeddings, and the tokenizer's vocabulary and special ids."""
+    vocab_size, eos_id, pad_id = _token_ids(tokenizer_dir)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=hidden_size // heads,
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
@@ -93,7 +91,6 @@ def build_tiny_qwen3_moe(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    return _save(Qwen3MoeForCausalLM(config), directory, tokenizer_dir, eos_id, pad_id)
 
 
 def _token_ids(tokenizer_dir: Path) -> tuple[int, int, int]:
@@ -108,14 +105,17 @@ def _token_ids(tokenizer_dir: Path) -> tuple[int, int, int]:
     return tokenizer.get_vocab_size(with_added_tokens=True), eos_id, pad_id
 
 
-def _save(model, directory: Path, tokenizer_dir: Path, eos_id: int, pad_id: int) -> Path:
-    """The model, a greedy generation config and the tokenizer files, into `directory`."""
+def _save(model_class, config, seed: int, directory: Path, tokenizer_dir: Path) -> Path:
+    """A `model_class` randomly initialised from `seed`, a greedy generation config and the
+    tokenizer files, into `directory`."""
+    import torch
     from transformers import GenerationConfig
 
-    model.save_pretrained(directory)
-    GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(
-        directory
-    )
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(directory)
+    GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False
+    ).save_pretrained(directory)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, directory / name)
     return directory
