@@ -3,13 +3,15 @@
     python lora_worker.py lora_single WORK [SCENARIO ...]
     torchrun --nproc-per-node 2 lora_worker.py lora_parallel WORK [...]
 
-Each scenario is `train_worker.run` with --peft lora (rank 4, alpha 8, every target) and a
-larger learning rate (adapters start at zero: B = 0).
+Each scenario is `train_worker.run` with --peft lora (rank 4, alpha 8, every target: the four
+linears of each layer and the output layer) and a larger learning rate (adapters start at
+zero: B = 0).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.train import train_worker  # noqa: E402
 
-LORA = dict(peft="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lr=1e-2, min_lr=1e-3)
+TARGETS = "linear_qkv,linear_proj,linear_fc1,linear_fc2,output_layer"
+LORA = dict(
+    peft="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=TARGETS, lr=1e-2,
+    min_lr=1e-3,
+)  # fmt: skip
 
 
 def lora(save: Path, inputs: dict, **settings) -> dict:
@@ -81,9 +87,10 @@ def other_base(save: Path, inputs: dict) -> dict:
     return {"refused": None}
 
 
-def trained_and_forward(save: Path, inputs: dict) -> dict:
-    """The reference run, then megatron's own logits of its last checkpoint (the base from
-    --load, the adapters from the checkpoint) on 24 tokens, for the export test."""
+def megatron_logits(checkpoint: str, inputs: dict, **layout) -> dict:
+    """megatron's own logits of a LoRA checkpoint (the base from --load, the adapters from the
+    checkpoint) on 24 tokens, at the TP of `layout` and with every rank's logits gathered
+    ([1, 24, vocab] on each rank: the output layer's adapter gathers its vocabulary too)."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -96,24 +103,47 @@ def trained_and_forward(save: Path, inputs: dict) -> dict:
     from megasft.train.config import TrainConfig
     from megasft.train.distributed import setup_parallel, teardown_parallel
 
-    result = lora(save, inputs)
-    config = TrainConfig(data="d", load="l", save="s", train_iters=1, **LORA)
+    config = TrainConfig(data="d", load="l", save="s", train_iters=1,
+                         nproc=int(os.environ.get("WORLD_SIZE", "1")), **LORA, **layout)  # fmt: skip
     architecture = ModelArchitecture.load(Path(inputs["mcore_model"]) / ARCHITECTURE_FILE)
     parallel = setup_parallel(config)
     try:
-        model = build_model(architecture, transformer_config(architecture))
+        model = build_model(architecture, transformer_config(architecture), parallel_output=False)
         load_weights(model, inputs["mcore_model"])
         method_named("lora").apply(model, config.peft_settings, seed=1234)
         adapters = _model_state_dict([model], adapters_only=True)
-        model.load_state_dict(dist_checkpointing.load(adapters, result["checkpoint"])["model"],
+        model.load_state_dict(dist_checkpointing.load(adapters, checkpoint)["model"],
                               strict=False)  # fmt: skip
         tokens = torch.arange(3, 27)[None]  # [1, 24]
         with torch.no_grad():
             logits = model(tokens, torch.arange(24)[None], None)  # [1, 24, padded vocab]
     finally:
         teardown_parallel(parallel)
-    torch.save({"tokens": tokens, "logits": logits[..., : architecture.vocab_size]},
-               save / "megatron_logits.pt")  # fmt: skip
+    return {"tokens": tokens, "logits": logits[..., : architecture.vocab_size]}
+
+
+def trained_and_forward(save: Path, inputs: dict) -> dict:
+    """The reference run, then megatron's own logits of its last checkpoint, for the export
+    test and the TP2 one."""
+    import torch
+
+    result = lora(save, inputs)
+    torch.save(megatron_logits(result["checkpoint"], inputs), save / "megatron_logits.pt")
+    result["logits"] = str(save / "megatron_logits.pt")
+    return result
+
+
+def tp2(save: Path, inputs: dict) -> dict:
+    """TP2 training; then megatron's logits of its last checkpoint at TP2, gathered."""
+    import torch
+    import torch.distributed as dist
+
+    result = lora(save, inputs, tensor_parallel=2)
+    last = save / f"iter_{train_worker.COMMON['train_iters']:07d}"
+    logits = megatron_logits(str(last), inputs, tensor_parallel=2)
+    if dist.get_rank():
+        return {}
+    torch.save(logits, save / "megatron_logits.pt")
     result["logits"] = str(save / "megatron_logits.pt")
     return result
 
@@ -158,7 +188,7 @@ def distributed_optimizer_resume(save: Path, inputs: dict) -> dict:
 
 
 PARALLEL = {
-    "tp2": lambda save, inputs: lora(save, inputs, tensor_parallel=2),
+    "tp2": tp2,
     "dp2": lambda save, inputs: lora(save, inputs),
     "pp2": lambda save, inputs: lora(save, inputs, pipeline_parallel=2),
     "dp2_distributed_optimizer_resume": distributed_optimizer_resume,

@@ -193,7 +193,7 @@ def test_collate_fills_short_batches_with_rows_without_targets(tmp_path):
         (
             dict(peft="lora", lora_targets="linear_qkv,q_proj"),
             "--lora-targets: unknown target(s) q_proj; known: linear_qkv, linear_proj, "
-            "linear_fc1, linear_fc2",
+            "linear_fc1, linear_fc2, output_layer",
         ),
         (dict(peft="dora"), "--peft must be one of lora, not 'dora'"),
         (dict(peft="lora", lora_dropout=1.0), "--lora-dropout must be in [0, 1), got 1.0"),
@@ -203,6 +203,24 @@ def test_bad_peft_settings_are_refused_naming_the_setting(settings, message):
     with pytest.raises(ConfigError) as error:
         TrainConfig(data="d", load="l", save="s", train_iters=2, **settings)
     assert str(error.value) == message
+
+
+def test_lora_on_an_output_layer_tied_to_the_embedding_is_refused_naming_the_target():
+    from megasft.megatron.architecture import architecture_from_hf_config
+    from megasft.train.config import check_against_experts
+    from tests.checkpoint.tiny_models import TINY_MODELS
+
+    def architecture(name: str):
+        return architecture_from_hf_config(TINY_MODELS[name].build().config.to_dict())
+
+    targets = "linear_qkv,output_layer"
+    config = TrainConfig(**REQUIRED, train_iters=2, peft="lora", lora_targets=targets)
+    check_against_experts(config, architecture("llama"))  # untied: its own lm_head
+    with pytest.raises(ConfigError) as error:
+        check_against_experts(config, architecture("llama_tied"))
+    assert str(error.value).startswith(
+        "--lora-targets output_layer: the model ties its output layer to the input embedding"
+    )
 
 
 def test_lora_defaults_adapt_every_linear_of_a_layer():

@@ -46,6 +46,19 @@ def test_lora_at_a_parallel_layout_reproduces_the_single_rank_curve(
         assert abs(actual - expected) < TOLERANCE * expected
 
 
+def test_tp2_gathers_the_output_layers_adapter_to_the_single_rank_logits(
+    lora_single, lora_parallel
+):
+    """A TP2 checkpoint, read back at TP2 into a model that gathers its logits: the output
+    layer's adapter (B split by vocabulary rows) gathers too, to the TP1 run's logits."""
+    import torch
+
+    reference, result = result_of(lora_single, "reference"), result_of(lora_parallel, "tp2")
+    expected, actual = torch.load(reference["logits"]), torch.load(result["logits"])
+    assert actual["logits"].shape == expected["logits"].shape
+    assert torch.allclose(actual["logits"], expected["logits"], atol=1e-4)
+
+
 def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(
     workspace, lora_single
 ):
@@ -57,7 +70,7 @@ def test_checkpoint_holds_the_adapters_their_adam_state_and_the_base_reference(
         for target in targets
         for parent in ("self_attention" if target in targets[:2] else "mlp",)
         for part in "ab"
-    }
+    } | {"output_layer.adapter.lora_a", "output_layer.adapter.lora_b"}
     assert all(".adapter." in key for key in result["keys"])  # no base weight, no base state
     peft = result["peft"]
     assert (peft["method"], peft["rank"], peft["alpha"]) == ("lora", 4, 8.0)
@@ -99,8 +112,14 @@ def test_peft_adapter_and_merged_model_give_megatrons_logits(workspace, lora_sin
             base=workspace.hf_model, adapter_only=True)  # fmt: skip
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+        "down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj",
     ]  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as weights:
+        lm_head_b = weights.get_tensor("base_model.model.lm_head.lora_B.weight")
+    vocab_size = json.loads((workspace.hf_model / "config.json").read_text())["vocab_size"]
+    assert lm_head_b.shape == (vocab_size, 4)  # B without megatron's vocabulary-padding rows
     expected = torch.load(result["logits"])
 
     def logits(model) -> torch.Tensor:
@@ -143,7 +162,7 @@ def test_bf16_lora_keeps_fp32_main_weights_for_the_adapters_only(lora_single):
     result = result_of(lora_single, "bf16")
     assert len(result["losses"]) == 2 and result["losses"][1] < result["losses"][0]
     main_weights = {key for key in result["keys"] if key.startswith("optimizer.state.fp32_param.")}
-    assert len(main_weights) == 8  # A and B of 4 linears, what the export merges in fp32
+    assert len(main_weights) == 10  # A and B of 5 linears, what the export merges in fp32
     assert all(".adapter." in key for key in result["keys"])
 
 

@@ -4,7 +4,8 @@ PEFT adapter that `peft.PeftModel.from_pretrained(base, OUT)` loads.
 megatron-core's fused linears carry one adapter each: linear_qkv's B rows are q, k and v
 blocks (interleaved per query group, as the weight's are) and linear_fc1's B is [gate; up].
 Split row-wise by the family's weight table, with A shared, they are PEFT's separate
-q/k/v and gate/up adapters, exactly: B_q A is the q rows of B A. See docs/peft.md.
+q/k/v and gate/up adapters, exactly: B_q A is the q rows of B A. The output layer's adapter is
+PEFT's `lm_head` one, B without its vocabulary-padding rows. See docs/peft.md.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from megasft.checkpoint.layout import peft_settings_of
 from megasft.checkpoint.tensor_bytes import DTYPES, FileBytes, MemoryBytes
 from megasft.constants import ARCHITECTURE_FILE
 from megasft.megatron.architecture import ModelArchitecture
-from megasft.megatron.families.weight_mapping import FusedGateUp, FusedQKV, TensorMapping
-from megasft.megatron.peft.lora import TARGET_PATHS
+from megasft.megatron.families.weight_mapping import (
+    VOCAB_PADDED,
+    FusedGateUp,
+    FusedQKV,
+    TensorMapping,
+)
+from megasft.megatron.peft.lora import weight_name
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,15 +49,16 @@ def hf_adapters(checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     table = {mapping.megatron: mapping for mapping in mappings.mappings_for(architecture)}
     adapters = {}
     for target in settings["targets"]:
-        parent, linear = TARGET_PATHS[target]
-        mapping = table[f"decoder.layers.{{layer}}.{parent}.{linear}.weight"]
-        key = f"decoder.layers.{parent}.{linear}.adapter."
+        mapping = table[weight_name(target)]
+        key = mappings.stacked_key(mapping.megatron).removesuffix("weight") + "adapter."
         a_all, b_all = (_read_fp32(reader, key + part) for part in ("lora_a", "lora_b"))
-        for layer in range(architecture.num_layers):
-            modules = [name.format(layer=layer).removesuffix(".weight") for name in
+        if not mappings.is_layer_mapping(mapping):  # the output layer: one adapter, no stack
+            a_all, b_all = a_all[None], b_all[None]
+        for index, layer in enumerate(mappings.layers_of(mapping, architecture)):
+            modules = [mappings.hf_name(name, layer, None).removesuffix(".weight") for name in
                        mapping.hf_names]  # fmt: skip
             for module, rows in zip(modules, _row_blocks(mapping, architecture), strict=True):
-                adapters[module] = (a_all[layer], b_all[layer][rows])
+                adapters[module] = (a_all[index], b_all[index][rows])
     return adapters
 
 
@@ -71,6 +78,8 @@ def _row_blocks(mapping: TensorMapping, architecture: ModelArchitecture) -> list
         ]
     if isinstance(mapping, FusedGateUp):
         return list(mappings.gate_up_rows(architecture))
+    if mapping.megatron in VOCAB_PADDED:  # the output layer: B's padding rows are not HF's
+        return [slice(0, architecture.vocab_size)]
     return [slice(None)]
 
 

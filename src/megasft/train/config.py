@@ -168,7 +168,7 @@ class TrainConfig:
     lora_targets: str = setting(
         "linear_qkv,linear_proj,linear_fc1,linear_fc2",
         "LoRA: the megatron-core linears to adapt, comma-separated (linear_qkv holds q, k "
-        "and v; linear_fc1 gate and up).",
+        "and v; linear_fc1 gate and up; output_layer, HF's lm_head, may be added).",
         metavar="NAMES",
     )
     attention: str = setting(
@@ -354,7 +354,8 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
 
 
 def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) -> None:
-    """The expert-parallel and PEFT settings against the model's experts (or their absence).
+    """The expert-parallel and PEFT settings against the model: its experts (or their absence),
+    and for PEFT, what the method needs of it.
 
     Args:
         config: the settings.
@@ -364,7 +365,8 @@ def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) 
         ConfigError: every problem found, naming the settings: EP or ETP for a dense model,
             an EP that does not divide the experts, an ETP that does not divide their width,
             and for an MoE model, PEFT adapters on MLP linears (LoRA covers its attention
-            projections) or on a model that mixes dense and MoE layers.
+            projections) or on a model that mixes dense and MoE layers; and whatever the PEFT
+            method finds wrong with the model (LoRA: an output layer tied to the embedding).
     """
     problems = []
     moe = architecture.moe
@@ -399,6 +401,10 @@ def check_against_experts(config: TrainConfig, architecture: ModelArchitecture) 
                     f"--peft {peft.method}: the model mixes dense and MoE layers, which PEFT "
                     "does not support yet; train it fully (no --peft)"
                 )
+    if config.peft is not None:  # what the method itself says of the model
+        problems.extend(
+            method_named(config.peft).model_problems(config.peft_settings, architecture)
+        )
     raise_problems(problems)
 
 

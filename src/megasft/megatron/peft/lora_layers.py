@@ -134,7 +134,19 @@ class LoraLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         output, bias = self.base(x, *args, **kwargs)
-        return output + getattr(self, ADAPTER_MODULE)(self._normed(x)), bias
+        addend = getattr(self, ADAPTER_MODULE)(self._normed(x))  # [..., out(/tp)]
+        if self._gathers_output(kwargs.get("runtime_gather_output")):
+            # A column-parallel base that returns its whole output (the output layer of a
+            # model built with parallel_output=False): so must the adapter.
+            addend = tensor_parallel.gather_from_tensor_model_parallel_region(addend)
+        return output + addend, bias
+
+    def _gathers_output(self, runtime_gather_output: bool | None) -> bool:
+        if self.mode != "column":
+            return False
+        if runtime_gather_output is not None:  # megatron-core's per-call override
+            return runtime_gather_output
+        return bool(getattr(self.base, "gather_output", False))
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base's matrix sees: Transformer Engine's LayerNorm+linear layers

@@ -53,6 +53,11 @@ class PeftMethod:
             found.append("--lora-targets: name at least one linear to adapt")
         return found
 
+    def model_problems(self, settings: PeftSettings, architecture: Any) -> list[str]:
+        """Problems with `settings` for the model `architecture` (a ModelArchitecture), each
+        naming the setting (none: [])."""
+        return []
+
     def apply(self, chunk: Any, settings: PeftSettings, *, seed: int) -> None:
         """Wrap `chunk`'s targets with adapters (in place) and freeze everything else."""
         raise NotImplementedError
