@@ -18,6 +18,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 LORA = dict(peft="lora", lora_rank=8, lora_alpha=16.0)
 """TrainConfig's LoRA settings for the scenarios that train adapters."""
+ALL_TARGETS = "linear_qkv,linear_proj,linear_fc1,linear_fc2,output_layer"
+"""Every LoRA target: the four linears of each layer and the output layer."""
 STATIC_LAYOUTS = (
     # (name, world size, TP, PP, distributed optimizer, precision)
     ("tp1", 1, 1, 1, False, "bf16"),
@@ -113,6 +115,10 @@ def static_scenarios() -> list[dict]:
              distributed_optimizer=False, precision="bf16",
              architecture=json.loads(tiny_architectures()["qwen2"].to_json()),
              peft=LORA | {"lora_targets": "linear_qkv,linear_fc2"}),
+        # the output layer adapted too: its B split by vocabulary rows over TP
+        dict(name="llama_lora_output_layer_tp2_distopt", world_size=2, tp=2, pp=1,
+             distributed_optimizer=True, precision="bf16", architecture=llama,
+             peft=LORA | {"lora_targets": "linear_qkv,output_layer"}),
         # fp32: the parameters are their own main weights
         dict(name="llama_fp32_distopt", architecture=llama, world_size=2, tp=1, pp=1,
              distributed_optimizer=True, precision="fp32"),
@@ -160,7 +166,7 @@ def activation_scenarios() -> list[dict]:
     moe_lora = dict(peft=LORA | {"lora_targets": "linear_qkv,linear_proj"})
     moe_variants = {name: variants[name] for name in ("none", "selective", "full", "dropout")}
     families = {
-        "llama": variants,
+        "llama": variants | {"lora_output_layer": dict(peft=LORA | {"lora_targets": ALL_TARGETS})},
         "qwen3": variants,
         "qwen3_moe": moe_variants | {"lora": moe_lora},
         "mixtral": {"none": {}},

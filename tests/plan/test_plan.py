@@ -164,6 +164,19 @@ def test_an_moe_plan_names_expert_parallelism_and_lora_on_its_attention():
         plan_memory(model, lora_on_mlp, "mi300x", 192 * GIB)
 
 
+def test_lora_on_a_tied_output_layer_is_refused_as_the_trainer_refuses_it():
+    model = architecture(LLAMA2_7B | {"tie_word_embeddings": True})
+    targets = {"lora_targets": "linear_qkv,output_layer"}
+    layout = Layout(
+        seq_length=4096, world_size=8, global_batch_size=8,
+        peft=peft_settings({"peft": LORA | targets}),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="--lora-targets output_layer: the model ties"):
+        plan_memory(model, layout, "mi300x", 192 * GIB)
+    untied = architecture(LLAMA2_7B)
+    assert plan_memory(untied, layout, "mi300x", 192 * GIB).fits
+
+
 @pytest.fixture()
 def hf_model(tmp_path):
     directory = tmp_path / "llama2-7b"

@@ -18,7 +18,7 @@ from megasft.megatron.architecture import ModelArchitecture
 from megasft.megatron.peft import method_named
 from megasft.plan.experts import moe_kept_per_token, moe_working_per_token
 from megasft.plan.layout import Layout, sequence_parallel
-from megasft.plan.parameters import chunk_layers
+from megasft.plan.parameters import OUTPUT_TARGET, chunk_layers
 
 STATISTICS_BYTES = 4
 """Norm statistics, softmax statistics and the cross entropy's softmax are fp32."""
@@ -306,6 +306,11 @@ def stage_activations(architecture: ModelArchitecture, layout: Layout, stage: in
             final_norm = _norm_copies(layout) * STATISTICS_BYTES * h + STATISTICS_BYTES
         # final norm, the output layer's input, the cross entropy's fp32 softmax
         head = z.tokens * (final_norm + z.e * h / sp + STATISTICS_BYTES * vocab)
+        if layout.peft is not None and OUTPUT_TARGET in layout.peft.targets:
+            # the output layer's adapter: A x (or with dropout the dropped input and its
+            # mask); its input x is the output layer's, counted above
+            besides, _ = method_named(layout.peft.method).adapter_kept(layout.peft, inputs=h / sp)
+            head += z.tokens * z.e * besides
         stored += own_chunk * head
         # backward: the logits' gradient cast to 16 bits, with padding columns masked, and
         # transposed back ([b, s] -> [s, b]), on top of the softmax that became the gradient

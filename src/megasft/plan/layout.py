@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from megasft.errors import ConfigError
 from megasft.megatron.architecture import ModelArchitecture
-from megasft.megatron.peft import PeftSettings
+from megasft.megatron.peft import PeftSettings, method_named
 from megasft.train.config import MLP_LINEARS, RECOMPUTE_MODES, TrainConfig
 
 
@@ -215,6 +215,10 @@ def check_layout(architecture: ModelArchitecture, layout: Layout) -> None:
             f"--peft {peft.method} on an MoE model adapts the attention projections only "
             "(--lora-targets linear_qkv,linear_proj), of a model without dense layers"
         )
+    if peft is not None:  # what the method refuses of the model (a tied output layer)
+        refused = method_named(peft.method).model_problems(peft, a)
+        if refused:
+            raise ConfigError("; ".join(refused))
     stages = layout.pipeline_parallel * layout.virtual_pipeline_stages
     if a.num_layers % stages:
         raise ConfigError(

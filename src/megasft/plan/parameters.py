@@ -198,8 +198,37 @@ def chunk_parameters(
     if last:
         parameters.append(PlannedParameter(FINAL_NORM, shapes[FINAL_NORM], trainable=trainable))
         if not (tied and first):  # tied on one stage: the output layer uses the embedding
-            parameters.append(PlannedParameter(OUTPUT_LAYER, vocab_rows, tied, trainable=trainable))
+            parameters += _output_layer(vocab_rows, tied, layout, trainable)
     return parameters
+
+
+OUTPUT_TARGET = OUTPUT_LAYER.removesuffix(".weight")
+"""The output layer as PEFT targets name it (`--lora-targets ...,output_layer`)."""
+
+
+def _output_layer(
+    vocab_rows: tuple[int, int], tied: bool, layout: Layout, trainable: bool
+) -> list[PlannedParameter]:
+    """The output layer's weight; when it is a PEFT target, under `output_layer.base.` and
+    followed by its adapter (B split by vocabulary rows like the weight; a tied output layer
+    is refused as a target, so it is never shared here)."""
+    settings = layout.peft
+    if settings is None or OUTPUT_TARGET not in settings.targets:
+        return [PlannedParameter(OUTPUT_LAYER, vocab_rows, tied, trainable=trainable)]
+    adapter = method_named(settings.method).adapter_shapes(
+        settings,
+        rows=vocab_rows[0] * layout.tensor_parallel,
+        columns=vocab_rows[1],
+        split_dim=0,
+        parts=layout.tensor_parallel,
+    )
+    return [
+        PlannedParameter(f"{OUTPUT_TARGET}.base.weight", vocab_rows, trainable=False),
+        *(
+            PlannedParameter(f"{OUTPUT_TARGET}.{ADAPTER_MODULE}.{name}", shape)
+            for name, shape in adapter.items()
+        ),
+    ]
 
 
 LOCAL_EXPERTS = "mlp.experts.local_experts."
